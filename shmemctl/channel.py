@@ -1,0 +1,148 @@
+"""One vhost-user channel over a Unix stream socket: exact reads, fds by SCM_RIGHTS.
+
+fd ownership: a received fd belongs to the `Message` that carried it and
+from then on to whoever handles that message, who closes it exactly once
+(`close_fds`). fds past what the message may carry are closed here, at once,
+and so are all fds of a message that fails to decode.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import select
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+
+from .wire import ChannelKind, Message, decode_body, decode_header
+from .wire.constants import HEADER_SIZE, MAX_FDS
+
+_ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+
+
+class ChannelError(Exception):
+    """The channel cannot carry on: truncated message, MSG_CTRUNC, I/O error, timeout."""
+
+
+class ChannelClosed(ChannelError):
+    """The peer closed the socket at a message boundary."""
+
+
+class ChannelTimeout(ChannelError):
+    """No message arrived in time."""
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % array.array("i").itemsize
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+class Channel:
+    """A vhost-user channel. `replies` says which kind of message this end receives."""
+
+    def __init__(self, sock: socket.socket, kind: ChannelKind, *, replies: bool) -> None:
+        sock.setblocking(True)
+        self.sock = sock
+        self.kind = kind
+        self.replies = replies
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def set_send_timeout(self, seconds: float) -> None:
+        """A peer that stops reading makes send fail after this long instead of hanging us."""
+        whole = int(seconds)
+        tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+    # ------------------------------------------------------------- sending
+
+    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send one whole message; fds ride on its first byte."""
+        try:
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                sent = self.sock.sendmsg([data], anc)
+            else:
+                sent = self.sock.send(data)
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[sent:])
+        except (BlockingIOError, TimeoutError) as exc:
+            raise ChannelError("peer stopped reading: send timed out") from exc
+        except OSError as exc:
+            raise ChannelError(f"send failed: {exc.strerror or exc}") from exc
+
+    # ----------------------------------------------------------- receiving
+
+    def wait_readable(self, timeout: float | None) -> bool:
+        return bool(self._poll.poll(None if timeout is None else int(timeout * 1000)))
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next whole message. Raises ChannelClosed at EOF, ChannelError otherwise,
+        WireError for bytes that break the protocol (its fds already closed)."""
+        if timeout is not None and not self.wait_readable(timeout):
+            raise ChannelTimeout(f"no message within {timeout:g}s")
+        try:
+            data, ancdata, msg_flags, _ = self.sock.recvmsg(HEADER_SIZE, _ANCBUF, _RECV_FLAGS)
+        except OSError as exc:
+            raise ChannelError(f"receive failed: {exc.strerror or exc}") from exc
+        fds = _fds_from(ancdata)
+        try:
+            if msg_flags & socket.MSG_CTRUNC:
+                raise ChannelError(f"more than {MAX_FDS} fds attached (MSG_CTRUNC)")
+            if not data:
+                raise ChannelClosed("peer closed the connection")
+            if len(data) < HEADER_SIZE:
+                data += self._recv_exact(HEADER_SIZE - len(data), "header")
+            header = decode_header(data, replies=self.replies)
+            payload = self._recv_exact(header.size, "payload") if header.size else b""
+            message = decode_body(self.kind, header, payload, fds)
+        except BaseException:
+            close_fds(fds)
+            raise
+        if message.surplus_fds:
+            close_fds(message.surplus_fds)
+        return message
+
+    def _recv_exact(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:])
+            except OSError as exc:
+                raise ChannelError(f"receive failed: {exc.strerror or exc}") from exc
+            if k == 0:
+                raise ChannelError(f"peer closed the connection inside a message {what}")
+            got += k
+        return bytes(buf)
+
+    # ------------------------------------------------------------- closing
+
+    def shutdown(self) -> None:
+        """Wake any thread blocked on this channel; it sees EOF."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.shutdown()
+        self.sock.close()

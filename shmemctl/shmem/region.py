@@ -1,0 +1,305 @@
+"""VIRTIO Shared Memory Regions of a front-end: reservations, mappings, and the
+one place where SHMEM_MAP/SHMEM_UNMAP requests are validated (brief §5, steps 4-12).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..sizes import hex_range, human_size
+from ..wire.messages import MMAP_FLAG_WRITE, ShmemMap
+from . import libc
+from .index import IntervalIndex
+
+U64_MAX = (1 << 64) - 1
+PAGE_SIZE = libc.PAGE_SIZE
+#: Mappings are refused past these counts unless configured otherwise (brief §5 step 12).
+DEFAULT_MAX_PER_REGION = 131_072
+DEFAULT_MAX_TOTAL = 262_144
+#: Address space the regions of one device may reserve in total.
+DEFAULT_MAX_RESERVE = 1 << 40
+
+
+class Refusal(enum.Enum):
+    """Why a SHMEM request was refused, with the errno the front-end replies (negated)."""
+
+    NOT_NEGOTIATED = ("SHMEM not negotiated", errno.EOPNOTSUPP)
+    BAD_FD_COUNT = ("wrong number of fds", errno.EBADF)
+    BAD_FLAGS = ("unknown flag bits", errno.EINVAL)
+    NO_REGION = ("no such region", errno.ENODEV)
+    ZERO_LENGTH = ("zero length", errno.EINVAL)
+    OVERFLOW = ("offset + length overflows u64", errno.EOVERFLOW)
+    OUT_OF_BOUNDS = ("out of the region's bounds", errno.EINVAL)
+    MISALIGNED = ("not page aligned", errno.EINVAL)
+    OVERLAP = ("overlaps an existing mapping", errno.EEXIST)
+    FILE_TOO_SHORT = ("file shorter than fd_offset + len", errno.ENXIO)
+    LIMIT_REACHED = ("mapping limit reached", errno.ENOSPC)
+    NOT_A_MAPPING = ("not one whole existing mapping", errno.ENOENT)
+    MMAP_FAILED = ("the kernel refused the mapping", errno.EIO)
+
+    def __init__(self, summary: str, err: int) -> None:
+        self.summary = summary
+        self.errno = err
+
+
+class ShmemRefused(Exception):
+    """A request refused before any effect: nothing mapped, nothing unmapped."""
+
+    def __init__(self, reason: Refusal, detail: str, err: int | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.errno = reason.errno if err is None else err
+
+    @property
+    def errno_name(self) -> str:
+        return errno.errorcode.get(self.errno, str(self.errno))
+
+
+class ShmemSetupError(Exception):
+    """A region layout (GET_SHMEM_CONFIG answer) that cannot be set up."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    shmid: int
+    shm_offset: int
+    len: int
+    fd_offset: int
+    writable: bool
+    #: the file behind the fd (the fd itself is closed once mapped: the
+    #: mapping holds the file, so fd usage stays flat however many mappings live)
+    dev: int
+    ino: int
+    created: float
+
+    @property
+    def end(self) -> int:
+        return self.shm_offset + self.len
+
+
+def _refuse(reason: Refusal, detail: str) -> ShmemRefused:
+    return ShmemRefused(reason, detail)
+
+
+def check_layout(sizes: dict[int, int], max_reserve: int = DEFAULT_MAX_RESERVE) -> None:
+    """Front-end rules for a GET_SHMEM_CONFIG answer (brief §5)."""
+    total = 0
+    for shmid, size in sizes.items():
+        if size % PAGE_SIZE:
+            raise ShmemSetupError(
+                f"region {shmid} size {size:#x} is not a multiple of the page size {PAGE_SIZE:#x}"
+            )
+        total += size
+        if total > max_reserve:
+            raise ShmemSetupError(
+                f"regions need {total:#x} bytes of address space by shmid {shmid}; "
+                f"the limit is {human_size(max_reserve)} (--max-reserve)"
+            )
+
+
+class Region:
+    """One VIRTIO Shared Memory Region: a reserved range and the mappings inside it."""
+
+    def __init__(self, shmid: int, size: int) -> None:
+        self.shmid = shmid
+        self.size = size
+        self.base = libc.reserve(size)
+        self.mappings: IntervalIndex[Mapping] = IntervalIndex()
+
+    def __len__(self) -> int:
+        return len(self.mappings)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(m.len for _, _, m in self.mappings)
+
+    def drop_all(self) -> int:
+        """Put the whole reservation back in one call; return how many mappings went."""
+        count = len(self.mappings)
+        if count:
+            libc.restore(self.base, self.size)
+            self.mappings.clear()
+        return count
+
+    def release(self) -> None:
+        self.mappings.clear()
+        libc.release(self.base, self.size)
+
+
+class RegionTable:
+    """Every region of one device, the validation of every request, and the mmap calls.
+
+    Thread-safe: the backend channel maps while the control socket reads and resets.
+    """
+
+    def __init__(
+        self,
+        sizes: dict[int, int],
+        *,
+        max_per_region: int = DEFAULT_MAX_PER_REGION,
+        max_total: int = DEFAULT_MAX_TOTAL,
+        max_reserve: int = DEFAULT_MAX_RESERVE,
+    ) -> None:
+        sizes = {shmid: size for shmid, size in sizes.items() if size}
+        check_layout(sizes, max_reserve)
+        self.max_per_region = max_per_region
+        self.max_total = max_total
+        self.lock = threading.RLock()
+        self.regions: dict[int, Region] = {}
+        self._count = 0
+        try:
+            for shmid, size in sorted(sizes.items()):
+                self.regions[shmid] = Region(shmid, size)
+        except OSError as exc:
+            self.close()
+            raise ShmemSetupError(f"cannot reserve the regions: {exc.strerror}") from exc
+
+    @property
+    def sizes(self) -> dict[int, int]:
+        return {shmid: r.size for shmid, r in self.regions.items()}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _region(self, m: ShmemMap) -> Region:
+        region = self.regions.get(m.shmid)
+        if region is None:
+            known = ", ".join(str(s) for s in self.regions) or "none"
+            raise _refuse(
+                Refusal.NO_REGION,
+                f"shmid {m.shmid} is not a region of this device (regions: {known})",
+            )
+        return region
+
+    def _check_range(self, region: Region, m: ShmemMap, *, check_fd_offset: bool) -> None:
+        """Steps 6-9, shared by map and unmap."""
+        if m.len == 0:
+            raise _refuse(Refusal.ZERO_LENGTH, "len is 0; a mapping needs at least one page")
+        if m.shm_offset + m.len > U64_MAX or (check_fd_offset and m.fd_offset + m.len > U64_MAX):
+            raise _refuse(
+                Refusal.OVERFLOW,
+                f"shm_offset {m.shm_offset:#x}, fd_offset {m.fd_offset:#x} + len {m.len:#x} "
+                "overflow 64 bits",
+            )
+        if m.shm_offset + m.len > region.size:
+            raise _refuse(
+                Refusal.OUT_OF_BOUNDS,
+                f"{hex_range(m.shm_offset, m.len)} ends past region {region.shmid}'s size "
+                f"{region.size:#x}",
+            )
+        fd_offset = m.fd_offset if check_fd_offset else 0
+        if (m.shm_offset | m.len | fd_offset) % PAGE_SIZE:
+            raise _refuse(
+                Refusal.MISALIGNED,
+                f"shm_offset {m.shm_offset:#x}, fd_offset {fd_offset:#x} and len {m.len:#x} "
+                f"must be multiples of the page size {PAGE_SIZE:#x}",
+            )
+
+    def map(self, m: ShmemMap, fd: int) -> Mapping:
+        """Validate (brief §5 steps 4-12) and map. The caller still owns and closes `fd`."""
+        if m.flags & ~MMAP_FLAG_WRITE:
+            raise _refuse(
+                Refusal.BAD_FLAGS,
+                f"flags {m.flags:#x}: only bit 0 (read-write) is defined",
+            )
+        with self.lock:
+            region = self._region(m)
+            self._check_range(region, m, check_fd_offset=True)
+            end = m.shm_offset + m.len
+            hit = region.mappings.conflict(m.shm_offset, end)
+            if hit is not None:
+                raise _refuse(
+                    Refusal.OVERLAP,
+                    f"overlaps {hex_range(hit[0], hit[1] - hit[0])}; unmap it first or pick a "
+                    "free range",
+                )
+            try:
+                st = os.fstat(fd)
+            except OSError as exc:
+                raise ShmemRefused(
+                    Refusal.MMAP_FAILED, f"fstat of the fd failed: {exc.strerror}", exc.errno
+                ) from exc
+            if stat.S_ISREG(st.st_mode) and m.fd_offset + m.len > st.st_size:
+                raise _refuse(
+                    Refusal.FILE_TOO_SHORT,
+                    f"the file is {st.st_size:#x} bytes; fd_offset {m.fd_offset:#x} + len "
+                    f"{m.len:#x} needs {m.fd_offset + m.len:#x}",
+                )
+            if len(region.mappings) >= self.max_per_region or self._count >= self.max_total:
+                raise _refuse(
+                    Refusal.LIMIT_REACHED,
+                    f"{len(region.mappings)} mappings in region {region.shmid}, {self._count} in "
+                    f"all; the limits are {self.max_per_region} and {self.max_total}",
+                )
+            addr = region.base + m.shm_offset
+            try:
+                libc.map_fd(addr, m.len, fd, m.fd_offset, bool(m.flags & MMAP_FLAG_WRITE))
+            except OSError as exc:
+                # MAP_FIXED may have replaced part of the range before failing.
+                libc.restore(addr, m.len)
+                raise ShmemRefused(Refusal.MMAP_FAILED, str(exc.strerror), exc.errno) from exc
+            mapping = Mapping(
+                m.shmid,
+                m.shm_offset,
+                m.len,
+                m.fd_offset,
+                bool(m.flags & MMAP_FLAG_WRITE),
+                st.st_dev,
+                st.st_ino,
+                time.time(),
+            )
+            region.mappings.add(m.shm_offset, end, mapping)
+            self._count += 1
+            return mapping
+
+    def unmap(self, m: ShmemMap) -> Mapping:
+        """Validate (steps 5-8, whole mapping) and put the reservation back."""
+        with self.lock:
+            region = self._region(m)
+            self._check_range(region, m, check_fd_offset=False)
+            found = region.mappings.get(m.shm_offset)
+            if found is None or found[0] != m.shm_offset + m.len:
+                hit = region.mappings.conflict(m.shm_offset, m.shm_offset + m.len)
+                there = (
+                    f"the mapping there is {hex_range(hit[0], hit[1] - hit[0])}"
+                    if hit
+                    else "nothing is mapped there"
+                )
+                raise _refuse(
+                    Refusal.NOT_A_MAPPING,
+                    f"{hex_range(m.shm_offset, m.len)} in region {m.shmid} is not one whole "
+                    f"mapping; {there}",
+                )
+            libc.restore(region.base + m.shm_offset, m.len)
+            self._count -= 1
+            return region.mappings.pop(m.shm_offset)
+
+    def reset(self) -> int:
+        """Drop every mapping of every region (device reset, disconnect)."""
+        with self.lock:
+            dropped = sum(region.drop_all() for region in self.regions.values())
+            self._count = 0
+            return dropped
+
+    def close(self) -> None:
+        with self.lock:
+            for region in self.regions.values():
+                region.release()
+            self.regions.clear()
+            self._count = 0
+
+    def mappings(self) -> Iterator[Mapping]:
+        with self.lock:
+            items = [m for r in self.regions.values() for _, _, m in r.mappings]
+        yield from items
+
+    def address_of(self, shmid: int, offset: int) -> int:
+        return self.regions[shmid].base + offset
