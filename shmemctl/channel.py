@@ -9,6 +9,7 @@ and so are all fds of a message that fails to decode.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import select
 import socket
@@ -36,10 +37,8 @@ class ChannelTimeout(ChannelError):
 
 def close_fds(fds: Iterable[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -138,10 +137,8 @@ class Channel:
 
     def shutdown(self) -> None:
         """Wake any thread blocked on this channel; it sees EOF."""
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def close(self) -> None:
         self.shutdown()

@@ -1,4 +1,4 @@
-"""Sizes and offsets as people type them (`4096`, `0x1000`, `64K`, `8M`, `1G`) and as we print them."""
+"""Sizes and offsets as people type them (`4096`, `0x1000`, `64K`, `8M`, `1G`) and as printed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ _SIZE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IG
 
 
 def parse_size(text: str) -> int:
-    """`4096`, `0x1000`, `64K`, `8M`, `1G` (also `64KiB`) -> bytes. ValueError says what is accepted."""
+    """`4096`, `0x1000`, `64K`, `8M`, `1G` (also `64KiB`) -> bytes; ValueError says what fits."""
     m = _SIZE.match(text)
     if not m:
         raise ValueError(

@@ -56,7 +56,7 @@ class IntervalIndex(Generic[T]):
         return self._entries.get(start)
 
     def pop(self, start: int) -> T:
-        end, item = self._entries.pop(start)
+        _end, item = self._entries.pop(start)
         starts = self._starts
         if starts[-1] == start:
             starts.pop()
