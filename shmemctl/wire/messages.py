@@ -317,10 +317,12 @@ class Spec:
     request: Kind
     reply: Kind = Kind.U64
     max_fds: int = 0
+    #: the request has a reply of its own; otherwise only an ack, when asked
+    own_reply: bool = False
 
 
 _MAIN: dict[int, Spec] = {
-    FrontendReq.GET_FEATURES: Spec(Kind.EMPTY),
+    FrontendReq.GET_FEATURES: Spec(Kind.EMPTY, own_reply=True),
     FrontendReq.SET_FEATURES: Spec(Kind.U64),
     FrontendReq.SET_OWNER: Spec(Kind.EMPTY),
     FrontendReq.RESET_OWNER: Spec(Kind.EMPTY),
@@ -328,24 +330,24 @@ _MAIN: dict[int, Spec] = {
     FrontendReq.SET_VRING_NUM: Spec(Kind.VRING_STATE),
     FrontendReq.SET_VRING_ADDR: Spec(Kind.VRING_ADDR),
     FrontendReq.SET_VRING_BASE: Spec(Kind.VRING_STATE),
-    FrontendReq.GET_VRING_BASE: Spec(Kind.VRING_STATE, Kind.VRING_STATE),
+    FrontendReq.GET_VRING_BASE: Spec(Kind.VRING_STATE, Kind.VRING_STATE, own_reply=True),
     FrontendReq.SET_VRING_KICK: Spec(Kind.U64, max_fds=1),
     FrontendReq.SET_VRING_CALL: Spec(Kind.U64, max_fds=1),
     FrontendReq.SET_VRING_ERR: Spec(Kind.U64, max_fds=1),
-    FrontendReq.GET_PROTOCOL_FEATURES: Spec(Kind.EMPTY),
+    FrontendReq.GET_PROTOCOL_FEATURES: Spec(Kind.EMPTY, own_reply=True),
     FrontendReq.SET_PROTOCOL_FEATURES: Spec(Kind.U64),
-    FrontendReq.GET_QUEUE_NUM: Spec(Kind.EMPTY),
+    FrontendReq.GET_QUEUE_NUM: Spec(Kind.EMPTY, own_reply=True),
     FrontendReq.SET_VRING_ENABLE: Spec(Kind.VRING_STATE),
     FrontendReq.SET_BACKEND_REQ_FD: Spec(Kind.EMPTY, max_fds=1),
-    FrontendReq.GET_CONFIG: Spec(Kind.DEVICE_CONFIG, Kind.DEVICE_CONFIG),
+    FrontendReq.GET_CONFIG: Spec(Kind.DEVICE_CONFIG, Kind.DEVICE_CONFIG, own_reply=True),
     FrontendReq.SET_CONFIG: Spec(Kind.DEVICE_CONFIG),
     FrontendReq.RESET_DEVICE: Spec(Kind.EMPTY),
-    FrontendReq.GET_MAX_MEM_SLOTS: Spec(Kind.EMPTY),
+    FrontendReq.GET_MAX_MEM_SLOTS: Spec(Kind.EMPTY, own_reply=True),
     FrontendReq.ADD_MEM_REG: Spec(Kind.SINGLE_REGION, max_fds=1),
     FrontendReq.REM_MEM_REG: Spec(Kind.SINGLE_REGION),
     FrontendReq.SET_STATUS: Spec(Kind.U64),
-    FrontendReq.GET_STATUS: Spec(Kind.EMPTY),
-    FrontendReq.GET_SHMEM_CONFIG: Spec(Kind.EMPTY, Kind.SHMEM_CONFIG),
+    FrontendReq.GET_STATUS: Spec(Kind.EMPTY, own_reply=True),
+    FrontendReq.GET_SHMEM_CONFIG: Spec(Kind.EMPTY, Kind.SHMEM_CONFIG, own_reply=True),
 }
 _BACKEND: dict[int, Spec] = {
     BackendReq.CONFIG_CHANGE_MSG: Spec(Kind.EMPTY),

@@ -1,0 +1,1 @@
+"""backend_sim: a simulated vhost-user device back-end with VIRTIO Shared Memory regions."""

@@ -1,0 +1,296 @@
+"""The simulated device: memfd buffers, what it believes is mapped, and the script runner."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from shmemctl.backend import BackendEndpoint, NotReady, describe_reply
+from shmemctl.channel import ChannelError
+from shmemctl.shmem.libc import PAGE_SIZE
+from shmemctl.sizes import hex_range, parse_size
+from shmemctl.wire import BackendReq, ShmemMap
+from shmemctl.wire.messages import MMAP_FLAG_WRITE
+
+log = logging.getLogger("backend")
+
+
+def page_tag(buffer_id: int, page: int) -> bytes:
+    """The readable tag at the start of every page of a buffer."""
+    return f"shmemctl buffer {buffer_id} page {page}\n".encode()
+
+
+class Buffer:
+    """A memfd the device owns; every page starts with a tag naming buffer and page."""
+
+    def __init__(self, buffer_id: int, size: int, *, tagged: bool = True) -> None:
+        self.id = buffer_id
+        self.size = size
+        fd = os.memfd_create(f"shmemctl-buffer-{buffer_id}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            if tagged:
+                for page in range(size // PAGE_SIZE):
+                    os.pwrite(fd, page_tag(buffer_id, page), page * PAGE_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Believed:
+    """A mapping the device believes the front-end holds."""
+
+    shmid: int
+    shm_offset: int
+    len: int
+    fd_offset: int
+    writable: bool
+    buffer: int
+
+
+class SimDevice:
+    """Buffers and the device's mapping table; every SHMEM request goes through here."""
+
+    def __init__(self, endpoint: BackendEndpoint) -> None:
+        self.endpoint = endpoint
+        self.lock = threading.Lock()
+        self.buffers: dict[int, Buffer] = {}
+        self.mapped: dict[tuple[int, int], Believed] = {}
+        self._next_buffer = 1
+
+    # ------------------------------------------------------------ buffers
+
+    def new_buffer(self, size: int, *, tagged: bool = True) -> Buffer:
+        with self.lock:
+            buffer = Buffer(self._next_buffer, size, tagged=tagged)
+            self._next_buffer += 1
+            self.buffers[buffer.id] = buffer
+            return buffer
+
+    def free_unmapped_buffers(self) -> None:
+        with self.lock:
+            in_use = {b.buffer for b in self.mapped.values()}
+            for buffer_id in [b for b in self.buffers if b not in in_use]:
+                self.buffers.pop(buffer_id).close()
+
+    def forget(self, why: str) -> None:
+        """Reset or disconnect: the front-end dropped every mapping; no UNMAPs are sent."""
+        with self.lock:
+            count = len(self.mapped)
+            self.mapped.clear()
+        self.free_unmapped_buffers()
+        if count:
+            log.info("forgot %d mappings (%s)", count, why)
+
+    def close(self) -> None:
+        self.forget("shutting down")
+
+    # ------------------------------------------------------------ requests
+
+    def map(
+        self,
+        m: ShmemMap,
+        *,
+        buffer: Buffer | None = None,
+        need_reply: bool = True,
+    ) -> int | None:
+        """Ask the front-end to map (a new tagged buffer unless one is given)."""
+        if buffer is None:
+            buffer = self.new_buffer(m.fd_offset + m.len)
+        result = self.endpoint.shmem_request(
+            BackendReq.SHMEM_MAP, m, buffer.fd, need_reply=need_reply
+        )
+        if result in (0, None):  # unanswered requests count as done: the next ack confirms them
+            with self.lock:
+                self.mapped[(m.shmid, m.shm_offset)] = Believed(
+                    m.shmid, m.shm_offset, m.len, m.fd_offset, m.writable, buffer.id
+                )
+        return result
+
+    def unmap(self, m: ShmemMap, *, need_reply: bool = True) -> int | None:
+        result = self.endpoint.shmem_request(BackendReq.SHMEM_UNMAP, m, need_reply=need_reply)
+        if result in (0, None):
+            with self.lock:
+                self.mapped.pop((m.shmid, m.shm_offset), None)
+        return result
+
+
+# ---------------------------------------------------------------- scripts
+
+
+class ScriptError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    line: int
+    text: str
+    verb: str
+    args: dict
+
+
+def _num(text: str, what: str, line: int) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise ScriptError(f"line {line}: {what}: {exc}") from None
+
+
+def parse_script(lines: Iterable[str]) -> list[Step]:
+    """Check a whole script before anything runs, so a typo on line 20 costs nothing."""
+    steps = []
+    for n, raw in enumerate(lines, 1):
+        text = raw.split("#", 1)[0].strip()
+        if not text:
+            continue
+        verb, *words = text.split()
+        if verb in ("map", "unmap"):
+            positional = [w for w in words if "=" not in w and w not in ("ro", "noreply")]
+            if len(positional) != 3:
+                got = " ".join(words) or "nothing"
+                raise ScriptError(f"line {n}: {verb} needs SHMID SHM_OFFSET LEN, got {got}")
+            shmid = _num(positional[0], "shmid", n)
+            if not 0 <= shmid <= 255:
+                raise ScriptError(f"line {n}: shmid {shmid} is outside 0-255")
+            args = {
+                "shmid": shmid,
+                "shm_offset": _num(positional[1], "shm_offset", n),
+                "length": _num(positional[2], "len", n),
+                "fd_offset": 0,
+                "ro": "ro" in words,
+                "noreply": "noreply" in words,
+            }
+            for w in words:
+                if "=" in w:
+                    key, _, value = w.partition("=")
+                    if key != "fd_offset" or verb != "map":
+                        raise ScriptError(f"line {n}: unknown option {w!r} for {verb}")
+                    args["fd_offset"] = _num(value, "fd_offset", n)
+            if verb == "unmap" and args["ro"]:
+                raise ScriptError(f"line {n}: 'ro' belongs to map, not unmap")
+        elif verb == "sleep":
+            if len(words) != 1 or not words[0].isdigit():
+                raise ScriptError(f"line {n}: sleep needs milliseconds, e.g. 'sleep 100'")
+            args = {"ms": int(words[0])}
+        elif verb == "bench":
+            if len(words) != 4 or words[0] not in ("ack", "batch16", "batch64"):
+                raise ScriptError(
+                    f"line {n}: bench needs MODE(ack|batch16|batch64) LEN EXISTING PAIRS"
+                )
+            args = {
+                "mode": words[0],
+                "length": _num(words[1], "len", n),
+                "existing": _num(words[2], "existing", n),
+                "pairs": _num(words[3], "pairs", n),
+            }
+        else:
+            raise ScriptError(
+                f"line {n}: unknown command {verb!r}; use map, unmap or sleep (and bench)"
+            )
+        steps.append(Step(n, text, verb, args))
+    return steps
+
+
+class ScriptRunner:
+    """Runs a checked script against the front-end; one result line per step."""
+
+    def __init__(self, device: SimDevice, out: Callable[[str], None]) -> None:
+        self.device = device
+        self.out = out
+        self._bench_filled = 0
+        self._bench_buffer: Buffer | None = None
+
+    def run(self, steps: list[Step]) -> None:
+        for step in steps:
+            try:
+                result = getattr(self, f"_do_{step.verb}")(**step.args)
+            except NotReady as exc:
+                result = f"not sent: {exc}"
+            except ChannelError as exc:
+                result = f"failed: {exc} (request reported failed; buffer kept)"
+            self.out(f"{step.text}: {result}")
+
+    def _do_map(
+        self, shmid: int, shm_offset: int, length: int, fd_offset: int, ro: bool, noreply: bool
+    ) -> str:
+        m = ShmemMap(shmid, shm_offset, length, fd_offset, 0 if ro else MMAP_FLAG_WRITE)
+        return describe_reply(self.device.map(m, need_reply=not noreply))
+
+    def _do_unmap(
+        self, shmid: int, shm_offset: int, length: int, fd_offset: int, ro: bool, noreply: bool
+    ) -> str:
+        m = ShmemMap(shmid, shm_offset, length)
+        return describe_reply(self.device.unmap(m, need_reply=not noreply))
+
+    def _do_sleep(self, ms: int) -> str:
+        time.sleep(ms / 1000)
+        return "ok"
+
+    # ------------------------------------------------------------ bench
+
+    def _fill(self, existing: int) -> None:
+        """Grow the 4 KiB mappings at the start of region 0 to `existing`, 64 per ack."""
+        if existing < self._bench_filled:
+            raise ScriptError("bench lines must not lower EXISTING")
+        if self._bench_buffer is None or self._bench_buffer.size < existing * PAGE_SIZE:
+            size = max(existing, 1) * PAGE_SIZE
+            self._bench_buffer = self.device.new_buffer(max(size, 1 << 28), tagged=False)
+        buf = self._bench_buffer
+        for i in range(self._bench_filled, existing):
+            last = i == existing - 1 or (i + 1) % 64 == 0
+            off = i * PAGE_SIZE
+            r = self.device.map(ShmemMap(0, off, PAGE_SIZE, off), buffer=buf, need_reply=last)
+            if r not in (0, None):
+                raise ChannelError(f"filling existing mappings failed at {i}: {describe_reply(r)}")
+        self._bench_filled = existing
+
+    def _do_bench(self, mode: str, length: int, existing: int, pairs: int) -> str:
+        self._fill(existing)
+        base = -(-existing * PAGE_SIZE // length) * length  # first LEN-aligned offset past them
+        batch = 1 if mode == "ack" else int(mode.removeprefix("batch"))
+        buf = self.device.new_buffer(length, tagged=False)
+        request = self.device.endpoint.shmem_request
+        maps = [ShmemMap(0, base + k * length, length, 0) for k in range(batch)]
+        samples = []
+        groups = max(1, pairs // batch)
+        clock = time.perf_counter_ns
+        start = clock()
+        for _ in range(groups):
+            t0 = clock()
+            for k, m in enumerate(maps):
+                r = request(BackendReq.SHMEM_MAP, m, buf.fd, need_reply=k == batch - 1)
+            if r:
+                raise ChannelError(f"bench map refused: {describe_reply(r)}")
+            for k, m in enumerate(maps):
+                r = request(BackendReq.SHMEM_UNMAP, m, need_reply=k == batch - 1)
+            if r:
+                raise ChannelError(f"bench unmap refused: {describe_reply(r)}")
+            samples.append((clock() - t0) / batch)
+        elapsed = (clock() - start) / 1e9
+        buf.close()
+        self.device.buffers.pop(buf.id, None)
+        samples.sort()
+        result = {
+            "mode": mode,
+            "len": length,
+            "existing": existing,
+            "pairs": groups * batch,
+            "pairs_per_s": round(groups * batch / elapsed, 1),
+            "p50_us": round(samples[len(samples) // 2] / 1000, 2),
+            "p99_us": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000, 2),
+        }
+        log.debug("bench %s at %s: %s", mode, hex_range(base, length), result)
+        return json.dumps(result)

@@ -1,0 +1,359 @@
+"""The back-end endpoint: answers a front-end's main channel like a device daemon
+does, and sends SHMEM_MAP/SHMEM_UNMAP over the backend channel it is handed.
+
+Main-channel handling never waits on the backend channel (brief §6.9): a
+front-end such as QEMU may be blocked on a main-channel reply while we wait
+for a map's ack, so the two run in different threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .channel import Channel, ChannelClosed, ChannelError, ChannelTimeout, close_fds
+from .daemon import Stopper
+from .events import EventHub
+from .wire import (
+    BackendReq,
+    ChannelKind,
+    FrontendReq,
+    Message,
+    ShmemConfig,
+    ShmemMap,
+    encode,
+    encode_shmem_request,
+    encode_u64_reply,
+    feature_names,
+)
+from .wire.constants import (
+    SHMEM_BIT,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_F_VERSION_1,
+    ProtocolFeature,
+    check_shmem_bit,
+)
+from .wire.messages import (
+    DeviceConfig,
+    MemoryTable,
+    VringState,
+    errno_name,
+    spec_of,
+)
+
+log = logging.getLogger("backend")
+
+#: What our back-end offers besides SHMEM (brief §6.2, §6.4, §6.10).
+OFFERED = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.BACKEND_SEND_FD
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.STATUS
+)
+MAX_MEM_SLOTS = 32
+
+
+class NotReady(Exception):
+    """A SHMEM request cannot be sent: no backend channel, or SHMEM/REPLY_ACK not negotiated."""
+
+
+@dataclass
+class DeviceModel:
+    """What the simulated device advertises."""
+
+    regions: dict[int, int]
+    queues: int = 1
+    config_space: bytes = b""
+    shmem_bit: int = SHMEM_BIT
+
+
+@dataclass
+class Session:
+    """What one front-end connection negotiated, as the back-end sees it."""
+
+    features: int = 0
+    protocol_features: int = 0
+    owner: bool = False
+    status: int = 0
+    log: list[str] = field(default_factory=list)
+
+
+class BackendChannel:
+    """The back-end's side of the backend channel: sends SHMEM requests, waits for acks.
+
+    Replies come strictly in order, so a request that asked for none is
+    confirmed by the next ack (batching). A reply that nobody waits for (a
+    front-end answering twice) is read off and reported before the next send.
+    """
+
+    def __init__(self, sock: socket.socket, reply_timeout: float = 5.0) -> None:
+        self.channel = Channel(sock, ChannelKind.BACKEND, replies=True)
+        self.channel.set_send_timeout(reply_timeout)
+        self.reply_timeout = reply_timeout
+        self.lock = threading.Lock()
+        self.stray_replies = 0
+
+    def request(
+        self, req: BackendReq, m: ShmemMap, fd: int | None = None, *, need_reply: bool = True
+    ) -> int | None:
+        """Send one SHMEM request; return the front-end's u64 answer, or None if none
+        was asked. Raises ChannelTimeout when the answer does not come in time."""
+        data = encode_shmem_request(req, m, need_reply=need_reply)
+        with self.lock:
+            self._drain_strays()
+            self.channel.send(data, () if fd is None else (fd,))
+            if not need_reply:
+                return None
+            reply = self.channel.recv(timeout=self.reply_timeout)
+            close_fds(reply.fds)
+            if reply.request != req or not isinstance(reply.payload, int):
+                raise ChannelError(f"asked {req.name}, the front-end answered {reply.name}")
+            return reply.payload
+
+    def _drain_strays(self) -> None:
+        while self.channel.wait_readable(0):
+            msg = self.channel.recv()
+            close_fds(msg.fds)
+            self.stray_replies += 1
+            log.warning("front-end sent a %s reply nobody asked for (answered twice?)", msg.name)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class BackendEndpoint:
+    """Serves one main channel at a time for a `DeviceModel`."""
+
+    def __init__(
+        self,
+        device: DeviceModel,
+        events: EventHub | None = None,
+        *,
+        reply_timeout: float = 5.0,
+        on_forget: Callable[[str], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.shmem_mask = 1 << check_shmem_bit(device.shmem_bit)
+        self.offered = OFFERED | self.shmem_mask
+        self.events = events or EventHub()
+        self.reply_timeout = reply_timeout
+        self.on_forget = on_forget
+        self.session = Session()
+        self.backend_channel: BackendChannel | None = None
+        self.ready = threading.Condition()
+
+    # ------------------------------------------------------------ negotiated state
+
+    @property
+    def shmem(self) -> bool:
+        return bool(self.session.protocol_features & self.shmem_mask)
+
+    @property
+    def reply_ack(self) -> bool:
+        return bool(self.session.protocol_features & ProtocolFeature.REPLY_ACK)
+
+    def shmem_config(self) -> ShmemConfig:
+        return ShmemConfig.from_regions(self.device.regions)
+
+    def why_not_ready(self) -> str | None:
+        """None when SHMEM requests can be sent; else what is missing, for the log."""
+        if self.backend_channel is None:
+            return "the front-end has not sent SET_BACKEND_REQ_FD (no backend channel)"
+        if not self.shmem:
+            return f"SHMEM (protocol feature bit {self.device.shmem_bit}) was not negotiated"
+        if not self.reply_ack:
+            return "REPLY_ACK was not negotiated: the outcome of a map could never be known"
+        return None
+
+    def shmem_request(
+        self, req: BackendReq, m: ShmemMap, fd: int | None = None, *, need_reply: bool = True
+    ) -> int | None:
+        channel = self.backend_channel
+        why = self.why_not_ready()
+        if why is not None or channel is None:
+            raise NotReady(why or "no backend channel")
+        return channel.request(req, m, fd, need_reply=need_reply)
+
+    # ------------------------------------------------------------ main channel
+
+    def serve(self, main: Channel, stopper: Stopper | None = None) -> None:
+        """Answer requests until the front-end goes away or `stopper` stops (returns) or
+        it breaks the protocol (WireError/ChannelError propagate; fds closed either way)."""
+        self.session = Session()
+        try:
+            while stopper is None or stopper.wait_readable(main.sock, None):
+                try:
+                    msg = main.recv()
+                except ChannelClosed:
+                    return
+                kept: tuple[int, ...] = ()
+                try:
+                    kept = self._handle(main, msg)
+                finally:
+                    close_fds(fd for fd in msg.fds if fd not in kept)
+        finally:
+            self._drop_backend_channel()
+            self._forget("front-end disconnected")
+
+    def _ack(self, main: Channel, msg: Message, ok: bool = True) -> None:
+        own_reply = spec_of(ChannelKind.MAIN, msg.request).own_reply
+        if msg.need_reply and self.reply_ack and not own_reply:
+            main.send(encode_u64_reply(msg.request, 0 if ok else 1))
+
+    def _reply(self, main: Channel, msg: Message, payload: object) -> None:
+        main.send(encode(ChannelKind.MAIN, msg.request, payload, reply=True))  # type: ignore[arg-type]
+
+    def _handle(self, main: Channel, msg: Message) -> tuple[int, ...]:
+        """Answer one request; return the fds it keeps (the caller closes the rest)."""
+        req = msg.request
+        s = self.session
+        log.debug("main channel: %s %r fds=%d", msg.name, msg.payload, len(msg.fds))
+        if msg.surplus_fds:
+            n = len(msg.surplus_fds)
+            log.warning("%s carried %d fds it may not carry; closed them", msg.name, n)
+        if self.events.active:
+            self.events.emit("message", {"channel": "main", "request": msg.name})
+        match req:
+            case FrontendReq.GET_FEATURES:
+                self._reply(main, msg, VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES)
+            case FrontendReq.SET_FEATURES:
+                s.features = int(msg.payload or 0)
+                self._ack(main, msg)
+            case FrontendReq.GET_PROTOCOL_FEATURES:
+                self._reply(main, msg, int(self.offered))
+            case FrontendReq.SET_PROTOCOL_FEATURES:
+                asked = int(msg.payload or 0)
+                if asked & ~self.offered:
+                    log.warning(
+                        "front-end acked protocol features we never offered: %s; ignoring them",
+                        self._names(asked & ~self.offered),
+                    )
+                s.protocol_features = asked & self.offered
+                log.info("negotiated %s", self._names(s.protocol_features))
+                self._ack(main, msg)  # decided with the new feature set
+                self._notify()
+            case FrontendReq.GET_QUEUE_NUM:
+                self._reply(main, msg, self.device.queues)
+            case FrontendReq.GET_MAX_MEM_SLOTS:
+                self._reply(main, msg, MAX_MEM_SLOTS)
+            case FrontendReq.SET_OWNER:
+                s.owner = True
+                self._ack(main, msg)
+            case FrontendReq.RESET_OWNER | FrontendReq.RESET_DEVICE:
+                self._forget(f"{msg.name} from the front-end")
+                self._ack(main, msg)
+            case FrontendReq.SET_STATUS:
+                s.status = int(msg.payload or 0)
+                if s.status == 0:
+                    self._forget("SET_STATUS 0 (device reset) from the front-end")
+                self._ack(main, msg)
+            case FrontendReq.GET_STATUS:
+                self._reply(main, msg, s.status)
+            case FrontendReq.SET_BACKEND_REQ_FD:
+                if len(msg.fds) != 1:
+                    log.error("SET_BACKEND_REQ_FD without its fd")
+                    self._ack(main, msg, ok=False)
+                    return ()
+                self._drop_backend_channel()
+                sock = socket.socket(fileno=msg.fds[0])
+                self.backend_channel = BackendChannel(sock, self.reply_timeout)
+                log.info("backend channel established")
+                self._ack(main, msg)
+                self._notify()
+                return msg.fds
+            case FrontendReq.GET_SHMEM_CONFIG:
+                if self.shmem:
+                    config = self.shmem_config()
+                else:
+                    log.warning("GET_SHMEM_CONFIG without SHMEM negotiated: answering all zero")
+                    config = ShmemConfig.from_regions({})
+                self._reply(main, msg, config)
+            case FrontendReq.GET_CONFIG:
+                asked = msg.payload
+                assert isinstance(asked, DeviceConfig)
+                space = self.device.config_space
+                data = space[asked.offset : asked.offset + asked.size].ljust(asked.size, b"\0")
+                self._reply(main, msg, DeviceConfig(asked.offset, asked.size, asked.flags, data))
+            case FrontendReq.GET_VRING_BASE:
+                assert isinstance(msg.payload, VringState)
+                self._reply(main, msg, VringState(msg.payload.index, 0))
+            case FrontendReq.SET_MEM_TABLE:
+                assert isinstance(msg.payload, MemoryTable)
+                if len(msg.payload.regions) != len(msg.fds):
+                    log.warning(
+                        "SET_MEM_TABLE: %d regions but %d fds",
+                        len(msg.payload.regions),
+                        len(msg.fds),
+                    )
+                self._ack(main, msg)
+            case (
+                FrontendReq.SET_VRING_NUM
+                | FrontendReq.SET_VRING_ADDR
+                | FrontendReq.SET_VRING_BASE
+                | FrontendReq.SET_VRING_KICK
+                | FrontendReq.SET_VRING_CALL
+                | FrontendReq.SET_VRING_ERR
+                | FrontendReq.SET_VRING_ENABLE
+                | FrontendReq.SET_CONFIG
+                | FrontendReq.ADD_MEM_REG
+                | FrontendReq.REM_MEM_REG
+            ):
+                self._ack(main, msg)  # no guest: nothing to do with rings or memory
+            case _:
+                if spec_of(ChannelKind.MAIN, req).own_reply:
+                    raise ChannelError(f"{msg.name} needs a reply this device cannot give")
+                log.warning("main channel: %s is not supported; failing it", msg.name)
+                self._ack(main, msg, ok=False)
+        return ()
+
+    def _notify(self) -> None:
+        with self.ready:
+            self.ready.notify_all()
+
+    def _forget(self, why: str) -> None:
+        """A reset or disconnect: the front-end dropped every mapping; so do we, silently."""
+        if self.on_forget is not None:
+            self.on_forget(why)
+        if self.events.active:
+            self.events.emit("reset", {"why": why})
+
+    def _drop_backend_channel(self) -> None:
+        channel, self.backend_channel = self.backend_channel, None
+        if channel is not None:
+            channel.close()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until SHMEM requests can be sent (or the reason they never will be is fixed)."""
+        with self.ready:
+            return self.ready.wait_for(
+                lambda: self.backend_channel is not None and self.shmem, timeout
+            )
+
+    def _names(self, mask: int) -> str:
+        return ",".join(feature_names(mask, self.device.shmem_bit)) or "nothing"
+
+
+def describe_reply(value: int | None) -> str:
+    if value is None:
+        return "sent (no reply asked)"
+    if value == 0:
+        return "ok"
+    name = errno_name(value)
+    return name if name else f"failed ({value})"
+
+
+__all__ = [
+    "BackendChannel",
+    "BackendEndpoint",
+    "ChannelTimeout",
+    "DeviceModel",
+    "NotReady",
+    "describe_reply",
+]

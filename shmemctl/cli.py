@@ -1,0 +1,117 @@
+"""The shmemctl command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .sizes import parse_size
+from .wire.constants import ACCEPTED_SHMEM_BITS, SHMEM_BIT
+
+
+class Size(click.ParamType):
+    """A size or offset as people type it: 4096, 0x1000, 64K, 8M, 1G."""
+
+    name = "SIZE"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = Size()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shmemctl")
+def main() -> None:
+    """Drive both sides of the vhost-user VIRTIO Shared Memory extension."""
+
+
+@main.command()
+@click.option("--connect", metavar="PATH", help="Connect to a back-end listening here.")
+@click.option("--listen", metavar="PATH", help="Listen here for a back-end to connect.")
+@click.option(
+    "--shmem-bit",
+    type=click.Choice([str(b) for b in ACCEPTED_SHMEM_BITS]),
+    default=str(SHMEM_BIT),
+    show_default=True,
+    help="Protocol feature bit for SHMEM (21 only for rust-vmm vhost 0.16 peers).",
+)
+@click.option(
+    "--reconnect",
+    type=float,
+    metavar="SECONDS",
+    help="Reconnect this often after the back-end goes away (default: stay disconnected).",
+)
+@click.option("--max-mappings", default=262_144, show_default=True, help="Mappings in all regions.")
+@click.option(
+    "--max-mappings-per-region", default=131_072, show_default=True, help="Mappings per region."
+)
+@click.option(
+    "--max-reserve",
+    type=SIZE,
+    default="1T",
+    show_default=True,
+    help="Address space all regions together may reserve.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log every map and unmap.")
+def frontend(
+    connect: str | None,
+    listen: str | None,
+    shmem_bit: str,
+    reconnect: float | None,
+    max_mappings: int,
+    max_mappings_per_region: int,
+    max_reserve: int,
+    verbose: bool,
+) -> None:
+    """Run a front-end that maps what the back-end asks into reserved regions."""
+    from .daemon import setup_logging
+    from .frontend import Frontend, FrontendOptions
+
+    if bool(connect) == bool(listen):
+        raise click.UsageError("give exactly one of --connect PATH or --listen PATH")
+    if reconnect is not None and reconnect <= 0:
+        raise click.UsageError("--reconnect takes a positive number of seconds, e.g. 1")
+    setup_logging("frontend", verbose)
+    options = FrontendOptions(
+        connect=connect,
+        listen=listen,
+        shmem_bit=int(shmem_bit),
+        reconnect=reconnect,
+        max_total=max_mappings,
+        max_per_region=max_mappings_per_region,
+        max_reserve=max_reserve,
+    )
+    fe = Frontend(options)
+    fe.stopper.install_signals()
+    try:
+        fe.run()
+    except OSError as exc:
+        raise click.ClickException(str(exc.strerror or exc)) from None
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--quick", is_flag=True, help="Fewer pairs per cell: a smoke run, noisy figures.")
+@click.option("--codec", is_flag=True, help="Measure the wire codec alone (no processes).")
+def bench(as_json: bool, quick: bool, codec: bool) -> None:
+    """Measure map+unmap round trips between the real daemons."""
+    from . import bench as bench_mod
+
+    if codec:
+        bench_mod.codec_bench(as_json)
+    else:
+        bench_mod.pair_bench(as_json=as_json, quick=quick)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

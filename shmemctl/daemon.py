@@ -1,0 +1,94 @@
+"""What both daemons need from their process: logging, a stop that signals can
+trigger, and sockets laid out the same way."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+
+
+def setup_logging(role: str, verbose: bool = False) -> logging.Logger:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    return logging.getLogger(role)
+
+
+class Stopper:
+    """A stop flag that SIGTERM/SIGINT set and that `wait`/`poll` callers wake up for."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def stop(self) -> None:
+        self.event.set()
+        with contextlib.suppress(OSError):
+            os.write(self._w, b"x")
+
+    @property
+    def stopped(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True if a stop came."""
+        return self.event.wait(seconds)
+
+    def wait_readable(self, sock: socket.socket | int, timeout: float | None) -> bool:
+        """Wait until `sock` is readable (True) or a stop/timeout comes (False)."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(self._r, select.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.stopped:
+            left = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            ready = poller.poll(left)
+            if any(fd != self._r for fd, _ in ready):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return False
+
+
+def listen_unix(path: str) -> socket.socket:
+    """Listen on `path`, replacing a stale socket file but never a live one or a non-socket."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise OSError(f"{path} exists and is not a socket; remove it or pick another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: stale
+        else:
+            raise OSError(f"{path} is in use by a running process; pick another path")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind(path)
+    sock.listen(4)
+    return sock
+
+
+def connect_unix(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
