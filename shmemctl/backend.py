@@ -46,12 +46,12 @@ from .wire.messages import (
 
 log = logging.getLogger("backend")
 
-#: What our back-end offers besides SHMEM (brief §6.2, §6.4, §6.10).
+#: What our back-end offers besides SHMEM (brief §6.2, §6.4, §6.10); CONFIG is
+#: added only for a device with config space (QEMU warns about it otherwise).
 OFFERED = (
     ProtocolFeature.MQ
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.BACKEND_REQ
-    | ProtocolFeature.CONFIG
     | ProtocolFeature.BACKEND_SEND_FD
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
@@ -142,6 +142,8 @@ class BackendEndpoint:
         self.device = device
         self.shmem_mask = 1 << check_shmem_bit(device.shmem_bit)
         self.offered = OFFERED | self.shmem_mask
+        if device.config_space:
+            self.offered |= ProtocolFeature.CONFIG
         self.events = events or EventHub()
         self.reply_timeout = reply_timeout
         self.on_forget = on_forget

@@ -124,6 +124,8 @@ class Frontend:
                         self.stopper.event.wait()
                     continue
                 self._session(sock)
+                if self.stopper.stopped:
+                    break
                 if self.options.connect and self.options.reconnect is None:
                     log.info("back-end gone; staying up disconnected (no --reconnect)")
                     self.stopper.event.wait()
@@ -170,6 +172,13 @@ class Frontend:
         reason = "back-end closed the connection"
         try:
             self._handshake(main)
+            neg = self.negotiated
+            log.info(
+                "connected: SHMEM %s, %d regions, REPLY_ACK %s",
+                "on" if neg.shmem else "off",
+                len(self.regions.regions) if neg.shmem and self.regions else 0,
+                "on" if neg.reply_ack else "off",
+            )
             self._set_state("connected")
             reason = self._supervise(main)
         except (ChannelError, WireError, HandshakeError, ShmemSetupError) as exc:
