@@ -95,13 +95,16 @@ def release(addr: int, size: int) -> None:
         raise _fail(f"releasing {addr:#x}+{size:#x}")
 
 
-def read_memory(addr: int, length: int) -> bytes:
-    """Read our own memory without touching it directly: a page past the end of a
-    truncated file gives EFAULT here instead of SIGBUS in the daemon."""
+def read_memory(addr: int, length: int, pid: int | None = None) -> bytes:
+    """Read memory (ours by default) without touching it directly and with its
+    protections honoured: a reserved page or a page past the end of a truncated
+    file gives EFAULT here instead of SIGSEGV/SIGBUS in the daemon."""
     buf = ctypes.create_string_buffer(length)
     local = _IOVec(ctypes.cast(buf, ctypes.c_void_p), length)
     remote = _IOVec(addr, length)
-    n = _process_vm_readv(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    n = _process_vm_readv(
+        os.getpid() if pid is None else pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0
+    )
     if n < 0:
         raise _fail(f"reading {addr:#x}+{length:#x}")
     return buf.raw[:n]

@@ -1,0 +1,216 @@
+"""Harness: the daemons as real processes, a back-end the test drives byte by byte,
+and the kernel's view of a process (/proc/PID/maps, /proc/PID/fd)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from shmemctl.backend import BackendEndpoint, DeviceModel
+from shmemctl.channel import Channel, close_fds
+from shmemctl.daemon import listen_unix
+from shmemctl.shmem.procmaps import Segment, kernel_segments, read_maps
+from shmemctl.wire import BackendReq, ChannelKind, ShmemMap, encode_shmem_request
+from shmemctl.wire.messages import errno_name
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MiB = 1 << 20
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+class Proc:
+    """A daemon started as a real process; stdout and stderr go to files we can poll."""
+
+    def __init__(self, args: list[str], workdir: Path, name: str) -> None:
+        self.name = name
+        self.out_path = workdir / f"{name}.out"
+        self.err_path = workdir / f"{name}.err"
+        self.popen = subprocess.Popen(
+            args,
+            stdout=self.out_path.open("w"),
+            stderr=self.err_path.open("w"),
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.err_path.read_text()
+
+    def stdout_lines(self) -> list[str]:
+        return self.out_path.read_text().splitlines()
+
+    def wait_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        def found() -> re.Match[str] | None:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.popen.returncode}:\n{self.log()}")
+            return re.search(pattern, self.log())
+
+        try:
+            return wait_until(found, timeout, f"{pattern!r} in {self.name}'s log")  # type: ignore[return-value]
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- {self.name} log ---\n{self.log()}") from None
+
+    def wait_lines(self, n: int, timeout: float = 10.0) -> list[str]:
+        wait_until(lambda: len(self.stdout_lines()) >= n, timeout, f"{n} lines from {self.name}")
+        return self.stdout_lines()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    procs: list[Proc] = []
+
+    def start(kind: str, *args: str, name: str | None = None) -> Proc:
+        if kind == "frontend":
+            argv = [sys.executable, "-m", "shmemctl", "frontend", *args]
+        elif kind == "backend_sim":
+            argv = [sys.executable, "-m", "backend_sim", *args]
+        else:
+            argv = [kind, *args]
+        proc = Proc(argv, tmp_path, name or kind)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(procs):
+        proc.stop()
+
+
+def region_bases(frontend: Proc) -> dict[int, int]:
+    """Where the front-end reserved each region, from its log."""
+    found = re.findall(r"region (\d+): \S+ reserved at (0x[0-9a-f]+)", frontend.log())
+    return {int(shmid): int(addr, 16) for shmid, addr in found}
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def segments(pid: int, base: int, size: int) -> list[Segment]:
+    return kernel_segments(read_maps(pid), base, size)
+
+
+def read_mem(pid: int, addr: int, n: int) -> bytes:
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        f.seek(addr)
+        return f.read(n)
+
+
+def write_mem(pid: int, addr: int, data: bytes) -> None:
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as f:
+        f.seek(addr)
+        f.write(data)
+
+
+def memfd(size: int, pattern: bytes = b"") -> int:
+    fd = os.memfd_create("test-buffer", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    if pattern:
+        os.pwrite(fd, pattern, 0)
+    return fd
+
+
+def describe(value: int) -> str:
+    return "ok" if value == 0 else (errno_name(value) or str(value))
+
+
+class DrivenBackend:
+    """A back-end in the test process: our BackendEndpoint answers the handshake in a
+    thread, and the test sends whatever it likes on the real backend channel."""
+
+    def __init__(self, path: str, regions: dict[int, int]) -> None:
+        self.listener = listen_unix(path)
+        self.endpoint = BackendEndpoint(DeviceModel(regions), reply_timeout=5.0)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        sock, _ = self.listener.accept()
+        try:
+            self.endpoint.serve(Channel(sock, ChannelKind.MAIN, replies=False))
+        except BaseException as exc:  # reported to the test
+            self.error = exc
+
+    def wait_ready(self) -> None:
+        assert self.endpoint.wait_ready(10), "front-end never opened a backend channel with SHMEM"
+
+    @property
+    def channel(self) -> Channel:
+        assert self.endpoint.backend_channel is not None
+        return self.endpoint.backend_channel.channel
+
+    def send_raw(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        self.channel.send(data, fds)
+
+    def reply(self, timeout: float = 5.0) -> int:
+        msg = self.channel.recv(timeout=timeout)
+        close_fds(msg.fds)
+        assert isinstance(msg.payload, int)
+        return msg.payload
+
+    def map(self, m: ShmemMap, fds: tuple[int, ...]) -> str:
+        """Send SHMEM_MAP with exactly these fds; return 'ok' or the errno name."""
+        self.send_raw(encode_shmem_request(BackendReq.SHMEM_MAP, m, need_reply=True), fds)
+        return describe(self.reply())
+
+    def unmap(self, m: ShmemMap, fds: tuple[int, ...] = ()) -> str:
+        self.send_raw(encode_shmem_request(BackendReq.SHMEM_UNMAP, m, need_reply=True), fds)
+        return describe(self.reply())
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def driven(
+    tmp_path: Path, spawn: Callable[..., Proc]
+) -> Iterator[Callable[..., tuple[DrivenBackend, Proc]]]:
+    """Start (a back-end driven by the test, a front-end process connected to it)."""
+    made: list[DrivenBackend] = []
+
+    def start(regions: dict[int, int] | None = None, *fe_args: str) -> tuple[DrivenBackend, Proc]:
+        path = str(tmp_path / "vhost.sock")
+        backend = DrivenBackend(path, regions if regions is not None else {0: 8 * MiB, 2: 64 << 10})
+        made.append(backend)
+        fe = spawn("frontend", "--connect", path, *fe_args)
+        fe.wait_log(r"connected: SHMEM")
+        return backend, fe
+
+    yield start
+    for backend in made:
+        backend.close()
