@@ -1,0 +1,150 @@
+"""The two daemons as real processes over a real socket, and backend_sim under a
+front-end the test drives by hand."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from shmemctl.frontend import Frontend, FrontendOptions
+from shmemctl.shmem.procmaps import Segment, kernel_segments, read_maps
+
+from .conftest import PAGE, MiB, fd_count, read_mem, region_bases, segments, wait_until
+
+DEMO = """\
+map 0 0 1M
+map 0 0x80000 1M
+map 2 0 64K ro
+map 0 0x100000 4096 fd_offset=4096
+unmap 0 0 1M
+map 0 0x200000 4K noreply
+map 0 0x201000 4K noreply
+map 0 0x202000 4K
+"""
+DEMO_RESULTS = [
+    "map 0 0 1M: ok",
+    "map 0 0x80000 1M: EEXIST",
+    "map 2 0 64K ro: ok",
+    "map 0 0x100000 4096 fd_offset=4096: ok",
+    "unmap 0 0 1M: ok",
+    "map 0 0x200000 4K noreply: sent (no reply asked)",
+    "map 0 0x201000 4K noreply: sent (no reply asked)",
+    "map 0 0x202000 4K: ok",
+]
+
+
+def start_pair(spawn, tmp_path, script: str = DEMO, *fe_args: str):
+    sock = str(tmp_path / "vhost.sock")
+    (tmp_path / "script.txt").write_text(script)
+    be = spawn("backend_sim", "--listen", sock, "--regions", "0=8M,2=64K", "--script", "script.txt")
+    be.wait_log("listening on")
+    fe = spawn("frontend", "--connect", sock, *fe_args)
+    return be, fe, sock
+
+
+def test_script_results_and_proc_maps_agree(spawn, tmp_path) -> None:
+    be, fe, _ = start_pair(spawn, tmp_path)
+    assert be.wait_lines(len(DEMO_RESULTS)) == DEMO_RESULTS
+    bases = region_bases(fe)
+    region0 = segments(fe.pid, bases[0], 8 * MiB)
+    # buffer 4 (fd_offset 4096) at 1M, buffers 5-7 at 2M..2M+12K (three distinct files)
+    assert [(s.start, s.end, s.access, s.file_offset) for s in region0] == [
+        (0, MiB, "none", 0),
+        (MiB, MiB + PAGE, "rw", PAGE),
+        (MiB + PAGE, 2 * MiB, "none", 0),
+        (2 * MiB, 2 * MiB + PAGE, "rw", 0),
+        (2 * MiB + PAGE, 2 * MiB + 2 * PAGE, "rw", 0),
+        (2 * MiB + 2 * PAGE, 2 * MiB + 3 * PAGE, "rw", 0),
+        (2 * MiB + 3 * PAGE, 8 * MiB, "none", 0),
+    ]
+    assert [s.access for s in segments(fe.pid, bases[2], 64 << 10)] == ["ro"]
+    # every page starts with a tag naming its buffer and page
+    assert read_mem(fe.pid, bases[2], 26) == b"shmemctl buffer 3 page 0\n\0"
+    assert read_mem(fe.pid, bases[2] + 5 * PAGE, 25) == b"shmemctl buffer 3 page 5\n"
+    assert read_mem(fe.pid, bases[0] + MiB, 25) == b"shmemctl buffer 4 page 1\n"
+
+
+def test_disconnect_drops_everything_and_reconnect_starts_over(spawn, tmp_path) -> None:
+    sock = str(tmp_path / "vhost.sock")
+    fe = spawn("frontend", "--connect", sock, "--reconnect", "0.2")
+    fe.wait_log("retrying in")
+    baseline = fd_count(fe.pid)
+    (tmp_path / "script.txt").write_text("map 0 0 1M\nmap 2 0 64K ro\n")
+    args = ("--listen", sock, "--regions", "0=8M,2=64K", "--script", "script.txt")
+    be = spawn("backend_sim", *args, name="backend1")
+    assert be.wait_lines(2, timeout=15) == ["map 0 0 1M: ok", "map 2 0 64K ro: ok"]
+    bases = region_bases(fe)
+    assert fd_count(fe.pid) > baseline  # the two channels
+
+    be.stop(9)  # kill -9 mid-session
+    fe.wait_log("dropped 2 mappings")
+    assert segments(fe.pid, bases[0], 8 * MiB) == [Segment(0, 8 * MiB, "none")]
+    assert segments(fe.pid, bases[2], 64 << 10) == [Segment(0, 64 << 10, "none")]
+    wait_until(lambda: fd_count(fe.pid) == baseline, what="fds back to baseline")
+    assert fe.alive()
+
+    os.unlink(sock)  # the killed back-end left its socket behind
+    be2 = spawn("backend_sim", *args, name="backend2")
+    assert be2.wait_lines(2, timeout=15) == ["map 0 0 1M: ok", "map 2 0 64K ro: ok"]
+    assert fe.log().count("connected: SHMEM on") == 2
+    assert region_bases(fe) == bases  # same layout: reservations kept across peers
+    assert segments(fe.pid, bases[0], 8 * MiB)[0].access == "rw"
+
+
+def test_without_reconnect_it_stays_up_disconnected_until_stopped(spawn, tmp_path) -> None:
+    be, fe, _ = start_pair(spawn, tmp_path, "map 0 0 64K\n")
+    assert be.wait_lines(1) == ["map 0 0 64K: ok"]
+    be.stop()
+    fe.wait_log("staying up disconnected")
+    time.sleep(0.3)
+    assert fe.alive()
+    assert fe.stop() == 0
+
+
+def test_first_connect_failure_says_what_to_do(spawn, tmp_path) -> None:
+    fe = spawn("frontend", "--connect", str(tmp_path / "nobody.sock"))
+    assert fe.popen.wait(10) == 1
+    assert "is a back-end listening there?" in fe.log()
+    assert "Traceback" not in fe.log()
+
+
+def test_sigterm_stops_a_listening_front_end_cleanly(spawn, tmp_path) -> None:
+    sock = tmp_path / "fe.sock"
+    fe = spawn("frontend", "--listen", str(sock))
+    fe.wait_log("listening on")
+    (tmp_path / "script.txt").write_text("map 0 0 64K\n")
+    be = spawn("backend_sim", "--connect", str(sock), "--script", "script.txt")
+    assert be.wait_lines(1) == ["map 0 0 64K: ok"]
+    assert fe.stop() == 0
+    assert not sock.exists()
+    assert be.popen.wait(10) == 0  # a connecting backend_sim ends with its front-end
+    assert "Traceback" not in fe.log() + be.log()
+
+
+def test_reset_drops_every_mapping_and_the_backend_forgets(spawn, tmp_path) -> None:
+    """The front-end runs in this process so the test can reset it; /proc/self is its truth."""
+    sock = str(tmp_path / "vhost.sock")
+    (tmp_path / "script.txt").write_text("map 0 0 1M\nmap 2 0 64K ro\n")
+    be = spawn("backend_sim", "--listen", sock, "--regions", "0=8M,2=64K", "--script", "script.txt")
+    be.wait_log("listening on")
+    fe = Frontend(FrontendOptions(connect=sock))
+    runner = threading.Thread(target=fe.run, daemon=True)
+    runner.start()
+    try:
+        assert be.wait_lines(2) == ["map 0 0 1M: ok", "map 2 0 64K ro: ok"]
+        assert fe.regions is not None and len(fe.regions) == 2
+        assert fe.reset() == (2, "RESET_DEVICE")
+        lines = read_maps()
+        for region in fe.regions.regions.values():
+            assert kernel_segments(lines, region.base, region.size) == [
+                Segment(0, region.size, "none")
+            ]
+        assert len(fe.regions) == 0
+        be.wait_log(r"forgot 2 mappings \(RESET_DEVICE from the front-end\)")
+        assert fe.state == "connected"  # a reset is not a disconnect
+    finally:
+        fe.stop()
+        runner.join(10)
+    assert not runner.is_alive()
+    assert fe.regions is None  # reservations released on stop
