@@ -12,7 +12,7 @@ import click
 
 from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, ChannelError
-from shmemctl.daemon import Stopper, connect_unix, listen_unix, setup_logging
+from shmemctl.daemon import Stopper, connect_unix, listen_unix, profiled, setup_logging
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.sizes import human_size, parse_regions
 from shmemctl.wire import ChannelKind, WireError
@@ -103,7 +103,10 @@ def main(
     )
     if steps:
         threading.Thread(
-            target=_run_script, args=(endpoint, sim, steps, stopper), daemon=True, name="script"
+            target=profiled(_run_script, "backend-script"),
+            args=(endpoint, sim, steps, stopper),
+            daemon=True,
+            name="script",
         ).start()
     try:
         if listen:

@@ -142,6 +142,7 @@ class BackendEndpoint:
         self.device = device
         self.shmem_mask = 1 << check_shmem_bit(device.shmem_bit)
         self.offered = OFFERED | self.shmem_mask
+        self._shmem_and_ack = self.shmem_mask | int(ProtocolFeature.REPLY_ACK)
         if device.config_space:
             self.offered |= ProtocolFeature.CONFIG
         self.events = events or EventHub()
@@ -178,10 +179,14 @@ class BackendEndpoint:
         self, req: BackendReq, m: ShmemMap, fd: int | None = None, *, need_reply: bool = True
     ) -> int | None:
         channel = self.backend_channel
-        why = self.why_not_ready()
-        if why is not None or channel is None:
-            raise NotReady(why or "no backend channel")
+        if channel is None or not self._shmem_usable:
+            raise NotReady(self.why_not_ready() or "no backend channel")
         return channel.request(req, m, fd, need_reply=need_reply)
+
+    @property
+    def _shmem_usable(self) -> bool:
+        pf = self.session.protocol_features
+        return pf & self._shmem_and_ack == self._shmem_and_ack
 
     # ------------------------------------------------------------ main channel
 
@@ -237,7 +242,7 @@ class BackendEndpoint:
                         "front-end acked protocol features we never offered: %s; ignoring them",
                         self._names(asked & ~self.offered),
                     )
-                s.protocol_features = asked & self.offered
+                s.protocol_features = int(asked & self.offered)
                 log.info("negotiated %s", self._names(s.protocol_features))
                 self._ack(main, msg)  # decided with the new feature set
                 self._notify()

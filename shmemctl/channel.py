@@ -20,7 +20,12 @@ from .wire import ChannelKind, Message, decode_body, decode_header
 from .wire.constants import HEADER_SIZE, MAX_FDS
 
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+# socket's constants are IntFlag/IntEnum members; arithmetic on those costs
+# microseconds per call, so the per-message path uses plain ints.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 
 class ChannelError(Exception):
@@ -44,7 +49,7 @@ def close_fds(fds: Iterable[int]) -> None:
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             usable = len(data) - len(data) % array.array("i").itemsize
             fds.extend(array.array("i", data[:usable]))
     return fds
@@ -76,8 +81,8 @@ class Channel:
         """Send one whole message; fds ride on its first byte."""
         try:
             if fds:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                sent = self.sock.sendmsg([data], anc)
+                rights = array.array("i", fds).tobytes()
+                sent = self.sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, rights)])
             else:
                 sent = self.sock.send(data)
             if sent < len(data):
@@ -103,14 +108,14 @@ class Channel:
             raise ChannelError(f"receive failed: {exc.strerror or exc}") from exc
         fds = _fds_from(ancdata)
         try:
-            if msg_flags & socket.MSG_CTRUNC:
+            if msg_flags & _CTRUNC:
                 raise ChannelError(f"more than {MAX_FDS} fds attached (MSG_CTRUNC)")
             if not data:
                 raise ChannelClosed("peer closed the connection")
             if len(data) < HEADER_SIZE:
                 data += self._recv_exact(HEADER_SIZE - len(data), "header")
             header = decode_header(data, replies=self.replies)
-            payload = self._recv_exact(header.size, "payload") if header.size else b""
+            payload = self._recv_payload(header.size) if header.size else b""
             message = decode_body(self.kind, header, payload, fds)
         except BaseException:
             close_fds(fds)
@@ -118,6 +123,17 @@ class Channel:
         if message.surplus_fds:
             close_fds(message.surplus_fds)
         return message
+
+    def _recv_payload(self, n: int) -> bytes:
+        try:
+            data = self.sock.recv(n)  # whole, almost always: the peer sent it in one go
+        except OSError as exc:
+            raise ChannelError(f"receive failed: {exc.strerror or exc}") from exc
+        if len(data) == n:
+            return data
+        if not data:
+            raise ChannelError("peer closed the connection inside a message payload")
+        return data + self._recv_exact(n - len(data), "payload")
 
     def _recv_exact(self, n: int, what: str) -> bytes:
         buf = bytearray(n)

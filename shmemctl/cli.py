@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -103,14 +104,19 @@ def frontend(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--quick", is_flag=True, help="Fewer pairs per cell: a smoke run, noisy figures.")
 @click.option("--codec", is_flag=True, help="Measure the wire codec alone (no processes).")
-def bench(as_json: bool, quick: bool, codec: bool) -> None:
+@click.option(
+    "--floor",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Build and run this C floor (shmem_floor.c) too and print our ratio to it.",
+)
+def bench(as_json: bool, quick: bool, codec: bool, floor: Path | None) -> None:
     """Measure map+unmap round trips between the real daemons."""
     from . import bench as bench_mod
 
     if codec:
         bench_mod.codec_bench(as_json)
     else:
-        bench_mod.pair_bench(as_json=as_json, quick=quick)
+        bench_mod.pair_bench(as_json=as_json, quick=quick, floor=floor)
 
 
 if __name__ == "__main__":

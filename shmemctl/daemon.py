@@ -13,6 +13,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 
 def setup_logging(role: str, verbose: bool = False) -> logging.Logger:
@@ -92,3 +93,22 @@ def connect_unix(path: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def profiled(target: Callable[..., None], name: str) -> Callable[..., None]:
+    """`target`, run under cProfile when SHMEMCTL_PROFILE_DIR is set (see `shmemctl bench`):
+    the stats land in that directory as NAME-PID.prof when the thread ends."""
+    directory = os.environ.get("SHMEMCTL_PROFILE_DIR")
+    if not directory:
+        return target
+
+    def run(*args: object) -> None:
+        import cProfile
+
+        profile = cProfile.Profile()
+        try:
+            profile.runcall(target, *args)
+        finally:
+            profile.dump_stats(os.path.join(directory, f"{name}-{os.getpid()}.prof"))
+
+    return run

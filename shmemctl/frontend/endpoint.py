@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..channel import Channel, ChannelClosed, ChannelError, close_fds
-from ..daemon import Stopper, connect_unix, listen_unix
+from ..daemon import Stopper, connect_unix, listen_unix, profiled
 from ..events import EventHub
 from ..shmem import Refusal, RegionTable, ShmemRefused, ShmemSetupError
 from ..shmem.region import DEFAULT_MAX_PER_REGION, DEFAULT_MAX_RESERVE, DEFAULT_MAX_TOTAL
@@ -361,7 +361,10 @@ class Frontend:
         channel.set_send_timeout(self.options.send_timeout)
         self._backend = channel
         self._backend_thread = threading.Thread(
-            target=self._serve_backend, args=(channel,), name="backend-channel", daemon=True
+            target=profiled(self._serve_backend, "frontend-backend-channel"),
+            args=(channel,),
+            name="backend-channel",
+            daemon=True,
         )
         self._backend_thread.start()
 

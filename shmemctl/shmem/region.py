@@ -11,7 +11,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..sizes import hex_range, human_size
 from ..wire.messages import MMAP_FLAG_WRITE, ShmemMap
@@ -67,15 +67,14 @@ class ShmemSetupError(Exception):
     """A region layout (GET_SHMEM_CONFIG answer) that cannot be set up."""
 
 
-@dataclass(frozen=True, slots=True)
-class Mapping:
+class Mapping(NamedTuple):
     shmid: int
     shm_offset: int
     len: int
     fd_offset: int
     writable: bool
-    #: the file behind the fd (the fd itself is closed once mapped: the
-    #: mapping holds the file, so fd usage stays flat however many mappings live)
+    # The file behind the fd. The fd itself is closed once mapped: the mapping
+    # holds the file, so fd usage stays flat however many mappings live.
     dev: int
     ino: int
     created: float
