@@ -10,13 +10,13 @@ from pathlib import Path
 
 import click
 
+from shmemctl import options
 from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, ChannelError
 from shmemctl.daemon import Stopper, connect_unix, listen_unix, profiled, setup_logging
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.sizes import human_size, parse_regions
 from shmemctl.wire import ChannelKind, WireError
-from shmemctl.wire.constants import ACCEPTED_SHMEM_BITS, SHMEM_BIT
 
 from .device import ScriptError, ScriptRunner, SimDevice, Step, parse_script
 
@@ -45,13 +45,6 @@ def _emit(line: str) -> None:
     help="Shared memory regions as SHMID=SIZE,... (sizes 4096, 0x1000, 64K, 8M, 1G).",
 )
 @click.option(
-    "--shmem-bit",
-    type=click.Choice([str(b) for b in ACCEPTED_SHMEM_BITS]),
-    default=str(SHMEM_BIT),
-    show_default=True,
-    help="Protocol feature bit for SHMEM (21 only for rust-vmm vhost 0.16 peers).",
-)
-@click.option(
     "--queues", default=1, show_default=True, help="Virtqueues reported by GET_QUEUE_NUM."
 )
 @click.option(
@@ -63,6 +56,8 @@ def _emit(line: str) -> None:
     show_default=True,
     help="Seconds to wait for the front-end's answer to a map or unmap.",
 )
+@options.shmem_bit
+@options.busy_poll
 @click.option(
     "--script",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -73,10 +68,11 @@ def main(
     listen: str | None,
     connect: str | None,
     regions: dict[int, int],
-    shmem_bit: str,
+    shmem_bit: int,
     queues: int,
     config_size: int,
     reply_timeout: float,
+    busy_poll: float,
     script: Path | None,
     verbose: bool,
 ) -> None:
@@ -91,10 +87,10 @@ def main(
         except ScriptError as exc:
             raise click.UsageError(f"{script}: {exc}") from None
     setup_logging("backend_sim", verbose)
-    device = DeviceModel(regions, queues, bytes(config_size), int(shmem_bit))
+    device = DeviceModel(regions, queues, bytes(config_size), shmem_bit)
     stopper = Stopper()
     stopper.install_signals()
-    endpoint = BackendEndpoint(device, reply_timeout=reply_timeout)
+    endpoint = BackendEndpoint(device, reply_timeout=reply_timeout, busy_poll=busy_poll)
     sim = SimDevice(endpoint)
     endpoint.on_forget = sim.forget
     log.info(

@@ -14,7 +14,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .channel import Channel, ChannelClosed, ChannelError, ChannelTimeout, close_fds
+from .channel import (
+    DEFAULT_BUSY_POLL,
+    Channel,
+    ChannelClosed,
+    ChannelError,
+    ChannelTimeout,
+    close_fds,
+)
 from .daemon import Stopper
 from .events import EventHub
 from .wire import (
@@ -93,9 +100,12 @@ class BackendChannel:
     front-end answering twice) is read off and reported before the next send.
     """
 
-    def __init__(self, sock: socket.socket, reply_timeout: float = 5.0) -> None:
-        self.channel = Channel(sock, ChannelKind.BACKEND, replies=True)
+    def __init__(
+        self, sock: socket.socket, reply_timeout: float = 5.0, busy_poll: float = DEFAULT_BUSY_POLL
+    ) -> None:
+        self.channel = Channel(sock, ChannelKind.BACKEND, replies=True, busy_poll=busy_poll)
         self.channel.set_send_timeout(reply_timeout)
+        self.channel.set_recv_timeout(reply_timeout)
         self.reply_timeout = reply_timeout
         self.lock = threading.Lock()
         self.stray_replies = 0
@@ -111,7 +121,7 @@ class BackendChannel:
             self.channel.send(data, () if fd is None else (fd,))
             if not need_reply:
                 return None
-            reply = self.channel.recv(timeout=self.reply_timeout)
+            reply = self.channel.recv()
             close_fds(reply.fds)
             if reply.request != req or not isinstance(reply.payload, int):
                 raise ChannelError(f"asked {req.name}, the front-end answered {reply.name}")
@@ -137,6 +147,7 @@ class BackendEndpoint:
         events: EventHub | None = None,
         *,
         reply_timeout: float = 5.0,
+        busy_poll: float = DEFAULT_BUSY_POLL,
         on_forget: Callable[[str], None] | None = None,
     ) -> None:
         self.device = device
@@ -147,6 +158,7 @@ class BackendEndpoint:
             self.offered |= ProtocolFeature.CONFIG
         self.events = events or EventHub()
         self.reply_timeout = reply_timeout
+        self.busy_poll = busy_poll
         self.on_forget = on_forget
         self.session = Session()
         self.backend_channel: BackendChannel | None = None
@@ -270,7 +282,7 @@ class BackendEndpoint:
                     return ()
                 self._drop_backend_channel()
                 sock = socket.socket(fileno=msg.fds[0])
-                self.backend_channel = BackendChannel(sock, self.reply_timeout)
+                self.backend_channel = BackendChannel(sock, self.reply_timeout, self.busy_poll)
                 log.info("backend channel established")
                 self._ack(main, msg)
                 self._notify()

@@ -7,27 +7,7 @@ from pathlib import Path
 
 import click
 
-from .sizes import parse_size
-from .wire.constants import ACCEPTED_SHMEM_BITS, SHMEM_BIT
-
-
-class Size(click.ParamType):
-    """A size or offset as people type it: 4096, 0x1000, 64K, 8M, 1G."""
-
-    name = "SIZE"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-SIZE = Size()
+from . import options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,13 +20,6 @@ def main() -> None:
 @click.option("--connect", metavar="PATH", help="Connect to a back-end listening here.")
 @click.option("--listen", metavar="PATH", help="Listen here for a back-end to connect.")
 @click.option(
-    "--shmem-bit",
-    type=click.Choice([str(b) for b in ACCEPTED_SHMEM_BITS]),
-    default=str(SHMEM_BIT),
-    show_default=True,
-    help="Protocol feature bit for SHMEM (21 only for rust-vmm vhost 0.16 peers).",
-)
-@click.option(
     "--reconnect",
     type=float,
     metavar="SECONDS",
@@ -58,20 +31,23 @@ def main() -> None:
 )
 @click.option(
     "--max-reserve",
-    type=SIZE,
+    type=options.SIZE,
     default="1T",
     show_default=True,
     help="Address space all regions together may reserve.",
 )
+@options.shmem_bit
+@options.busy_poll
 @click.option("-v", "--verbose", is_flag=True, help="Log every map and unmap.")
 def frontend(
     connect: str | None,
     listen: str | None,
-    shmem_bit: str,
+    shmem_bit: int,
     reconnect: float | None,
     max_mappings: int,
     max_mappings_per_region: int,
     max_reserve: int,
+    busy_poll: float,
     verbose: bool,
 ) -> None:
     """Run a front-end that maps what the back-end asks into reserved regions."""
@@ -86,11 +62,12 @@ def frontend(
     options = FrontendOptions(
         connect=connect,
         listen=listen,
-        shmem_bit=int(shmem_bit),
+        shmem_bit=shmem_bit,
         reconnect=reconnect,
         max_total=max_mappings,
         max_per_region=max_mappings_per_region,
         max_reserve=max_reserve,
+        busy_poll=busy_poll,
     )
     fe = Frontend(options)
     fe.stopper.install_signals()

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..channel import Channel, ChannelClosed, ChannelError, close_fds
+from ..channel import DEFAULT_BUSY_POLL, Channel, ChannelClosed, ChannelError, close_fds
 from ..daemon import Stopper, connect_unix, listen_unix, profiled
 from ..events import EventHub
 from ..shmem import Refusal, RegionTable, ShmemRefused, ShmemSetupError
@@ -70,6 +70,7 @@ class FrontendOptions:
     reconnect: float | None = None
     reply_timeout: float = 5.0
     send_timeout: float = 5.0
+    busy_poll: float = DEFAULT_BUSY_POLL
     max_per_region: int = DEFAULT_MAX_PER_REGION
     max_total: int = DEFAULT_MAX_TOTAL
     max_reserve: int = DEFAULT_MAX_RESERVE
@@ -357,7 +358,9 @@ class Frontend:
             raise
         finally:
             theirs.close()
-        channel = Channel(ours, ChannelKind.BACKEND, replies=False)
+        channel = Channel(
+            ours, ChannelKind.BACKEND, replies=False, busy_poll=self.options.busy_poll
+        )
         channel.set_send_timeout(self.options.send_timeout)
         self._backend = channel
         self._backend_thread = threading.Thread(

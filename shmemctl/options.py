@@ -1,0 +1,46 @@
+"""Command-line options both daemons take, defined once."""
+
+from __future__ import annotations
+
+import click
+
+from .channel import DEFAULT_BUSY_POLL
+from .sizes import parse_size
+from .wire.constants import ACCEPTED_SHMEM_BITS, SHMEM_BIT
+
+
+class Size(click.ParamType):
+    """A size or offset as people type it: 4096, 0x1000, 64K, 8M, 1G."""
+
+    name = "SIZE"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = Size()
+
+shmem_bit = click.option(
+    "--shmem-bit",
+    type=click.Choice([str(b) for b in ACCEPTED_SHMEM_BITS]),
+    default=str(SHMEM_BIT),
+    show_default=True,
+    callback=lambda _ctx, _param, value: int(value),
+    help="Protocol feature bit for SHMEM (21 only for rust-vmm vhost 0.16 peers).",
+)
+
+busy_poll = click.option(
+    "--busy-poll-us",
+    "busy_poll",
+    default=int(DEFAULT_BUSY_POLL * 1e6),
+    show_default=True,
+    callback=lambda _ctx, _param, value: value / 1e6,
+    help="Microseconds to poll for the next SHMEM message before sleeping (0: never poll).",
+)
