@@ -25,9 +25,14 @@ ops = st.lists(
 
 
 @settings(max_examples=300)
-@given(ops=ops, probes=st.lists(st.tuples(st.integers(0, 72), st.integers(1, 10)), max_size=20))
-def test_index_matches_a_brute_force_model(ops, probes) -> None:
-    index: IntervalIndex[str] = IntervalIndex()
+@given(
+    ops=ops,
+    probes=st.lists(st.tuples(st.integers(0, 72), st.integers(1, 10)), max_size=20),
+    load=st.sampled_from([1, 2, 4, 512]),
+)
+def test_index_matches_a_brute_force_model(ops, probes, load: int) -> None:
+    # tiny block sizes make blocks split and empty out all the time
+    index: IntervalIndex[str] = IntervalIndex(load)
     model: dict[int, int] = {}  # start -> end
 
     def model_conflict(a: int, b: int) -> tuple[int, int] | None:
