@@ -78,6 +78,15 @@ def frontend(
 
 
 @main.command()
+@click.option("--pause", default=0.4, show_default=True, help="Seconds between steps.")
+def demo(pause: float) -> None:
+    """Run both daemons through a scripted tour and show the kernel's view of each step."""
+    from .demo import run_demo
+
+    run_demo(pause)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--quick", is_flag=True, help="Fewer pairs per cell: a smoke run, noisy figures.")
 @click.option("--codec", is_flag=True, help="Measure the wire codec alone (no processes).")

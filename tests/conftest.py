@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, close_fds
@@ -21,6 +22,12 @@ from shmemctl.daemon import listen_unix
 from shmemctl.shmem.procmaps import Segment, kernel_segments, read_maps
 from shmemctl.wire import BackendReq, ChannelKind, ShmemMap, encode_shmem_request
 from shmemctl.wire.messages import errno_name
+
+# This machine is small and noisy: no per-example deadline. In CI the examples
+# are derandomized, so a failure there reproduces anywhere.
+settings.register_profile("dev", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
