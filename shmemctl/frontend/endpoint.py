@@ -185,6 +185,9 @@ class Frontend:
         except (ChannelError, WireError, HandshakeError, ShmemSetupError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
             log.error("connection ended: %s", reason)
+        except Exception as exc:  # a bug must cost the connection, never the daemon
+            reason = f"internal error: {exc!r}"
+            log.exception("connection ended by an internal error")
         finally:
             self._drop_connection(reason)
 
@@ -403,6 +406,9 @@ class Frontend:
         except (ChannelError, WireError) as exc:
             reason = f"backend channel: {exc}"
             log.error("%s; closing the connection", reason)
+        except Exception as exc:  # a bug must cost the connection, never the daemon
+            reason = f"backend channel: internal error {exc!r}"
+            log.exception("backend channel: internal error; closing the connection")
         if self._backend is channel:  # not a disconnect we started ourselves
             log.info("%s", reason)
             main = self._main

@@ -1,0 +1,79 @@
+"""A back-end that misbehaves costs its connection, never the front-end: it stays up,
+gives back every fd and mapping, and says what was wrong."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+from shmemctl.daemon import listen_unix
+from shmemctl.shmem.procmaps import Segment
+from shmemctl.wire import ShmemMap
+
+from .conftest import PAGE, DrivenBackend, MiB, fd_count, memfd, region_bases, segments, wait_until
+
+
+def test_garbage_on_the_backend_channel_drops_the_connection_only(driven) -> None:
+    backend, fe = driven()
+    backend.wait_ready()
+    bases = region_bases(fe)
+    buf = memfd(MiB)
+    try:
+        assert backend.map(ShmemMap(0, 0, MiB, 0), (buf,)) == "ok"
+        backend.send_raw(b"\xde\xad\xbe\xef" * 3 + b"garbage", (buf,))
+    finally:
+        os.close(buf)
+    fe.wait_log(r"backend channel: bad version bits")
+    fe.wait_log("dropped 1 mappings")
+    assert segments(fe.pid, bases[0], 8 * MiB) == [Segment(0, 8 * MiB, "none")]
+    assert fe.alive()
+
+
+def test_announcing_a_huge_payload_is_refused_without_allocating(driven) -> None:
+    backend, fe = driven()
+    backend.wait_ready()
+    backend.send_raw(struct.pack("<III", 9, 1, 0xFFFF_FFFF))
+    fe.wait_log("payload larger than 4096 bytes")
+    assert fe.alive()
+
+
+def test_a_back_end_that_never_answers_the_handshake(spawn, tmp_path) -> None:
+    path = str(tmp_path / "silent.sock")
+    listener = listen_unix(path)
+    fe = spawn("frontend", "--connect", path, "--reconnect", "0.2")
+    peer, _ = listener.accept()
+    try:
+        fe.wait_log("no message within 5s", timeout=15)
+        assert fe.alive()
+        # and it comes back for another try
+        again, _ = listener.accept()
+        again.close()
+    finally:
+        peer.close()
+        listener.close()
+    wait_until(lambda: (fe.alive() and "retrying" in fe.log()) or "connection ended" in fe.log())
+    assert "Traceback" not in fe.log()
+
+
+def test_a_layout_that_is_not_page_multiples_fails_setup_cleanly(spawn, tmp_path) -> None:
+    backend = DrivenBackend(str(tmp_path / "vhost.sock"), {0: PAGE + 512})
+    try:
+        fe = spawn("frontend", "--connect", str(tmp_path / "vhost.sock"))
+        fe.wait_log("region 0 size 0x1200 is not a multiple of the page size 0x1000")
+        fe.wait_log("staying up disconnected")
+        baseline_fds = fd_count(fe.pid)
+        assert fe.alive() and baseline_fds < 10
+        assert "Traceback" not in fe.log()
+    finally:
+        backend.close()
+
+
+def test_a_back_end_that_hangs_up_mid_message(driven) -> None:
+    backend, fe = driven()
+    backend.wait_ready()
+    sock: socket.socket = backend.channel.sock
+    sock.send(struct.pack("<III", 9, 9, 40) + b"\0" * 10)  # header and a quarter payload
+    sock.shutdown(socket.SHUT_WR)
+    fe.wait_log("peer closed the connection inside a message payload")
+    assert fe.alive()
