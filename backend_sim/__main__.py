@@ -13,12 +13,15 @@ import click
 from shmemctl import options
 from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, ChannelError
+from shmemctl.control import ControlError, ControlServer
 from shmemctl.daemon import Stopper, connect_unix, listen_unix, profiled, setup_logging
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.sizes import human_size, parse_regions
 from shmemctl.wire import ChannelKind, WireError
 
+from .control import BackendState, commands, scenario_start
 from .device import ScriptError, ScriptRunner, SimDevice, Step, parse_script
+from .scenarios import SCENARIOS
 
 log = logging.getLogger("backend")
 
@@ -58,6 +61,14 @@ def _emit(line: str) -> None:
 )
 @options.shmem_bit
 @options.busy_poll
+@options.pair_name
+@options.control_path
+@click.option(
+    "--scenario",
+    type=click.Choice(sorted(SCENARIOS)),
+    help="Start this scenario once SHMEM is usable.",
+)
+@click.option("--scenario-rate", default=10.0, show_default=True, help="Scenario actions/s.")
 @click.option(
     "--script",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -73,6 +84,10 @@ def main(
     config_size: int,
     reply_timeout: float,
     busy_poll: float,
+    name: str,
+    control: str | None,
+    scenario: str | None,
+    scenario_rate: float,
     script: Path | None,
     verbose: bool,
 ) -> None:
@@ -93,10 +108,19 @@ def main(
     endpoint = BackendEndpoint(device, reply_timeout=reply_timeout, busy_poll=busy_poll)
     sim = SimDevice(endpoint)
     endpoint.on_forget = sim.forget
+    state = BackendState(endpoint, sim, listen or connect or "", "listen" if listen else "connect")
+    server = ControlServer(
+        options.resolve_control(control, name, "backend"), "backend", endpoint.events,
+        commands(state),
+    )  # fmt: skip
     log.info(
         "regions %s",
         ", ".join(f"{s}={human_size(z)}" for s, z in regions.items()) or "none",
     )
+    if scenario:
+        threading.Thread(
+            target=_start_scenario, args=(state, scenario, scenario_rate, stopper), daemon=True
+        ).start()
     if steps:
         threading.Thread(
             target=profiled(_run_script, "backend-script"),
@@ -105,8 +129,9 @@ def main(
             name="script",
         ).start()
     try:
+        server.start()
         if listen:
-            _serve_listening(listen, endpoint, stopper)
+            _serve_listening(listen, state, stopper)
         else:
             assert connect is not None
             try:
@@ -116,36 +141,63 @@ def main(
                     f"cannot connect to {connect}: {exc.strerror}; is a front-end listening "
                     f"there? (shmemctl frontend --listen {connect})"
                 ) from None
-            _serve_one(sock, endpoint, stopper)
+            _serve_one(sock, state, stopper)
     finally:
+        server.close()
+        if state.scenario is not None:
+            state.scenario.stop()
         sim.close()
 
 
-def _serve_listening(path: str, endpoint: BackendEndpoint, stopper: Stopper) -> None:
+def _serve_listening(path: str, state: BackendState, stopper: Stopper) -> None:
     try:
         listener = listen_unix(path)
     except OSError as exc:
         raise click.ClickException(str(exc.strerror or exc)) from None
     log.info("listening on %s", path)
+    state.state = "listening"
     try:
         while stopper.wait_readable(listener, None):
             sock, _ = listener.accept()
             log.info("front-end connected")
-            _serve_one(sock, endpoint, stopper)
+            _serve_one(sock, state, stopper)
+            state.state = "listening"
     finally:
         listener.close()
         Path(path).unlink(missing_ok=True)
 
 
-def _serve_one(sock: socket.socket, endpoint: BackendEndpoint, stopper: Stopper) -> None:
+def _serve_one(sock: socket.socket, state: BackendState, stopper: Stopper) -> None:
+    endpoint = state.endpoint
     main = Channel(sock, ChannelKind.MAIN, replies=False)
+    main.trace, main.trace_role = endpoint.events, "backend"
+    state.state = "connected"
+    endpoint.events.emit("connected", {})
+    reason = "front-end disconnected"
     try:
         endpoint.serve(main, stopper)
         log.info("front-end disconnected")
     except (ChannelError, WireError) as exc:
+        reason = str(exc)
         log.error("dropping the front-end: %s", exc)
+    except Exception as exc:  # a bug must cost the connection, never the daemon
+        reason = f"internal error: {exc!r}"
+        log.exception("dropping the front-end after an internal error")
     finally:
         main.close()
+        state.state = "disconnected"
+        endpoint.events.emit("disconnected", {"reason": reason})
+
+
+def _start_scenario(state: BackendState, name: str, rate: float, stopper: Stopper) -> None:
+    while not stopper.stopped and not state.endpoint.wait_ready(0.5):
+        pass
+    if not stopper.stopped:
+        try:
+            scenario_start(state, name, rate)
+            log.info("scenario %s started at %g actions/s", name, rate)
+        except ControlError as exc:
+            log.error("scenario %s: %s", name, exc.desc)
 
 
 def _run_script(

@@ -26,11 +26,19 @@ def page_tag(buffer_id: int, page: int) -> bytes:
 
 
 class Buffer:
-    """A memfd the device owns; every page starts with a tag naming buffer and page."""
+    """A memfd the device owns; every page starts with a tag naming buffer and page.
+    A buffer can also be a real file (`path`), kept open while the device runs."""
 
-    def __init__(self, buffer_id: int, size: int, *, tagged: bool = True) -> None:
+    def __init__(
+        self, buffer_id: int, size: int, *, tagged: bool = True, path: str | None = None
+    ) -> None:
         self.id = buffer_id
         self.size = size
+        self.path = path
+        self.pinned = path is not None  # files stay open; memfds go with their last mapping
+        if path is not None:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            return
         fd = os.memfd_create(f"shmemctl-buffer-{buffer_id}", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
@@ -72,9 +80,9 @@ class SimDevice:
 
     # ------------------------------------------------------------ buffers
 
-    def new_buffer(self, size: int, *, tagged: bool = True) -> Buffer:
+    def new_buffer(self, size: int, *, tagged: bool = True, path: str | None = None) -> Buffer:
         with self.lock:
-            buffer = Buffer(self._next_buffer, size, tagged=tagged)
+            buffer = Buffer(self._next_buffer, size, tagged=tagged, path=path)
             self._next_buffer += 1
             self.buffers[buffer.id] = buffer
             return buffer
@@ -82,8 +90,14 @@ class SimDevice:
     def free_unmapped_buffers(self) -> None:
         with self.lock:
             in_use = {b.buffer for b in self.mapped.values()}
-            for buffer_id in [b for b in self.buffers if b not in in_use]:
-                self.buffers.pop(buffer_id).close()
+            for buffer_id, buffer in list(self.buffers.items()):
+                if buffer_id not in in_use and not buffer.pinned:
+                    self.buffers.pop(buffer_id).close()
+
+    def drop_buffer(self, buffer: Buffer) -> None:
+        with self.lock:
+            self.buffers.pop(buffer.id, None)
+        buffer.close()
 
     def forget(self, why: str) -> None:
         """Reset or disconnect: the front-end dropped every mapping; no UNMAPs are sent."""
@@ -96,6 +110,10 @@ class SimDevice:
 
     def close(self) -> None:
         self.forget("shutting down")
+        with self.lock:
+            buffers, self.buffers = list(self.buffers.values()), {}
+        for buffer in buffers:
+            buffer.close()
 
     # ------------------------------------------------------------ requests
 
@@ -123,8 +141,50 @@ class SimDevice:
         result = self.endpoint.shmem_request(BackendReq.SHMEM_UNMAP, m, need_reply=need_reply)
         if result in (0, None):
             with self.lock:
-                self.mapped.pop((m.shmid, m.shm_offset), None)
+                gone = self.mapped.pop((m.shmid, m.shm_offset), None)
+            if gone is not None:
+                self.free_unmapped_buffers()
+        self._report("unmapped", m, result, None)
         return result
+
+    def _report(self, done: str, m: ShmemMap, result: int | None, buffer: int | None) -> None:
+        events = self.endpoint.events
+        if not events.active:
+            return
+        data = {"shmid": m.shmid, "shm_offset": m.shm_offset, "len": m.len}
+        if done == "mapped":
+            data |= {"fd_offset": m.fd_offset, "writable": m.writable, "buffer": buffer}
+        if result:
+            # a refusal changed nothing, so the table still shows what was wrong
+            why = self.explain(m, is_map=done == "mapped")
+            data |= {"errno": describe_reply(result), "explanation": why}
+            events.emit("refused", {"request": "map" if done == "mapped" else "unmap", **data})
+        else:
+            data["acked"] = result is not None
+            events.emit(done, data)
+
+    def explain(self, m: ShmemMap, *, is_map: bool) -> str:
+        """What the front-end will most likely object to, from what this device knows:
+        its regions and the mappings it believes exist. Empty when it sees nothing wrong."""
+        size = self.endpoint.device.regions.get(m.shmid, 0)
+        end = m.shm_offset + m.len
+        if not size:
+            return f"the device has no region {m.shmid}"
+        if m.len == 0:
+            return "len is 0"
+        if end > size:
+            return f"{hex_range(m.shm_offset, m.len)} ends past region {m.shmid}'s size {size:#x}"
+        if (m.shm_offset | m.len | (m.fd_offset if is_map else 0)) % PAGE_SIZE:
+            return f"offsets and length must be multiples of the page size {PAGE_SIZE:#x}"
+        with self.lock:
+            mine = [b for b in self.mapped.values() if b.shmid == m.shmid]
+        if is_map:
+            for b in mine:
+                if b.shm_offset < end and m.shm_offset < b.shm_offset + b.len:
+                    return f"overlaps {hex_range(b.shm_offset, b.len)}"
+            return ""
+        whole = any(b.shm_offset == m.shm_offset and b.len == m.len for b in mine)
+        return "" if whole else f"{hex_range(m.shm_offset, m.len)} is not one whole mapping"
 
 
 # ---------------------------------------------------------------- scripts

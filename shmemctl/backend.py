@@ -283,6 +283,8 @@ class BackendEndpoint:
                 self._drop_backend_channel()
                 sock = socket.socket(fileno=msg.fds[0])
                 self.backend_channel = BackendChannel(sock, self.reply_timeout, self.busy_poll)
+                self.backend_channel.channel.trace = self.events
+                self.backend_channel.channel.trace_role = "backend"
                 log.info("backend channel established")
                 self._ack(main, msg)
                 self._notify()

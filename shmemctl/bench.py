@@ -55,7 +55,8 @@ def run_pair_bench(quick: bool = False, timeout: float = 170.0) -> list[dict[str
         frontend_log = Path(tmp, "frontend.err").open("w")  # noqa: SIM115
         # 512M: the 128M churn window with 65,536 existing 4K pages around it
         backend = subprocess.Popen(
-            [sys.executable, "-m", "backend_sim", "--listen", sock, "--regions", "0=512M",
+            [sys.executable, "-m", "backend_sim", "--listen", sock,
+             "--control", os.path.join(tmp, "backend.ctl"), "--regions", "0=512M",
              "--script", str(script)],
             stdout=subprocess.PIPE, stderr=backend_log, text=True,
         )  # fmt: skip
@@ -67,7 +68,8 @@ def run_pair_bench(quick: bool = False, timeout: float = 170.0) -> list[dict[str
                     raise click.ClickException("backend_sim did not start listening")
                 time.sleep(0.02)
             frontend = subprocess.Popen(
-                [sys.executable, "-m", "shmemctl", "frontend", "--connect", sock],
+                [sys.executable, "-m", "shmemctl", "frontend", "--connect", sock,
+                 "--control", os.path.join(tmp, "frontend.ctl")],
                 stdout=subprocess.DEVNULL, stderr=frontend_log,
             )  # fmt: skip
             results = []

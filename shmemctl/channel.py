@@ -17,8 +17,10 @@ import struct
 import time
 from collections.abc import Iterable, Sequence
 
-from .wire import ChannelKind, Message, decode_body, decode_header
+from .events import TRACE, EventHub
+from .wire import ChannelKind, Message, WireError, decode_body, decode_header
 from .wire.constants import HEADER_SIZE, MAX_FDS
+from .wire.messages import summarize
 
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 # socket's constants are IntFlag/IntEnum members; arithmetic on those costs
@@ -81,6 +83,9 @@ class Channel:
         self.kind = kind
         self.replies = replies
         self.busy_poll = busy_poll
+        #: where the protocol trace goes (a `message` event per message), if anywhere
+        self.trace: EventHub | None = None
+        self.trace_role = ""
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._recv_timeout = 0.0
@@ -102,6 +107,8 @@ class Channel:
 
     def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send one whole message; fds ride on its first byte."""
+        if self.trace is not None and self.trace.wants(TRACE):
+            self._trace_sent(data, fds)
         try:
             if fds:
                 rights = array.array("i", fds).tobytes()
@@ -150,7 +157,24 @@ class Channel:
             raise
         if message.surplus_fds:
             close_fds(message.surplus_fds)
+        if self.trace is not None and self.trace.wants(TRACE):
+            self._emit_trace("in", message)
         return message
+
+    def _emit_trace(self, direction: str, message: Message) -> None:
+        assert self.trace is not None
+        data = summarize(message)
+        data["role"] = self.trace_role
+        data["direction"] = direction
+        self.trace.emit(TRACE, data)
+
+    def _trace_sent(self, data: bytes, fds: Sequence[int]) -> None:
+        try:
+            header = decode_header(data[:HEADER_SIZE], replies=not self.replies)
+            message = decode_body(self.kind, header, data[HEADER_SIZE:], tuple(fds))
+        except WireError:
+            return  # we sent bytes that are not a message (a test's garbage): nothing to show
+        self._emit_trace("out", message)
 
     def _poll_briefly(self) -> tuple[bytes, list, int, object] | None:
         recvmsg = self.sock.recvmsg

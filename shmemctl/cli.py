@@ -38,6 +38,8 @@ def main() -> None:
 )
 @options.shmem_bit
 @options.busy_poll
+@options.pair_name
+@options.control_path
 @click.option("-v", "--verbose", is_flag=True, help="Log every map and unmap.")
 def frontend(
     connect: str | None,
@@ -48,18 +50,22 @@ def frontend(
     max_mappings_per_region: int,
     max_reserve: int,
     busy_poll: float,
+    name: str,
+    control: str | None,
     verbose: bool,
 ) -> None:
     """Run a front-end that maps what the back-end asks into reserved regions."""
+    from .control import ControlServer
     from .daemon import setup_logging
     from .frontend import Frontend, FrontendOptions
+    from .frontend.control import commands
 
     if bool(connect) == bool(listen):
         raise click.UsageError("give exactly one of --connect PATH or --listen PATH")
     if reconnect is not None and reconnect <= 0:
         raise click.UsageError("--reconnect takes a positive number of seconds, e.g. 1")
     setup_logging("frontend", verbose)
-    options = FrontendOptions(
+    fe_options = FrontendOptions(
         connect=connect,
         listen=listen,
         shmem_bit=shmem_bit,
@@ -69,12 +75,18 @@ def frontend(
         max_reserve=max_reserve,
         busy_poll=busy_poll,
     )
-    fe = Frontend(options)
+    fe = Frontend(fe_options)
     fe.stopper.install_signals()
+    server = ControlServer(
+        options.resolve_control(control, name, "frontend"), "frontend", fe.events, commands(fe)
+    )
     try:
+        server.start()
         fe.run()
     except OSError as exc:
         raise click.ClickException(str(exc.strerror or exc)) from None
+    finally:
+        server.close()
 
 
 @main.command()

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def setup_logging(role: str, verbose: bool = False) -> logging.Logger:
@@ -65,8 +66,9 @@ class Stopper:
         return False
 
 
-def listen_unix(path: str) -> socket.socket:
-    """Listen on `path`, replacing a stale socket file but never a live one or a non-socket."""
+def listen_unix(path: str, mode: int | None = None) -> socket.socket:
+    """Listen on `path`, replacing a stale socket file but never a live one or a non-socket.
+    With `mode`, the socket is born with it: no window in which others may connect."""
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.stat(path).st_mode):
             raise OSError(f"{path} exists and is not a socket; remove it or pick another path")
@@ -80,8 +82,16 @@ def listen_unix(path: str) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.bind(path)
-    sock.listen(4)
+    old = os.umask(0o777 & ~mode) if mode is not None else None
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        if old is not None:
+            os.umask(old)
+    sock.listen(16)
     return sock
 
 
@@ -112,3 +122,12 @@ def profiled(target: Callable[..., None], name: str) -> Callable[..., None]:
             profile.dump_stats(os.path.join(directory, f"{name}-{os.getpid()}.prof"))
 
     return run
+
+
+def process_facts(pid: int | None = None) -> dict[str, Any]:
+    """pid, RSS and open fds of a process (ours by default), as psutil sees it."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    with proc.oneshot():
+        return {"pid": proc.pid, "rss": proc.memory_info().rss, "fds": proc.num_fds()}

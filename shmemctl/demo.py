@@ -79,7 +79,8 @@ def run_demo(pause: float) -> None:
         click.echo(f"starting backend_sim (regions {spec}) and the front-end on {sock}")
         with be_log.open("w") as be_err, fe_log.open("w") as fe_err:
             backend = subprocess.Popen(
-                [sys.executable, "-m", "backend_sim", "--listen", sock, "--regions", spec,
+                [sys.executable, "-m", "backend_sim", "--listen", sock,
+             "--control", os.path.join(tmp, "backend.ctl"), "--regions", spec,
                  "--script", "tour.txt"],
                 stdout=subprocess.PIPE, stderr=be_err, text=True, cwd=tmp,
             )  # fmt: skip
@@ -87,7 +88,8 @@ def run_demo(pause: float) -> None:
             try:
                 _wait(lambda: os.path.exists(sock), 10, "backend_sim to listen")
                 frontend = subprocess.Popen(
-                    [sys.executable, "-m", "shmemctl", "frontend", "--connect", sock],
+                    [sys.executable, "-m", "shmemctl", "frontend", "--connect", sock,
+                 "--control", os.path.join(tmp, "frontend.ctl")],
                     stderr=fe_err, stdout=subprocess.DEVNULL,
                 )  # fmt: skip
                 _wait(lambda: "connected:" in fe_log.read_text(), 10, "the handshake")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from . import rundir
 from .channel import DEFAULT_BUSY_POLL
 from .sizes import parse_size
 from .wire.constants import ACCEPTED_SHMEM_BITS, SHMEM_BIT
@@ -44,3 +45,32 @@ busy_poll = click.option(
     callback=lambda _ctx, _param, value: value / 1e6,
     help="Microseconds to poll for the next SHMEM message before sleeping (0: never poll).",
 )
+
+
+def _check_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    try:
+        return rundir.check_name(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+pair_name = click.option(
+    "--name",
+    default=rundir.DEFAULT_NAME,
+    show_default=True,
+    callback=_check_name,
+    help="The pair this daemon belongs to: its run directory is ROOT/NAME.",
+)
+
+control_path = click.option(
+    "--control",
+    metavar="PATH",
+    help="Control socket (default: the pair's run directory, ROLE.ctl).",
+)
+
+
+def resolve_control(control: str | None, name: str, role: str) -> str:
+    """--control, or ROLE.ctl in the pair's run directory (created 0700)."""
+    if control:
+        return control
+    return str(rundir.pair(name).ensure().control(role))

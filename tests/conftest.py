@@ -50,12 +50,15 @@ class Proc:
         self.name = name
         self.out_path = workdir / f"{name}.out"
         self.err_path = workdir / f"{name}.err"
+        # Each test's daemons get a run directory of their own.
+        env = {**os.environ, "SHMEMCTL_RUN_DIR": str(workdir / "run")}
         self.popen = subprocess.Popen(
             args,
             stdout=self.out_path.open("w"),
             stderr=self.err_path.open("w"),
             stdin=subprocess.DEVNULL,
             cwd=workdir,
+            env=env,
         )
 
     @property

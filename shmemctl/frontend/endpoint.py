@@ -168,6 +168,7 @@ class Frontend:
     def _session(self, sock: socket.socket) -> None:
         main = Channel(sock, ChannelKind.MAIN, replies=True)
         main.set_send_timeout(self.options.send_timeout)
+        main.trace, main.trace_role = self.events, "frontend"
         self._main = main
         self.counters["connections"] += 1
         reason = "back-end closed the connection"
@@ -365,6 +366,7 @@ class Frontend:
             ours, ChannelKind.BACKEND, replies=False, busy_poll=self.options.busy_poll
         )
         channel.set_send_timeout(self.options.send_timeout)
+        channel.trace, channel.trace_role = self.events, "frontend"
         self._backend = channel
         self._backend_thread = threading.Thread(
             target=profiled(self._serve_backend, "frontend-backend-channel"),

@@ -570,3 +570,44 @@ class MessageReader:
         """End of stream: a partial message left over is a protocol error."""
         if self._buf:
             raise WireError(WireFault.TRUNCATED, f"{len(self._buf)} bytes of an unfinished message")
+
+
+# ------------------------------------------------------------ for people
+
+
+def summarize(msg: Message) -> dict[str, object]:
+    """A message as JSON-ready data: for traces, logs and conformance reports."""
+    payload = msg.payload
+    value: object
+    if isinstance(payload, ShmemConfig):
+        value = {"nregions": payload.nregions, "sizes": payload.regions()}
+    elif isinstance(payload, ShmemMap):
+        value = payload._asdict()
+    elif isinstance(payload, Raw):
+        value = payload.data.hex()
+    elif isinstance(payload, MemoryTable):
+        value = [_fields(r) for r in payload.regions]
+    elif payload is None or isinstance(payload, int):
+        value = payload
+    else:
+        value = _fields(payload)
+    return {
+        "channel": msg.channel.value,
+        "request": msg.name,
+        "id": msg.request,
+        "flags": msg.flags,
+        "reply": msg.is_reply,
+        "need_reply": msg.need_reply,
+        "payload": value,
+        "fds": len(msg.fds),
+    }
+
+
+def _fields(obj: object) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name in getattr(obj, "__slots__", ()):
+        v = getattr(obj, name)
+        out[name] = (
+            v.hex() if isinstance(v, bytes) else _fields(v) if hasattr(v, "__slots__") else v
+        )
+    return out

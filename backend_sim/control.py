@@ -1,0 +1,235 @@
+"""backend_sim's control commands: status, map, unmap, batch, scenarios."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from shmemctl.backend import BackendEndpoint, NotReady, describe_reply
+from shmemctl.channel import ChannelError, ChannelTimeout
+from shmemctl.control import Arg, Command, ControlError, ErrorClass
+from shmemctl.daemon import process_facts
+from shmemctl.wire import ShmemMap, feature_names
+from shmemctl.wire.messages import MMAP_FLAG_WRITE
+
+from .device import SimDevice
+from .scenarios import SCENARIOS, Scenario
+
+
+@dataclass
+class BackendState:
+    """What the daemon knows of itself, for status."""
+
+    endpoint: BackendEndpoint
+    device: SimDevice
+    socket: str
+    mode: str
+    state: str = "starting"
+    scenario: Scenario | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _send(st: BackendState, verb: str, m: ShmemMap, *, buffer: int | None = None) -> dict:
+    """One map or unmap with NEED_REPLY; the front-end's answer, decoded and explained."""
+    try:
+        if verb == "map":
+            buf = None
+            if buffer is not None:
+                buf = st.device.buffers.get(buffer)
+                if buf is None:
+                    raise ControlError(ErrorClass.BAD_ARGUMENT, f"no buffer {buffer}")
+            result = st.device.map(m, buffer=buf)
+        else:
+            result = st.device.unmap(m)
+    except NotReady as exc:
+        raise ControlError(ErrorClass.REFUSED, f"cannot send {verb}: {exc}") from None
+    except ChannelTimeout:
+        raise ControlError(
+            ErrorClass.FAILED,
+            f"the front-end did not answer the {verb} within "
+            f"{st.endpoint.reply_timeout:g}s: reported failed, buffer kept",
+        ) from None
+    except ChannelError as exc:
+        raise ControlError(ErrorClass.FAILED, f"{verb} failed: {exc}") from None
+    name = describe_reply(result)
+    if result:
+        why = st.device.explain(m, is_map=verb == "map")
+        raise ControlError(
+            ErrorClass.REFUSED, f"refused by the front-end: {why + ' ' if why else ''}({name})"
+        )
+    return {"result": name, **m._asdict()}
+
+
+def status(st: BackendState) -> dict[str, Any]:
+    ep = st.endpoint
+    with st.device.lock:
+        buffers = [
+            {"id": b.id, "size": b.size, "file": b.path or f"memfd:shmemctl-buffer-{b.id}"}
+            for b in st.device.buffers.values()
+        ]
+        mapped = [
+            {
+                "shmid": b.shmid,
+                "shm_offset": b.shm_offset,
+                "len": b.len,
+                "fd_offset": b.fd_offset,
+                "writable": b.writable,
+                "buffer": b.buffer,
+            }
+            for b in sorted(st.device.mapped.values(), key=lambda b: (b.shmid, b.shm_offset))
+        ]
+    bit = ep.device.shmem_bit
+    return {
+        "role": "backend",
+        "state": st.state,
+        "socket": st.socket,
+        "mode": st.mode,
+        "shmem_bit": bit,
+        "regions": {str(k): v for k, v in sorted(ep.device.regions.items())},
+        "negotiated": {
+            "protocol_features": feature_names(ep.session.protocol_features, bit),
+            "shmem": ep.shmem,
+            "reply_ack": ep.reply_ack,
+        },
+        "ready": ep.why_not_ready() is None,
+        "why_not_ready": ep.why_not_ready(),
+        "buffers": buffers,
+        "mapped": mapped,
+        "scenario": st.scenario.describe() if st.scenario else None,
+        "process": process_facts(),
+    }
+
+
+def batch(st: BackendState, maps: list) -> dict[str, Any]:
+    """Several maps, NEED_REPLY on the last only: one ack confirms them all."""
+    if not maps:
+        raise ControlError(ErrorClass.BAD_ARGUMENT, "batch needs at least one map")
+    requests = []
+    for n, item in enumerate(maps):
+        if not isinstance(item, dict):
+            raise ControlError(ErrorClass.BAD_ARGUMENT, f"batch item {n} is not an object")
+        try:
+            args = MAP_ARGS.check(item)
+        except ControlError as exc:
+            raise ControlError(exc.error_class, f"batch item {n}: {exc.desc}") from None
+        requests.append(_map_request(**args))
+    try:
+        for m in requests[:-1]:
+            st.device.map(m, need_reply=False)
+        result = st.device.map(requests[-1])
+    except NotReady as exc:
+        raise ControlError(ErrorClass.REFUSED, f"cannot send the batch: {exc}") from None
+    except ChannelError as exc:
+        raise ControlError(ErrorClass.FAILED, f"batch failed: {exc}") from None
+    if result:
+        raise ControlError(
+            ErrorClass.REFUSED,
+            f"refused by the front-end: the batch's last map ({describe_reply(result)}); "
+            "earlier failures in a batch are silent",
+        )
+    return {"result": "ok", "count": len(requests)}
+
+
+def _map_request(
+    shmid: int, shm_offset: int, len: int, fd_offset: int = 0, ro: bool = False, **_: Any
+) -> ShmemMap:
+    return ShmemMap(shmid, shm_offset, len, fd_offset, 0 if ro else MMAP_FLAG_WRITE)
+
+
+def scenario_start(
+    st: BackendState,
+    name: str,
+    rate: float = 10.0,
+    shmid: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    if name not in SCENARIOS:
+        raise ControlError(
+            ErrorClass.BAD_ARGUMENT, f"no scenario {name!r}; there are: {', '.join(SCENARIOS)}"
+        )
+    if not 0 < rate <= 10_000:
+        raise ControlError(ErrorClass.BAD_ARGUMENT, "rate is actions per second, 0 < rate <= 10000")
+    regions = st.endpoint.device.regions
+    if shmid is None:
+        shmid = min((s for s, z in regions.items() if z), default=-1)
+    if not regions.get(shmid):
+        raise ControlError(ErrorClass.BAD_ARGUMENT, f"this device has no region {shmid}")
+    with st.lock:
+        if st.scenario is not None and st.scenario.running:
+            raise ControlError(
+                ErrorClass.REFUSED,
+                f"scenario {st.scenario.name} is running; stop it first (scenario-stop)",
+            )
+        try:
+            st.scenario = SCENARIOS[name](st.device, shmid, rate, seed)
+        except ValueError as exc:
+            raise ControlError(ErrorClass.BAD_ARGUMENT, str(exc)) from None
+        st.scenario.start()
+        return st.scenario.describe()
+
+
+def scenario_stop(st: BackendState) -> dict[str, Any]:
+    with st.lock:
+        if st.scenario is None or not st.scenario.running:
+            raise ControlError(ErrorClass.REFUSED, "no scenario is running")
+        st.scenario.stop()
+        return st.scenario.describe()
+
+
+MAP_ARGS = Command(
+    "map",
+    None,
+    {
+        "shmid": Arg(int),
+        "shm_offset": Arg(int),
+        "len": Arg(int),
+        "fd_offset": Arg(int, required=False),
+        "ro": Arg(bool, required=False),
+        "buffer": Arg(int, required=False),
+    },
+)
+
+
+def commands(st: BackendState) -> list[Command]:
+    def do_map(buffer: int | None = None, **args: Any) -> dict:
+        return _send(st, "map", _map_request(**args), buffer=buffer)
+
+    def do_unmap(shmid: int, shm_offset: int, len: int) -> dict:
+        return _send(st, "unmap", ShmemMap(shmid, shm_offset, len))
+
+    return [
+        Command(
+            "status", lambda: status(st), help="regions, negotiation, buffers, believed mappings"
+        ),
+        Command(
+            "map", do_map, MAP_ARGS.args, mutating=True, help="send SHMEM_MAP, return the answer"
+        ),
+        Command(
+            "unmap",
+            do_unmap,
+            {"shmid": Arg(int), "shm_offset": Arg(int), "len": Arg(int)},
+            mutating=True,
+            help="send SHMEM_UNMAP, return the answer",
+        ),
+        Command(
+            "batch",
+            lambda maps: batch(st, maps),
+            {"maps": Arg(list)},
+            mutating=True,
+            help="several maps, one ack",
+        ),
+        Command(
+            "scenario-start",
+            lambda **a: scenario_start(st, **a),
+            {
+                "name": Arg(str),
+                "rate": Arg((int, float), required=False),
+                "shmid": Arg(int, required=False),
+                "seed": Arg(int, required=False),
+            },
+            mutating=True,
+            help="start a scenario: " + ", ".join(SCENARIOS),
+        ),
+        Command("scenario-stop", lambda: scenario_stop(st), mutating=True, help="stop it"),
+    ]

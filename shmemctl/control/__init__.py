@@ -1,0 +1,16 @@
+"""The control protocol (JSON lines, QMP-like): the server each daemon runs, and the client."""
+
+from .client import ControlClient, DaemonUnreachable
+from .protocol import Arg, Command, ControlError, ErrorClass
+from .server import ControlServer, peer_allowed
+
+__all__ = [
+    "Arg",
+    "Command",
+    "ControlClient",
+    "ControlError",
+    "ControlServer",
+    "DaemonUnreachable",
+    "ErrorClass",
+    "peer_allowed",
+]

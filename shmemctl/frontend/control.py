@@ -1,0 +1,164 @@
+"""The front-end's control commands: status, get-shmem-config, reset, read."""
+
+from __future__ import annotations
+
+import bisect
+import os
+import time
+from typing import Any
+
+from ..channel import ChannelError
+from ..control import Arg, Command, ControlError, ErrorClass
+from ..daemon import process_facts
+from ..shmem import libc
+from ..shmem.procmaps import MapsLine, disagreements, read_maps
+from ..wire import feature_names
+from .endpoint import Frontend, HandshakeError
+
+#: A status answer lists at most this many mappings per region unless asked for more.
+DEFAULT_LIST = 1000
+MAX_READ = 4096
+
+
+def _file_at(lines: list[MapsLine], starts: list[int], addr: int) -> str:
+    i = bisect.bisect_right(starts, addr) - 1
+    if i >= 0 and lines[i].start <= addr < lines[i].end:
+        return lines[i].path
+    return ""
+
+
+def status(fe: Frontend, max_mappings: int = DEFAULT_LIST) -> dict[str, Any]:
+    neg = fe.negotiated
+    bit = fe.options.shmem_bit
+    answer: dict[str, Any] = {
+        "role": "frontend",
+        "state": fe.state,
+        "socket": fe.options.connect or fe.options.listen,
+        "mode": "connect" if fe.options.connect else "listen",
+        "shmem_bit": bit,
+        "reconnect": fe.options.reconnect,
+        "negotiated": {
+            "features": f"{neg.features:#x}",
+            "protocol_features": feature_names(neg.protocol_features, bit),
+            "shmem": neg.shmem,
+            "reply_ack": neg.reply_ack,
+        },
+        "counters": dict(fe.counters),
+        "process": process_facts(),
+        "regions": [],
+        "disagreements": [],
+    }
+    table = fe.regions
+    if table is None:
+        return answer
+    now = time.time()
+    with table.lock:  # one snapshot: the kernel's view and the table's agree in time
+        lines = read_maps()
+        starts = [line.start for line in lines]
+        for shmid, region in table.regions.items():
+            listed = []
+            for start, _end, m in region.mappings:
+                if len(listed) >= max_mappings:
+                    break
+                listed.append(
+                    {
+                        "shm_offset": start,
+                        "len": m.len,
+                        "fd_offset": m.fd_offset,
+                        "writable": m.writable,
+                        "file": _file_at(lines, starts, region.base + start),
+                        "age": round(now - m.created, 3),
+                    }
+                )
+            answer["regions"].append(
+                {
+                    "shmid": shmid,
+                    "base": region.base,
+                    "size": region.size,
+                    "count": len(region),
+                    "mapped_bytes": region.mapped_bytes,
+                    "mappings": listed,
+                    "truncated": len(region) > len(listed),
+                }
+            )
+            answer["disagreements"] += disagreements(
+                lines, shmid, region.base, region.size, [m for _, _, m in region.mappings]
+            )
+    return answer
+
+
+def get_shmem_config(fe: Frontend) -> dict[str, Any]:
+    try:
+        config = fe.get_shmem_config()
+    except HandshakeError as exc:
+        raise ControlError(ErrorClass.REFUSED, str(exc)) from None
+    except ChannelError as exc:
+        raise ControlError(ErrorClass.FAILED, f"GET_SHMEM_CONFIG failed: {exc}") from None
+    reserved = {}
+    if fe.regions is not None:
+        reserved = {str(s): {"base": r.base, "size": r.size} for s, r in fe.regions.regions.items()}
+    return {
+        "nregions": config.nregions,
+        "sizes": {str(k): v for k, v in config.regions().items()},
+        "reserved": reserved,
+    }
+
+
+def reset(fe: Frontend) -> dict[str, Any]:
+    if fe.state != "connected":
+        raise ControlError(
+            ErrorClass.REFUSED, f"the front-end is {fe.state}: there is no device to reset"
+        )
+    try:
+        dropped, via = fe.reset()
+    except (ChannelError, HandshakeError) as exc:
+        raise ControlError(ErrorClass.FAILED, f"reset failed: {exc}") from None
+    return {"dropped": dropped, "via": via}
+
+
+def read(fe: Frontend, shmid: int, offset: int, length: int = 64) -> dict[str, Any]:
+    """A few bytes through the front-end's own mapping (never a fault: see libc.read_memory)."""
+    table = fe.regions
+    if table is None or shmid not in table.regions:
+        known = ", ".join(str(s) for s in table.regions) if table else "none"
+        raise ControlError(ErrorClass.BAD_ARGUMENT, f"no region {shmid} (regions: {known})")
+    region = table.regions[shmid]
+    if not 0 < length <= MAX_READ:
+        raise ControlError(ErrorClass.BAD_ARGUMENT, f"length must be 1-{MAX_READ}")
+    if offset < 0 or offset + length > region.size:
+        raise ControlError(
+            ErrorClass.BAD_ARGUMENT,
+            f"{offset:#x}+{length:#x} is outside region {shmid} (size {region.size:#x})",
+        )
+    try:
+        data = libc.read_memory(region.base + offset, length)
+    except OSError as exc:
+        raise ControlError(
+            ErrorClass.REFUSED,
+            f"nothing readable at region {shmid} offset {offset:#x} "
+            f"({os.strerror(exc.errno or 0)}): no mapping there, or its file is shorter",
+        ) from None
+    return {"shmid": shmid, "offset": offset, "hex": data.hex(), "text": data.decode("latin-1")}
+
+
+def commands(fe: Frontend) -> list[Command]:
+    return [
+        Command(
+            "status",
+            lambda max_mappings=DEFAULT_LIST: status(fe, max_mappings),
+            {"max_mappings": Arg(int, required=False)},
+            help="connection, negotiated features, regions and mappings, the kernel's view",
+        ),
+        Command(
+            "get-shmem-config",
+            lambda: get_shmem_config(fe),
+            help="send GET_SHMEM_CONFIG now and return the answer",
+        ),
+        Command("reset", lambda: reset(fe), mutating=True, help="reset the device"),
+        Command(
+            "read",
+            lambda shmid, offset, length=64: read(fe, shmid, offset, length),
+            {"shmid": Arg(int), "offset": Arg(int), "length": Arg(int, required=False)},
+            help="read bytes through the front-end's mapping",
+        ),
+    ]
