@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import queue
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from . import options
+from . import options, rundir
+from .control import ControlClient, ControlError, DaemonUnreachable
+from .events import TRACE
+from .shmem.libc import PAGE_SIZE
+from .sizes import hex_range, human_size, parse_regions, parse_size
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,3 +130,371 @@ def bench(as_json: bool, quick: bool, codec: bool, floor: Path | None) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------- the pair's clients
+
+EXIT_REFUSED = 1
+EXIT_NO_DAEMON = 3
+
+
+class NoDaemon(click.ClickException):
+    """Nothing answers on a control socket: a distinct exit status for scripts."""
+
+    exit_code = EXIT_NO_DAEMON
+
+
+class Target:
+    """Which daemons a command talks to: a pair by name, or explicit control sockets."""
+
+    def __init__(self, name: str, frontend: str | None, backend: str | None, as_json: bool):
+        self.name = name
+        self.explicit = frontend is not None or backend is not None
+        paths = rundir.pair(name)
+        self.sockets = {
+            "frontend": frontend if self.explicit else str(paths.control("frontend")),
+            "backend": backend if self.explicit else str(paths.control("backend")),
+        }
+        self.as_json = as_json
+
+    def client(self, role: str, what: str) -> ControlClient:
+        path = self.sockets[role]
+        if path is None:
+            other = "back-end" if role == "frontend" else "front-end"
+            raise click.UsageError(
+                f"{what} is the {role.replace('end', '-end')}'s to do, and no --{role} socket "
+                f"was given (only the {other}'s)"
+            )
+        try:
+            return ControlClient(path)
+        except DaemonUnreachable as exc:
+            hint = "" if self.explicit else f"; is the pair up? (shmemctl up --name {self.name})"
+            raise NoDaemon(f"{exc}{hint}") from None
+
+    def call(self, role: str, what: str, command: str, **arguments: Any) -> Any:
+        with self.client(role, what) as client:
+            if not client.offers(command):
+                raise click.ClickException(
+                    f"the {client.role} on {client.path} has no {command!r} command: "
+                    f"{what} needs a {role} (a front-end attached to a real back-end has no "
+                    "map or unmap; a back-end attached to QEMU has no reset)"
+                )
+            return client.execute(command, **arguments)
+
+    def out(self, value: Any, text: str) -> None:
+        click.echo(json.dumps(value) if self.as_json else text)
+
+
+def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--name / --frontend / --backend / --json, turned into one `target` argument,
+    and every error turned into a one-line answer and an exit status."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+    @click.option("--backend", "backend_ctl", metavar="CTL", help="The back-end's control socket.")
+    @click.option(
+        "--frontend", "frontend_ctl", metavar="CTL", help="The front-end's control socket."
+    )
+    @options.pair_name
+    @functools.wraps(func)
+    def wrapper(
+        name: str, frontend_ctl: str | None, backend_ctl: str | None, as_json: bool, **kw: Any
+    ) -> Any:
+        target = Target(name, frontend_ctl, backend_ctl, as_json)
+        try:
+            return func(target, **kw)
+        except ControlError as exc:
+            if as_json:
+                click.echo(json.dumps({"error": {"class": exc.error_class, "desc": exc.desc}}))
+                sys.exit(EXIT_REFUSED)
+            raise click.ClickException(exc.desc) from None
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+def _map_text(r: dict[str, Any], verb: str) -> str:
+    kind = "" if verb == "unmapped" else (" rw" if r.get("flags", 1) & 1 else " ro")
+    return f"{verb} {hex_range(r['shm_offset'], r['len'])} in region {r['shmid']}{kind}"
+
+
+@main.command("map")
+@click.argument("shmid", type=int)
+@click.argument("offset", type=options.SIZE)
+@click.argument("length", metavar="LEN", type=options.SIZE)
+@click.option("--fd-offset", type=options.SIZE, default=0, help="Offset into the buffer.")
+@click.option("--ro", is_flag=True, help="Map read-only.")
+@click.option("--buffer", type=int, help="Map this existing buffer instead of a new one.")
+@target_options
+def map_command(
+    target: Target, shmid: int, offset: int, length: int, fd_offset: int, ro: bool,
+    buffer: int | None,
+) -> None:  # fmt: skip
+    """Have the back-end ask for a mapping; exit 0 once the front-end acked it."""
+    args: dict[str, Any] = {"shmid": shmid, "shm_offset": offset, "len": length}
+    if fd_offset:
+        args["fd_offset"] = fd_offset
+    if ro:
+        args["ro"] = True
+    if buffer is not None:
+        args["buffer"] = buffer
+    r = target.call("backend", "map", "map", **args)
+    target.out(r, _map_text(r, "mapped"))
+
+
+@main.command()
+@click.argument("shmid", type=int)
+@click.argument("offset", type=options.SIZE)
+@click.argument("length", metavar="LEN", type=options.SIZE)
+@target_options
+def unmap(target: Target, shmid: int, offset: int, length: int) -> None:
+    """Have the back-end ask for an unmap; exit 0 once the front-end acked it."""
+    r = target.call("backend", "unmap", "unmap", shmid=shmid, shm_offset=offset, len=length)
+    target.out(r, _map_text(r, "unmapped"))
+
+
+def _batch_item(text: str) -> dict[str, Any]:
+    parts = text.split(":")
+    try:
+        if not 3 <= len(parts) <= 5:
+            raise ValueError("needs SHMID:OFFSET:LEN")
+        item: dict[str, Any] = {
+            "shmid": int(parts[0], 0),
+            "shm_offset": parse_size(parts[1]),
+            "len": parse_size(parts[2]),
+        }
+        for extra in parts[3:]:
+            if extra == "ro":
+                item["ro"] = True
+            elif extra.startswith("fd_offset="):
+                item["fd_offset"] = parse_size(extra.removeprefix("fd_offset="))
+            else:
+                raise ValueError(f"unknown part {extra!r}")
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{text!r}: {exc}; write SHMID:OFFSET:LEN[:ro][:fd_offset=N], e.g. 0:64K:4K:ro"
+        ) from None
+    return item
+
+
+@main.command()
+@click.argument("maps", nargs=-1, required=True, metavar="SHMID:OFFSET:LEN[:ro]...")
+@target_options
+def batch(target: Target, maps: tuple[str, ...]) -> None:
+    """Several maps, NEED_REPLY on the last only: one ack confirms all."""
+    items = [_batch_item(m) for m in maps]
+    r = target.call("backend", "batch", "batch", maps=items)
+    target.out(r, f"mapped {r['count']} ranges, one ack")
+
+
+@main.command()
+@target_options
+def config(target: Target) -> None:
+    """Have the front-end send GET_SHMEM_CONFIG now; print shmid -> size."""
+    r = target.call("frontend", "config", "get-shmem-config")
+    lines = [f"nregions {r['nregions']}", f"{'shmid':>5}  {'size':>10}  reserved at"]
+    for shmid, size in r["sizes"].items():
+        base = r["reserved"].get(shmid, {}).get("base")
+        where = f"{base:#x}" if base is not None else "not reserved"
+        lines.append(f"{shmid:>5}  {human_size(size):>10}  {where}")
+    target.out(r, "\n".join(lines))
+
+
+@main.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@target_options
+def reset(target: Target, yes: bool) -> None:
+    """Have the front-end reset the device: every mapping is dropped."""
+    if not yes and sys.stdin.isatty():
+        status = target.call("frontend", "reset", "status", max_mappings=0)
+        count = sum(r["count"] for r in status["regions"])
+        click.confirm(f"Reset the device and drop its {count} mappings?", abort=True)
+    r = target.call("frontend", "reset", "reset")
+    target.out(r, f"reset with {r['via']}: dropped {r['dropped']} mappings")
+
+
+@main.command()
+@click.argument("shmid", type=int)
+@click.argument("offset", type=options.SIZE)
+@click.argument("length", metavar="[LEN]", type=options.SIZE, default="64")
+@target_options
+def read(target: Target, shmid: int, offset: int, length: int) -> None:
+    """Read bytes through the front-end's own mapping."""
+    r = target.call("frontend", "read", "read", shmid=shmid, offset=offset, length=length)
+    data = bytes.fromhex(r["hex"])
+    lines = []
+    for i in range(0, len(data), 16):
+        chunk = data[i : i + 16]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{offset + i:#010x}  {chunk.hex(' '):<47}  {text}")
+    target.out(r, "\n".join(lines))
+
+
+@main.command()
+@click.option("--max-mappings", default=20, show_default=True, help="Mappings listed per region.")
+@target_options
+def status(target: Target, max_mappings: int) -> None:
+    """Both sides: connection, features, regions, mappings, pids, memory; flags disagreements."""
+    from .render import render_status
+
+    views: dict[str, Any] = {}
+    for role in ("frontend", "backend"):
+        if target.sockets[role] is None:
+            continue
+        try:
+            args = {"max_mappings": max_mappings} if role == "frontend" else {}
+            views[role] = target.call(role, "status", "status", **args)
+        except NoDaemon as exc:
+            views[role] = {"error": exc.message}
+    if all("error" in v for v in views.values()):
+        if target.explicit:
+            raise NoDaemon("; ".join(v["error"] for v in views.values()))
+        raise NoDaemon(
+            f"pair {target.name} is not up: no daemon answers in "
+            f"{rundir.pair(target.name).dir}; start it with: shmemctl up --name {target.name}"
+        )
+    target.out(views, render_status(views))
+    fe = views.get("frontend", {})
+    if fe.get("disagreements"):
+        sys.exit(EXIT_REFUSED)
+
+
+def _stream(target: Target, events: list[str] | None, count: int | None) -> None:
+    """Print events from every daemon of the target as they come, one line each."""
+    from .render import render_event
+
+    clients = []
+    for role in ("frontend", "backend"):
+        if target.sockets[role] is None:
+            continue
+        with contextlib.suppress(NoDaemon):
+            client = target.client(role, "watch")
+            client.subscribe(events)
+            clients.append(client)
+    if not clients:
+        raise NoDaemon("no daemon of the pair answers; is it up? (shmemctl up)")
+    lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def pump(client: ControlClient) -> None:
+        try:
+            for event in client.events():
+                event["source"] = client.role
+                lines.put(event)
+        except DaemonUnreachable:
+            lines.put(None)
+
+    for client in clients:
+        threading.Thread(target=pump, args=(client,), daemon=True).start()
+    seen = 0
+    gone = 0
+    while count is None or seen < count:
+        event = lines.get()
+        if event is None:
+            gone += 1
+            if gone == len(clients):
+                raise NoDaemon("the daemons went away")
+            continue
+        click.echo(json.dumps(event) if target.as_json else render_event(event))
+        seen += 1
+
+
+@main.command()
+@click.option("--count", type=int, help="Stop after this many events.")
+@target_options
+def watch(target: Target, count: int | None) -> None:
+    """Live events of both daemons, one line each (JSON lines with --json)."""
+    _stream(target, None, count)
+
+
+@main.command()
+@click.option("--count", type=int, help="Stop after this many messages.")
+@target_options
+def trace(target: Target, count: int | None) -> None:
+    """Live decoded protocol messages of both channels, as each daemon sees them."""
+    _stream(target, [TRACE], count)
+
+
+@main.group()
+def scenario() -> None:
+    """Start or stop a scenario in backend_sim (blobs, dax)."""
+
+
+@scenario.command("start")
+@click.argument("scenario_name", metavar="NAME", type=click.Choice(["blobs", "dax"]))
+@click.option("--rate", type=float, default=10.0, show_default=True, help="Actions per second.")
+@click.option("--shmid", type=int, help="Region to use (default: the first).")
+@click.option("--seed", type=int, help="Random seed, for a run that can be repeated.")
+@target_options
+def scenario_start(
+    target: Target, scenario_name: str, rate: float, shmid: int | None, seed: int | None
+) -> None:
+    """Start a scenario."""
+    args: dict[str, Any] = {"name": scenario_name, "rate": rate}
+    if shmid is not None:
+        args["shmid"] = shmid
+    if seed is not None:
+        args["seed"] = seed
+    r = target.call("backend", "scenario start", "scenario-start", **args)
+    target.out(r, f"scenario {r['name']} running on region {r['shmid']} at {r['rate']:g}/s")
+
+
+@scenario.command("stop")
+@target_options
+def scenario_stop(target: Target) -> None:
+    """Stop the running scenario (its mappings stay)."""
+    r = target.call("backend", "scenario stop", "scenario-stop")
+    target.out(r, f"scenario {r['name']} stopped after {r['maps']} maps, {r['unmaps']} unmaps")
+
+
+@main.command()
+@options.pair_name
+@click.option("--regions", default="0=8M,2=64K", show_default=True, help="SHMID=SIZE,...")
+@click.option("--scenario", "scenario_name", type=click.Choice(["blobs", "dax"]))
+@options.shmem_bit
+@click.option("--timeout", default=20.0, show_default=True, help="Seconds to wait for it.")
+def up(name: str, regions: str, scenario_name: str | None, shmem_bit: int, timeout: float) -> None:
+    """Start backend_sim and a front-end in the background; return once connected."""
+    from .pair import PairError
+    from .pair import up as start_pair
+
+    try:
+        parse_regions(regions, PAGE_SIZE)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--regions") from None
+    paths = rundir.pair(name)
+    try:
+        pids = start_pair(
+            paths, regions, scenario=scenario_name, shmem_bit=shmem_bit, timeout=timeout
+        )
+    except PairError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"pair {name} is up: front-end pid {pids['frontend']}, backend_sim pid "
+        f"{pids['backend']}; sockets and logs in {paths.dir}"
+    )
+
+
+@main.command()
+@options.pair_name
+def down(name: str) -> None:
+    """Stop the pair's daemons and remove their sockets."""
+    from .pair import stop
+
+    paths = rundir.pair(name)
+    stopped = stop(paths)
+    if stopped:
+        click.echo(f"pair {name} is down (stopped " + ", ".join(
+            f"{d.role} {d.pid}" for d in stopped) + ")")  # fmt: skip
+    else:
+        click.echo(f"pair {name} was not up")
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script: eval "$(shmemctl completion bash)"."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(main, {}, "shmemctl", "_SHMEMCTL_COMPLETE").source())
