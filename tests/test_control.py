@@ -1,0 +1,192 @@
+"""The control protocol against a real front-end process: what a client gets, and
+what a hostile local client cannot do to the daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import time
+
+import pytest
+
+from shmemctl.control import ControlClient, ErrorClass, peer_allowed
+from shmemctl.control.protocol import MAX_LINE
+from shmemctl.wire import ShmemMap
+
+from .conftest import MiB, memfd
+
+
+@pytest.fixture
+def frontend_ctl(driven, tmp_path):
+    backend, fe = driven()
+    backend.wait_ready()
+    return str(tmp_path / "run" / "default" / "frontend.ctl"), backend, fe
+
+
+def raw(path: str) -> tuple[socket.socket, object]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(path)
+    f = sock.makefile("rb")
+    greeting = json.loads(f.readline())
+    assert greeting["greeting"]["role"] == "frontend"
+    return sock, f
+
+
+def test_greeting_and_status(frontend_ctl) -> None:
+    path, _backend, fe = frontend_ctl
+    with ControlClient(path) as client:
+        g = client.greeting
+        assert g["role"] == "frontend" and g["pid"] == fe.pid
+        assert {"status", "reset", "get-shmem-config", "read", "subscribe"} <= set(g["commands"])
+        st = client.execute("status")
+        assert st["state"] == "connected"
+        assert st["negotiated"]["shmem"] is True
+        assert "SHMEM" in st["negotiated"]["protocol_features"]
+        assert [r["shmid"] for r in st["regions"]] == [0, 2]
+        assert st["disagreements"] == []
+        assert st["process"]["pid"] == fe.pid
+
+
+def test_the_socket_and_its_directory_are_private(frontend_ctl) -> None:
+    path, _, _ = frontend_ctl
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+
+
+@pytest.mark.parametrize(
+    ("line", "error_class", "words"),
+    [
+        (b"this is not json", ErrorClass.BAD_REQUEST, "not JSON"),
+        (b"[1, 2]", ErrorClass.BAD_REQUEST, "a request is a JSON object"),
+        (b'{"id": 1}', ErrorClass.BAD_REQUEST, "needs 'execute'"),
+        (b'{"id": 1, "execute": "format-disk"}', ErrorClass.NOT_FOUND, "no command 'format-disk'"),
+        (b'{"id": 1, "execute": "read", "arguments": {"shmid": 0}}', ErrorClass.BAD_ARGUMENT,
+         "needs the argument 'offset'"),
+        (b'{"id": 1, "execute": "read", "arguments": {"shmid": "0", "offset": 0}}',
+         ErrorClass.BAD_ARGUMENT, "'shmid' must be int"),
+        (b'{"id": 1, "execute": "read", "arguments": {"shmid": true, "offset": 0}}',
+         ErrorClass.BAD_ARGUMENT, "'shmid' must be int, not true"),
+        (b'{"id": 1, "execute": "reset", "arguments": {"force": 1}}', ErrorClass.BAD_ARGUMENT,
+         "reset takes no argument force"),
+        (b'{"id": 1, "execute": "status", "sudo": true}', ErrorClass.BAD_REQUEST,
+         "unknown request keys"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_specific_errors_and_no_effect(
+    frontend_ctl, line: bytes, error_class: str, words: str
+) -> None:
+    path, _, fe = frontend_ctl
+    sock, f = raw(path)
+    try:
+        sock.sendall(line + b"\n")
+        answer = json.loads(f.readline())
+        assert answer["error"]["class"] == error_class
+        assert words in answer["error"]["desc"]
+        # the connection and the daemon carry on
+        sock.sendall(b'{"id": 2, "execute": "status", "arguments": {"max_mappings": 0}}\n')
+        assert json.loads(f.readline())["return"]["state"] == "connected"
+    finally:
+        sock.close()
+    assert "reset" not in fe.log()
+
+
+def test_an_oversized_line_is_refused_and_the_client_dropped(frontend_ctl) -> None:
+    path, _, fe = frontend_ctl
+    sock, f = raw(path)
+    try:
+        # The daemon may hang up while we are still sending: that is the point.
+        with contextlib.suppress(OSError):
+            sock.sendall(b"x" * (MAX_LINE * 4))
+        fe.wait_log(f"line longer than {MAX_LINE} bytes; closing")
+        # dropped: reading ends (EOF, or a reset since our bytes were left unread)
+        try:
+            rest = f.read()
+        except ConnectionResetError:
+            rest = b""
+        assert b'"return"' not in rest
+    finally:
+        sock.close()
+    with ControlClient(path) as client:
+        assert client.execute("status", max_mappings=0)["state"] == "connected"
+    assert fe.alive()
+
+
+def test_a_subscriber_that_never_reads_is_dropped_not_the_daemon(frontend_ctl) -> None:
+    path, backend, fe = frontend_ctl
+    lazy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lazy.connect(path)
+    lazy.sendall(b'{"id": 1, "execute": "subscribe", "arguments": {"events": ["message"]}}\n')
+    time.sleep(0.2)
+    buf = memfd(MiB)
+    try:
+        for _ in range(3000):  # two traced messages per map and per unmap
+            assert backend.map(ShmemMap(0, 0, 4096, 0), (buf,)) == "ok"
+            assert backend.unmap(ShmemMap(0, 0, 4096)) == "ok"
+            if "reads too slowly" in fe.log():
+                break
+    finally:
+        os.close(buf)
+        lazy.close()
+    assert "reads too slowly; dropping it" in fe.log()
+    with ControlClient(path) as client:
+        assert client.execute("status", max_mappings=0)["counters"]["maps"] >= 1
+
+
+def test_many_clients_at_once(frontend_ctl) -> None:
+    path, _, _ = frontend_ctl
+    clients = [ControlClient(path) for _ in range(12)]
+    try:
+        for c in clients:
+            assert c.execute("status", max_mappings=0)["state"] == "connected"
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_peer_check_allows_our_uid_and_root_only() -> None:
+    assert peer_allowed(os.getuid())
+    assert peer_allowed(0)
+    assert not peer_allowed(65534 if os.getuid() != 65534 else 65533)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another user")
+def test_a_client_of_another_uid_is_refused(spawn, tmp_path) -> None:
+    # A control socket another user can reach: the file modes, which normally keep
+    # everyone else out, are opened here so that the SO_PEERCRED check is what refuses.
+    door = tempfile.mkdtemp(prefix="shmemctl-uid-test-")
+    path = os.path.join(door, "ctl", "frontend.ctl")
+    fe = spawn("frontend", "--connect", str(tmp_path / "nobody-there.sock"), "--reconnect", "5",
+               "--control", path)  # fmt: skip
+    fe.wait_log("control socket")
+    os.chmod(door, 0o755)
+    os.chmod(os.path.dirname(path), 0o755)
+    os.chmod(path, 0o666)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child becomes nobody and knocks
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            s.connect(path)
+            os.write(write_end, s.makefile("rb").readline())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(child, 0)
+    with os.fdopen(read_end, "rb") as r:
+        line = r.read()
+    assert os.waitstatus_to_exitcode(status) == 0
+    answer = json.loads(line)
+    assert answer["error"]["class"] == ErrorClass.DENIED
+    assert "uid 65534 may not use this frontend's control socket" in answer["error"]["desc"]
+    fe.wait_log(r"control: refused pid \d+ of uid 65534")
+    shutil.rmtree(door, ignore_errors=True)
