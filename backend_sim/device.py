@@ -135,6 +135,7 @@ class SimDevice:
                 self.mapped[(m.shmid, m.shm_offset)] = Believed(
                     m.shmid, m.shm_offset, m.len, m.fd_offset, m.writable, buffer.id
                 )
+        self._report("mapped", m, result, buffer.id)
         return result
 
     def unmap(self, m: ShmemMap, *, need_reply: bool = True) -> int | None:

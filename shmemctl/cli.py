@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import queue
 import sys
 import threading
@@ -25,6 +26,22 @@ from .sizes import hex_range, human_size, parse_regions, parse_size
 @click.version_option(package_name="shmemctl")
 def main() -> None:
     """Drive both sides of the vhost-user VIRTIO Shared Memory extension."""
+
+
+def run() -> None:
+    """The console entry point: a bug still ends in one line, not a traceback
+    (SHMEMCTL_DEBUG=1 shows it)."""
+    try:
+        main(standalone_mode=True)
+    except Exception as exc:
+        if os.environ.get("SHMEMCTL_DEBUG"):
+            raise
+        click.echo(
+            f"shmemctl: internal error: {exc!r}; please report it "
+            "(SHMEMCTL_DEBUG=1 shows the traceback)",
+            err=True,
+        )
+        sys.exit(1)
 
 
 @main.command()
@@ -171,7 +188,7 @@ class Target:
             hint = "" if self.explicit else f"; is the pair up? (shmemctl up --name {self.name})"
             raise NoDaemon(f"{exc}{hint}") from None
 
-    def call(self, role: str, what: str, command: str, **arguments: Any) -> Any:
+    def call(self, role: str, what: str, command: str, /, **arguments: Any) -> Any:
         with self.client(role, what) as client:
             if not client.offers(command):
                 raise click.ClickException(

@@ -76,8 +76,8 @@ def backend_sim(spawn, tmp_path):
 def test_qemu_style_realize_closes_every_fd_it_does_not_keep(backend_sim) -> None:
     be, fe = backend_sim()
     try:
-        baseline = fd_count(be.pid)
         features = fe.call(FrontendReq.GET_FEATURES).payload
+        baseline = fd_count(be.pid)  # after a round trip: the connection is accepted
         assert features & VHOST_USER_F_PROTOCOL_FEATURES
         offered = fe.call(FrontendReq.GET_PROTOCOL_FEATURES).payload
         assert offered & SHMEM and offered & ProtocolFeature.REPLY_ACK

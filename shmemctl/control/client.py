@@ -59,7 +59,7 @@ class ControlClient:
             raise DaemonUnreachable(f"the daemon on {self.path} closed the connection")
         return json.loads(line)
 
-    def execute(self, name: str, **arguments: Any) -> Any:
+    def execute(self, name: str, /, **arguments: Any) -> Any:
         """Run a command; its `return` value, or ControlError with the daemon's reason."""
         request_id = self._next_id
         self._next_id += 1
