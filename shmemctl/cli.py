@@ -118,12 +118,61 @@ def frontend(
 
 
 @main.command()
-@click.option("--pause", default=0.4, show_default=True, help="Seconds between steps.")
-def demo(pause: float) -> None:
-    """Run both daemons through a scripted tour and show the kernel's view of each step."""
-    from .demo import run_demo
+@click.option("--pause", default=0.4, show_default=True, help="Seconds between tour steps.")
+@click.option("--tour", is_flag=True, help="The scripted tour even on a terminal.")
+@click.option(
+    "--scenario",
+    "scenario_name",
+    default="blobs",
+    show_default=True,
+    type=click.Choice(["blobs", "dax"]),
+    help="What the device does in the console.",
+)
+@options.pair_name
+def demo(pause: float, tour: bool, scenario_name: str, name: str) -> None:
+    """On a terminal: start a pair with a scenario and open the console on it (the pair
+    stops when the console quits). Otherwise: a scripted tour with /proc's view of each step."""
+    if tour or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        from .demo import run_demo
 
-    run_demo(pause)
+        run_demo(pause)
+        return
+    from tui.app import run_console
+
+    from .pair import PairError, stop
+    from .pair import up as start_pair
+
+    paths = rundir.pair(name)
+    try:
+        start_pair(paths, "0=64M,2=8M", scenario=scenario_name)
+    except PairError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        run_console(str(paths.control("frontend")), str(paths.control("backend")),
+                    read_only=False, refresh=1.0)  # fmt: skip
+    finally:
+        stop(paths)
+        click.echo(f"pair {name} stopped")
+
+
+@main.command()
+@options.pair_name
+@click.option("--frontend", "frontend_ctl", metavar="CTL", help="Front-end control socket.")
+@click.option("--backend", "backend_ctl", metavar="CTL", help="Back-end control socket.")
+@click.option("--read-only", is_flag=True, help="Hide every action that changes anything.")
+@click.option("--refresh", default=1.0, show_default=True, help="Seconds between process polls.")
+def tui(
+    name: str, frontend_ctl: str | None, backend_ctl: str | None, read_only: bool, refresh: float
+) -> None:
+    """The live console: regions and mappings as a map, events, trace, actions."""
+    from tui.app import run_console
+
+    if frontend_ctl or backend_ctl:
+        fe, be = frontend_ctl, backend_ctl
+    else:
+        paths = rundir.pair(name)
+        fe, be = str(paths.control("frontend")), str(paths.control("backend"))
+    run_console(fe, be, read_only=read_only, refresh=refresh)
 
 
 @main.command()

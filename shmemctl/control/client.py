@@ -97,6 +97,11 @@ class ControlClient:
             if "event" in message:
                 yield message
 
+    def interrupt(self) -> None:
+        """Wake a thread blocked reading events: it sees the connection end."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._file.close()

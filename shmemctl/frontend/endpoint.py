@@ -476,14 +476,15 @@ class Frontend:
                 )
             return result_from_errno(exc.errno)
         if self.events.active:
-            self.events.emit(
-                "mapped" if is_map else "unmapped",
-                {
-                    "shmid": mapping.shmid,
-                    "shm_offset": mapping.shm_offset,
-                    "len": mapping.len,
-                    "fd_offset": mapping.fd_offset,
-                    "writable": mapping.writable,
-                },
-            )
+            data = {
+                "shmid": mapping.shmid,
+                "shm_offset": mapping.shm_offset,
+                "len": mapping.len,
+                "fd_offset": mapping.fd_offset,
+                "writable": mapping.writable,
+            }
+            if is_map:  # the fd is still open here: name its file for whoever watches
+                with contextlib.suppress(OSError):
+                    data["file"] = os.readlink(f"/proc/self/fd/{msg.fds[0]}")
+            self.events.emit("mapped" if is_map else "unmapped", data)
         return 0

@@ -1,0 +1,1 @@
+"""`shmemctl tui`: the live administration console. It talks to control sockets only."""

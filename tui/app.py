@@ -1,0 +1,363 @@
+"""`shmemctl tui`: the live administration console for a pair.
+
+It talks to the daemons' control sockets only. Events arrive on subscriptions
+and are drained ten times a second, so a burst costs one redraw; the process
+panel is polled at a rate the operator sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, RichLog
+
+from shmemctl.control import ControlError, DaemonUnreachable
+from shmemctl.render import render_event
+from shmemctl.sizes import hex_range
+
+from .model import PairModel
+from .screens import ConfigScreen, Confirm, HelpScreen, MapForm
+from .source import DaemonLink, call
+from .widgets import ConnectionHeader, MappingsTable, ProcessPanel, RegionMap
+
+MUTATING = {"map", "unmap", "reset"}
+#: Log lines kept on screen per drain; the rest of a burst is counted, not drawn.
+LOG_PER_DRAIN = 200
+REFRESH_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class ShmemConsole(App[None]):
+    CSS_PATH = "shmemctl.tcss"
+    TITLE = "shmemctl"
+    BINDINGS = [
+        Binding("m", "map", "Map"),
+        Binding("u", "unmap", "Unmap"),
+        Binding("r", "reset", "Reset"),
+        Binding("c", "config", "Config"),
+        Binding("t", "toggle_trace", "Trace"),
+        Binding("slash", "filter", "Filter"),
+        Binding("s", "sort", "Sort"),
+        Binding("left_square_bracket", "rate(1)", "Slower", show=False),
+        Binding("right_square_bracket", "rate(-1)", "Faster", show=False),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(
+        self,
+        frontend: str | None,
+        backend: str | None,
+        *,
+        read_only: bool = False,
+        refresh_seconds: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.sockets = {"frontend": frontend, "backend": backend}
+        self.roles = [r for r, path in self.sockets.items() if path]
+        self.read_only = read_only
+        self.refresh_seconds = refresh_seconds
+        self.model = PairModel()
+        self.inbox: deque[tuple[str, str, Any]] = deque()
+        self.links: dict[str, DaemonLink] = {}
+        self.trace = False
+        self._polling = threading.Lock()
+
+    # ------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield ConnectionHeader(self.model, self.roles, id="header")
+        yield RegionMap(self.model, id="map")
+        with Horizontal(id="lower"):
+            yield MappingsTable(id="table")
+            with Vertical(id="side"):
+                yield ProcessPanel(self.model, id="process")
+                yield RichLog(id="log", max_lines=2000, markup=False, wrap=False)
+        yield Input(placeholder="filter mappings (enter to keep, esc to clear)", id="filter")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#table", MappingsTable).border_title = "mappings"
+        self.query_one("#log", RichLog).border_title = "events"
+        self.query_one("#filter", Input).display = False
+        for role in self.roles:
+            link = DaemonLink(role, self.sockets[role], self._sink)  # type: ignore[arg-type]
+            self.links[role] = link
+            link.start()
+        self.set_interval(0.1, self.drain)
+        self._poll_timer = self.set_interval(self.refresh_seconds, self.poll)
+        self.query_one("#map", RegionMap).focus()
+        self._redraw(regions=True)
+
+    def on_unmount(self) -> None:
+        for link in self.links.values():
+            link.stop()
+
+    # ------------------------------------------------------------ data in
+
+    def _sink(self, role: str, kind: str, payload: Any) -> None:
+        self.inbox.append((role, kind, payload))  # any thread; drained on the UI's clock
+
+    def drain(self) -> None:
+        """Apply everything that arrived since the last tick, then redraw once."""
+        if not self.inbox:
+            self._redraw(regions=False)
+            return
+        log = self.query_one("#log", RichLog)
+        lines: list[str] = []
+        skipped = 0
+        regions = False
+        while self.inbox:
+            role, kind, payload = self.inbox.popleft()
+            side = self.model.sides[role]
+            if kind == "status":
+                side.reachable, side.error = True, ""
+                if role == "frontend":
+                    self.model.load_frontend(payload)
+                else:
+                    self.model.load_backend(payload)
+                regions = True
+                lines.append(f"{role}: connected to its control socket")
+            elif kind == "poll":
+                self.model.poll_update(role, payload)
+            elif kind == "down":
+                was = side.reachable
+                side.reachable, side.error = False, payload[0]
+                side.retry_at = payload[1]
+                if was:
+                    self.notify(
+                        f"the {role} stopped answering: {payload[0]}. Start the pair again "
+                        "(shmemctl up) or check its log; retrying.",
+                        severity="error",
+                    )
+            elif kind == "event":
+                self.model.apply(role, payload)
+                regions = regions or payload["event"] in ("mapped", "unmapped", "reset",
+                                                          "disconnected")  # fmt: skip
+                if len(lines) < LOG_PER_DRAIN:
+                    lines.append(render_event({**payload, "source": role}))
+                else:
+                    skipped += 1
+        for line in lines:
+            log.write(Text(line))
+        if skipped:
+            log.write(Text(f"… and {skipped} more events", style="dim"))
+        self._redraw(regions=regions)
+
+    def _redraw(self, *, regions: bool) -> None:
+        self.query_one("#header", ConnectionHeader).update_view(
+            self.refresh_seconds, self.read_only
+        )
+        self.query_one("#process", ProcessPanel).update_view()
+        region_map = self.query_one("#map", RegionMap)
+        if regions:
+            region_map.refresh(layout=True)
+        region = region_map.current
+        around = region_map.cursor.get(region.shmid) if region else None
+        self.query_one("#table", MappingsTable).show(region, around)
+
+    @work(thread=True, exclusive=True, group="poll")
+    def poll(self) -> None:
+        for role in self.roles:
+            if not self.model.sides[role].reachable:
+                continue
+            args = {"max_mappings": 0} if role == "frontend" else {}
+            with contextlib.suppress(ControlError, DaemonUnreachable, OSError):
+                # a failure here is the link's to notice and report
+                self._sink(role, "poll", call(self.sockets[role], "status", **args))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ selection
+
+    @on(RegionMap.Selected)
+    def _map_moved(self, event: RegionMap.Selected) -> None:
+        region = self.model.regions.get(event.shmid) if event.shmid is not None else None
+        self.query_one("#table", MappingsTable).show(region, event.offset)
+
+    @on(DataTable.RowHighlighted, "#table")
+    def _row_moved(self, event: DataTable.RowHighlighted) -> None:
+        region_map = self.query_one("#map", RegionMap)
+        region = region_map.current
+        if (
+            region is not None
+            and event.row_key.value is not None
+            and self.focused is event.data_table
+        ):
+            region_map.select(region.shmid, int(event.row_key.value))
+
+    @on(DataTable.HeaderSelected, "#table")
+    def _sort_by(self, event: DataTable.HeaderSelected) -> None:
+        table = self.query_one("#table", MappingsTable)
+        key = str(event.column_key.value)
+        table.sort_reverse = not table.sort_reverse if table.sort_key == key else False
+        table.sort_key = key
+        self._redraw(regions=False)
+
+    # ------------------------------------------------------------ actions
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in MUTATING and self.read_only:
+            return False  # hidden from the footer, the palette and the keys
+        owner = "frontend" if action in ("reset", "config") else "backend"
+        return not (action in (*MUTATING, "config") and not self.sockets[owner])
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        entries = [
+            ("map", "Map a buffer", "open the map form", self.action_map),
+            ("unmap", "Unmap the selected mapping", "asks first", self.action_unmap),
+            ("reset", "Reset the device", "drops every mapping; asks first", self.action_reset),
+            ("config", "GET_SHMEM_CONFIG", "ask the back-end for its layout", self.action_config),
+            ("toggle_trace", "Toggle the protocol trace", "every message, both channels",
+             self.action_toggle_trace),
+            ("filter", "Filter mappings", "by any text in a row", self.action_filter),
+            ("help", "Keys", "every binding", self.action_help),
+        ]  # fmt: skip
+        for action, title, help_text, callback in entries:
+            if self.check_action(action, ()):
+                yield SystemCommand(title, help_text, callback)
+
+    def _selected(self) -> tuple[int, Any]:
+        region_map = self.query_one("#map", RegionMap)
+        region = region_map.current
+        if region is None:
+            return -1, None
+        return region.shmid, region_map.cursor_of(region)
+
+    def action_map(self) -> None:
+        region_map = self.query_one("#map", RegionMap)
+        region = region_map.current
+        if region is None:
+            self.notify(
+                "no region to map into yet: is the front-end connected?", severity="warning"
+            )
+            return
+        m = region_map.cursor_of(region)
+        spot = region.free_spot(64 << 10, m.end if m else 0) or region.free_spot(64 << 10) or 0
+        backend = self.sockets["backend"]
+        assert backend is not None
+        self.push_screen(
+            MapForm(self.model, region.shmid, spot, lambda req: call(backend, "map", **req))
+        )
+
+    def action_unmap(self) -> None:
+        shmid, m = self._selected()
+        if m is None:
+            self.notify("select a mapping first (←/→ on the map, or the table)", severity="warning")
+            return
+        question = f"Unmap {hex_range(m.shm_offset, m.len)} from region {shmid}?"
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._run("backend", "unmap", f"unmapped {hex_range(m.shm_offset, m.len)}",
+                          shmid=shmid, shm_offset=m.shm_offset, len=m.len)  # fmt: skip
+
+        self.push_screen(Confirm(question), answer)
+
+    def action_reset(self) -> None:
+        count = self.model.mapping_count
+        question = f"Reset the device? The front-end drops all {count} mappings."
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._run("frontend", "reset", "device reset")
+
+        self.push_screen(Confirm(question), answer)
+
+    @work(thread=True)
+    def _run(self, role: str, command: str, done: str, **arguments: Any) -> None:
+        try:
+            answer = call(self.sockets[role], command, **arguments)  # type: ignore[arg-type]
+        except ControlError as exc:
+            self.call_from_thread(self.notify, exc.desc, severity="error", timeout=8)
+        except DaemonUnreachable as exc:
+            self.call_from_thread(self.notify, f"{exc}; is the pair up?", severity="error")
+        else:
+            extra = (
+                f": dropped {answer['dropped']} via {answer['via']}" if command == "reset" else ""
+            )
+            self.call_from_thread(self.notify, done + extra)
+
+    @work(thread=True, exclusive=True, group="config")
+    def action_config(self) -> None:
+        try:
+            answer = call(self.sockets["frontend"], "get-shmem-config")  # type: ignore[arg-type]
+        except (ControlError, DaemonUnreachable) as exc:
+            self.call_from_thread(self.notify, str(getattr(exc, "desc", exc)), severity="error")
+        else:
+            self.call_from_thread(self.push_screen, ConfigScreen(answer))
+
+    def action_toggle_trace(self) -> None:
+        self.trace = not self.trace
+        for link in self.links.values():
+            link.resubscribe(self.trace)
+        log = self.query_one("#log", RichLog)
+        log.border_title = "events + protocol trace" if self.trace else "events"
+        self.notify("protocol trace on" if self.trace else "protocol trace off")
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.query_one("#table", MappingsTable).filter_text = event.value.strip()
+        self._redraw(regions=False)
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self) -> None:
+        self.query_one("#filter", Input).display = False
+        self.query_one("#map", RegionMap).focus()
+
+    def key_escape(self) -> None:
+        box = self.query_one("#filter", Input)
+        if box.display:
+            box.value = ""
+            box.display = False
+            self.query_one("#map", RegionMap).focus()
+
+    def action_sort(self) -> None:
+        table = self.query_one("#table", MappingsTable)
+        keys = list(MappingsTable.COLUMNS)
+        table.sort_key = keys[(keys.index(table.sort_key) + 1) % len(keys)]
+        self.notify(f"sorted by {table.sort_key}")
+        self._redraw(regions=False)
+
+    def action_rate(self, step: int) -> None:
+        i = min(
+            range(len(REFRESH_STEPS)), key=lambda k: abs(REFRESH_STEPS[k] - self.refresh_seconds)
+        )
+        self.refresh_seconds = REFRESH_STEPS[min(max(i + step, 0), len(REFRESH_STEPS) - 1)]
+        self._poll_timer.stop()
+        self._poll_timer = self.set_interval(self.refresh_seconds, self.poll)
+        self._redraw(regions=False)
+
+    def action_help(self) -> None:
+        rows = [
+            ("← →", "previous / next mapping in the region"),
+            ("↑ ↓", "previous / next region"),
+            ("+ -", "zoom in around the cursor / out"),
+            ("0", "show the whole region"),
+        ]
+        for binding in self.BINDINGS:
+            assert isinstance(binding, Binding)
+            if self.check_action(binding.action.split("(")[0], ()):
+                rows.append((binding.key.replace("_", " "), binding.description))
+        rows.append(("[ ]", "poll the process panel slower / faster"))
+        rows.append(("tab", "move between the map, the table and the log"))
+        self.push_screen(HelpScreen(rows))
+
+
+def run_console(
+    frontend: str | None, backend: str | None, *, read_only: bool, refresh: float
+) -> None:
+    ShmemConsole(frontend, backend, read_only=read_only, refresh_seconds=refresh).run()

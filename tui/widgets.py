@@ -1,0 +1,354 @@
+"""The console's widgets: the region map (line API), the mappings table, the panels."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.segment import Segment
+from rich.style import Style
+from rich.text import Text
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.message import Message
+from textual.reactive import reactive
+from textual.strip import Strip
+from textual.widget import Widget
+from textual.widgets import DataTable, Static
+
+from shmemctl.shmem.libc import PAGE_SIZE
+from shmemctl.sizes import hex_range, human_size
+
+from .model import MappingView, PairModel, RegionView
+
+FREE, RO, RW, BOTH = 0, 1, 2, 3
+#: Distinguishable without colour: solid for read-write, light shade for read-only.
+GLYPHS = {FREE: "·", RO: "▒", RW: "█", BOTH: "▓"}
+STYLES = {
+    FREE: Style(color="grey42"),
+    RO: Style(color="yellow"),
+    RW: Style(color="green"),
+    BOTH: Style(color="magenta"),
+}
+CURSOR = Style(reverse=True, bold=True)
+LINES_PER_REGION = 3
+
+
+def bar_cells(region: RegionView, start: int, span: int, width: int) -> list[int]:
+    """What each of `width` cells over [start, start+span) holds. Any overlap marks a
+    cell, so a 4 KiB mapping stays visible in a 1 GiB region."""
+    cells = [FREE] * width
+    if width <= 0 or span <= 0:
+        return cells
+    end = start + span
+    for m in region.in_range(start, end):
+        a = max(m.shm_offset, start) - start
+        b = min(m.end, end) - start - 1
+        bit = RW if m.writable else RO
+        for c in range(a * width // span, min(width - 1, b * width // span) + 1):
+            cells[c] |= bit
+    return cells
+
+
+class RegionMap(Widget, can_focus=True):
+    """One bar per region, mapped ranges drawn in place, a cursor that walks the
+    mappings, and a zoom around it."""
+
+    BINDINGS = [
+        Binding("left", "step(-1)", "Prev mapping", show=False),
+        Binding("right", "step(1)", "Next mapping", show=False),
+        Binding("up", "region(-1)", "Prev region", show=False),
+        Binding("down", "region(1)", "Next region", show=False),
+        Binding("plus,equals_sign", "zoom(0.5)", "Zoom in"),
+        Binding("minus", "zoom(2)", "Zoom out"),
+        Binding("0", "zoom_reset", "Whole region", show=False),
+    ]
+
+    selected = reactive(0)
+
+    class Selected(Message):
+        """The cursor moved: region and mapping offset (None: no mapping)."""
+
+        def __init__(self, shmid: int | None, offset: int | None) -> None:
+            super().__init__()
+            self.shmid = shmid
+            self.offset = offset
+
+    def __init__(self, model: PairModel, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.views: dict[int, tuple[int, int]] = {}  # shmid -> (start, span)
+        self.cursor: dict[int, int | None] = {}
+        self._cache: dict[int, tuple[tuple, list[int]]] = {}
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def shmids(self) -> list[int]:
+        return sorted(self.model.regions)
+
+    @property
+    def current(self) -> RegionView | None:
+        ids = self.shmids
+        if not ids:
+            return None
+        return self.model.regions[ids[min(self.selected, len(ids) - 1)]]
+
+    def view_of(self, region: RegionView) -> tuple[int, int]:
+        start, span = self.views.get(region.shmid, (0, region.size))
+        span = min(span, region.size)
+        return max(0, min(start, region.size - span)), span
+
+    def cursor_of(self, region: RegionView) -> MappingView | None:
+        offset = self.cursor.get(region.shmid)
+        return region.mappings.get(offset) if offset is not None else None
+
+    def select(self, shmid: int, offset: int | None) -> None:
+        if shmid in self.model.regions:
+            self.selected = self.shmids.index(shmid)
+            self.cursor[shmid] = offset
+            self._follow(self.model.regions[shmid])
+            self.refresh()
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        return max(1, len(self.model.regions) * LINES_PER_REGION)
+
+    # ------------------------------------------------------------ actions
+
+    def _announce(self) -> None:
+        region = self.current
+        offset = self.cursor.get(region.shmid) if region else None
+        self.post_message(self.Selected(region.shmid if region else None, offset))
+
+    def action_step(self, step: int) -> None:
+        region = self.current
+        if region is None:
+            return
+        self.cursor[region.shmid] = region.neighbour(self.cursor.get(region.shmid), step)
+        self._follow(region)
+        self.refresh()
+        self._announce()
+
+    def action_region(self, step: int) -> None:
+        if self.model.regions:
+            self.selected = (self.selected + step) % len(self.model.regions)
+            self._announce()
+
+    def action_zoom(self, factor: float) -> None:
+        region = self.current
+        if region is None:
+            return
+        start, span = self.view_of(region)
+        width = max(1, self.size.width - 2)
+        new_span = int(min(region.size, max(width * PAGE_SIZE, span * factor)))
+        m = self.cursor_of(region)
+        centre = (m.shm_offset + m.len // 2) if m else start + span // 2
+        self.views[region.shmid] = (max(0, centre - new_span // 2), new_span)
+        self.refresh()
+
+    def action_zoom_reset(self) -> None:
+        region = self.current
+        if region is not None:
+            self.views.pop(region.shmid, None)
+            self.refresh()
+
+    def _follow(self, region: RegionView) -> None:
+        """Keep the cursor's mapping inside the zoomed view."""
+        m = self.cursor_of(region)
+        if m is None:
+            return
+        start, span = self.view_of(region)
+        if m.shm_offset < start or m.shm_offset >= start + span:
+            self.views[region.shmid] = (max(0, m.shm_offset - span // 4), span)
+
+    def watch_selected(self) -> None:
+        self.refresh()
+
+    # ------------------------------------------------------------ drawing
+
+    def _cells(self, region: RegionView, width: int) -> list[int]:
+        start, span = self.view_of(region)
+        key = (region.version, start, span, width)
+        cached = self._cache.get(region.shmid)
+        if cached is None or cached[0] != key:
+            cached = (key, bar_cells(region, start, span, width))
+            self._cache[region.shmid] = cached
+        return cached[1]
+
+    def render_line(self, y: int) -> Strip:
+        ids = self.shmids
+        index, row = divmod(y, LINES_PER_REGION)
+        width = self.size.width
+        if index >= len(ids):
+            return Strip.blank(width)
+        region = self.model.regions[ids[index]]
+        chosen = index == min(self.selected, len(ids) - 1)
+        start, span = self.view_of(region)
+        if row == 0:
+            zoom = region.size / span if span else 1
+            text = Text.assemble(
+                ("▶ " if chosen else "  ", "bold" if chosen else ""),
+                (f"region {region.shmid}", "bold"),
+                f"  {human_size(region.size)}  {len(region.mappings)} mappings, "
+                f"{human_size(region.mapped_bytes)} mapped",
+                ("  (first page of a longer table)" if region.truncated else "", "dim"),
+                (f"  zoom {zoom:g}x" if zoom > 1 else "", "cyan"),
+            )
+            return Strip(text.render(self.app.console), width).crop_extend(0, width, None)
+        if row == 1:
+            bar_width = max(1, width - 2)
+            cells = self._cells(region, bar_width)
+            cur = self.cursor_of(region) if chosen else None
+            lo = hi = -1
+            if cur is not None:
+                a = max(cur.shm_offset, start) - start
+                b = min(cur.end, start + span) - start - 1
+                if b >= 0 and a < span:
+                    lo, hi = a * bar_width // span, min(bar_width - 1, b * bar_width // span)
+            segments = [Segment("▕" if chosen else " ")]
+            run_start = 0
+            for c in range(1, bar_width + 1):
+                if c in (bar_width, lo, hi + 1) or cells[c] != cells[run_start]:
+                    kind = cells[run_start]
+                    style = STYLES[kind] + CURSOR if lo <= run_start <= hi else STYLES[kind]
+                    segments.append(Segment(GLYPHS[kind] * (c - run_start), style))
+                    run_start = c
+            segments.append(Segment("▏" if chosen else " "))
+            return Strip(segments, width)
+        left, right = f"{start:#x}", f"{start + span:#x}"
+        cur = self.cursor_of(region) if chosen else None
+        middle = (
+            f" {hex_range(cur.shm_offset, cur.len)} {'rw' if cur.writable else 'ro'} "
+            if cur
+            else ""
+        )
+        gap = max(1, width - 2 - len(left) - len(right) - len(middle))
+        text = Text.assemble(
+            " ", (left, "dim"), " " * (gap // 2), (middle, "bold reverse"), " " * (gap - gap // 2),
+            (right, "dim"),
+        )  # fmt: skip
+        return Strip(text.render(self.app.console), width).crop_extend(0, width, None)
+
+
+class MappingsTable(DataTable):
+    """The selected region's mappings: sortable, filterable, capped for huge regions."""
+
+    MAX_ROWS = 2000
+    COLUMNS = ("offset", "length", "fd offset", "access", "file", "age")
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.zebra_stripes = True
+        for name in self.COLUMNS:
+            self.add_column(name, key=name)
+        self.sort_key = "offset"
+        self.sort_reverse = False
+        self.filter_text = ""
+        self.shown: tuple = ()
+
+    def show(self, region: RegionView | None, around: int | None = None) -> None:
+        key = (
+            region.shmid if region else None, region.version if region else None,
+            self.filter_text, self.sort_key, self.sort_reverse, int(time.time()),
+        )  # fmt: skip
+        if key == self.shown:
+            return
+        self.shown = key
+        self.clear()
+        if region is None:
+            return
+        rows = []
+        now = time.time()
+        for m in region.mappings.values():
+            row = (
+                f"{m.shm_offset:#x}", human_size(m.len), f"{m.fd_offset:#x}",
+                "rw" if m.writable else "ro", m.file or "?", f"{now - m.created:.0f}s",
+            )  # fmt: skip
+            if self.filter_text and self.filter_text not in " ".join(row):
+                continue
+            rows.append((m, row))
+        sort_value = {
+            "offset": lambda mr: mr[0].shm_offset, "length": lambda mr: mr[0].len,
+            "fd offset": lambda mr: mr[0].fd_offset, "access": lambda mr: mr[1][3],
+            "file": lambda mr: mr[1][4], "age": lambda mr: -mr[0].created,
+        }[self.sort_key]  # fmt: skip
+        rows.sort(key=sort_value, reverse=self.sort_reverse)
+        total = len(rows)
+        if total > self.MAX_ROWS:
+            at = next((i for i, (m, _) in enumerate(rows) if m.shm_offset == around), 0)
+            first = max(0, min(at - self.MAX_ROWS // 2, total - self.MAX_ROWS))
+            rows = rows[first : first + self.MAX_ROWS]
+        for m, row in rows:
+            self.add_row(*row, key=str(m.shm_offset))
+        self.border_subtitle = (
+            f"{len(rows)} of {total} shown" if total > len(rows) else f"{total} mappings"
+        ) + (f" matching {self.filter_text!r}" if self.filter_text else "")
+        if around is not None and str(around) in self.rows:
+            self.move_cursor(row=self.get_row_index(str(around)))
+
+
+def _side_line(model: PairModel, role: str) -> Text:
+    side = model.sides[role]
+    label = "front-end" if role == "frontend" else "back-end "
+    if not side.reachable:
+        wait = max(0, side.retry_at - time.time())
+        return Text.assemble(
+            (f"{label} ", "bold"), ("not answering", "bold red"),
+            f" — {side.error}; retrying in {wait:.0f}s" if side.error else "",
+        )  # fmt: skip
+    st = side.status or {}
+    state = st.get("state", "?")
+    colour = "green" if state == "connected" else "yellow"
+    extra = ""
+    if role == "frontend" and state == "reconnecting":
+        extra = f" (next try in {max(0, side.reconnect_at - time.time()):.0f}s)"
+    neg = st.get("negotiated", {})
+    features = ",".join(neg.get("protocol_features", [])) or "none"
+    pid = st.get("process", {}).get("pid", "?")
+    return Text.assemble(
+        (f"{label} ", "bold"), f"pid {pid} ", (state + extra, colour),
+        f"  SHMEM bit {st.get('shmem_bit', '?')}  ", (features, "dim"),
+    )  # fmt: skip
+
+
+class ConnectionHeader(Static):
+    def __init__(self, model: PairModel, roles: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.roles = roles
+
+    def update_view(self, refresh_seconds: float, read_only: bool) -> None:
+        lines = [_side_line(self.model, role) for role in self.roles]
+        mode = "read-only  " if read_only else ""
+        lines.append(Text(f"{mode}polling every {refresh_seconds:g}s", style="dim"))
+        for line in lines:  # one line per side, however narrow the terminal
+            line.no_wrap = True
+            line.overflow = "ellipsis"
+        self.update(Text("\n", no_wrap=True).join(lines))
+
+
+class ProcessPanel(Static):
+    def __init__(self, model: PairModel, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+
+    def update_view(self) -> None:
+        out = Text()
+        for role, side in self.model.sides.items():
+            p = (side.status or {}).get("process") if side.reachable else None
+            name = "front-end" if role == "frontend" else "back-end"
+            if p is None:
+                out.append(f"{name:9} —\n", style="dim")
+                continue
+            out.append(f"{name:9} rss {p['rss'] / (1 << 20):6.1f}M  fds {p['fds']:4}\n")
+        mapped = sum(r.mapped_bytes for r in self.model.regions.values())
+        out.append(f"mapped    {human_size(mapped)} in {self.model.mapping_count} mappings\n")
+        fe = self.model.sides["frontend"]
+        problems = (fe.status or {}).get("disagreements", []) if fe.reachable else []
+        if problems:
+            out.append(f"⚠ table and /proc/PID/maps disagree ({len(problems)}):\n", "bold red")
+            for line in problems[:3]:
+                out.append(f"  {line}\n", "red")
+        elif fe.reachable and self.model.regions:
+            out.append("table and /proc/PID/maps agree", "green")
+        self.update(out)
