@@ -7,10 +7,10 @@ panel is polled at a rate the operator sets.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import deque
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -37,7 +37,8 @@ REFRESH_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 class ShmemConsole(App[None]):
-    CSS_PATH = "shmemctl.tcss"
+    # anchored here: a relative path would follow any subclass into its own folder
+    CSS_PATH = Path(__file__).with_name("shmemctl.tcss")
     TITLE = "shmemctl"
     BINDINGS = [
         Binding("m", "map", "Map"),
@@ -89,14 +90,18 @@ class ShmemConsole(App[None]):
         self.query_one("#table", MappingsTable).border_title = "mappings"
         self.query_one("#log", RichLog).border_title = "events"
         self.query_one("#filter", Input).display = False
-        for role in self.roles:
-            link = DaemonLink(role, self.sockets[role], self._sink)  # type: ignore[arg-type]
-            self.links[role] = link
-            link.start()
+        self.start_links()
         self.set_interval(0.1, self.drain)
         self._poll_timer = self.set_interval(self.refresh_seconds, self.poll)
         self.query_one("#map", RegionMap).focus()
         self._redraw(regions=True)
+
+    def start_links(self) -> None:
+        """Open a subscription to each daemon; their answers arrive through `_sink`."""
+        for role in self.roles:
+            link = DaemonLink(role, self.sockets[role], self._sink)  # type: ignore[arg-type]
+            self.links[role] = link
+            link.start()
 
     def on_unmount(self) -> None:
         for link in self.links.values():
@@ -171,9 +176,13 @@ class ShmemConsole(App[None]):
             if not self.model.sides[role].reachable:
                 continue
             args = {"max_mappings": 0} if role == "frontend" else {}
-            with contextlib.suppress(ControlError, DaemonUnreachable, OSError):
-                # a failure here is the link's to notice and report
+            try:
                 self._sink(role, "poll", call(self.sockets[role], "status", **args))  # type: ignore[arg-type]
+            except (ControlError, DaemonUnreachable, OSError):
+                pass  # the link notices a daemon that went away, and reports it
+            except Exception as exc:  # never a crash: say it and carry on
+                self.call_from_thread(self.notify, f"polling the {role} failed: {exc!r}",
+                                      severity="error")  # fmt: skip
 
     # ------------------------------------------------------------ selection
 
@@ -280,6 +289,8 @@ class ShmemConsole(App[None]):
             self.call_from_thread(self.notify, exc.desc, severity="error", timeout=8)
         except DaemonUnreachable as exc:
             self.call_from_thread(self.notify, f"{exc}; is the pair up?", severity="error")
+        except Exception as exc:  # never a crash: say it and carry on
+            self.call_from_thread(self.notify, f"{command} failed: {exc!r}", severity="error")
         else:
             extra = (
                 f": dropped {answer['dropped']} via {answer['via']}" if command == "reset" else ""
@@ -290,7 +301,7 @@ class ShmemConsole(App[None]):
     def action_config(self) -> None:
         try:
             answer = call(self.sockets["frontend"], "get-shmem-config")  # type: ignore[arg-type]
-        except (ControlError, DaemonUnreachable) as exc:
+        except Exception as exc:  # refused, unreachable or worse: a notice, never a crash
             self.call_from_thread(self.notify, str(getattr(exc, "desc", exc)), severity="error")
         else:
             self.call_from_thread(self.push_screen, ConfigScreen(answer))

@@ -108,6 +108,8 @@ class MapForm(ModalScreen[None]):
             answer = self.send(request)
         except (ControlError, DaemonUnreachable) as exc:
             self.app.call_from_thread(self._refused, str(getattr(exc, "desc", exc)))
+        except Exception as exc:  # never a crash: the form says it
+            self.app.call_from_thread(self._refused, f"failed: {exc!r}")
         else:
             self.app.call_from_thread(self._done, answer)
 

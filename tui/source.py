@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shmemctl.control import ControlClient, ControlError, DaemonUnreachable
+from shmemctl.control import ControlClient
 
 #: Every event a daemon publishes except the protocol trace.
 EVENTS = ["mapped", "unmapped", "refused", "reset", "connected", "disconnected", "handshake",
@@ -45,7 +45,7 @@ class DaemonLink(threading.Thread):
                 client.subscribe([*EVENTS, "message"] if self.trace else EVENTS)
                 for event in client.events():
                     self.sink(self.role, "event", event)
-            except (DaemonUnreachable, ControlError, OSError, ValueError) as exc:
+            except Exception as exc:  # whatever it was, the link reports it and tries again
                 if self._stop.is_set():
                     break
                 if self._again.is_set():

@@ -321,10 +321,9 @@ class ConnectionHeader(Static):
         lines = [_side_line(self.model, role) for role in self.roles]
         mode = "read-only  " if read_only else ""
         lines.append(Text(f"{mode}polling every {refresh_seconds:g}s", style="dim"))
-        for line in lines:  # one line per side, however narrow the terminal
-            line.no_wrap = True
-            line.overflow = "ellipsis"
-        self.update(Text("\n", no_wrap=True).join(lines))
+        joined = Text("\n", no_wrap=True, overflow="ellipsis").join(lines)
+        joined.no_wrap, joined.overflow = True, "ellipsis"  # one line per side, however narrow
+        self.update(joined)
 
 
 class ProcessPanel(Static):
@@ -333,22 +332,22 @@ class ProcessPanel(Static):
         self.model = model
 
     def update_view(self) -> None:
-        out = Text()
+        out = Text(no_wrap=True, overflow="ellipsis")
         for role, side in self.model.sides.items():
             p = (side.status or {}).get("process") if side.reachable else None
             name = "front-end" if role == "frontend" else "back-end"
             if p is None:
                 out.append(f"{name:9} —\n", style="dim")
                 continue
-            out.append(f"{name:9} rss {p['rss'] / (1 << 20):6.1f}M  fds {p['fds']:4}\n")
+            out.append(f"{name:9} {p['rss'] / (1 << 20):5.1f}M {p['fds']:3} fds\n")
         mapped = sum(r.mapped_bytes for r in self.model.regions.values())
-        out.append(f"mapped    {human_size(mapped)} in {self.model.mapping_count} mappings\n")
+        out.append(f"mapped    {human_size(mapped)} in {self.model.mapping_count}\n")
         fe = self.model.sides["frontend"]
         problems = (fe.status or {}).get("disagreements", []) if fe.reachable else []
         if problems:
-            out.append(f"⚠ table and /proc/PID/maps disagree ({len(problems)}):\n", "bold red")
+            out.append(f"⚠ table ≠ /proc maps: {len(problems)}\n", "bold red")
             for line in problems[:3]:
                 out.append(f"  {line}\n", "red")
         elif fe.reachable and self.model.regions:
-            out.append("table and /proc/PID/maps agree", "green")
+            out.append("✓ table = /proc/PID/maps", "green")
         self.update(out)

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from .protocol import MAX_LINE, ControlError, ErrorClass, encode_line
+from .protocol import MAX_ANSWER, ControlError, ErrorClass, encode_line
 
 
 class DaemonUnreachable(Exception):
@@ -50,14 +50,22 @@ class ControlClient:
 
     def _read(self) -> dict[str, Any]:
         try:
-            line = self._file.readline(MAX_LINE + 2)
+            line = self._file.readline(MAX_ANSWER)
         except TimeoutError:
             raise DaemonUnreachable(f"the daemon on {self.path} stopped answering") from None
         except OSError as exc:
             raise DaemonUnreachable(f"lost the daemon on {self.path} ({exc})") from None
         if not line:
             raise DaemonUnreachable(f"the daemon on {self.path} closed the connection")
-        return json.loads(line)
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise ControlError(
+                ErrorClass.BAD_REQUEST, f"the daemon on {self.path} sent a line that is not JSON"
+            ) from None
+        if not isinstance(answer, dict):
+            raise ControlError(ErrorClass.BAD_REQUEST, f"the daemon on {self.path} sent {answer!r}")
+        return answer
 
     def execute(self, name: str, /, **arguments: Any) -> Any:
         """Run a command; its `return` value, or ControlError with the daemon's reason."""

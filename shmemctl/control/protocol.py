@@ -15,6 +15,8 @@ from typing import Any
 
 #: A request line longer than this is refused and the client dropped.
 MAX_LINE = 64 * 1024
+#: Answers can be long (a status listing 65,536 mappings); clients still bound them.
+MAX_ANSWER = 256 * 1024 * 1024
 #: Events queued for one subscriber before it counts as too slow and is dropped.
 MAX_QUEUED = 4096
 

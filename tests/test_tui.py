@@ -1,0 +1,281 @@
+"""The console driven with Textual's pilot against a real pair of daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+
+import pytest
+from textual.widgets import Button, Input
+
+from tui.app import ShmemConsole
+from tui.screens import ConfigScreen, Confirm, HelpScreen, MapForm
+from tui.widgets import MappingsTable, RegionMap
+
+MiB = 1 << 20
+
+
+class Shell:
+    def __init__(self, run_dir: str) -> None:
+        self.env = {**os.environ, "SHMEMCTL_RUN_DIR": run_dir}
+        self.dir = os.path.join(run_dir, "default")
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "shmemctl", *args],
+            capture_output=True, text=True, timeout=120, env=self.env, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def ctl(self, role: str) -> str:
+        return os.path.join(self.dir, f"{role}.ctl")
+
+
+@pytest.fixture
+def sh(tmp_path):
+    shell = Shell(str(tmp_path / "run"))
+    done = shell("up", "--regions", "0=64M,2=8M")
+    assert done.returncode == 0, done.stderr
+    yield shell
+    shell("down")
+
+
+def console(sh: Shell, **kwargs: object) -> ShmemConsole:
+    return ShmemConsole(sh.ctl("frontend"), sh.ctl("backend"), **kwargs)  # type: ignore[arg-type]
+
+
+async def until(pilot, predicate: Callable[[], object], what: str, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())
+
+
+def bar(app: ShmemConsole, index: int = 0) -> str:
+    region_map = app.query_one("#map", RegionMap)
+    return region_map.render_line(index * 3 + 1).text
+
+
+def test_a_map_from_another_shell_appears(sh) -> None:
+    async def go() -> None:
+        app = console(sh)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await until(pilot, lambda: app.model.regions, "regions")
+            assert set(bar(app)) <= {" ", "·", "▕", "▏"}
+            assert sh("map", "0", "0", "1M").returncode == 0
+            # the event arrives on the subscription and is drawn at the next tick
+            await until(pilot, lambda: 0 in app.model.regions[0].mappings, "the mapping", 1.0)
+            await pilot.pause(0.15)
+            assert "█" in bar(app)
+            assert sh("map", "2", "0", "64K", "--ro").returncode == 0
+            await until(pilot, lambda: "▒" in bar(app, 1), "the read-only mapping")
+            table = app.query_one("#table", MappingsTable)
+            assert table.row_count == 1  # region 0 is selected
+
+    run(go)
+
+
+def test_map_form_checks_as_you_type_and_maps(sh) -> None:
+    assert sh("map", "0", "0", "1M").returncode == 0
+
+    async def go() -> None:
+        app = console(sh)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await until(pilot, lambda: app.model.regions.get(0) and app.model.regions[0].mappings,
+                        "the existing mapping")  # fmt: skip
+            await pilot.press("m")
+            await until(pilot, lambda: isinstance(app.screen, MapForm), "the map form")
+            form = app.screen
+            assert form.query_one("#offset", Input).value == "0x100000"  # first free spot
+            form.query_one("#offset", Input).value = "0x80000"
+            await pilot.pause(0.1)
+            assert "overlaps 0x0+0x100000" in str(form.query_one("#verdict").render())
+            assert form.query_one("#send", Button).disabled
+            form.query_one("#offset", Input).value = "0x1000"
+            form.query_one("#length", Input).value = "100"
+            await pilot.pause(0.1)
+            assert "multiples of 0x1000" in str(form.query_one("#verdict").render())
+            form.query_one("#offset", Input).value = "4M"
+            form.query_one("#length", Input).value = "64K"
+            form.query_one("#ro").value = True
+            await pilot.pause(0.1)
+            assert not form.query_one("#send", Button).disabled
+            await pilot.click("#send")
+            await until(pilot, lambda: not isinstance(app.screen, MapForm), "the form to close")
+            await until(pilot, lambda: 4 * MiB in app.model.regions[0].mappings, "the new mapping")
+            assert app.model.regions[0].mappings[4 * MiB].writable is False
+
+    run(go)
+    status = json.loads(sh("status", "--json").stdout)["frontend"]
+    assert [m["shm_offset"] for m in status["regions"][0]["mappings"]] == [0, 4 * MiB]
+
+
+def test_a_refusal_is_shown_in_the_form(sh) -> None:
+    async def go() -> None:
+        app = console(sh)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await until(pilot, lambda: app.model.regions, "regions")
+            await pilot.press("m")
+            await until(pilot, lambda: isinstance(app.screen, MapForm), "the map form")
+            form = app.screen
+            # The console's model does not know of this mapping yet: the front-end refuses.
+            assert sh("map", "0", "0", "64K").returncode == 0
+            form.query_one("#offset", Input).value = "0"
+            form.query_one("#send", Button).disabled = False
+            form.submit()
+            await until(pilot, lambda: "refused by the front-end" in str(
+                form.query_one("#verdict").render()), "the refusal")  # fmt: skip
+            assert "(EEXIST)" in str(form.query_one("#verdict").render())
+            assert isinstance(app.screen, MapForm)
+
+    run(go)
+
+
+def test_unmap_and_reset_ask_first(sh) -> None:
+    for offset in ("0", "1M", "2M"):
+        assert sh("map", "0", offset, "64K").returncode == 0
+
+    async def go() -> None:
+        app = console(sh)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await until(pilot, lambda: app.model.mapping_count == 3, "three mappings")
+            await pilot.press("right")  # the cursor on the first mapping
+            await pilot.press("u")
+            await until(pilot, lambda: isinstance(app.screen, Confirm), "the question")
+            assert "Unmap 0x0+0x10000 from region 0?" in str(
+                app.screen.query_one("#question").render()
+            )
+            await pilot.press("escape")  # no
+            await pilot.pause(0.2)
+            assert 0 in app.model.regions[0].mappings
+            await pilot.press("u")
+            await until(pilot, lambda: isinstance(app.screen, Confirm), "the question")
+            await pilot.press("y")
+            await until(pilot, lambda: 0 not in app.model.regions[0].mappings, "the unmap")
+            await pilot.press("r")
+            await until(pilot, lambda: isinstance(app.screen, Confirm), "the reset question")
+            assert "drops all 2 mappings" in str(app.screen.query_one("#question").render())
+            await pilot.press("y")
+            await until(pilot, lambda: app.model.mapping_count == 0, "the reset")
+
+    run(go)
+
+
+def test_config_and_help(sh) -> None:
+    async def go() -> None:
+        app = console(sh)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await until(pilot, lambda: app.model.regions, "regions")
+            await pilot.press("c")
+            await until(pilot, lambda: isinstance(app.screen, ConfigScreen), "the config table")
+            assert app.screen.answer["sizes"] == {"0": 64 * MiB, "2": 8 * MiB}
+            await pilot.press("escape")
+            await pilot.press("question_mark")
+            await until(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
+            keys = {k for k, _ in app.screen.rows}
+            assert {"m", "u", "r", "c", "t", "slash", "q", "← →", "+ -"} <= keys
+
+    run(go)
+
+
+def test_read_only_hides_every_mutating_action(sh) -> None:
+    async def go() -> None:
+        app = console(sh, read_only=True)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await until(pilot, lambda: app.model.regions, "regions")
+            for key in ("m", "u", "r"):
+                await pilot.press(key)
+                await pilot.pause(0.1)
+                assert not isinstance(app.screen, (MapForm, Confirm))
+            titles = [c.title for c in app.get_system_commands(app.screen)]
+            assert "GET_SHMEM_CONFIG" in titles
+            assert not {"Map a buffer", "Reset the device"} & set(titles)
+            await pilot.press("question_mark")
+            await until(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
+            assert not {"m", "u", "r"} & {k for k, _ in app.screen.rows}
+
+    run(go)
+
+
+def test_trace_filter_sort_and_zoom(sh) -> None:
+    async def go() -> None:
+        app = console(sh)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await until(pilot, lambda: app.model.regions, "regions")
+            await pilot.press("t")
+            await pilot.pause(1.0)  # the links resubscribe with the trace
+            assert sh("map", "0", "0", "4K").returncode == 0
+            assert sh("map", "0", "1M", "8K", "--ro").returncode == 0
+            log = app.query_one("#log")
+            await until(pilot, lambda: any("SHMEM_MAP" in line.text for line in log.lines),
+                        "a traced SHMEM_MAP")  # fmt: skip
+            table = app.query_one("#table", MappingsTable)
+            await until(pilot, lambda: table.row_count == 2, "two rows")
+            await pilot.press("slash")
+            await pilot.press("r", "o")
+            await until(pilot, lambda: table.row_count == 1, "the filter")
+            await pilot.press("enter")
+            await pilot.press("s")  # sort by length
+            assert table.sort_key == "length"
+            region_map = app.query_one("#map", RegionMap)
+            await pilot.press("right", "plus", "plus")
+            assert "zoom 4x" in region_map.render_line(0).text
+
+    run(go)
+
+
+def test_a_daemon_that_goes_away_is_a_notice_not_a_crash(sh) -> None:
+    async def go() -> None:
+        app = console(sh)
+        async with app.run_test(size=(100, 32), notifications=True) as pilot:
+            await until(pilot, lambda: app.model.regions, "regions")
+            assert sh("down").returncode == 0
+            await until(pilot, lambda: not app.model.sides["frontend"].reachable, "the loss")
+            notes = [n.message for n in app._notifications]
+            assert any("stopped answering" in m and "shmemctl up" in m for m in notes)
+            header = str(app.query_one("#header").render())
+            assert "not answering" in header and "retrying in" in header
+            await pilot.press("r")  # an action against a dead daemon: told, not crashed
+            await until(pilot, lambda: isinstance(app.screen, Confirm), "the question")
+            await pilot.press("y")
+            await until(pilot, lambda: any("is the pair up?" in n.message
+                                           for n in app._notifications), "the notice")  # fmt: skip
+            assert app.is_running
+
+    run(go)
+
+
+def test_a_burst_of_ten_thousand_events_is_drawn_a_few_times(sh) -> None:
+    redraws = []
+
+    async def go() -> None:
+        app = console(sh)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await until(pilot, lambda: app.model.regions, "regions")
+            original = app._redraw
+
+            def counting(*, regions: bool) -> None:
+                if regions:
+                    redraws.append(1)
+                original(regions=regions)
+
+            app._redraw = counting  # type: ignore[method-assign]
+            maps = [f"0:{i * 4096:#x}:4K" for i in range(5000)]
+            for chunk in range(0, 5000, 1000):  # 5,000 maps: 10,000 events on two links
+                done = await asyncio.to_thread(sh, "batch", *maps[chunk : chunk + 1000])
+                assert done.returncode == 0, done.stderr
+            await until(pilot, lambda: app.model.mapping_count == 5000, "all 5,000", 30)
+            await pilot.press("right", "right")  # and it still answers keys
+            region_map = app.query_one("#map", RegionMap)
+            assert region_map.cursor[0] == 4096
+
+    run(go)
+    assert len(redraws) < 200, f"{len(redraws)} redraws for 10,000 events"
