@@ -87,13 +87,20 @@ class ShmemConsole(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#table", MappingsTable).border_title = "mappings"
-        self.query_one("#log", RichLog).border_title = "events"
-        self.query_one("#filter", Input).display = False
+        # Held, not queried per event: a message can still arrive while the app tears down.
+        self.region_map = self.query_one("#map", RegionMap)
+        self.table = self.query_one("#table", MappingsTable)
+        self.log_view = self.query_one("#log", RichLog)
+        self.header = self.query_one("#header", ConnectionHeader)
+        self.process = self.query_one("#process", ProcessPanel)
+        self.filter_box = self.query_one("#filter", Input)
+        self.table.border_title = "mappings"
+        self.log_view.border_title = "events"
+        self.filter_box.display = False
         self.start_links()
         self.set_interval(0.1, self.drain)
         self._poll_timer = self.set_interval(self.refresh_seconds, self.poll)
-        self.query_one("#map", RegionMap).focus()
+        self.region_map.focus()
         self._redraw(regions=True)
 
     def start_links(self) -> None:
@@ -117,7 +124,7 @@ class ShmemConsole(App[None]):
         if not self.inbox:
             self._redraw(regions=False)
             return
-        log = self.query_one("#log", RichLog)
+        log = self.log_view
         lines: list[str] = []
         skipped = 0
         regions = False
@@ -159,16 +166,16 @@ class ShmemConsole(App[None]):
         self._redraw(regions=regions)
 
     def _redraw(self, *, regions: bool) -> None:
-        self.query_one("#header", ConnectionHeader).update_view(
+        self.header.update_view(
             self.refresh_seconds, self.read_only
         )
-        self.query_one("#process", ProcessPanel).update_view()
-        region_map = self.query_one("#map", RegionMap)
+        self.process.update_view()
+        region_map = self.region_map
         if regions:
             region_map.refresh(layout=True)
         region = region_map.current
         around = region_map.cursor.get(region.shmid) if region else None
-        self.query_one("#table", MappingsTable).show(region, around)
+        self.table.show(region, around)
 
     @work(thread=True, exclusive=True, group="poll")
     def poll(self) -> None:
@@ -189,11 +196,11 @@ class ShmemConsole(App[None]):
     @on(RegionMap.Selected)
     def _map_moved(self, event: RegionMap.Selected) -> None:
         region = self.model.regions.get(event.shmid) if event.shmid is not None else None
-        self.query_one("#table", MappingsTable).show(region, event.offset)
+        self.table.show(region, event.offset)
 
     @on(DataTable.RowHighlighted, "#table")
     def _row_moved(self, event: DataTable.RowHighlighted) -> None:
-        region_map = self.query_one("#map", RegionMap)
+        region_map = self.region_map
         region = region_map.current
         if (
             region is not None
@@ -204,7 +211,7 @@ class ShmemConsole(App[None]):
 
     @on(DataTable.HeaderSelected, "#table")
     def _sort_by(self, event: DataTable.HeaderSelected) -> None:
-        table = self.query_one("#table", MappingsTable)
+        table = self.table
         key = str(event.column_key.value)
         table.sort_reverse = not table.sort_reverse if table.sort_key == key else False
         table.sort_key = key
@@ -235,14 +242,14 @@ class ShmemConsole(App[None]):
                 yield SystemCommand(title, help_text, callback)
 
     def _selected(self) -> tuple[int, Any]:
-        region_map = self.query_one("#map", RegionMap)
+        region_map = self.region_map
         region = region_map.current
         if region is None:
             return -1, None
         return region.shmid, region_map.cursor_of(region)
 
     def action_map(self) -> None:
-        region_map = self.query_one("#map", RegionMap)
+        region_map = self.region_map
         region = region_map.current
         if region is None:
             self.notify(
@@ -310,34 +317,34 @@ class ShmemConsole(App[None]):
         self.trace = not self.trace
         for link in self.links.values():
             link.resubscribe(self.trace)
-        log = self.query_one("#log", RichLog)
+        log = self.log_view
         log.border_title = "events + protocol trace" if self.trace else "events"
         self.notify("protocol trace on" if self.trace else "protocol trace off")
 
     def action_filter(self) -> None:
-        box = self.query_one("#filter", Input)
+        box = self.filter_box
         box.display = True
         box.focus()
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
-        self.query_one("#table", MappingsTable).filter_text = event.value.strip()
+        self.table.filter_text = event.value.strip()
         self._redraw(regions=False)
 
     @on(Input.Submitted, "#filter")
     def _filter_done(self) -> None:
-        self.query_one("#filter", Input).display = False
-        self.query_one("#map", RegionMap).focus()
+        self.filter_box.display = False
+        self.region_map.focus()
 
     def key_escape(self) -> None:
-        box = self.query_one("#filter", Input)
+        box = self.filter_box
         if box.display:
             box.value = ""
             box.display = False
-            self.query_one("#map", RegionMap).focus()
+            self.region_map.focus()
 
     def action_sort(self) -> None:
-        table = self.query_one("#table", MappingsTable)
+        table = self.table
         keys = list(MappingsTable.COLUMNS)
         table.sort_key = keys[(keys.index(table.sort_key) + 1) % len(keys)]
         self.notify(f"sorted by {table.sort_key}")
