@@ -194,7 +194,7 @@ class RegionMap(Widget, can_focus=True):
                 ("  (first page of a longer table)" if region.truncated else "", "dim"),
                 (f"  zoom {zoom:g}x" if zoom > 1 else "", "cyan"),
             )
-            return Strip(text.render(self.app.console), width).crop_extend(0, width, None)
+            return Strip(list(text.render(self.app.console))).adjust_cell_length(width)
         if row == 1:
             bar_width = max(1, width - 2)
             cells = self._cells(region, bar_width)
@@ -227,7 +227,7 @@ class RegionMap(Widget, can_focus=True):
             " ", (left, "dim"), " " * (gap // 2), (middle, "bold reverse"), " " * (gap - gap // 2),
             (right, "dim"),
         )  # fmt: skip
-        return Strip(text.render(self.app.console), width).crop_extend(0, width, None)
+        return Strip(list(text.render(self.app.console))).adjust_cell_length(width)
 
 
 class MappingsTable(DataTable):
