@@ -166,9 +166,7 @@ class ShmemConsole(App[None]):
         self._redraw(regions=regions)
 
     def _redraw(self, *, regions: bool) -> None:
-        self.header.update_view(
-            self.refresh_seconds, self.read_only
-        )
+        self.header.update_view(self.refresh_seconds, self.read_only)
         self.process.update_view()
         region_map = self.region_map
         if regions:

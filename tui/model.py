@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ class RegionView:
     truncated: bool = False
     version: int = 0  # bumped on every change: widgets cache their drawing by it
     _starts: list[int] | None = None
+    _by_access: tuple[list[int], list[int], list[int], list[int]] | None = None
 
     @property
     def starts(self) -> list[int]:
@@ -45,8 +47,30 @@ class RegionView:
             self._starts = sorted(self.mappings)
         return self._starts
 
+    @property
+    def by_access(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(rw starts, rw ends, ro starts, ro ends), sorted. Mappings never overlap, so
+        ends sort like starts, and 'anything in [a, b)?' is one bisection per kind."""
+        if self._by_access is None:
+            rw_s: list[int] = []
+            rw_e: list[int] = []
+            ro_s: list[int] = []
+            ro_e: list[int] = []
+            mappings = self.mappings
+            for start in self.starts:
+                m = mappings[start]
+                if m.writable:
+                    rw_s.append(start)
+                    rw_e.append(m.end)
+                else:
+                    ro_s.append(start)
+                    ro_e.append(m.end)
+            self._by_access = (rw_s, rw_e, ro_s, ro_e)
+        return self._by_access
+
     def changed(self) -> None:
         self._starts = None
+        self._by_access = None
         self.version += 1
 
     @property
@@ -79,6 +103,33 @@ class RegionView:
             i -= 1
         return starts[min(max(i, 0), len(starts) - 1)]
 
+    def rows(
+        self,
+        *,
+        sort: str = "offset",
+        reverse: bool = False,
+        matches: Callable[[MappingView], bool] | None = None,
+        around: int | None = None,
+        limit: int = 2000,
+    ) -> tuple[list[MappingView], int]:
+        """The mappings a table shows: filtered, sorted, at most `limit` around `around`;
+        and how many matched in all. Offset order needs no sort: `starts` has it."""
+        if sort == "offset" and matches is None:
+            chosen = [self.mappings[s] for s in self.starts]
+        else:
+            chosen = [m for m in self.mappings.values() if matches is None or matches(m)]
+            chosen.sort(key=SORT_KEYS[sort])
+        if reverse:
+            chosen.reverse()
+        total = len(chosen)
+        if total > limit:
+            at = 0
+            if around is not None:
+                at = next((i for i, m in enumerate(chosen) if m.shm_offset == around), 0)
+            first = max(0, min(at - limit // 2, total - limit))
+            chosen = chosen[first : first + limit]
+        return chosen, total
+
     def problem(self, offset: int, length: int, fd_offset: int) -> str:
         """Why a map of [offset, offset+length) would be refused, as far as we can see."""
         if length <= 0:
@@ -99,6 +150,16 @@ class RegionView:
                 return pos
             pos = max(pos, m.end)
         return pos if self.size - pos >= length else None
+
+
+SORT_KEYS: dict[str, Callable[[MappingView], Any]] = {
+    "offset": lambda m: m.shm_offset,
+    "length": lambda m: m.len,
+    "fd offset": lambda m: m.fd_offset,
+    "access": lambda m: m.writable,
+    "file": lambda m: m.file,
+    "age": lambda m: -m.created,
+}
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from typing import Any
 
 from rich.segment import Segment
@@ -36,17 +37,23 @@ LINES_PER_REGION = 3
 
 def bar_cells(region: RegionView, start: int, span: int, width: int) -> list[int]:
     """What each of `width` cells over [start, start+span) holds. Any overlap marks a
-    cell, so a 4 KiB mapping stays visible in a 1 GiB region."""
-    cells = [FREE] * width
+    cell, so a 4 KiB mapping stays visible in a 1 GiB region. Two bisections per cell
+    and kind: 65,536 mappings cost no more than 16."""
     if width <= 0 or span <= 0:
-        return cells
-    end = start + span
-    for m in region.in_range(start, end):
-        a = max(m.shm_offset, start) - start
-        b = min(m.end, end) - start - 1
-        bit = RW if m.writable else RO
-        for c in range(a * width // span, min(width - 1, b * width // span) + 1):
-            cells[c] |= bit
+        return [FREE] * max(0, width)
+    rw_s, rw_e, ro_s, ro_e = region.by_access
+    cells = []
+    for c in range(width):
+        a = start + c * span // width
+        b = max(a + 1, start + (c + 1) * span // width)
+        kind = FREE
+        i = bisect_right(rw_e, a)  # the first read-write mapping that ends past a
+        if i < len(rw_s) and rw_s[i] < b:
+            kind |= RW
+        i = bisect_right(ro_e, a)
+        if i < len(ro_s) and ro_s[i] < b:
+            kind |= RO
+        cells.append(kind)
     return cells
 
 
@@ -247,9 +254,12 @@ class MappingsTable(DataTable):
         self.shown: tuple = ()
 
     def show(self, region: RegionView | None, around: int | None = None) -> None:
+        # Ages tick every second; re-listing a huge region each second would not be free,
+        # so a region larger than one screenful of rows refreshes on change only.
+        tick = int(time.time()) if region and len(region.mappings) <= self.MAX_ROWS else 0
         key = (
             region.shmid if region else None, region.version if region else None,
-            self.filter_text, self.sort_key, self.sort_reverse, int(time.time()),
+            self.filter_text, self.sort_key, self.sort_reverse, tick, around,
         )  # fmt: skip
         if key == self.shown:
             return
@@ -257,32 +267,25 @@ class MappingsTable(DataTable):
         self.clear()
         if region is None:
             return
-        rows = []
         now = time.time()
-        for m in region.mappings.values():
-            row = (
+
+        def cells(m: MappingView) -> tuple[str, ...]:
+            return (
                 f"{m.shm_offset:#x}", human_size(m.len), f"{m.fd_offset:#x}",
                 "rw" if m.writable else "ro", m.file or "?", f"{now - m.created:.0f}s",
             )  # fmt: skip
-            if self.filter_text and self.filter_text not in " ".join(row):
-                continue
-            rows.append((m, row))
-        sort_value = {
-            "offset": lambda mr: mr[0].shm_offset, "length": lambda mr: mr[0].len,
-            "fd offset": lambda mr: mr[0].fd_offset, "access": lambda mr: mr[1][3],
-            "file": lambda mr: mr[1][4], "age": lambda mr: -mr[0].created,
-        }[self.sort_key]  # fmt: skip
-        rows.sort(key=sort_value, reverse=self.sort_reverse)
-        total = len(rows)
-        if total > self.MAX_ROWS:
-            at = next((i for i, (m, _) in enumerate(rows) if m.shm_offset == around), 0)
-            first = max(0, min(at - self.MAX_ROWS // 2, total - self.MAX_ROWS))
-            rows = rows[first : first + self.MAX_ROWS]
-        for m, row in rows:
-            self.add_row(*row, key=str(m.shm_offset))
+
+        text = self.filter_text
+        matches = (lambda m: text in " ".join(cells(m))) if text else None
+        shown, total = region.rows(
+            sort=self.sort_key, reverse=self.sort_reverse, matches=matches, around=around,
+            limit=self.MAX_ROWS,
+        )  # fmt: skip
+        for m in shown:
+            self.add_row(*cells(m), key=str(m.shm_offset))
         self.border_subtitle = (
-            f"{len(rows)} of {total} shown" if total > len(rows) else f"{total} mappings"
-        ) + (f" matching {self.filter_text!r}" if self.filter_text else "")
+            f"{len(shown)} of {total} shown" if total > len(shown) else f"{total} mappings"
+        ) + (f" matching {text!r}" if text else "")
         if around is not None and str(around) in self.rows:
             self.move_cursor(row=self.get_row_index(str(around)))
 
