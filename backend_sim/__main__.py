@@ -15,6 +15,7 @@ from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, ChannelError
 from shmemctl.control import ControlError, ControlServer
 from shmemctl.daemon import Stopper, connect_unix, listen_unix, profiled, setup_logging
+from shmemctl.faults import BACKEND_FAULTS
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.sizes import human_size, parse_regions
 from shmemctl.wire import ChannelKind, WireError
@@ -70,6 +71,13 @@ def _emit(line: str) -> None:
 )
 @click.option("--scenario-rate", default=10.0, show_default=True, help="Scenario actions/s.")
 @click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    type=click.Choice(sorted(BACKEND_FAULTS)),
+    help="Break one protocol rule on purpose (to test a conformance suite); repeatable.",
+)
+@click.option(
     "--script",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Run these map/unmap/sleep lines once SHMEM is usable; one result line each on stdout.",
@@ -88,6 +96,7 @@ def main(
     control: str | None,
     scenario: str | None,
     scenario_rate: float,
+    faults: tuple[str, ...],
     script: Path | None,
     verbose: bool,
 ) -> None:
@@ -102,7 +111,9 @@ def main(
         except ScriptError as exc:
             raise click.UsageError(f"{script}: {exc}") from None
     setup_logging("backend_sim", verbose)
-    device = DeviceModel(regions, queues, bytes(config_size), shmem_bit)
+    device = DeviceModel(regions, queues, bytes(config_size), shmem_bit, frozenset(faults))
+    if faults:
+        log.warning("deliberate faults on: %s", ", ".join(sorted(faults)))
     stopper = Stopper()
     stopper.install_signals()
     endpoint = BackendEndpoint(device, reply_timeout=reply_timeout, busy_poll=busy_poll)

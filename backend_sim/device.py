@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -102,11 +103,23 @@ class SimDevice:
     def forget(self, why: str) -> None:
         """Reset or disconnect: the front-end dropped every mapping; no UNMAPs are sent."""
         with self.lock:
-            count = len(self.mapped)
+            dropped = list(self.mapped.values())
             self.mapped.clear()
         self.free_unmapped_buffers()
-        if count:
-            log.info("forgot %d mappings (%s)", count, why)
+        if dropped:
+            log.info("forgot %d mappings (%s)", len(dropped), why)
+        if dropped and "unmap-after-reset" in self.endpoint.faults and "disconnect" not in why:
+            # the fault: unmap what the reset already dropped (after the ack, from elsewhere)
+            threading.Thread(target=self._unmap_all, args=(dropped,), daemon=True).start()
+
+    def _unmap_all(self, dropped: list[Believed]) -> None:
+        time.sleep(0.05)
+        for b in dropped:
+            with contextlib.suppress(NotReady, ChannelError):
+                self.endpoint.shmem_request(
+                    BackendReq.SHMEM_UNMAP, ShmemMap(b.shmid, b.shm_offset, b.len),
+                    need_reply=False,
+                )  # fmt: skip
 
     def close(self) -> None:
         self.forget("shutting down")

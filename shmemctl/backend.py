@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ class DeviceModel:
     queues: int = 1
     config_space: bytes = b""
     shmem_bit: int = SHMEM_BIT
+    #: deliberate protocol faults (shmemctl.faults), for showing conformance catches them
+    faults: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -156,6 +159,12 @@ class BackendEndpoint:
         self._shmem_and_ack = self.shmem_mask | int(ProtocolFeature.REPLY_ACK)
         if device.config_space:
             self.offered |= ProtocolFeature.CONFIG
+        self.faults = device.faults
+        if "offer-bit-21" in self.faults:
+            self.offered |= ProtocolFeature.GPA_ADDRESSES
+        if "map-without-shmem" in self.faults:
+            self._shmem_and_ack = 0  # sends whatever was or was not negotiated
+        self._configs_sent = 0
         self.events = events or EventHub()
         self.reply_timeout = reply_timeout
         self.busy_poll = busy_poll
@@ -175,7 +184,17 @@ class BackendEndpoint:
         return bool(self.session.protocol_features & ProtocolFeature.REPLY_ACK)
 
     def shmem_config(self) -> ShmemConfig:
-        return ShmemConfig.from_regions(self.device.regions)
+        regions = dict(self.device.regions)
+        if regions and "unaligned-config" in self.faults:
+            first = min(regions)
+            regions[first] += 512
+        if regions and "unstable-config" in self.faults and self._configs_sent:
+            first = min(regions)
+            regions[first] *= 2
+        config = ShmemConfig.from_regions(regions)
+        if "bad-nregions" in self.faults:
+            config = ShmemConfig(config.sizes, 300)
+        return config
 
     def why_not_ready(self) -> str | None:
         """None when SHMEM requests can be sent; else what is missing, for the log."""
@@ -223,11 +242,23 @@ class BackendEndpoint:
 
     def _ack(self, main: Channel, msg: Message, ok: bool = True) -> None:
         own_reply = spec_of(ChannelKind.MAIN, msg.request).own_reply
-        if msg.need_reply and self.reply_ack and not own_reply:
-            main.send(encode_u64_reply(msg.request, 0 if ok else 1))
+        if msg.need_reply and self.reply_ack and not own_reply and "no-ack" not in self.faults:
+            self._send_reply(main, encode_u64_reply(msg.request, 0 if ok else 1))
+            if "ack-twice" in self.faults:
+                self._send_reply(main, encode_u64_reply(msg.request, 0 if ok else 1))
 
     def _reply(self, main: Channel, msg: Message, payload: object) -> None:
-        main.send(encode(ChannelKind.MAIN, msg.request, payload, reply=True))  # type: ignore[arg-type]
+        data = encode(ChannelKind.MAIN, msg.request, payload, reply=True)  # type: ignore[arg-type]
+        if msg.request == FrontendReq.GET_SHMEM_CONFIG:
+            self._configs_sent += 1
+            if "short-shmem-config" in self.faults:
+                data = data[:8] + struct.pack("<I", len(data) - 20) + data[12:-8]
+        self._send_reply(main, data)
+
+    def _send_reply(self, main: Channel, data: bytes) -> None:
+        if "bad-reply-flags" in self.faults:
+            data = data[:4] + struct.pack("<I", 0x1) + data[8:]
+        main.send(data)
 
     def _handle(self, main: Channel, msg: Message) -> tuple[int, ...]:
         """Answer one request; return the fds it keeps (the caller closes the rest)."""
@@ -352,9 +383,11 @@ class BackendEndpoint:
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until SHMEM requests can be sent (or the reason they never will be is fixed)."""
+        shmem_needed = "map-without-shmem" not in self.faults
         with self.ready:
             return self.ready.wait_for(
-                lambda: self.backend_channel is not None and self.shmem, timeout
+                lambda: self.backend_channel is not None and (self.shmem or not shmem_needed),
+                timeout,
             )
 
     def _names(self, mask: int) -> str:

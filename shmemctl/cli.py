@@ -18,6 +18,7 @@ import click
 from . import options, rundir
 from .control import ControlClient, ControlError, DaemonUnreachable
 from .events import TRACE
+from .faults import FRONTEND_FAULTS
 from .shmem.libc import PAGE_SIZE
 from .sizes import hex_range, human_size, parse_regions, parse_size
 
@@ -68,6 +69,13 @@ def run() -> None:
 @options.busy_poll
 @options.pair_name
 @options.control_path
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    type=click.Choice(sorted(FRONTEND_FAULTS)),
+    help="Break one protocol rule on purpose (to test a conformance suite); repeatable.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every map and unmap.")
 def frontend(
     connect: str | None,
@@ -80,6 +88,7 @@ def frontend(
     busy_poll: float,
     name: str,
     control: str | None,
+    faults: tuple[str, ...],
     verbose: bool,
 ) -> None:
     """Run a front-end that maps what the back-end asks into reserved regions."""
@@ -102,6 +111,7 @@ def frontend(
         max_per_region=max_mappings_per_region,
         max_reserve=max_reserve,
         busy_poll=busy_poll,
+        faults=frozenset(faults),
     )
     fe = Frontend(fe_options)
     fe.stopper.install_signals()

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,8 @@ class FrontendOptions:
     max_per_region: int = DEFAULT_MAX_PER_REGION
     max_total: int = DEFAULT_MAX_TOTAL
     max_reserve: int = DEFAULT_MAX_RESERVE
+    #: deliberate protocol faults (shmemctl.faults), for showing conformance catches them
+    faults: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -92,6 +95,9 @@ class Frontend:
             raise ValueError("give exactly one of --connect PATH or --listen PATH")
         self.options = options
         self.shmem_mask = 1 << check_shmem_bit(options.shmem_bit)
+        self.faults = options.faults
+        if self.faults:
+            log.warning("deliberate faults on: %s", ", ".join(sorted(self.faults)))
         self.events = events or EventHub()
         self.stopper = Stopper()
         self.state = "disconnected"
@@ -284,7 +290,10 @@ class Frontend:
             )
         else:
             offered = self._get_u64(FrontendReq.GET_PROTOCOL_FEATURES)
-            acked = offered & (IMPLEMENTED | self.shmem_mask)
+            ours = IMPLEMENTED | self.shmem_mask
+            if "ack-gpa" in self.faults:
+                ours |= ProtocolFeature.GPA_ADDRESSES
+            acked = offered & ours
             self.request(FrontendReq.SET_PROTOCOL_FEATURES, acked)
             neg.protocol_features = acked
             neg.reply_ack = bool(acked & ProtocolFeature.REPLY_ACK)
@@ -344,11 +353,15 @@ class Frontend:
         if self.regions is not None:
             self.regions.close()
             self.regions = None
+        skip = {Refusal.OVERLAP} if "skip-overlap-check" in self.faults else set()
+        if "skip-alignment-check" in self.faults:
+            skip.add(Refusal.MISALIGNED)
         self.regions = RegionTable(
             sizes,
             max_per_region=self.options.max_per_region,
             max_total=self.options.max_total,
             max_reserve=self.options.max_reserve,
+            skip_checks=frozenset(skip),
         )
         for region in self.regions.regions.values():
             log.info("region %d: %s reserved at %#x", region.shmid, hex(region.size), region.base)
@@ -427,8 +440,26 @@ class Frontend:
                 result = result_from_errno(Refusal.NOT_NEGOTIATED.errno)
         finally:
             close_fds(msg.fds)
-        if msg.need_reply and self.negotiated.reply_ack:
+        if self.faults:
+            self._reply_with_faults(channel, msg, result)
+        elif msg.need_reply and self.negotiated.reply_ack:
             channel.send(encode_u64_reply(req, result))
+
+    def _reply_with_faults(self, channel: Channel, msg: Message, result: int) -> None:
+        """The reply path with deliberate faults (see shmemctl.faults)."""
+        faults = self.faults
+        owed = msg.need_reply and self.negotiated.reply_ack
+        if "no-reply" in faults or not (owed or "reply-always" in faults):
+            return
+        data = encode_u64_reply(msg.request, result)
+        if "stale-reply" in faults:  # the request's own payload sent back as the "result"
+            body = encode(ChannelKind.BACKEND, msg.request, msg.payload)[12:]
+            data = struct.pack("<III", msg.request, 0x5, len(body)) + body
+        if "bad-reply-flags" in faults:
+            data = data[:4] + struct.pack("<I", 0xD) + data[8:]
+        channel.send(data)
+        if "reply-twice" in faults:
+            channel.send(data)
 
     def _shmem(self, msg: Message) -> int:
         m = msg.payload

@@ -146,8 +146,11 @@ class RegionTable:
         max_per_region: int = DEFAULT_MAX_PER_REGION,
         max_total: int = DEFAULT_MAX_TOTAL,
         max_reserve: int = DEFAULT_MAX_RESERVE,
+        skip_checks: frozenset[Refusal] = frozenset(),
     ) -> None:
         sizes = {shmid: size for shmid, size in sizes.items() if size}
+        #: checks left out on purpose (shmemctl frontend --fault); empty in normal use
+        self.skip_checks = skip_checks
         check_layout(sizes, max_reserve)
         self.max_per_region = max_per_region
         self.max_total = max_total
@@ -195,7 +198,9 @@ class RegionTable:
                 f"{region.size:#x}",
             )
         fd_offset = m.fd_offset if check_fd_offset else 0
-        if (m.shm_offset | m.len | fd_offset) % PAGE_SIZE:
+        if (m.shm_offset | m.len | fd_offset) % PAGE_SIZE and (
+            Refusal.MISALIGNED not in self.skip_checks
+        ):
             raise _refuse(
                 Refusal.MISALIGNED,
                 f"shm_offset {m.shm_offset:#x}, fd_offset {fd_offset:#x} and len {m.len:#x} "
@@ -214,7 +219,7 @@ class RegionTable:
             self._check_range(region, m, check_fd_offset=True)
             end = m.shm_offset + m.len
             hit = region.mappings.conflict(m.shm_offset, end)
-            if hit is not None:
+            if hit is not None and Refusal.OVERLAP not in self.skip_checks:
                 raise _refuse(
                     Refusal.OVERLAP,
                     f"overlaps {hex_range(hit[0], hit[1] - hit[0])}; unmap it first or pick a "
