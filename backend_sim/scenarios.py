@@ -122,7 +122,14 @@ class Blobs(Scenario):
             pos = max(pos, end)
         return pos if self.size - pos >= length else None
 
+    def _still_mapped(self) -> None:
+        """Forget what a reset or disconnect dropped: those must not be unmapped (§5)."""
+        with self.device.lock:
+            mapped = self.device.mapped
+            self.live = [(o, n) for o, n in self.live if (self.shmid, o) in mapped]
+
     def step(self) -> None:
+        self._still_mapped()
         grow = len(self.live) < self.max_live and self.random.random() < 0.55
         if grow or not self.live:
             length = self.random.choice([s for s in BLOB_SIZES if s <= self.size] or [PAGE_SIZE])
@@ -169,6 +176,11 @@ class Dax(Scenario):
         return {**super().describe(), "file": self.path, "windows_mapped": len(self.placed)}
 
     def step(self) -> None:
+        with self.device.lock:  # what a reset or disconnect dropped is gone (§5)
+            mapped = self.device.mapped
+            self.placed = {s: w for s, w in self.placed.items()
+                           if (self.shmid, s * DAX_WINDOW) in mapped}  # fmt: skip
+        self.order = deque(s for s in self.order if s in self.placed)
         window = self.random.randrange(self.windows)
         if window in self.placed.values():
             return  # already in the cache window: a hit

@@ -152,6 +152,7 @@ class BackendEndpoint:
         reply_timeout: float = 5.0,
         busy_poll: float = DEFAULT_BUSY_POLL,
         on_forget: Callable[[str], None] | None = None,
+        observer: Callable[[Message], None] | None = None,
     ) -> None:
         self.device = device
         self.shmem_mask = 1 << check_shmem_bit(device.shmem_bit)
@@ -169,6 +170,8 @@ class BackendEndpoint:
         self.reply_timeout = reply_timeout
         self.busy_poll = busy_poll
         self.on_forget = on_forget
+        #: sees every main-channel request before it is answered (the conformance suite)
+        self.observer = observer
         self.session = Session()
         self.backend_channel: BackendChannel | None = None
         self.ready = threading.Condition()
@@ -262,6 +265,8 @@ class BackendEndpoint:
 
     def _handle(self, main: Channel, msg: Message) -> tuple[int, ...]:
         """Answer one request; return the fds it keeps (the caller closes the rest)."""
+        if self.observer is not None:
+            self.observer(msg)
         req = msg.request
         s = self.session
         log.debug("main channel: %s %r fds=%d", msg.name, msg.payload, len(msg.fds))

@@ -566,6 +566,57 @@ def down(name: str) -> None:
 
 
 @main.command()
+@click.option(
+    "--frontend",
+    "frontend_sock",
+    metavar="SOCKET",
+    help="Test the front-end on this vhost-user socket (shmemctl plays the back-end).",
+)
+@click.option(
+    "--backend",
+    "backend_sock",
+    metavar="SOCKET",
+    help="Test the back-end on this vhost-user socket (shmemctl plays the front-end).",
+)
+@click.option("--listen", "mode", flag_value="listen", help="Listen on SOCKET for the peer.")
+@click.option("--connect", "mode", flag_value="connect", help="Connect to SOCKET.")
+@click.option(
+    "--wait", default=3.0, show_default=True, help="Seconds to watch a back-end's SHMEM requests."
+)
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the peer.")
+@click.option(
+    "--no-offer-bit-21",
+    is_flag=True,
+    help="Do not offer bit 21 to a front-end (one that really uses GPA_ADDRESSES).",
+)
+@click.option("--require-shmem", is_flag=True, help="Fail, not skip, when SHMEM is not acked.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for CI.")
+def conformance(
+    frontend_sock: str | None, backend_sock: str | None, mode: str | None, wait: float,
+    timeout: float, no_offer_bit_21: bool, require_shmem: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """Check another implementation against the protocol brief; exit 1 if anything fails.
+
+    A front-end is usually tested by listening for it (the default with --frontend); a
+    back-end by connecting to it (the default with --backend)."""
+    from .conformance import check_backend, check_frontend
+
+    if bool(frontend_sock) == bool(backend_sock):
+        raise click.UsageError("give exactly one of --frontend SOCKET or --backend SOCKET")
+    if frontend_sock:
+        report = check_frontend(
+            frontend_sock, listen=mode != "connect", timeout=timeout,
+            offer_bit_21=not no_offer_bit_21, require_shmem=require_shmem,
+        )  # fmt: skip
+    else:
+        assert backend_sock is not None
+        report = check_backend(backend_sock, listen=mode == "listen", wait=wait, timeout=timeout)
+    click.echo(report.to_json() if as_json else report.to_text())
+    if report.failed:
+        sys.exit(EXIT_REFUSED)
+
+
+@main.command()
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str) -> None:
     """Print the shell completion script: eval "$(shmemctl completion bash)"."""

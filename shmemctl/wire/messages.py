@@ -381,6 +381,8 @@ _ROUTES: dict[ChannelKind, dict[int, _Route]] = {
 _MAIN_ROUTES = _ROUTES[ChannelKind.MAIN]
 _BACKEND_ROUTES = _ROUTES[ChannelKind.BACKEND]
 _UNKNOWN_ROUTE: _Route = (_decode_raw, _decode_raw, 0)
+# Every reply on the backend channel is a u64, whatever the request was.
+_UNKNOWN_BACKEND_ROUTE: _Route = (_decode_raw, _decode_u64, 0)
 
 
 # ----------------------------------------------------------------- messages
@@ -452,8 +454,11 @@ def decode_body(
     channel: ChannelKind, header: Header, payload: bytes, fds: Sequence[int] = ()
 ) -> Message:
     """Decode the payload of a checked header. fds past the id's allowance go to surplus."""
-    routes = _MAIN_ROUTES if channel is ChannelKind.MAIN else _BACKEND_ROUTES
-    decode_request, decode_reply, allowed = routes.get(header.request, _UNKNOWN_ROUTE)
+    if channel is ChannelKind.MAIN:
+        route = _MAIN_ROUTES.get(header.request, _UNKNOWN_ROUTE)
+    else:
+        route = _BACKEND_ROUTES.get(header.request, _UNKNOWN_BACKEND_ROUTE)
+    decode_request, decode_reply, allowed = route
     if header.flags & FLAG_REPLY:
         value = decode_reply(payload)
         allowed = 0
