@@ -39,6 +39,7 @@ class _Session:
         else:
             sock = connect_unix(path)
         self.main = Channel(sock, ChannelKind.MAIN, replies=True)
+        self.main.set_recv_timeout(5.0)  # a peer that stops mid-message cannot hang the suite
         self.backend: Channel | None = None
 
     def call(self, req: FrontendReq, payload: object = None, fds: tuple[int, ...] = (),
@@ -55,6 +56,7 @@ class _Session:
         finally:
             theirs.close()
         self.backend = Channel(ours, ChannelKind.BACKEND, replies=False)
+        self.backend.set_recv_timeout(5.0)
         return got
 
     def close(self) -> None:

@@ -61,6 +61,7 @@ def check_frontend(
         report.add("connects", "§1", False, "a front-end on the socket", str(exc))
         return report
     main = Channel(sock, ChannelKind.MAIN, replies=False)
+    main.set_recv_timeout(timeout)  # a peer that stops mid-message cannot hang the suite
     broke: list[str] = []
 
     def serve() -> None:

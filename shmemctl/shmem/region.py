@@ -4,6 +4,7 @@ one place where SHMEM_MAP/SHMEM_UNMAP requests are validated (brief §5, steps 4
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import os
@@ -247,8 +248,7 @@ class RegionTable:
             try:
                 libc.map_fd(addr, m.len, fd, m.fd_offset, bool(m.flags & MMAP_FLAG_WRITE))
             except OSError as exc:
-                # MAP_FIXED may have replaced part of the range before failing.
-                libc.restore(addr, m.len)
+                self._restore_after_failure(addr, m.len)
                 raise ShmemRefused(Refusal.MMAP_FAILED, str(exc.strerror), exc.errno) from exc
             mapping = Mapping(
                 m.shmid,
@@ -263,6 +263,17 @@ class RegionTable:
             region.mappings.add(m.shm_offset, end, mapping)
             self._count += 1
             return mapping
+
+    @staticmethod
+    def _restore_after_failure(addr: int, length: int) -> None:
+        """A failed MAP_FIXED may have replaced part of an aligned range: put the
+        reservation back over every page it could have touched. At an unaligned
+        address the kernel refused before touching anything."""
+        if addr % PAGE_SIZE:
+            return
+        pages = -(-length // PAGE_SIZE) * PAGE_SIZE
+        with contextlib.suppress(OSError):  # nothing better to do; the table stays true
+            libc.restore(addr, pages)
 
     def unmap(self, m: ShmemMap) -> Mapping:
         """Validate (steps 5-8, whole mapping) and put the reservation back."""
