@@ -130,7 +130,7 @@ def test_random_maps_and_unmaps_match_the_model_and_the_kernel(steps) -> None:
                     del model[(shmid, m.shm_offset)]
                 except ShmemRefused as exc:
                     assert not ok, exc
-            assert len(t) == len(model)
+            assert t.count == len(model)
         assert truth(t) == []
         assert t.reset() == len(model)
         assert truth(t) == []
@@ -151,7 +151,7 @@ def test_limits_refuse_cleanly(buf) -> None:
         with pytest.raises(ShmemRefused) as info:
             t.map(ShmemMap(1, PAGE, PAGE, 0), buf)
         assert "limits are 2 and 3" in info.value.detail
-        assert len(t) == 3 and truth(t) == []
+        assert t.count == 3 and truth(t) == []
     finally:
         t.close()
 
@@ -164,7 +164,7 @@ def test_a_failed_mmap_leaves_the_reservation(table, tmp_path) -> None:
     finally:
         os.close(fd)
     assert info.value.reason is Refusal.MMAP_FAILED and info.value.errno_name == "ENODEV"
-    assert len(table) == 0 and truth(table) == []
+    assert table.count == 0 and truth(table) == []
 
 
 def test_each_refusal_names_what_would_be_right(table, buf) -> None:

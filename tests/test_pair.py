@@ -133,14 +133,14 @@ def test_reset_drops_every_mapping_and_the_backend_forgets(spawn, tmp_path) -> N
     runner.start()
     try:
         assert be.wait_lines(2) == ["map 0 0 1M: ok", "map 2 0 64K ro: ok"]
-        assert fe.regions is not None and len(fe.regions) == 2
+        assert fe.regions is not None and fe.regions.count == 2
         assert fe.reset() == (2, "RESET_DEVICE")
         lines = read_maps()
         for region in fe.regions.regions.values():
             assert kernel_segments(lines, region.base, region.size) == [
                 Segment(0, region.size, "none")
             ]
-        assert len(fe.regions) == 0
+        assert fe.regions.count == 0
         be.wait_log(r"forgot 2 mappings \(RESET_DEVICE from the front-end\)")
         assert fe.state == "connected"  # a reset is not a disconnect
     finally:

@@ -182,7 +182,7 @@ def _serve_requests(report: Report, s: _Session, table: RegionTable, wait: float
                not shape, f"{count} well-formed requests", shape)  # fmt: skip
     report.add("shmem-requests-valid", "§5: a back-end asks only for what a front-end may grant",
                not refused, "every request granted", refused)  # fmt: skip
-    live = len(table)
+    live = table.count
     if not live:
         report.na("no-unmap-after-reset", "§5", "nothing was mapped when the reset came")
         return

@@ -75,10 +75,10 @@ def status(fe: Frontend, max_mappings: int = DEFAULT_LIST) -> dict[str, Any]:
                     "shmid": shmid,
                     "base": region.base,
                     "size": region.size,
-                    "count": len(region),
+                    "count": len(region.mappings),
                     "mapped_bytes": region.mapped_bytes,
                     "mappings": listed,
-                    "truncated": len(region) > len(listed),
+                    "truncated": len(region.mappings) > len(listed),
                 }
             )
             answer["disagreements"] += disagreements(

@@ -184,7 +184,7 @@ class Frontend:
             log.info(
                 "connected: SHMEM %s, %d regions, REPLY_ACK %s",
                 "on" if neg.shmem else "off",
-                len(self.regions.regions) if neg.shmem and self.regions else 0,
+                len(self.regions.regions) if neg.shmem and self.regions is not None else 0,
                 "on" if neg.reply_ack else "off",
             )
             self._set_state("connected")

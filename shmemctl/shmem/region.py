@@ -114,9 +114,6 @@ class Region:
         self.base = libc.reserve(size)
         self.mappings: IntervalIndex[Mapping] = IntervalIndex()
 
-    def __len__(self) -> int:
-        return len(self.mappings)
-
     @property
     def mapped_bytes(self) -> int:
         return sum(m.len for _, _, m in self.mappings)
@@ -169,7 +166,9 @@ class RegionTable:
     def sizes(self) -> dict[int, int]:
         return {shmid: r.size for shmid, r in self.regions.items()}
 
-    def __len__(self) -> int:
+    @property
+    def count(self) -> int:
+        """Mappings in all regions. (Not __len__: an empty table must not be falsy.)"""
         return self._count
 
     def _region(self, m: ShmemMap) -> Region:

@@ -351,6 +351,13 @@ _MAIN: dict[int, Spec] = {
     FrontendReq.SET_STATUS: Spec(Kind.U64),
     FrontendReq.GET_STATUS: Spec(Kind.EMPTY, own_reply=True),
     FrontendReq.GET_SHMEM_CONFIG: Spec(Kind.EMPTY, Kind.SHMEM_CONFIG, own_reply=True),
+    # Requests this project does not implement but whose replies are their own: a
+    # device that cannot give one must hang up rather than ack (brief §3).
+    FrontendReq.POSTCOPY_ADVISE: Spec(Kind.RAW, Kind.RAW, own_reply=True),
+    FrontendReq.GET_INFLIGHT_FD: Spec(Kind.RAW, Kind.RAW, own_reply=True),
+    FrontendReq.GET_SHARED_OBJECT: Spec(Kind.RAW, Kind.RAW, own_reply=True),
+    FrontendReq.SET_DEVICE_STATE_FD: Spec(Kind.RAW, Kind.RAW, max_fds=1, own_reply=True),
+    FrontendReq.CHECK_DEVICE_STATE: Spec(Kind.RAW, Kind.RAW, own_reply=True),
 }
 _BACKEND: dict[int, Spec] = {
     BackendReq.CONFIG_CHANGE_MSG: Spec(Kind.EMPTY),
