@@ -37,9 +37,14 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
+def _ours(role: str, cmdline: str, paths: PairPaths) -> bool:
+    return _MARKERS[role] in cmdline and f"{paths.dir}/" in cmdline
+
+
 def running(paths: PairPaths) -> list[Running]:
-    """The pair's daemons that are alive: the pid files' pids, checked to be ours
-    (a pid reused by an unrelated process does not count)."""
+    """The pair's daemons that are alive: the pid files' pids, checked to be ours (a pid
+    reused by an unrelated process does not count); without pid files (the run directory
+    was removed under the pair), any process whose command line names the directory."""
     alive = []
     for role in ROLES:
         pid = _read_pid(paths.pidfile(role))
@@ -49,14 +54,23 @@ def running(paths: PairPaths) -> list[Running]:
             cmdline = " ".join(psutil.Process(pid).cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        if _MARKERS[role] in cmdline and str(paths.dir) in cmdline:
+        if _ours(role, cmdline, paths):
             alive.append(Running(role, pid))
+    if alive or paths.dir.exists():
+        return alive
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        for role in ROLES:
+            if "--control" in cmdline and _ours(role, cmdline, paths):
+                alive.append(Running(role, proc.info["pid"]))
     return alive
 
 
 def clean(paths: PairPaths) -> list[str]:
     """Remove what dead daemons left behind; return what was removed."""
-    removed = []
+    removed: list[str] = []
+    if not paths.dir.exists():
+        return removed
     for path in (
         paths.vhost,
         *(paths.control(r) for r in ROLES),

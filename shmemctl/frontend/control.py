@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 import time
 from typing import Any
 
@@ -25,6 +26,27 @@ def _file_at(lines: list[MapsLine], starts: list[int], addr: int) -> str:
     if i >= 0 and lines[i].start <= addr < lines[i].end:
         return lines[i].path
     return ""
+
+
+class StatusCache:
+    """Status for many clients at once without starving the backend channel: one
+    computation at a time (the others wait on a lock, not on the GIL), and a
+    result younger than `max_age` is shared by everyone asking the same thing."""
+
+    def __init__(self, fe: Frontend, max_age: float = 0.05) -> None:
+        self.fe = fe
+        self.max_age = max_age
+        self.lock = threading.Lock()
+        self.last: tuple[float, int, dict[str, Any]] | None = None
+
+    def get(self, max_mappings: int) -> dict[str, Any]:
+        with self.lock:
+            now = time.monotonic()
+            if self.last and self.last[1] == max_mappings and now - self.last[0] < self.max_age:
+                return self.last[2]
+            answer = status(self.fe, max_mappings)
+            self.last = (time.monotonic(), max_mappings, answer)
+            return answer
 
 
 def status(fe: Frontend, max_mappings: int = DEFAULT_LIST) -> dict[str, Any]:
@@ -142,10 +164,11 @@ def read(fe: Frontend, shmid: int, offset: int, length: int = 64) -> dict[str, A
 
 
 def commands(fe: Frontend) -> list[Command]:
+    cache = StatusCache(fe)
     return [
         Command(
             "status",
-            lambda max_mappings=DEFAULT_LIST: status(fe, max_mappings),
+            lambda max_mappings=DEFAULT_LIST: cache.get(max_mappings),
             {"max_mappings": Arg(int, required=False)},
             help="connection, negotiated features, regions and mappings, the kernel's view",
         ),
