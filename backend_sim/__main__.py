@@ -70,13 +70,7 @@ def _emit(line: str) -> None:
     help="Start this scenario once SHMEM is usable.",
 )
 @click.option("--scenario-rate", default=10.0, show_default=True, help="Scenario actions/s.")
-@click.option(
-    "--fault",
-    "faults",
-    multiple=True,
-    type=click.Choice(sorted(BACKEND_FAULTS)),
-    help="Break one protocol rule on purpose (to test a conformance suite); repeatable.",
-)
+@options.faults(BACKEND_FAULTS)
 @click.option(
     "--script",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -96,7 +90,7 @@ def main(
     control: str | None,
     scenario: str | None,
     scenario_rate: float,
-    faults: tuple[str, ...],
+    faults: frozenset[str],
     script: Path | None,
     verbose: bool,
 ) -> None:
@@ -111,7 +105,7 @@ def main(
         except ScriptError as exc:
             raise click.UsageError(f"{script}: {exc}") from None
     setup_logging("backend_sim", verbose)
-    device = DeviceModel(regions, queues, bytes(config_size), shmem_bit, frozenset(faults))
+    device = DeviceModel(regions, queues, bytes(config_size), shmem_bit, faults)
     if faults:
         log.warning("deliberate faults on: %s", ", ".join(sorted(faults)))
     stopper = Stopper()

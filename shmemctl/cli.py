@@ -69,13 +69,7 @@ def run() -> None:
 @options.busy_poll
 @options.pair_name
 @options.control_path
-@click.option(
-    "--fault",
-    "faults",
-    multiple=True,
-    type=click.Choice(sorted(FRONTEND_FAULTS)),
-    help="Break one protocol rule on purpose (to test a conformance suite); repeatable.",
-)
+@options.faults(FRONTEND_FAULTS)
 @click.option("-v", "--verbose", is_flag=True, help="Log every map and unmap.")
 def frontend(
     connect: str | None,
@@ -88,7 +82,7 @@ def frontend(
     busy_poll: float,
     name: str,
     control: str | None,
-    faults: tuple[str, ...],
+    faults: frozenset[str],
     verbose: bool,
 ) -> None:
     """Run a front-end that maps what the back-end asks into reserved regions."""
@@ -111,7 +105,7 @@ def frontend(
         max_per_region=max_mappings_per_region,
         max_reserve=max_reserve,
         busy_poll=busy_poll,
-        faults=frozenset(faults),
+        faults=faults,
     )
     fe = Frontend(fe_options)
     fe.stopper.install_signals()

@@ -131,3 +131,20 @@ def process_facts(pid: int | None = None) -> dict[str, Any]:
     proc = psutil.Process(pid)
     with proc.oneshot():
         return {"pid": proc.pid, "rss": proc.memory_info().rss, "fds": proc.num_fds()}
+
+
+def open_peer(path: str, *, listen: bool, timeout: float) -> socket.socket:
+    """One connection to a peer: accept it on `path` (then remove the socket file) or
+    connect to it there."""
+    if not listen:
+        return connect_unix(path)
+    listener = listen_unix(path)
+    listener.settimeout(timeout)
+    try:
+        sock, _ = listener.accept()
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    sock.settimeout(None)
+    return sock

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 from . import rundir
@@ -74,3 +77,15 @@ def resolve_control(control: str | None, name: str, role: str) -> str:
     if control:
         return control
     return str(rundir.pair(name).ensure().control(role))
+
+
+def faults(known: dict[str, str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--fault NAME (repeatable) with the names a daemon knows (see shmemctl.faults)."""
+    return click.option(
+        "--fault",
+        "faults",
+        multiple=True,
+        type=click.Choice(sorted(known)),
+        callback=lambda _ctx, _param, value: frozenset(value),
+        help="Break one protocol rule on purpose (to test a conformance suite); repeatable.",
+    )

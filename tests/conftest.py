@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +119,17 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     yield start
     for proc in reversed(procs):
         proc.stop()
+
+
+def need(binary: str) -> str:
+    """A real peer's binary: the test command installs it, so under CI=true its absence
+    is a failure; elsewhere the test is skipped with what to install."""
+    path = shutil.which(binary)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{binary} is missing: the test command should have installed it")
+        pytest.skip(f"{binary} not installed (apt-get install qemu-system-x86 qemu-system-common)")
+    return path
 
 
 def region_bases(frontend: Proc) -> dict[int, int]:

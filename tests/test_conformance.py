@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import pytest
 from shmemctl.conformance import Report, check_backend, check_frontend
 from shmemctl.faults import BACKEND_FAULTS, FRONTEND_FAULTS
 
-from .conftest import wait_until
+from .conftest import need, wait_until
 
 #: The check each deliberate fault must trip (others may fail in its wake).
 FRONTEND_CAUGHT_BY = {
@@ -126,15 +125,6 @@ def test_the_command_line_speaks_json_and_exits_1_on_failure(spawn, tmp_path) ->
     assert report["role"] == "back-end" and report["summary"]["fail"] >= 1
     assert any(r["check"] == "never-offers-bit-21" and r["verdict"] == "fail"
                for r in report["results"])  # fmt: skip
-
-
-def need(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{binary} is missing: the test command should have installed it")
-        pytest.skip(f"{binary} not installed")
-    return path
 
 
 @pytest.mark.qemu

@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 
 import pytest
 
-from .conftest import wait_until
+from .conftest import need, wait_until
 
 pytestmark = pytest.mark.qemu
-
-
-def need(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{binary} is missing: the test command should have installed it")
-        pytest.skip(f"{binary} not installed (apt-get install qemu-system-x86 qemu-system-common)")
-    return path
 
 
 def test_qemu_realizes_vhost_user_rng_against_backend_sim(spawn, tmp_path) -> None:

@@ -4,13 +4,12 @@ SHMEM requests come with real mappings, resets, and comes back without SHMEM."""
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Callable
 
 from ..channel import Channel, ChannelError, close_fds
-from ..daemon import connect_unix, listen_unix
+from ..daemon import open_peer
 from ..shmem import RegionTable, ShmemRefused, ShmemSetupError
 from ..shmem.libc import PAGE_SIZE
 from ..wire import BackendReq, ChannelKind, FrontendReq, Message, ShmemConfig, ShmemMap, WireError
@@ -27,17 +26,7 @@ OURS = PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.BACKEND_SEND_FD | PF.RESET_DEV
 
 class _Session:
     def __init__(self, path: str, listen: bool, timeout: float) -> None:
-        if listen:
-            listener = listen_unix(path)
-            listener.settimeout(timeout)
-            try:
-                sock, _ = listener.accept()
-            finally:
-                listener.close()
-                os.unlink(path)
-            sock.settimeout(None)
-        else:
-            sock = connect_unix(path)
+        sock = open_peer(path, listen=listen, timeout=timeout)
         self.main = Channel(sock, ChannelKind.MAIN, replies=True)
         self.main.set_recv_timeout(5.0)  # a peer that stops mid-message cannot hang the suite
         self.backend: Channel | None = None

@@ -4,13 +4,12 @@ back-end, answers the whole handshake, then asks for maps and unmaps, good and b
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 
 from ..backend import BackendEndpoint, DeviceModel
 from ..channel import Channel, ChannelError
-from ..daemon import connect_unix, listen_unix
+from ..daemon import open_peer
 from ..wire import BackendReq, ChannelKind, FrontendReq, Message, ShmemMap, WireError
 from ..wire.constants import ProtocolFeature
 from ..wire.messages import encode_shmem_request, summarize
@@ -23,20 +22,6 @@ U64 = (1 << 64) - 1
 REGIONS = {0: 8 * MiB, 2: 64 << 10}
 BIT21 = int(ProtocolFeature.GPA_ADDRESSES)
 SHMEM = 1 << 22
-
-
-def _open(path: str, listen: bool, timeout: float) -> socket.socket:
-    if not listen:
-        return connect_unix(path)
-    listener = listen_unix(path)
-    listener.settimeout(timeout)
-    try:
-        sock, _ = listener.accept()
-    finally:
-        listener.close()
-        os.unlink(path)
-    sock.settimeout(None)
-    return sock
 
 
 def check_frontend(
@@ -56,7 +41,7 @@ def check_frontend(
     if offer_bit_21:
         endpoint.offered |= BIT21
     try:
-        sock = _open(path, listen, timeout)
+        sock = open_peer(path, listen=listen, timeout=timeout)
     except OSError as exc:
         report.add("connects", "§1", False, "a front-end on the socket", str(exc))
         return report
