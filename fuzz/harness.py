@@ -53,41 +53,42 @@ class Outcome:
     failures: list[str] = field(default_factory=list)
 
 
-class Budget:
-    """Stops generating work once the time is up (later examples return at once)."""
+CHUNK = 200
 
-    def __init__(self, seconds: float) -> None:
-        self.deadline = time.monotonic() + seconds
-        self.ran = 0
 
-    def spent(self) -> bool:
-        return time.monotonic() > self.deadline
+def _chunk(body: Callable[..., None], strategy: st.SearchStrategy, size: int, seed_value: int,
+           ran: list[int]) -> Callable[[], None]:  # fmt: skip
+    @seed(seed_value)
+    @settings(max_examples=size, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(strategy)
+    def test(case: object) -> None:
+        ran[0] += 1
+        body(case)
 
-    def count(self) -> None:
-        self.ran += 1
+    return test
 
 
 def _run(target: str, body: Callable[..., None], strategy: st.SearchStrategy, examples: int,
          seconds: float, seed_value: int) -> Outcome:  # fmt: skip
-    budget = Budget(seconds)
+    """Up to `examples` examples, stopping between chunks of CHUNK once `seconds` are
+    spent. Chunk k is seeded with seed_value + k, so the same seed repeats the run."""
     outcome = Outcome(target)
     started = time.monotonic()
-
-    @seed(seed_value)
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
-    @given(strategy)
-    def test(case: object) -> None:
-        if budget.spent():
-            return
-        budget.count()
-        body(case)
-
-    try:
-        test()
-    except Exception as exc:  # hypothesis has shrunk it: report, do not crash the harness
-        outcome.failures.append(f"{type(exc).__name__}: {exc}"[:4000])
-    outcome.examples = budget.ran
+    chunk = 0
+    while outcome.examples < examples and time.monotonic() - started < seconds:
+        size = min(CHUNK, examples - outcome.examples)
+        ran = [0]
+        try:
+            _chunk(body, strategy, size, seed_value + chunk, ran)()
+        except Exception as exc:  # shrunk by hypothesis: report it, with how to repeat it
+            outcome.failures.append(
+                f"{type(exc).__name__}: {exc}"[:4000] + f"\n(chunk {chunk} of seed {seed_value})"
+            )
+            outcome.examples += ran[0]
+            break
+        outcome.examples += ran[0]
+        chunk += 1
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
 
