@@ -30,22 +30,23 @@ def _file_at(lines: list[MapsLine], starts: list[int], addr: int) -> str:
 
 class StatusCache:
     """Status for many clients at once without starving the backend channel: one
-    computation at a time (the others wait on a lock, not on the GIL), and a
-    result younger than `max_age` is shared by everyone asking the same thing."""
+    computation at a time (the others wait on a lock, not on the GIL), and a result
+    is shared only with requests that arrived before that computation began, so no
+    one ever gets a snapshot older than their own request."""
 
-    def __init__(self, fe: Frontend, max_age: float = 0.05) -> None:
+    def __init__(self, fe: Frontend) -> None:
         self.fe = fe
-        self.max_age = max_age
         self.lock = threading.Lock()
-        self.last: tuple[float, int, dict[str, Any]] | None = None
+        self.last: tuple[float, int, dict[str, Any]] | None = None  # (started, args, answer)
 
     def get(self, max_mappings: int) -> dict[str, Any]:
+        asked = time.monotonic()
         with self.lock:
-            now = time.monotonic()
-            if self.last and self.last[1] == max_mappings and now - self.last[0] < self.max_age:
+            if self.last and self.last[1] == max_mappings and self.last[0] >= asked:
                 return self.last[2]
+            started = time.monotonic()
             answer = status(self.fe, max_mappings)
-            self.last = (time.monotonic(), max_mappings, answer)
+            self.last = (started, max_mappings, answer)
             return answer
 
 
