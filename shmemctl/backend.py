@@ -112,6 +112,7 @@ class BackendChannel:
         self.reply_timeout = reply_timeout
         self.lock = threading.Lock()
         self.stray_replies = 0
+        self.fds_per_map = 1  # 2 only under the map-two-fds fault
 
     def request(
         self, req: BackendReq, m: ShmemMap, fd: int | None = None, *, need_reply: bool = True
@@ -121,7 +122,7 @@ class BackendChannel:
         data = encode_shmem_request(req, m, need_reply=need_reply)
         with self.lock:
             self._drain_strays()
-            self.channel.send(data, () if fd is None else (fd,))
+            self.channel.send(data, () if fd is None else (fd,) * self.fds_per_map)
             if not need_reply:
                 return None
             reply = self.channel.recv()
@@ -163,6 +164,8 @@ class BackendEndpoint:
         self.faults = device.faults
         if "offer-bit-21" in self.faults:
             self.offered |= ProtocolFeature.GPA_ADDRESSES
+        if "shmem-without-reply-ack" in self.faults:
+            self.offered &= ~ProtocolFeature.REPLY_ACK
         if "map-without-shmem" in self.faults:
             self._shmem_and_ack = 0  # sends whatever was or was not negotiated
         self._configs_sent = 0
@@ -197,6 +200,8 @@ class BackendEndpoint:
         config = ShmemConfig.from_regions(regions)
         if "bad-nregions" in self.faults:
             config = ShmemConfig(config.sizes, 300)
+        if "nregions-mismatch" in self.faults:
+            config = ShmemConfig(config.sizes, config.nregions + 1)
         return config
 
     def why_not_ready(self) -> str | None:
@@ -215,7 +220,15 @@ class BackendEndpoint:
         channel = self.backend_channel
         if channel is None or not self._shmem_usable:
             raise NotReady(self.why_not_ready() or "no backend channel")
+        if self.faults:
+            m, fd = self._fault_request(m, fd)
         return channel.request(req, m, fd, need_reply=need_reply)
+
+    def _fault_request(self, m: ShmemMap, fd: int | None) -> tuple[ShmemMap, int | None]:
+        if "map-out-of-bounds" in self.faults:
+            size = self.device.regions.get(m.shmid, 0)
+            m = ShmemMap(m.shmid, m.shm_offset + size, m.len, m.fd_offset, m.flags)
+        return m, fd
 
     @property
     def _shmem_usable(self) -> bool:
@@ -245,13 +258,20 @@ class BackendEndpoint:
 
     def _ack(self, main: Channel, msg: Message, ok: bool = True) -> None:
         own_reply = spec_of(ChannelKind.MAIN, msg.request).own_reply
-        if msg.need_reply and self.reply_ack and not own_reply and "no-ack" not in self.faults:
+        asked = msg.need_reply or "ack-always" in self.faults
+        if asked and self.reply_ack and not own_reply and "no-ack" not in self.faults:
             self._send_reply(main, encode_u64_reply(msg.request, 0 if ok else 1))
             if "ack-twice" in self.faults:
                 self._send_reply(main, encode_u64_reply(msg.request, 0 if ok else 1))
 
     def _reply(self, main: Channel, msg: Message, payload: object) -> None:
         data = encode(ChannelKind.MAIN, msg.request, payload, reply=True)  # type: ignore[arg-type]
+        if msg.need_reply and "echo-need-reply" in self.faults:  # libvhost-user's habit
+            data = data[:4] + struct.pack("<I", 0xD) + data[8:]
+        if msg.request == FrontendReq.GET_PROTOCOL_FEATURES and (
+            "short-protocol-features" in self.faults
+        ):
+            data = data[:8] + struct.pack("<I", 4) + data[12:16]
         if msg.request == FrontendReq.GET_SHMEM_CONFIG:
             self._configs_sent += 1
             if "short-shmem-config" in self.faults:
@@ -319,6 +339,11 @@ class BackendEndpoint:
                 self._drop_backend_channel()
                 sock = socket.socket(fileno=msg.fds[0])
                 self.backend_channel = BackendChannel(sock, self.reply_timeout, self.busy_poll)
+                if "fail-backend-channel" in self.faults:
+                    self._ack(main, msg, ok=False)
+                    return msg.fds
+                if "map-two-fds" in self.faults:
+                    self.backend_channel.fds_per_map = 2
                 self.backend_channel.channel.trace = self.events
                 self.backend_channel.channel.trace_role = "backend"
                 log.info("backend channel established")

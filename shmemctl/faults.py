@@ -16,6 +16,15 @@ FRONTEND_FAULTS = {
     "skip-overlap-check": "maps over an existing mapping (§5 step 10)",
     "skip-alignment-check": "accepts a length that is not page aligned (§5 step 9)",
     "ack-gpa": "acks protocol bit 21 (GPA_ADDRESSES) when offered (§6.1)",
+    "reply-ok-always": "answers 0 to every SHMEM request, mapping nothing it should refuse (§5)",
+    "reply-fail-always": "answers failure to every SHMEM request and maps nothing (§5)",
+    "ignore-unasked": "drops SHMEM requests that ask for no reply (§5: in order, all handled)",
+    "ask-config-twice": "asks GET_SHMEM_CONFIG twice in one connection (§5)",
+    "backend-fd-twice": "sends SET_BACKEND_REQ_FD with two fds (§1)",
+    "no-reply-ack": "acks SHMEM without REPLY_ACK (§6.2)",
+    "ack-unoffered": "acks protocol bit 14, which the back-end did not offer (§4)",
+    "bad-request-flags": "sends SET_OWNER with a reserved flag bit (§2)",
+    "backend-channel-first": "sends SET_BACKEND_REQ_FD before SET_PROTOCOL_FEATURES (§4)",
 }
 
 BACKEND_FAULTS = {
@@ -29,6 +38,14 @@ BACKEND_FAULTS = {
     "bad-reply-flags": "replies on the main channel with flags 0x1 instead of 0x5 (§2)",
     "map-without-shmem": "sends SHMEM_MAP although SHMEM was not negotiated (§6.2)",
     "unmap-after-reset": "sends SHMEM_UNMAP for mappings a reset already dropped (§5)",
+    "echo-need-reply": "replies to a getter sent with NEED_REPLY with flags 0xd (§2, §3)",
+    "ack-always": "acks main-channel requests that asked for no reply (§3)",
+    "nregions-mismatch": "answers GET_SHMEM_CONFIG with nregions one more than in use (§6.3)",
+    "shmem-without-reply-ack": "offers SHMEM but not REPLY_ACK (§6.2)",
+    "map-two-fds": "sends SHMEM_MAP with two fds (§5 step 2)",
+    "map-out-of-bounds": "asks for maps past the end of the region (§5 step 8)",
+    "short-protocol-features": "answers GET_PROTOCOL_FEATURES with 4 bytes, not 8 (§2)",
+    "fail-backend-channel": "answers SET_BACKEND_REQ_FD with a failure ack (§4)",
 }
 
 

@@ -141,7 +141,8 @@ def _handshake_checks(
     if fd_msgs:
         report.add(
             "backend-channel-fd", "§1: SET_BACKEND_REQ_FD carries exactly one fd",
-            all(len(m.fds) == 1 for m in fd_msgs), "one fd", [summarize(m) for m in fd_msgs],
+            all(len(m.fds) + len(m.surplus_fds) == 1 for m in fd_msgs), "one fd",
+            [{**summarize(m), "fds": len(m.fds) + len(m.surplus_fds)} for m in fd_msgs],
         )  # fmt: skip
 
 

@@ -269,7 +269,10 @@ class Frontend:
                 raise ChannelError("not connected to a back-end")
             own_reply = spec_of(ChannelKind.MAIN, req).own_reply
             need_ack = ack and self.negotiated.reply_ack and not own_reply
-            main.send(encode(ChannelKind.MAIN, req, payload, need_reply=need_ack), fds)
+            data = encode(ChannelKind.MAIN, req, payload, need_reply=need_ack)
+            if req == FrontendReq.SET_OWNER and "bad-request-flags" in self.faults:
+                data = data[:4] + struct.pack("<I", 0x11 | (0x8 if need_ack else 0)) + data[8:]
+            main.send(data, fds)
             if not (own_reply or need_ack):
                 return None
             reply = main.recv(timeout=self.options.reply_timeout)
@@ -284,6 +287,8 @@ class Frontend:
         neg = self.negotiated = Negotiated()
         self._set_state("handshake")
         features = self._get_u64(FrontendReq.GET_FEATURES)
+        if "backend-channel-first" in self.faults:
+            self._open_backend_channel()
         if not features & VHOST_USER_F_PROTOCOL_FEATURES:
             log.warning(
                 "back-end offers no protocol features (virtio bit 30): serving without SHMEM"
@@ -293,7 +298,11 @@ class Frontend:
             ours = IMPLEMENTED | self.shmem_mask
             if "ack-gpa" in self.faults:
                 ours |= ProtocolFeature.GPA_ADDRESSES
+            if "no-reply-ack" in self.faults:
+                ours &= ~ProtocolFeature.REPLY_ACK
             acked = offered & ours
+            if "ack-unoffered" in self.faults:
+                acked |= ProtocolFeature.INBAND_NOTIFICATIONS
             self.request(FrontendReq.SET_PROTOCOL_FEATURES, acked)
             neg.protocol_features = acked
             neg.reply_ack = bool(acked & ProtocolFeature.REPLY_ACK)
@@ -316,7 +325,9 @@ class Frontend:
         self.request(FrontendReq.SET_OWNER, ack=True)
         if neg.shmem:
             self._setup_regions(self.get_shmem_config())
-        if neg.protocol_features & ProtocolFeature.BACKEND_REQ:
+            if "ask-config-twice" in self.faults:
+                self.get_shmem_config()
+        if neg.protocol_features & ProtocolFeature.BACKEND_REQ and self._backend is None:
             self._open_backend_channel()
         neg.features = features & (VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_F_VERSION_1)
         self.request(FrontendReq.SET_FEATURES, neg.features, ack=True)
@@ -369,7 +380,8 @@ class Frontend:
     def _open_backend_channel(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self.request(FrontendReq.SET_BACKEND_REQ_FD, None, (theirs.fileno(),), ack=True)
+            fds = (theirs.fileno(),) * (2 if "backend-fd-twice" in self.faults else 1)
+            self.request(FrontendReq.SET_BACKEND_REQ_FD, None, fds, ack=True)
         except BaseException:
             ours.close()
             raise
@@ -449,6 +461,10 @@ class Frontend:
         """The reply path with deliberate faults (see shmemctl.faults)."""
         faults = self.faults
         owed = msg.need_reply and self.negotiated.reply_ack
+        if "reply-ok-always" in faults:
+            result = 0
+        elif "reply-fail-always" in faults:
+            result = result_from_errno(5)
         if "no-reply" in faults or not (owed or "reply-always" in faults):
             return
         data = encode_u64_reply(msg.request, result)
@@ -464,6 +480,11 @@ class Frontend:
     def _shmem(self, msg: Message) -> int:
         m = msg.payload
         assert isinstance(m, ShmemMap)
+        if self.faults and (
+            "reply-fail-always" in self.faults
+            or ("ignore-unasked" in self.faults and not msg.need_reply)
+        ):
+            return result_from_errno(5)  # the fault: nothing is done
         is_map = msg.request == BackendReq.SHMEM_MAP
         try:
             if not self.negotiated.shmem or self.regions is None:
