@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from shmemctl.backend import BackendEndpoint, NotReady, describe_reply
-from shmemctl.channel import ChannelError
+from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.sizes import hex_range, parse_size
 from shmemctl.wire import BackendReq, ShmemMap
@@ -138,11 +138,19 @@ class SimDevice:
         need_reply: bool = True,
     ) -> int | None:
         """Ask the front-end to map (a new tagged buffer unless one is given)."""
+        created = buffer is None
         if buffer is None:
             buffer = self.new_buffer(m.fd_offset + m.len)
-        result = self.endpoint.shmem_request(
-            BackendReq.SHMEM_MAP, m, buffer.fd, need_reply=need_reply
-        )
+        try:
+            result = self.endpoint.shmem_request(
+                BackendReq.SHMEM_MAP, m, buffer.fd, need_reply=need_reply
+            )
+        except ChannelTimeout:
+            raise  # unanswered: the front-end may yet map it, so the buffer is kept
+        except (NotReady, ChannelError):
+            if created:  # never reached a front-end: nothing can refer to it
+                self.drop_buffer(buffer)
+            raise
         if result in (0, None):  # unanswered requests count as done: the next ack confirms them
             with self.lock:
                 self.mapped[(m.shmid, m.shm_offset)] = Believed(

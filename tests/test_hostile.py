@@ -16,6 +16,7 @@ from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, close_fds
 from shmemctl.control import ControlClient, ControlError
 from shmemctl.daemon import listen_unix
+from shmemctl.shmem.procmaps import Segment
 from shmemctl.wire import BackendReq, ChannelKind, FrontendReq, ShmemMap, encode
 from shmemctl.wire.messages import encode_shmem_request
 
@@ -131,12 +132,15 @@ def test_hostile_backend_channel(driven, data: bytes, words: str) -> None:
         assert backend.map(ShmemMap(0, 0, MiB, 0), (buf,)) == "ok"
     finally:
         os.close(buf)
+    connected = fd_count(fe.pid)
     backend.send_raw(data)
     if words.startswith("peer closed"):
         backend.channel.sock.shutdown(socket.SHUT_WR)
     fe.wait_log(words)
     fe.wait_log("dropped 1 mappings")
-    assert segments(fe.pid, bases[0], 8 * MiB)[0].access == "none"
+    assert segments(fe.pid, bases[0], 8 * MiB) == [Segment(0, 8 * MiB, "none")]
+    # the two channel sockets went with the connection, and nothing else is left open
+    wait_until(lambda: fd_count(fe.pid) == connected - 2, 10, "fds back to the baseline")
     assert fe.alive() and "Traceback" not in fe.log()
 
 

@@ -52,6 +52,8 @@ class MapForm(ModalScreen[None]):
                 yield Button("Cancel", id="cancel")
 
     def on_mount(self) -> None:
+        for field in self.query(Input):
+            field.cursor_blink = False  # steady: a form is read, not watched
         self.check()
 
     def values(self) -> tuple[dict[str, Any] | None, str]:
