@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shmemctl.backend import BackendEndpoint, NotReady, describe_reply
+from shmemctl.backend import BackendEndpoint, NotReady
 from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.control import Arg, Command, ControlError, ErrorClass
 from shmemctl.daemon import process_facts
 from shmemctl.wire import ShmemMap, feature_names
-from shmemctl.wire.messages import MMAP_FLAG_WRITE
+from shmemctl.wire.messages import MMAP_FLAG_WRITE, describe_reply
 
 from .device import SimDevice
 from .scenarios import SCENARIOS, Scenario
@@ -30,9 +32,26 @@ class BackendState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@contextlib.contextmanager
+def _sending(st: BackendState, what: str) -> Iterator[None]:
+    """What could go wrong before the front-end answered, as a control error."""
+    try:
+        yield
+    except NotReady as exc:
+        raise ControlError(ErrorClass.REFUSED, f"cannot send {what}: {exc}") from None
+    except ChannelTimeout:
+        raise ControlError(
+            ErrorClass.FAILED,
+            f"the front-end did not answer the {what} within "
+            f"{st.endpoint.reply_timeout:g}s: reported failed, buffer kept",
+        ) from None
+    except ChannelError as exc:
+        raise ControlError(ErrorClass.FAILED, f"{what} failed: {exc}") from None
+
+
 def _send(st: BackendState, verb: str, m: ShmemMap, *, buffer: int | None = None) -> dict:
     """One map or unmap with NEED_REPLY; the front-end's answer, decoded and explained."""
-    try:
+    with _sending(st, verb):
         if verb == "map":
             buf = None
             if buffer is not None:
@@ -42,16 +61,6 @@ def _send(st: BackendState, verb: str, m: ShmemMap, *, buffer: int | None = None
             result = st.device.map(m, buffer=buf)
         else:
             result = st.device.unmap(m)
-    except NotReady as exc:
-        raise ControlError(ErrorClass.REFUSED, f"cannot send {verb}: {exc}") from None
-    except ChannelTimeout:
-        raise ControlError(
-            ErrorClass.FAILED,
-            f"the front-end did not answer the {verb} within "
-            f"{st.endpoint.reply_timeout:g}s: reported failed, buffer kept",
-        ) from None
-    except ChannelError as exc:
-        raise ControlError(ErrorClass.FAILED, f"{verb} failed: {exc}") from None
     name = describe_reply(result)
     if result:
         why = st.device.explain(m, is_map=verb == "map")
@@ -114,14 +123,10 @@ def batch(st: BackendState, maps: list) -> dict[str, Any]:
         except ControlError as exc:
             raise ControlError(exc.error_class, f"batch item {n}: {exc.desc}") from None
         requests.append(_map_request(**args))
-    try:
+    with _sending(st, "batch"):
         for m in requests[:-1]:
             st.device.map(m, need_reply=False)
         result = st.device.map(requests[-1])
-    except NotReady as exc:
-        raise ControlError(ErrorClass.REFUSED, f"cannot send the batch: {exc}") from None
-    except ChannelError as exc:
-        raise ControlError(ErrorClass.FAILED, f"batch failed: {exc}") from None
     if result:
         raise ControlError(
             ErrorClass.REFUSED,

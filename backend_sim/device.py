@@ -11,12 +11,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from shmemctl.backend import BackendEndpoint, NotReady, describe_reply
+from shmemctl.backend import BackendEndpoint, NotReady
 from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.sizes import hex_range, parse_size
 from shmemctl.wire import BackendReq, ShmemMap
-from shmemctl.wire.messages import MMAP_FLAG_WRITE
+from shmemctl.wire.messages import MMAP_FLAG_WRITE, describe_reply
 
 log = logging.getLogger("backend")
 

@@ -48,7 +48,6 @@ from .wire.messages import (
     DeviceConfig,
     MemoryTable,
     VringState,
-    errno_name,
     spec_of,
 )
 
@@ -424,20 +423,10 @@ class BackendEndpoint:
         return ",".join(feature_names(mask, self.device.shmem_bit)) or "nothing"
 
 
-def describe_reply(value: int | None) -> str:
-    if value is None:
-        return "sent (no reply asked)"
-    if value == 0:
-        return "ok"
-    name = errno_name(value)
-    return name if name else f"failed ({value})"
-
-
 __all__ = [
     "BackendChannel",
     "BackendEndpoint",
     "ChannelTimeout",
     "DeviceModel",
     "NotReady",
-    "describe_reply",
 ]

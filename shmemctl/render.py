@@ -5,16 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .sizes import hex_range, human_size
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f}M"
+from .sizes import hex_range, human_size, mib
 
 
 def _process(view: dict[str, Any]) -> str:
     p = view.get("process", {})
-    return f"pid {p.get('pid')}  rss {_mib(p.get('rss', 0))}  fds {p.get('fds')}"
+    return f"pid {p.get('pid')}  rss {mib(p.get('rss', 0))}  fds {p.get('fds')}"
 
 
 def render_status(views: dict[str, dict[str, Any]]) -> str:

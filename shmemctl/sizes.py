@@ -27,6 +27,11 @@ def human_size(n: int) -> str:
     return str(n)
 
 
+def mib(n: int) -> str:
+    """Memory as people read it in a status: '26.9M'."""
+    return f"{n / (1 << 20):.1f}M"
+
+
 def hex_range(offset: int, length: int) -> str:
     """`0x0+0x100000`: how ranges are named in every message."""
     return f"{offset:#x}+{length:#x}"

@@ -22,7 +22,7 @@ from shmemctl.channel import Channel, close_fds
 from shmemctl.daemon import listen_unix
 from shmemctl.shmem.procmaps import Segment, kernel_segments, read_maps
 from shmemctl.wire import BackendReq, ChannelKind, ShmemMap, encode_shmem_request
-from shmemctl.wire.messages import errno_name
+from shmemctl.wire.messages import describe_reply as describe
 
 # This machine is small and noisy: no per-example deadline. In CI the examples
 # are derandomized, so a failure there reproduces anywhere.
@@ -164,10 +164,6 @@ def memfd(size: int, pattern: bytes = b"") -> int:
     if pattern:
         os.pwrite(fd, pattern, 0)
     return fd
-
-
-def describe(value: int) -> str:
-    return "ok" if value == 0 else (errno_name(value) or str(value))
 
 
 class DrivenBackend:

@@ -18,7 +18,7 @@ from textual.widget import Widget
 from textual.widgets import DataTable, Static
 
 from shmemctl.shmem.libc import PAGE_SIZE
-from shmemctl.sizes import hex_range, human_size
+from shmemctl.sizes import hex_range, human_size, mib
 
 from .model import MappingView, PairModel, RegionView
 
@@ -342,7 +342,7 @@ class ProcessPanel(Static):
             if p is None:
                 out.append(f"{name:9} —\n", style="dim")
                 continue
-            out.append(f"{name:9} {p['rss'] / (1 << 20):5.1f}M {p['fds']:3} fds\n")
+            out.append(f"{name:9} {mib(p['rss']):>6} {p['fds']:3} fds\n")
         mapped = sum(r.mapped_bytes for r in self.model.regions.values())
         out.append(f"mapped    {human_size(mapped)} in {self.model.mapping_count}\n")
         fe = self.model.sides["frontend"]

@@ -513,23 +513,29 @@ def result_from_errno(err: int) -> int:
     return -err & U64_MASK
 
 
-def describe_result(value: int) -> str:
-    """Human form of a u64 reply: 'ok', 'EEXIST (-17)', or the raw non-zero value."""
-    if value == 0:
-        return "ok"
-    if value >= 1 << 63:
-        err = (1 << 64) - value
-        name = errno.errorcode.get(err)
-        if name:
-            return f"{name} (-{err}: {os.strerror(err)})"
-    return f"failed (reply value {value})"
-
-
 def errno_name(value: int) -> str | None:
     """The errno name a negated-errno reply carries, or None for 0 / other values."""
     if value >= 1 << 63:
         return errno.errorcode.get((1 << 64) - value)
     return None
+
+
+def describe_reply(value: int | None) -> str:
+    """Short form of a SHMEM answer: 'ok', 'EEXIST', or 'sent (no reply asked)'."""
+    if value is None:
+        return "sent (no reply asked)"
+    if value == 0:
+        return "ok"
+    return errno_name(value) or f"failed ({value})"
+
+
+def describe_result(value: int) -> str:
+    """Long form of a u64 reply: 'ok', 'EEXIST (-17: File exists)', or the raw value."""
+    name = errno_name(value) if value else None
+    if name:
+        err = (1 << 64) - value
+        return f"{name} (-{err}: {os.strerror(err)})"
+    return "ok" if value == 0 else f"failed (reply value {value})"
 
 
 # --------------------------------------------------------- sans-I/O reader
