@@ -25,6 +25,8 @@ FRONTEND_FAULTS = {
     "ack-unoffered": "acks protocol bit 14, which the back-end did not offer (§4)",
     "bad-request-flags": "sends SET_OWNER with a reserved flag bit (§2)",
     "backend-channel-first": "sends SET_BACKEND_REQ_FD before SET_PROTOCOL_FEATURES (§4)",
+    "exit-mid-handshake": "exits once SET_BACKEND_REQ_FD is acked, before SET_FEATURES: a crash "
+    "that leaves the back-end without a peer (§1)",
 }
 
 BACKEND_FAULTS = {

@@ -329,6 +329,9 @@ class Frontend:
                 self.get_shmem_config()
         if neg.protocol_features & ProtocolFeature.BACKEND_REQ and self._backend is None:
             self._open_backend_channel()
+        if "exit-mid-handshake" in self.faults:
+            log.error("fault exit-mid-handshake: exiting before SET_FEATURES")
+            os._exit(1)
         neg.features = features & (VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_F_VERSION_1)
         self.request(FrontendReq.SET_FEATURES, neg.features, ack=True)
 
