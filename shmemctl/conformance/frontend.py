@@ -88,6 +88,8 @@ _names = list(CHECKS)
 MAP_CHECKS = _names[_names.index("map-acked-once") : _names.index(STAYS_CONNECTED)]
 BACKEND_CHANNEL_CHECKS = ["protocol-features-before-backend-channel", "backend-channel-fd"]
 SHMEM_CHECKS = ["shmem-at-bit-22", "reply-ack-with-shmem", "shmem-config-asked-once"]
+NO_BACKEND_CHANNEL = ("could not run: the front-end sent no usable SET_BACKEND_REQ_FD before "
+                      "its handshake ended")
 #: What SHMEM requests need acked, beside SHMEM itself.
 NEEDED = ((SHMEM, "SHMEM (bit 22)"), (PF.REPLY_ACK, "REPLY_ACK"), (PF.BACKEND_REQ, "BACKEND_REQ"))
 
@@ -272,20 +274,16 @@ def _declined(acked: int) -> str | None:
 
 def _map_checks_if_possible(report: Report, served: _Served, layout: Layout, peer: Peer,
                             timeout: float) -> None:  # fmt: skip
-    if served.ended:
-        return  # why the map checks could not run is said with the end of serving
     acked = served.acked()
-    if acked is None:
-        report.not_run(MAP_CHECKS, "could not run: the front-end sent no SET_PROTOCOL_FEATURES")
-        return
+    if served.ended or acked is None:
+        return  # the end of serving, or the handshake checks, say why they could not run
     declined = _declined(acked)
     if declined is not None:
         report.na(MAP_CHECKS, f"{declined}: no SHMEM request can be sent")
         return
     channel = served.take_backend_channel()
     if channel is None:
-        report.not_run(MAP_CHECKS, "could not run: the front-end acked BACKEND_REQ but sent no "
-                       "SET_BACKEND_REQ_FD before its handshake ended")  # fmt: skip
+        report.not_run(MAP_CHECKS, NO_BACKEND_CHANNEL)
         return
     asker = _Asker(report, channel, layout, peer, timeout)
     try:
@@ -322,8 +320,7 @@ def _handshake_checks(report: Report, served: _Served, offer_bit_21: bool,
     elif acked is not None and not acked & PF.BACKEND_REQ:
         report.na(BACKEND_CHANNEL_CHECKS, "the front-end did not ack BACKEND_REQ")
     elif not served.ended:
-        report.not_run(BACKEND_CHANNEL_CHECKS, "could not run: the front-end sent no "
-                       "SET_BACKEND_REQ_FD before its handshake ended")  # fmt: skip
+        report.not_run(BACKEND_CHANNEL_CHECKS, NO_BACKEND_CHANNEL)
     if acked is None:
         if not served.ended:
             report.add("acks-only-offered-features", False, "a SET_PROTOCOL_FEATURES", names)
