@@ -1,22 +1,35 @@
-"""Fuzzing harness: hypothesis-driven, seeded, bounded in examples and in seconds.
+"""Fuzzing harness: hypothesis-driven, seeded, bounded in examples, inputs and seconds.
 
-    python fuzz/harness.py [--target codec|engine|frontend|backend|all]
-                           [--examples N] [--seconds S] [--seed K]
+    python fuzz/harness.py [--target NAME|all] [--examples N] [--inputs N] [--seconds S]
+                           [--seed K] [--keep-going] [--json]
 
 Targets: the codec (bytes and fds into MessageReader), the engine (map/unmap/reset
 sequences against real mmaps), the front-end daemon and backend_sim (each a real
-process, fed hostile message sequences over real sockets). After every example the
-invariants are checked: nothing but the layer's own error, the daemon alive, its
-fds back to their baseline, and the kernel holding exactly what its table holds.
-A failure prints hypothesis's shrunk example; the same --seed reproduces the run.
+process, fed hostile message sequences over real sockets); `control-frontend` and
+`control-backend` (hostile lines on the control socket of a real pair); and
+`sim-control` (backend_sim's control commands while the harness, as its front-end,
+answers the SHMEM requests they cause badly). After every example the invariants
+are checked: nothing but the layer's own error (never "internal error"), the daemon
+alive, every complete control line answered, its fds and buffers back to their
+baseline, and its tables in agreement with the kernel and with its peer.
+
+An input is one hostile message or one control line; an example carries many. A
+failure prints hypothesis's shrunk example and the offending input with the
+daemon's answer; the same --seed reproduces the run; --keep-going goes on past a
+failure to collect distinct ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import math
 import os
+import random
+import re
+import select
 import socket
 import struct
 import subprocess
@@ -27,18 +40,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from shmemctl.backend import BackendEndpoint, DeviceModel
-from shmemctl.channel import Channel, close_fds
+from shmemctl.channel import Channel, ChannelError, close_fds
 from shmemctl.control import ControlClient
+from shmemctl.control.protocol import MAX_LINE
 from shmemctl.daemon import listen_unix
 from shmemctl.shmem import RegionTable, ShmemRefused
 from shmemctl.shmem.procmaps import disagreements, read_maps
-from shmemctl.wire import ChannelKind, MessageReader, ShmemMap, WireError
-from shmemctl.wire.messages import encode_shmem_request
+from shmemctl.wire import (
+    BackendReq,
+    ChannelKind,
+    FrontendReq,
+    MessageReader,
+    ProtocolFeature,
+    ShmemMap,
+    WireError,
+    encode,
+    encode_u64_reply,
+)
+from shmemctl.wire.constants import VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1
+from shmemctl.wire.messages import encode_shmem_request, spec_of
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
@@ -49,45 +75,107 @@ U64 = (1 << 64) - 1
 class Outcome:
     target: str
     examples: int = 0
+    inputs: int = 0
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
 
 
 CHUNK = 200
+#: Distinct failures collected by --keep-going before a target gives up.
+MAX_FAILURES = 12
 
 
-def _chunk(body: Callable[..., None], strategy: st.SearchStrategy, size: int, seed_value: int,
-           ran: list[int]) -> Callable[[], None]:  # fmt: skip
+class _OutOfTime(Exception):
+    """The run's time is up, in the middle of a chunk (most likely while shrinking)."""
+
+
+def _chunk(body: Callable[..., int | None], strategy: st.SearchStrategy, size: int,
+           seed_value: int, ran: list[int], stop_at: float,
+           shrink: bool) -> Callable[[], None]:  # fmt: skip
+    # no explain phase: it replays a failing example dozens of times for a note we omit
+    phases = [p for p in Phase if p != Phase.explain and (shrink or p != Phase.shrink)]
+
     @seed(seed_value)
-    @settings(max_examples=size, deadline=None, database=None,
+    @settings(max_examples=size, deadline=None, database=None, phases=phases,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(strategy)
     def test(case: object) -> None:
+        if time.monotonic() > stop_at:
+            raise _OutOfTime  # every example fails at once: hypothesis is done quickly
         ran[0] += 1
-        body(case)
+        ran[1] += body(case) or 0
 
     return test
 
 
-def _run(target: str, body: Callable[..., None], strategy: st.SearchStrategy, examples: int,
-         seconds: float, seed_value: int) -> Outcome:  # fmt: skip
-    """Up to `examples` examples, stopping between chunks of CHUNK once `seconds` are
-    spent. Chunk k is seeded with seed_value + k, so the same seed repeats the run."""
+def _failures(exc: BaseException) -> list[str]:
+    """Each failure an exception holds (hypothesis groups distinct ones, and a flaky one
+    with what it raised), with hypothesis's notes: the shrunk example."""
+    found = []
+    todo: list[tuple[BaseException, str]] = [(exc, "")]
+    while todo:
+        e, prefix = todo.pop(0)
+        if isinstance(e, _OutOfTime):
+            continue
+        if isinstance(e, BaseExceptionGroup):
+            flaky = prefix or ("flaky: " if "Flaky" in type(e).__name__ else "")
+            todo.extend((inner, flaky) for inner in e.exceptions)
+            continue
+        notes = "\n".join(getattr(e, "__notes__", ()))
+        text = f"{prefix}{type(e).__name__}: {e}"[:3000]
+        found.append((text + ("\n" + notes[:3000] if notes else "")).rstrip())
+    return found
+
+
+def _signature(failure: str) -> str:
+    """What makes two failures the same finding: their first line, numbers aside."""
+    first = failure.splitlines()[0] if failure else ""
+    return re.sub(r"0x[0-9a-f]+|\d+", "N", first.removeprefix("flaky: "))[:160]
+
+
+def _run(target: str, body: Callable[..., int | None], strategy: st.SearchStrategy,
+         examples: int, seconds: float, seed_value: int, *, inputs: int | None = None,
+         keep_going: bool = False, recover: Callable[[], None] | None = None,
+         chunk_size: int = CHUNK, shrink: bool = True,
+         wanted: str | None = None) -> Outcome:  # fmt: skip
+    """Up to `examples` examples (and, if given, until `inputs` inputs), stopping between
+    chunks once `seconds` are spent, and within one (shrinking, most likely) a little
+    later. Chunk k is seeded with seed_value + k, so the same seed repeats the run. With
+    `keep_going`, a failure is recorded, `recover` repairs the target, and the next chunk
+    runs (until a failure that says `wanted`, if given); failures alike in their first line
+    count once."""
     outcome = Outcome(target)
     started = time.monotonic()
+    stop_at = started + seconds + max(10.0, seconds / 2)
     chunk = 0
-    while outcome.examples < examples and time.monotonic() - started < seconds:
-        size = min(CHUNK, examples - outcome.examples)
-        ran = [0]
+    seen: set[str] = set()
+
+    def more() -> bool:
+        return (outcome.examples < examples and time.monotonic() - started < seconds
+                and (inputs is None or outcome.inputs < inputs))  # fmt: skip
+
+    while more():
+        size = min(chunk_size, examples - outcome.examples)
+        ran = [0, 0]
         try:
-            _chunk(body, strategy, size, seed_value + chunk, ran)()
+            _chunk(body, strategy, size, seed_value + chunk, ran, stop_at, shrink)()
         except Exception as exc:  # shrunk by hypothesis: report it, with how to repeat it
-            outcome.failures.append(
-                f"{type(exc).__name__}: {exc}"[:4000] + f"\n(chunk {chunk} of seed {seed_value})"
-            )
+            for text in _failures(exc):
+                if _signature(text) not in seen:
+                    seen.add(_signature(text))
+                    outcome.failures.append(f"{text}\n(chunk {chunk} of seed {seed_value})")
             outcome.examples += ran[0]
-            break
+            outcome.inputs += ran[1]
+            chunk += 1
+            if not keep_going or len(outcome.failures) >= MAX_FAILURES:
+                break
+            if wanted is not None and any(wanted in f for f in outcome.failures):
+                break
+            if recover is not None:
+                recover()
+            continue
         outcome.examples += ran[0]
+        outcome.inputs += ran[1]
         chunk += 1
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
@@ -109,7 +197,7 @@ codec_case = st.tuples(
 )  # fmt: skip
 
 
-def codec_body(case: tuple) -> None:
+def codec_body(case: tuple) -> int:
     channel, replies, pieces = case
     reader = MessageReader(channel, replies=replies)
     fake_fd = 1000
@@ -122,6 +210,7 @@ def codec_body(case: tuple) -> None:
         reader.close()
     except WireError:
         pass  # the codec's own error is the right answer to bad bytes
+    return len(pieces)
 
 
 # ------------------------------------------------------------------ the engine
@@ -141,7 +230,7 @@ ops = st.lists(
 )  # fmt: skip
 
 
-def engine_body(sequence: list) -> None:
+def engine_body(sequence: list) -> int:
     fd = os.memfd_create("fuzz-engine", os.MFD_CLOEXEC)
     os.ftruncate(fd, 16 * PAGE)
     table = RegionTable({0: 40 * PAGE, 3: 8 * PAGE})
@@ -164,6 +253,7 @@ def engine_body(sequence: list) -> None:
     finally:
         table.close()
         os.close(fd)
+    return len(sequence)
 
 
 # ------------------------------------------------------------------ the daemons
@@ -226,7 +316,7 @@ class FrontendTarget:
         os.ftruncate(self.buffer, 8 * PAGE)
         self.baseline = -1
 
-    def session(self, messages: list) -> None:
+    def session(self, messages: list) -> int:
         self.listener.settimeout(20)
         sock, _ = self.listener.accept()
         endpoint = BackendEndpoint(DeviceModel({0: 32 * PAGE, 2: 8 * PAGE}), reply_timeout=2)
@@ -239,6 +329,7 @@ class FrontendTarget:
             self.baseline = _fd_count(self.proc.pid)
         ch = endpoint.backend_channel.channel  # type: ignore[union-attr]
         a, b = socket.socketpair()
+        sent = 0
         try:
             for req, flags, fields, nfds, raw in messages:
                 fds = ((self.buffer,) * nfds) if nfds < 8 else (a.fileno(),) * nfds
@@ -250,6 +341,7 @@ class FrontendTarget:
                                                 need_reply=flags == 0x9)  # fmt: skip
                 try:
                     ch.send(data, fds)
+                    sent += 1
                     _drain(ch)
                 except Exception:
                     break  # the front-end hung up: a fine answer to garbage
@@ -260,6 +352,7 @@ class FrontendTarget:
             main.close()
             server.join(5)
         self.check()
+        return sent
 
     def check_agreement(self) -> None:
         assert self.proc.poll() is None, "the front-end died"
@@ -297,27 +390,29 @@ main_messages = st.lists(
 class BackendTarget:
     """A real backend_sim process; we are a front-end that says anything at all."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra: tuple[str, ...] = ()) -> None:
         self.sock = str(workdir / "fuzz-be.sock")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "backend_sim", "--listen", self.sock, "--regions", "0=1M",
-             "--control", str(workdir / "fuzz-be.ctl"), "--reply-timeout", "0.5"],
+             "--control", str(workdir / "fuzz-be.ctl"), "--reply-timeout", "0.5", *extra],
             stdout=subprocess.DEVNULL, stderr=open(workdir / "fuzz-be.log", "w"),  # noqa: SIM115
         )  # fmt: skip
         assert _wait(lambda: os.path.exists(self.sock), 10), "backend_sim did not start"
         time.sleep(0.2)
         self.baseline = _fd_count(self.proc.pid)
 
-    def session(self, messages: list) -> None:
+    def session(self, messages: list) -> int:
         s = socket.socket(socket.AF_UNIX)
         s.connect(self.sock)
         ch = Channel(s, ChannelKind.MAIN, replies=True)
         extra = [os.eventfd(0) for _ in range(4)]
+        sent = 0
         try:
             for req, flags, payload, nfds, lie in messages:
                 size = len(payload) + (7 if lie else 0)  # sometimes announce more than sent
                 try:
                     ch.send(struct.pack("<III", req, flags, size) + payload, tuple(extra[:nfds]))
+                    sent += 1
                     _drain(ch)
                 except Exception:
                     break
@@ -325,6 +420,7 @@ class BackendTarget:
             close_fds(extra)
             s.close()
         self.check()
+        return sent
 
     def check(self) -> None:
         assert self.proc.poll() is None, "backend_sim died"
@@ -349,49 +445,1665 @@ def _quietly(fn: Callable[..., None], *args: object) -> None:
         fn(*args)
 
 
+# ------------------------------------------------------------------ control lines
+#
+# A control line is built from a small tuple (what hypothesis draws, shrinks and
+# prints) and rendered to bytes here. The same building blocks feed a seeded
+# random.Random for the bulk of each example, so an example carries dozens of lines
+# at little cost; hypothesis shrinks that bulk away when it is not needed.
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Any = _Absent()
+
+INT_EDGES = (
+    0, 1, -1, 255, 256, PAGE - 1, PAGE, PAGE + 1, 2 * PAGE, 2**31 - 1, 2**31, 2**32, 2**53 + 1,
+    2**63 - 1, 2**63, U64, 2**64, 2**64 + PAGE, -PAGE, -(2**63), -(2**63) - 1, 10**30,
+    10**4299, -(10**4299),  # 4300 digits: the most Python converts between int and text
+)  # fmt: skip
+FLOAT_EDGES = (0.0, -0.0, 0.5, 4096.0, 1e308, math.inf, -math.inf, math.nan, 5e-324)
+TEXT_EDGES = ("", "0", "4096", "4K", "map", "status", "\x00", "é", "\udcff", "x" * 300, "null")
+#: Numbers as JSON text: past Python's 4300-digit conversion limit, past a double,
+#: and forms JSON does not allow.
+NUMBER_TEXTS = (
+    "1" * 4300, "1" * 4301, "-" + "9" * 5000, "1e400", "-1e400", "1.5e-400", "NaN", "-Infinity",
+    "01", "0x10", "1_000", "1" + "0" * 20000,
+)  # fmt: skip
+#: A map of fd_offset + len beyond this is rendered as one page. backend_sim makes the
+#: buffer (and writes a tag on every page) before the front-end can refuse it; a length
+#: like 2**62 would cost the machine all its memory rather than find a bug.
+SAFE_BUFFER = 64 * MiB
+
+json_scalars = st.one_of(
+    st.sampled_from(INT_EDGES), st.integers(), st.sampled_from(FLOAT_EDGES), st.floats(),
+    st.sampled_from(TEXT_EDGES), st.text(max_size=8), st.booleans(), st.none(),
+)  # fmt: skip
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+
+_ints = st.one_of(st.sampled_from(INT_EDGES), st.integers(0, 40).map(lambda p: p * PAGE))
+_shmids = st.one_of(st.sampled_from([0, 0, 0, 1, 1, 2]), st.sampled_from([255, 256, -1, 2**64]))
+_offsets = st.one_of(st.integers(0, 40).map(lambda p: p * PAGE), _ints)
+_lengths = st.one_of(
+    st.integers(1, 8).map(lambda p: p * PAGE),
+    st.sampled_from([*INT_EDGES, 8 * MiB, 8 * MiB + PAGE, 64 * MiB, 64 * 1024]),
+)  # fmt: skip
+map_args = st.fixed_dictionaries(
+    {"shmid": _shmids, "shm_offset": _offsets, "len": _lengths},
+    optional={"fd_offset": _offsets, "ro": st.booleans(), "buffer": st.integers(-1, 40)},
+)
+unmap_args = st.fixed_dictionaries({"shmid": _shmids, "shm_offset": _offsets, "len": _lengths})
+EVENT_NAMES = ("mapped", "unmapped", "refused", "reset", "message", "connected", "nonsense", "")
+event_lists = st.one_of(
+    st.none(), st.just([]), st.lists(st.sampled_from(EVENT_NAMES), max_size=3), json_values
+)
+RATES = (1, 200, 2000, 10000, 10001, 0, -1, 0.001, math.nan, math.inf, "10", True)
+PLAUSIBLE: dict[str, dict[str, st.SearchStrategy]] = {
+    "backend": {
+        "map": map_args,
+        "unmap": unmap_args,
+        "batch": st.fixed_dictionaries(
+            {"maps": st.lists(st.one_of(map_args, map_args, map_args, json_values), max_size=6)}
+        ),
+        "status": st.just({}),
+        "scenario-start": st.fixed_dictionaries(
+            {"name": st.sampled_from(["blobs", "dax", "blobs", "nope", ""])},
+            optional={
+                "rate": st.sampled_from(RATES),
+                "shmid": st.sampled_from([0, 1, 2, 256, -1, 2**64]),
+                "seed": _ints,
+            },
+        ),
+        "scenario-stop": st.just({}),
+        "subscribe": st.fixed_dictionaries({}, optional={"events": event_lists}),
+    },
+    "frontend": {
+        "status": st.fixed_dictionaries(
+            {}, optional={"max_mappings": st.sampled_from([0, 1, 1000, 10**6, -1, 2**64, 1.5])}
+        ),
+        "get-shmem-config": st.just({}),
+        "reset": st.just({}),
+        "read": st.fixed_dictionaries(
+            {"shmid": _shmids, "offset": _offsets},
+            optional={"length": st.sampled_from([1, 64, 4096, 4097, 0, -1, 2**64, 2**63])},
+        ),
+        "subscribe": st.fixed_dictionaries({}, optional={"events": event_lists}),
+    },
+}
+UNKNOWN_COMMANDS = (
+    "", "MAP", "map ", "status\x00", "__class__", "shutdown", "quit", "qmp_capabilities",
+)  # fmt: skip
+ODD_KEYS = ("arguments", "execute", "id", "Execute", "x", "", "arguments ")
+
+
+_KEYS = {
+    "backend": {"shmid", "shm_offset", "len", "fd_offset", "ro", "buffer", "maps", "name",
+                "rate", "seed", "events"},
+    "frontend": {"max_mappings", "shmid", "offset", "length", "events"},
+}  # fmt: skip
+
+
+def _request_specs(role: str) -> st.SearchStrategy:
+    ids = st.one_of(st.just(ABSENT), st.integers(), json_values)
+    extras = st.one_of(
+        st.just({}),
+        st.just({}),
+        st.dictionaries(st.sampled_from(ODD_KEYS), json_values, max_size=2),
+    )
+    anything = st.one_of(
+        st.dictionaries(st.sampled_from([*sorted(_KEYS[role]), "bogus"]), json_values, max_size=4),
+        json_values,
+        st.just(ABSENT),
+    )
+
+    def for_command(name: st.SearchStrategy, known: st.SearchStrategy | None) -> st.SearchStrategy:
+        args = anything if known is None else st.one_of(known, known, known, known, anything)
+        return st.tuples(st.just("req"), name, args, ids, extras)
+
+    # one strategy per command, built once (a flatmap would build them for every draw)
+    return st.one_of(
+        *(for_command(st.just(name), known) for name, known in sorted(PLAUSIBLE[role].items())),
+        for_command(st.sampled_from(UNKNOWN_COMMANDS), None),
+        st.tuples(st.just("req"), json_values, st.just(ABSENT), st.just(ABSENT), st.just({})),
+    )
+
+
+def line_specs(role: str) -> st.SearchStrategy:
+    request = _request_specs(role)
+    return st.one_of(
+        request, request, request, request,
+        st.tuples(st.just("json"), json_values),
+        st.tuples(st.just("raw"), st.binary(max_size=40)),
+        st.tuples(st.just("nest"), st.sampled_from(["list", "dict", "args", "id"]),
+                  st.sampled_from([2, 15, 16, 17, 32, 100, 999, 1000, 1001, 5000, 20000]),
+                  st.booleans()),
+        st.tuples(st.just("long"), st.sampled_from(["x", "id"]),
+                  st.sampled_from([MAX_LINE - 1, MAX_LINE, MAX_LINE + 1, 4096, 200_000])),
+        st.tuples(st.just("many"), st.integers(2, 40),
+                  st.sampled_from(["", " ", "\r", "\t", ";", ",", "\x00"])),
+        st.tuples(st.just("number"), st.sampled_from(["bare", "id", "len", "shmid"]),
+                  st.sampled_from(NUMBER_TEXTS)),
+        st.tuples(st.just("blank"), st.sampled_from(["", " ", "\t", "\r", "\x0b\x0c", " \r\t"])),
+    )  # fmt: skip
+
+
+# The same kinds of line from a seeded random.Random: the bulk of every example.
+
+
+def _rand_scalar(rng: random.Random) -> Any:
+    pick = rng.randrange(9)
+    if pick < 3:
+        return rng.choice(INT_EDGES)
+    if pick == 3:
+        return rng.randrange(-(2**70), 2**70)
+    if pick == 4:
+        return rng.choice(FLOAT_EDGES)
+    if pick == 5:
+        return rng.choice(TEXT_EDGES)
+    if pick == 6:
+        return rng.choice([True, False, None])
+    if pick == 7:
+        return [rng.choice(INT_EDGES) for _ in range(rng.randrange(3))]
+    return {"k": rng.choice(INT_EDGES)}
+
+
+def _rand_int(rng: random.Random, common: Callable[[random.Random], int]) -> Any:
+    roll = rng.random()
+    if roll < 0.75:
+        return common(rng)
+    if roll < 0.95:
+        return rng.choice(INT_EDGES)
+    return _rand_scalar(rng)
+
+
+def _rand_map(rng: random.Random) -> dict[str, Any]:
+    args = {
+        "shmid": _rand_int(rng, lambda r: r.choice([0, 0, 0, 1, 1, 2])),
+        "shm_offset": _rand_int(rng, lambda r: r.randrange(40) * PAGE),
+        "len": _rand_int(rng, lambda r: r.randrange(1, 9) * PAGE),
+    }
+    if rng.random() < 0.3:
+        args["fd_offset"] = _rand_int(rng, lambda r: r.randrange(8) * PAGE)
+    if rng.random() < 0.3:
+        args["ro"] = rng.random() < 0.8 or _rand_scalar(rng)
+    if rng.random() < 0.1:
+        args["buffer"] = rng.randrange(-1, 40)
+    return args
+
+
+def _rand_args(rng: random.Random, role: str, name: str) -> Any:
+    roll = rng.random()
+    if roll < 0.05:
+        return ABSENT
+    if roll < 0.1:
+        return _rand_scalar(rng)
+    if roll < 0.2:
+        return {rng.choice([*sorted(_KEYS[role]), "bogus"]): _rand_scalar(rng)
+                for _ in range(rng.randrange(4))}  # fmt: skip
+    if name in ("map", "read") or (name == "unmap" and role == "backend"):
+        args = _rand_map(rng)
+        if name == "unmap":
+            args = {k: args[k] for k in ("shmid", "shm_offset", "len")}
+        if name == "read":
+            args = {"shmid": args["shmid"], "offset": args["shm_offset"]}
+            if rng.random() < 0.5:
+                args["length"] = _rand_int(rng, lambda r: r.choice([1, 64, 4096, 4097]))
+        return args
+    if name == "batch":
+        return {"maps": [_rand_map(rng) if rng.random() < 0.9 else _rand_scalar(rng)
+                         for _ in range(rng.randrange(7))]}  # fmt: skip
+    if name == "scenario-start":
+        args = {"name": rng.choice(["blobs", "dax", "blobs", "nope"])}
+        if rng.random() < 0.7:
+            args["rate"] = rng.choice([200, 2000, 10000, 10001, 0, -1, 0.5, math.nan, "10"])
+        if rng.random() < 0.3:
+            args["shmid"] = rng.choice([0, 1, 2, 256])
+        if rng.random() < 0.5:
+            args["seed"] = rng.randrange(1000)
+        return args
+    if name == "subscribe":
+        return rng.choice(
+            [
+                {},
+                {"events": ["mapped", "refused"]},
+                {"events": ["message"]},
+                {"events": ["nonsense"]},
+                {"events": [1]},
+                {"events": "mapped"},
+            ]
+        )
+    if name == "status" and role == "frontend" and rng.random() < 0.3:
+        return {"max_mappings": rng.choice([0, 1, 1000, -1, 2**64])}
+    return {}
+
+
+def random_spec(rng: random.Random, role: str) -> tuple:
+    roll = rng.random()
+    names = sorted(PLAUSIBLE[role])
+    if roll < 0.80:
+        name = rng.choice(names) if rng.random() < 0.93 else rng.choice(UNKNOWN_COMMANDS)
+        rid = rng.choice([ABSENT, rng.randrange(1 << 20), "r" + str(rng.randrange(99)), None,
+                          rng.choice(INT_EDGES), _rand_scalar(rng)])  # fmt: skip
+        extra = {} if rng.random() < 0.95 else {rng.choice(ODD_KEYS): _rand_scalar(rng)}
+        return ("req", name, _rand_args(rng, role, name), rid, extra)
+    if roll < 0.84:
+        return ("json", _rand_scalar(rng))
+    if roll < 0.89:
+        return ("raw", rng.randbytes(rng.randrange(40)))
+    if roll < 0.92:
+        return ("nest", rng.choice(["list", "dict", "args", "id"]),
+                rng.choice([16, 17, 100, 1000, 5000]), rng.random() < 0.5)  # fmt: skip
+    if roll < 0.93:
+        return ("long", rng.choice(["x", "id"]), rng.choice([MAX_LINE, MAX_LINE + 1, 4096]))
+    if roll < 0.95:
+        return ("many", rng.randrange(2, 20), rng.choice(["", " ", ";"]))
+    if roll < 0.98:
+        return ("number", rng.choice(["bare", "id", "len", "shmid"]), rng.choice(NUMBER_TEXTS))
+    return ("blank", rng.choice(["", " ", "\t", "\r"]))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _safe_map(args: object) -> object:
+    """A map backend_sim can make a buffer for quickly, or that fails at once."""
+    if not isinstance(args, dict):
+        return args
+    length, fd_offset = args.get("len"), args.get("fd_offset", 0)
+    if _is_int(length) and _is_int(fd_offset) and SAFE_BUFFER < length + fd_offset < 2**63:
+        args = {**args, "len": PAGE}
+        if "fd_offset" in args and SAFE_BUFFER < PAGE + fd_offset < 2**63:
+            args["fd_offset"] = 0
+    return args
+
+
+def _safe_request(obj: dict[str, Any]) -> dict[str, Any]:
+    args = obj.get("arguments")
+    if obj.get("execute") == "map":
+        obj["arguments"] = _safe_map(args)
+    elif obj.get("execute") == "batch" and isinstance(args, dict):
+        maps = args.get("maps")
+        if isinstance(maps, list):
+            obj["arguments"] = {**args, "maps": [_safe_map(m) for m in maps]}
+    return obj
+
+
+_NESTS = {
+    "list": ("[", "]", ""),
+    "dict": ('{"a":', "}", "1"),
+    "args": ('{"a":', "}", "1"),
+    "id": ("[", "]", ""),
+}
+
+
+def render(spec: tuple) -> tuple[bytes, Any]:
+    """The bytes of a line (no newline) and the id its answer must carry (ABSENT: none,
+    or not known in advance)."""
+    kind = spec[0]
+    if kind == "req":
+        _, execute, args, rid, extra = spec
+        obj: dict[str, Any] = {}
+        if execute is not ABSENT:
+            obj["execute"] = execute
+        if args is not ABSENT:
+            obj["arguments"] = args
+        if rid is not ABSENT:
+            obj["id"] = rid
+        obj.update(extra)
+        obj = _safe_request(obj)
+        rid = obj.get("id", ABSENT)
+        return json.dumps(obj).encode(), ABSENT if rid is None else rid
+    if kind == "json":
+        return json.dumps(spec[1]).encode(), ABSENT
+    if kind == "raw":
+        return spec[1], ABSENT
+    if kind == "nest":
+        _, style, depth, closed = spec
+        opener, closer, leaf = _NESTS[style]
+        inner = opener * depth + ((leaf + closer * depth) if closed else "")
+        if style == "args":
+            inner = '{"execute":"status","arguments":' + inner + ("}" if closed else "")
+        elif style == "id":
+            inner = '{"execute":"status","id":' + inner + ("}" if closed else "")
+        return inner.encode(), ABSENT
+    if kind == "long":
+        _, style, n = spec
+        if style == "x":
+            return b"x" * n, ABSENT
+        head, tail = b'{"execute":"status","id":"', b'"}'
+        return head + b"i" * max(0, n - len(head) - len(tail)) + tail, ABSENT
+    if kind == "many":
+        _, k, sep = spec
+        return sep.join(['{"execute":"status"}'] * k).encode(), ABSENT
+    if kind == "number":
+        _, where, text = spec
+        if where == "bare":
+            return text.encode(), ABSENT
+        if where == "id":
+            return ('{"execute":"status","id":' + text + "}").encode(), ABSENT
+        return (
+            '{"execute":"map","arguments":{"shmid":'
+            + (text if where == "shmid" else "0")
+            + ',"shm_offset":0,"len":'
+            + (text if where == "len" else "4096")
+            + "}}"
+        ).encode(), ABSENT
+    if kind == "blank":
+        return spec[1].encode(), ABSENT
+    raise ValueError(f"no line kind {kind!r}")
+
+
+def _shown(line: bytes, limit: int = 160) -> str:
+    text = repr(line[:limit])
+    return text + (f"... ({len(line)} bytes)" if len(line) > limit else "")
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_answer(raw: bytes, context: str) -> dict[str, Any]:
+    """One answer line: strict JSON (no NaN or Infinity), an object."""
+    try:
+        answer = json.loads(raw, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise AssertionError(f"an answer that is not strict JSON\n  {exc}: {_shown(raw)}"
+                             f"\n  {context}") from None  # fmt: skip
+    if not isinstance(answer, dict):
+        raise AssertionError(f"an answer that is not a JSON object: {_shown(raw)}\n  {context}")
+    return answer
+
+
+def _check_answer(answer: dict[str, Any], line: bytes, role: str) -> None:
+    error = answer.get("error")
+    if error is None:
+        if "return" not in answer:
+            raise AssertionError(f"{role}: an answer with neither return nor error: {answer}"
+                                 f"\n  line {_shown(line)}")  # fmt: skip
+        return
+    desc = error.get("desc") if isinstance(error, dict) else None
+    if not isinstance(desc, str) or not isinstance(error.get("class"), str):
+        raise AssertionError(f"{role}: an error without class and desc: {error}"
+                             f"\n  line {_shown(line)}")  # fmt: skip
+    if "internal error" in desc.lower():
+        raise AssertionError(f"{role}: internal error: {desc[:200]}\n  line {_shown(line, 400)}")
+
+
+# ------------------------------------------------------------------ control sockets
+
+SENTINEL = "fuzz-sentinel"
+#: How long a daemon has to answer, or to settle after an example.
+PATIENCE = 30.0
+
+
+class RawControl:
+    """A control-socket client that hands back whole answers, errors included."""
+
+    def __init__(self, path: str, timeout: float = PATIENCE) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+            self.file = self.sock.makefile("rb")
+            self.greeting = json.loads(self.file.readline() or b"{}")
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sent = 0
+
+    def ask(self, execute: str, arguments: Any = ABSENT) -> dict[str, Any]:
+        """Send one request; its answer (events and other ids skipped)."""
+        self.sent += 1
+        rid = f"h{self.sent}"
+        obj: dict[str, Any] = {"id": rid, "execute": execute}
+        if arguments is not ABSENT:
+            obj["arguments"] = arguments
+        line = json.dumps(obj).encode()
+        try:
+            self.sock.sendall(line + b"\n")
+            while True:
+                raw = self.file.readline()
+                if not raw:
+                    raise AssertionError(f"{self.path}: the daemon closed the connection "
+                                         f"instead of answering {_shown(line)}")  # fmt: skip
+                answer = _parse_answer(raw, f"answering {_shown(line)}")
+                if answer.get("id") == rid:
+                    return answer
+        except TimeoutError:
+            raise AssertionError(f"{self.path}: no answer to {_shown(line)} within "
+                                 f"{PATIENCE:g}s") from None  # fmt: skip
+
+    def result(self, execute: str, arguments: Any = ABSENT) -> Any:
+        answer = self.ask(execute, arguments)
+        if "error" in answer:
+            raise AssertionError(f"{self.path}: {execute} failed: {answer['error']}")
+        return answer["return"]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+            self.sock.close()
+
+
+def _connect_control(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.connect(path)
+    return sock
+
+
+Answers = list[tuple[bytes, dict[str, Any]]]
+
+
+def _pump(sock: socket.socket, data: bytes, *, until: str | None, halfclose: bool = False,
+          piece: int | None = None, read: bool = True) -> tuple[Answers, bool]:  # fmt: skip
+    """Send `data` while reading answers, until the answer whose id is `until` (or EOF;
+    with read=False, until everything is sent). The answers come back without the
+    greeting and events, with whether the daemon closed the connection."""
+    sock.setblocking(False)
+    poller = select.poll()
+    sent, buf, answers, eof, done = 0, b"", [], False, False
+    deadline = time.monotonic() + PATIENCE
+    if not data and halfclose:
+        sock.shutdown(socket.SHUT_WR)
+    while not done and not eof:
+        if not read and sent >= len(data):
+            break
+        want = select.POLLIN | (select.POLLOUT if sent < len(data) else 0)
+        poller.register(sock, want)
+        left = deadline - time.monotonic()
+        ready = poller.poll(max(0, int(left * 1000))) if left > 0 else []
+        if not ready:
+            raise AssertionError(
+                f"no answer within {PATIENCE:g}s ({len(answers)} answers so far, "
+                f"{sent} of {len(data)} bytes sent)"
+            )
+        mask = ready[0][1]
+        if mask & select.POLLOUT and sent < len(data):
+            step = piece if piece and sent < 4096 else 1 << 16
+            try:
+                sent += sock.send(data[sent : sent + step])
+            except BlockingIOError:
+                pass
+            except OSError:
+                sent = len(data)  # the daemon dropped us: read what it said
+            if sent >= len(data) and halfclose:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+        if mask & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            try:
+                chunk = sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                eof = True
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                answer = _parse_answer(raw, "")
+                if "greeting" in answer or "event" in answer:
+                    continue
+                answers.append((raw, answer))
+                if until is not None and answer.get("id") == until:
+                    done = True
+    return answers, eof
+
+
+def _segments(rendered: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+    """The complete lines of a stream, each with the id its answer must carry."""
+    segs = []
+    for line, rid in rendered:
+        parts = line.split(b"\n")
+        for part in parts:
+            segs.append((part, rid if len(parts) == 1 else ABSENT))
+    return segs
+
+
+def _fd_kinds(pid: int) -> tuple[int, int]:
+    """(fds, sockets) of a process."""
+    fds = socks = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        fds += 1
+        with contextlib.suppress(OSError):
+            socks += os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:")
+    return fds, socks
+
+
+def _settle(predicate: Callable[[], bool], what: Callable[[], str], seconds: float = 10) -> None:
+    """Wait for a condition the daemon reaches on its own (threads finishing, fds closing)."""
+    if not _wait(predicate, seconds):
+        raise AssertionError(what())
+
+
+def _log_tail(path: Path, lines: int = 12) -> str:
+    try:
+        return "\n".join("    " + x for x in path.read_text().splitlines()[-lines:])
+    except OSError:
+        return "    (no log)"
+
+
+ENDINGS = ("answers", "answers", "answers", "answers", "halfclose", "hangup")
+PARTIALS = (
+    b"", b'{"execute":"sta', b'{"execute":"map","arguments":{"shmid":0', b"\xff\xfe", b"[" * 100,
+)  # fmt: skip
+
+
+def control_case(role: str) -> st.SearchStrategy:
+    conn = st.tuples(
+        st.lists(line_specs(role), max_size=8), st.sampled_from(ENDINGS),
+        st.sampled_from([None, None, None, 1, 3, 4096]),
+    )  # fmt: skip
+    return st.tuples(
+        st.lists(conn, min_size=1, max_size=3),
+        st.sampled_from([0, 0, 0, 0, 1, 3, 12]),  # connections that subscribe and never read
+        st.tuples(st.integers(0, 2**32 - 1), st.sampled_from([0, 20, 40, 40, 40, 40])),
+    )  # fmt: skip
+
+
+class PairTarget:
+    """A real backend_sim with a real front-end connected to it, as `shmemctl up` runs
+    them; hostile lines go to the control socket of one of them (`role`).
+
+    After each example: both alive, every complete line answered exactly once (an
+    overlong one: an error, then the connection closed), no "internal error", every
+    hostile connection's socket closed by the daemon, the front-end's table equal to
+    /proc and to what backend_sim believes, backend_sim holding no buffer that no
+    believed mapping uses; then a reset, after which backend_sim holds no buffer and
+    both daemons are back to their baseline fds."""
+
+    REGIONS = "0=8M,1=64K"
+
+    def __init__(self, workdir: Path, role: str, fe_args: tuple[str, ...] = (),
+                 be_args: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.workdir = workdir
+        self.role = role
+        self.fe_args = fe_args
+        self.be_args = be_args
+        self.vhost = str(workdir / "pair.sock")
+        self.ctl = {"frontend": str(workdir / "fe.ctl"), "backend": str(workdir / "be.ctl")}
+        self.logs = {"frontend": workdir / "fe.log", "backend": workdir / "be.log"}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.clients: dict[str, RawControl] = {}
+        self.base: dict[str, tuple[int, int]] = {}
+        self.clean = False
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        for path in (self.vhost, *self.ctl.values()):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.procs["backend"] = self._spawn(
+            ["-m", "backend_sim", "--listen", self.vhost, "--regions", self.REGIONS,
+             "--reply-timeout", "5", *self.be_args], "backend")  # fmt: skip
+        if not _wait(lambda: os.path.exists(self.vhost), 15):
+            raise RuntimeError(f"backend_sim did not start:\n{_log_tail(self.logs['backend'])}")
+        self.procs["frontend"] = self._spawn(
+            ["-m", "shmemctl", "frontend", "--connect", self.vhost, "--reconnect", "0.05",
+             *self.fe_args], "frontend")  # fmt: skip
+        if not _wait(lambda: all(os.path.exists(p) for p in self.ctl.values()), 15):
+            raise RuntimeError(f"the pair did not start:\n{_log_tail(self.logs['frontend'])}")
+        self.clients = {role: RawControl(path) for role, path in self.ctl.items()}
+        if not _wait(self._connected, 15):
+            raise RuntimeError(f"the pair did not connect:\n{_log_tail(self.logs['frontend'])}")
+        self.base = {}
+        for role in self.procs:  # a baseline is a count that stays put
+            pid = self.procs[role].pid
+            _wait(lambda pid=pid: _fd_kinds(pid) == _fd_kinds(pid), 2)
+            self.base[role] = _fd_kinds(pid)
+        self.clean = True
+
+    def _spawn(self, argv: list[str], role: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, *argv, "--control", self.ctl[role], "--busy-poll-us", "0"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(self.logs[role], "a"),
+        )  # fmt: skip
+
+    def _connected(self) -> bool:
+        fe = self.clients["frontend"].ask("status")
+        be = self.clients["backend"].ask("status")
+        return (fe.get("return", {}).get("state") == "connected"
+                and bool(be.get("return", {}).get("ready")))  # fmt: skip
+
+    def stop(self) -> None:
+        for client in self.clients.values():
+            client.close()
+        self.clients = {}
+        for role in ("frontend", "backend"):
+            proc = self.procs.pop(role, None)
+            if proc is None:
+                continue
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def recover(self) -> None:
+        self.stop()
+        self.start()
+
+    def _ready(self) -> None:
+        """A clean pair for the next example: tidied up, or started afresh."""
+        if self.clean:
+            return
+        if self.procs:
+            try:
+                self._alive()
+                self._end_check(strict=False)
+                self.clean = True
+                return
+            except (AssertionError, OSError):
+                pass
+        self.recover()
+
+    def _alive(self) -> None:
+        for role, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"{role} died (exit {proc.returncode}):\n"
+                                     f"{_log_tail(self.logs[role])}")  # fmt: skip
+
+    # -------------------------------------------------------------- one example
+
+    def session(self, case: tuple) -> int:
+        conns, storm, (bg_seed, bg_count) = case
+        self._ready()
+        self.clean = False
+        if self.role == "frontend":  # something for read and status to show
+            self.clients["backend"].result("batch", {"maps": [
+                {"shmid": 0, "shm_offset": 0, "len": 4 * PAGE},
+                {"shmid": 0, "shm_offset": 16 * PAGE, "len": PAGE, "ro": True},
+                {"shmid": 1, "shm_offset": 0, "len": PAGE}]})  # fmt: skip
+        plan = list(conns)
+        if bg_count:
+            rng = random.Random(bg_seed)
+            specs = [random_spec(rng, self.role) for _ in range(bg_count)]
+            plan.append((specs, rng.choice(ENDINGS), None))
+        path = self.ctl[self.role]
+        inputs = 0
+        socks: list[socket.socket] = []
+        try:
+            for k in range(storm):
+                s = _connect_control(path)
+                socks.append(s)
+                events = '{"events":["message"]}' if k % 3 == 2 else "{}"
+                s.sendall(b'{"execute":"subscribe","arguments":%s}\n' % events.encode())
+                inputs += 1
+            talkers = [_connect_control(path) for _ in plan]
+            socks += talkers
+            for n, (sock, (specs, ending, piece)) in enumerate(zip(talkers, plan, strict=True)):
+                inputs += self._talk(sock, specs, ending, piece, n)
+                self._alive()
+        finally:
+            for s in socks:
+                s.close()
+        try:
+            self._end_check()
+        except AssertionError as exc:  # the lines that led there
+            sent = [f"    {ending}: {_shown(render(spec)[0], 200)}" for specs, ending, _ in plan
+                    for spec in specs]  # fmt: skip
+            raise AssertionError(
+                f"{exc}\n  after {storm} subscribers and these lines, last "
+                "first:\n" + "\n".join(reversed(sent[-40:]))
+            ) from None
+        self.clean = True
+        return inputs
+
+    def _talk(self, sock: socket.socket, specs: list, ending: str, piece: int | None,
+              n: int) -> int:  # fmt: skip
+        role = self.role
+        rendered = [render(spec) for spec in specs]
+        until = f"{SENTINEL}-{n}"
+        if ending == "answers":
+            rendered.append((json.dumps({"execute": SENTINEL, "id": until}).encode(), until))
+        stream = b"".join(line + b"\n" for line, _ in rendered)
+        if ending == "hangup":
+            stream += PARTIALS[n % len(PARTIALS)]
+            _pump(sock, stream, until=None, piece=piece, read=False)
+            return len(rendered) + 1
+        answers, eof = _pump(sock, stream, until=until if ending == "answers" else None,
+                             halfclose=ending == "halfclose", piece=piece)  # fmt: skip
+        expected: list[tuple[bytes, Any]] = []
+        overlong = None
+        for seg, rid in _segments(rendered):
+            if len(seg) > MAX_LINE:
+                overlong = seg
+                break
+            if seg.strip():
+                expected.append((seg, rid))
+        context = (
+            f"{role} control socket, {len(expected)} complete lines"
+            f"{', then one of ' + str(len(overlong)) + ' bytes' if overlong else ''}"
+            f" ({ending}):\n    " + "\n    ".join(_shown(s, 100) for s, _ in expected[-6:])
+        )
+        want = len(expected) + (1 if overlong is not None else 0)
+        if len(answers) < want:
+            missing = expected[len(answers)][0] if len(answers) < len(expected) else overlong
+            what = ("no error for the overlong line" if len(answers) >= len(expected)
+                    else f"the first unanswered line {_shown(missing or b'')}")  # fmt: skip
+            raise AssertionError(
+                f"{role}: lines left unanswered, the connection "
+                f"{'closed' if eof else 'still open'} ({ending})\n  {len(answers)} answers to "
+                f"{want} complete lines; {what}\n  {context}"
+            )
+        if len(answers) > want:
+            raise AssertionError(f"{role}: more answers than lines\n  {len(answers)} answers to "
+                                 f"{want} complete lines: {answers[want][0][:200]!r}"
+                                 f"\n  {context}")  # fmt: skip
+        for (seg, rid), (_raw, answer) in zip(expected, answers, strict=False):
+            _check_answer(answer, seg, role)
+            got = answer.get("id", ABSENT)
+            bad_request = (answer.get("error") or {}).get("class") == "BadRequest"
+            if (
+                rid is not ABSENT
+                and (got is not ABSENT or not bad_request)
+                and json.dumps(got, sort_keys=True) != json.dumps(rid, sort_keys=True)
+            ):
+                raise AssertionError(f"{role}: an answer with id {got!r} to a request with"
+                                     f" id {rid!r}\n  line {_shown(seg)}")  # fmt: skip
+        if overlong is not None:
+            raw, answer = answers[-1]
+            if (answer.get("error") or {}).get("class") != "BadRequest":
+                raise AssertionError(f"{role}: an overlong line answered {raw[:200]!r}")
+            if not eof:
+                raise AssertionError(f"{role}: a client sent an overlong line and stays "
+                                     "connected")  # fmt: skip
+        elif ending == "halfclose" and not eof:
+            raise AssertionError(f"{role}: did not close a half-closed connection")
+        return len(rendered)
+
+    # -------------------------------------------------------------- after it
+
+    def _end_check(self, strict: bool = True) -> None:
+        fe_c, be_c = self.clients["frontend"], self.clients["backend"]
+        pids = {role: proc.pid for role, proc in self.procs.items()}
+        self._alive()
+        # a client's socket is closed once its last line is handled
+        _settle(
+            lambda: all(_fd_kinds(pids[r])[1] <= self.base[r][1] for r in pids),
+            lambda: (
+                "control connections never closed: sockets "
+                + ", ".join(f"{r} {_fd_kinds(pids[r])[1]} > {self.base[r][1]}" for r in pids)
+            ),
+        )
+        be_c.ask("scenario-stop")
+        _settle(self._connected, lambda: "the pair did not reconnect")
+        fe = fe_c.result("status", {"max_mappings": 1_000_000})
+        be = be_c.result("status")
+        if strict:
+            assert fe["disagreements"] == [], f"front-end table vs /proc: {fe['disagreements']}"
+            held = {(r["shmid"], m["shm_offset"], m["len"]) for r in fe["regions"]
+                    for m in r["mappings"]}  # fmt: skip
+            believed = {(m["shmid"], m["shm_offset"], m["len"]) for m in be["mapped"]}
+            # (the other way round is allowed: a batch's earlier maps count as done, and a
+            # front-end refuses them silently)
+            assert held <= believed, (
+                f"the front-end holds {sorted(held - believed)} that backend_sim does not "
+                "believe: it can never unmap them")  # fmt: skip
+            in_use = {m["buffer"] for m in be["mapped"]}
+            idle = [b for b in be["buffers"] if b["id"] not in in_use]
+            assert not idle, f"backend_sim keeps buffers no mapping uses: {idle}"
+        answer = fe_c.ask("reset")
+        assert "error" not in answer, f"the front-end's reset failed: {answer}"
+        _settle(lambda: not (st := be_c.result("status"))["mapped"] and not st["buffers"],
+                lambda: f"after a reset backend_sim still holds buffers "
+                f"{be_c.result('status')['buffers']}")  # fmt: skip
+        _settle(
+            lambda: all(_fd_kinds(pids[r])[0] <= self.base[r][0] for r in pids),
+            lambda: (
+                "fds above baseline after a reset: "
+                + ", ".join(f"{r} {_fd_kinds(pids[r])[0]} > {self.base[r][0]}" for r in pids)
+            ),
+        )
+
+
+# ------------------------------------------------------------------ sim-control
+#
+# backend_sim's control commands, while the harness is its front-end and answers the
+# SHMEM requests they cause as it likes. The hostile front-end keeps what an honest
+# one would hold after its own answers (`held`); what backend_sim could not know
+# (a malformed answer, none, a hang-up) is `unsure` and left out of the comparison.
+
+SHMEM_MASK = 1 << 22
+WANTED = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.BACKEND_REQ
+          | ProtocolFeature.BACKEND_SEND_FD | ProtocolFeature.RESET_DEVICE
+          | ProtocolFeature.STATUS | SHMEM_MASK)  # fmt: skip
+MAP, UNMAP = int(BackendReq.SHMEM_MAP), int(BackendReq.SHMEM_UNMAP)
+ERRNOS = (errno.EEXIST, errno.EINVAL, errno.ENODEV, errno.ENOENT, errno.ENOSPC, errno.ENXIO,
+          errno.EBADF, errno.EOVERFLOW, errno.EOPNOTSUPP, errno.EPERM, 4095)  # fmt: skip
+ODD_VALUES = (1, 2, 2**63, U64, 0xDEADBEEF, 2**32, (1 << 64) - 4096, (1 << 64) - 4097)
+RESETS = ("RESET_DEVICE", "SET_STATUS", "RESET_OWNER")
+#: How a request that asked for a reply is answered: a number 0-999 picks the first
+#: entry whose bound it is below (0, what hypothesis shrinks towards, is a plain ok).
+ANSWERS = (
+    (600, "ok"), (700, "refuse-errno"), (730, "refuse-value"), (750, "size-40"),
+    (760, "size-0"), (770, "size-4"), (790, "flags-0x4"), (810, "flags-0x15"),
+    (820, "flags-0xd"), (840, "request-instead"), (850, "wrong-id"), (880, "twice"),
+    (900, "with-fd"), (930, "reset-meanwhile"), (945, "new-channel-meanwhile"),
+    (965, "hangup-backend"), (980, "hangup"), (995, "ok"), (1000, "no-reply"),
+)  # fmt: skip
+#: And one that asked for none (a batch's earlier maps).
+SILENT_ANSWERS = ((960, "silent"), (975, "hangup-backend"), (985, "hangup"), (1000, "unasked"))
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """A poll of its own: a Channel's poll object is not for two threads at once."""
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
+def _fields(m: ShmemMap) -> str:
+    ro = "" if m.writable else " ro"
+    return f"{m.shmid}:{m.shm_offset:#x}+{m.len:#x}@{m.fd_offset:#x}{ro}"
+
+
+def _pick(table: tuple[tuple[int, str], ...], n: int) -> str:
+    return next(name for bound, name in table if n < bound)
+
+
+class HostileFrontend:
+    """The harness as backend_sim's front-end over a real socket: a correct handshake,
+    then SHMEM answers chosen by the example (`plan`, then `rng`, else plain acks)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.RLock()  # the channels; held while one message is handled
+        self.main: Channel | None = None
+        self.backend: Channel | None = None
+        self.sent = 0  # hostile messages: the inputs
+        self.handled = 0
+        self.begin([], None)
+        self._stopping = False
+        self.connect()
+        self.thread = threading.Thread(target=self._serve, daemon=True, name="hostile-frontend")
+        self.thread.start()
+
+    def begin(self, plan: list[int], rng: random.Random | None) -> None:
+        """A fresh example: its answers; nothing in the log; no violation yet."""
+        self.plan = list(reversed(plan))
+        self.rng = rng
+        self.held: dict[tuple[int, int], tuple[int, int, bool]] = {}
+        #: held, and confirmed by an answer to a request that asked for one: backend_sim
+        #: knows these exist (a batch's earlier maps are only `pending` until then)
+        self.settled: set[tuple[int, int]] = set()
+        self.pending: set[tuple[int, int]] = set()
+        self.unsure: set[tuple[int, int]] = set()
+        #: ranges (shmid, offset, len) a reset certainly dropped (settled then), and not
+        #: mapped again since
+        self.dropped: set[tuple[int, int, int]] = set()
+        #: the ranges backend_sim asked this connection to map: nothing else may it unmap
+        self.mapped_here: set[tuple[int, int, int]] = set()
+        self.commanded: set[tuple[int, int]] = set()  # unmaps the harness asked for
+        self.kept_allowance = 0  # maps whose outcome backend_sim could not know
+        self.no_replies = 0
+        self.desynced = False  # an unasked reply: who answered what is unknowable
+        self.log: list[tuple[int, ShmemMap, bool]] = []
+        self.violations: list[str] = []
+        self.trace: list[str] = []
+        self.sent = 0
+
+    # -------------------------------------------------------------- the connection
+
+    def _call(self, req: FrontendReq, payload: object = None, fds: tuple[int, ...] = (),
+              need: bool = False) -> object:  # fmt: skip
+        assert self.main is not None
+        self.main.send(encode(ChannelKind.MAIN, req, payload, need_reply=need), fds)  # type: ignore[arg-type]
+        if need or spec_of(ChannelKind.MAIN, req).own_reply:
+            msg = self.main.recv()
+            close_fds(msg.fds)
+            return msg.payload
+        return None
+
+    def connect(self) -> None:
+        """A new connection with a correct handshake; backend_sim forgets the old one's."""
+        with self.lock:
+            self._close()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.connect(self.path)
+            self.main = Channel(sock, ChannelKind.MAIN, replies=True)
+            self.main.set_recv_timeout(PATIENCE)
+            features = int(self._call(FrontendReq.GET_FEATURES) or 0)  # type: ignore[call-overload]
+            offered = int(self._call(FrontendReq.GET_PROTOCOL_FEATURES) or 0)  # type: ignore[call-overload]
+            self._call(FrontendReq.SET_PROTOCOL_FEATURES, offered & int(WANTED), need=True)
+            self._call(
+                FrontendReq.SET_FEATURES,
+                features & (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES),
+                need=True,
+            )
+            self._call(FrontendReq.GET_SHMEM_CONFIG)
+            self._new_backend_channel()
+            self._forget()
+            self.dropped.clear()  # a new connection: the rule is mapped_here
+            self.mapped_here.clear()
+            self.trace.append("  front-end: new connection")
+
+    def _new_backend_channel(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._call(FrontendReq.SET_BACKEND_REQ_FD, None, (theirs.fileno(),), need=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        old, self.backend = self.backend, Channel(ours, ChannelKind.BACKEND, replies=False)
+        if old is not None:
+            old.close()
+
+    def reset(self, kind: str) -> None:
+        """A device reset on the main channel: every mapping dropped, on both sides."""
+        with self.lock:
+            if kind == "SET_STATUS":
+                self._call(FrontendReq.SET_STATUS, 0, need=True)
+            else:
+                self._call(FrontendReq[kind], need=True)
+            self._forget()
+            self.trace.append(f"  front-end: {kind}")
+
+    def heal(self) -> None:
+        """After a hang-up (ours or backend_sim's): channels again, as a front-end would."""
+        with self.lock:
+            if self.main is None or self._main_lost():
+                self.connect()
+            elif self.backend is None:
+                try:
+                    self._new_backend_channel()
+                except (ChannelError, OSError, WireError):
+                    self.connect()
+
+    def _main_lost(self) -> bool:
+        assert self.main is not None
+        try:
+            data = self.main.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if data:
+            self.violations.append("backend_sim sent an unasked message on the main channel")
+            return True
+        return True  # EOF: backend_sim dropped the connection
+
+    def _forget(self) -> None:
+        """Everything dropped. What backend_sim knew to exist may never be unmapped; a
+        batch's unconfirmed maps it cannot know about (it may settle them with UNMAP)."""
+        self.dropped |= {(*key, self.held[key][0]) for key in self.settled & set(self.held)}
+        self.held.clear()
+        self.settled.clear()
+        self.pending.clear()
+        self.unsure.clear()
+        self.kept_allowance = 0
+
+    def _close(self) -> None:
+        for ch in (self.backend, self.main):
+            if ch is not None:
+                ch.close()
+        self.main = self.backend = None
+
+    def close(self) -> None:
+        self._stopping = True
+        self.thread.join(5)
+        with self.lock:
+            self._close()
+
+    def idle(self) -> bool:
+        """Nothing waiting on the backend channel and nothing being answered."""
+        with self.lock:
+            return self.backend is None or not _readable(self.backend.sock, 0)
+
+    # -------------------------------------------------------------- answering
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            ch = self.backend
+            try:
+                readable = ch is not None and _readable(ch.sock, 0.05)
+            except (OSError, ValueError):
+                readable = False
+            if not readable:
+                if ch is None:
+                    time.sleep(0.005)
+                continue
+            with self.lock:
+                if ch is self.backend:
+                    self._one(ch)
+
+    def _next(self) -> int:
+        if self.plan:
+            return self.plan.pop()
+        return self.rng.randrange(1000) if self.rng is not None else 0
+
+    def _send(self, ch: Channel, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        self.sent += 1
+        with contextlib.suppress(OSError):
+            if fds:
+                ch.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                          struct.pack(f"{len(fds)}i", *fds))])  # fmt: skip
+            else:
+                ch.sock.sendall(data)
+
+    def _one(self, ch: Channel) -> None:
+        try:
+            msg = ch.recv()
+        except WireError as exc:
+            self.violations.append(f"backend_sim sent bytes that are no request: {exc}")
+            return
+        except (ChannelError, OSError):
+            ch.close()  # backend_sim closed the backend channel; heal() opens another
+            self.backend = None
+            return
+        self.handled += 1
+        try:
+            self._answer(ch, msg)
+        finally:
+            close_fds(msg.fds)
+
+    def _answer(self, ch: Channel, msg: Any) -> None:
+        req, m, need = msg.request, msg.payload, msg.need_reply
+        if req not in (MAP, UNMAP) or not isinstance(m, ShmemMap):
+            self.violations.append(f"backend_sim sent {msg.name}, not SHMEM_MAP or SHMEM_UNMAP")
+            if need:
+                self._send(ch, encode_u64_reply(req, -errno.EOPNOTSUPP & U64))
+            return
+        fds = len(msg.fds) + len(msg.surplus_fds)
+        if fds != (1 if req == MAP else 0):
+            self.violations.append(f"backend_sim sent {msg.name} {m} with {fds} fds")
+        key = (m.shmid, m.shm_offset)
+        self.log.append((req, m, need))
+        if req == UNMAP and key not in self.commanded:
+            if (*key, m.len) in self.dropped:
+                self.violations.append(
+                    f"backend_sim sent SHMEM_UNMAP {_fields(m)} for a mapping that a reset "
+                    "dropped after its map was acked")  # fmt: skip
+            elif (*key, m.len) not in self.mapped_here:
+                self.violations.append(
+                    f"backend_sim sent SHMEM_UNMAP {_fields(m)} on a connection it never "
+                    "asked to map it (mapped on an earlier connection, or never)")  # fmt: skip
+        if req == MAP:
+            self.dropped.discard((*key, m.len))
+            self.mapped_here.add((*key, m.len))
+        n = self._next()
+        how = _pick(ANSWERS if need else SILENT_ANSWERS, n)
+        self.trace.append(f"  backend_sim sent {msg.name} {_fields(m)}"
+                          f"{'' if need else ' (no reply asked)'}: {how} ({n})")  # fmt: skip
+        if not need:
+            if how == "silent":
+                self._apply(req, m)
+                self.settled.discard(key)
+                self.pending.add(key)
+            elif how == "unasked":
+                self.desynced = True
+                self._apply(req, m)
+                self._send(ch, encode_u64_reply(req, 0))
+            else:
+                self._unsure(req, key)
+                self._hang_up(ch, b"", whole=how == "hangup")
+            return
+        if how in ("ok", "refuse-errno", "refuse-value", "twice", "with-fd"):
+            # a well-formed answer: it confirms the batch sent before it
+            self.settled |= self.pending & set(self.held)
+            self.pending.clear()
+        self._reply(ch, req, m, key, how, n)
+        if req == UNMAP and key in self.held and key not in self.commanded:
+            # refused: the device cannot tell "still mapped" from "a reset dropped it"
+            # when it settles a map that crossed a reset this way
+            self.unsure.add(key)
+
+    def _reply(self, ch: Channel, req: int, m: ShmemMap, key: tuple[int, int], how: str,
+               n: int) -> None:  # fmt: skip
+        ok = encode_u64_reply(req, 0)
+        if how == "ok":
+            self._apply(req, m)
+            self._send(ch, ok)
+        elif how == "refuse-errno":
+            self._send(ch, encode_u64_reply(req, -ERRNOS[n % len(ERRNOS)] & U64))
+        elif how == "refuse-value":
+            self._send(ch, encode_u64_reply(req, ODD_VALUES[n % len(ODD_VALUES)]))
+        elif how == "twice":
+            first_ok = n % 2 == 0
+            if first_ok:
+                self._apply(req, m)
+            refusal = encode_u64_reply(req, -errno.EINVAL & U64)
+            self._send(ch, (ok if first_ok else refusal) + (refusal if n % 3 else ok))
+            self.sent += 1
+        elif how == "with-fd":
+            self._apply(req, m)
+            extra = os.eventfd(0, os.EFD_CLOEXEC)
+            try:
+                self._send(ch, ok, (extra,))
+            finally:
+                os.close(extra)
+        elif how == "reset-meanwhile":
+            try:
+                self.sent += 1
+                self.reset(RESETS[n % 3])
+            except (ChannelError, OSError, WireError) as exc:
+                self.violations.append(f"backend_sim did not ack a {RESETS[n % 3]}: {exc}")
+                return
+            if n % 2 == 0:
+                self._apply(req, m)
+                self._send(ch, ok)
+            else:
+                self._send(ch, encode_u64_reply(req, -errno.EEXIST & U64))
+        elif how == "new-channel-meanwhile":
+            self._unsure(req, key)
+            self.sent += 1
+            try:
+                self._new_backend_channel()
+            except (ChannelError, OSError, WireError) as exc:
+                self.violations.append(f"backend_sim did not ack a new backend channel: {exc}")
+        elif how == "no-reply":
+            self._unsure(req, key)
+            self.no_replies += 1
+        elif how in ("hangup", "hangup-backend"):
+            self._unsure(req, key)
+            self._hang_up(ch, ok[: 1 + n % (len(ok) - 1)], whole=how == "hangup")
+        else:
+            self._unsure(req, key)
+            self._send(ch, self._malformed(req, m, how, n))
+
+    @staticmethod
+    def _malformed(req: int, m: ShmemMap, how: str, n: int) -> bytes:
+        if how == "size-40":  # the request's own payload back (the seeds' stale-reply bug)
+            return (
+                struct.pack("<III", req, 0x5, 40)
+                + encode_shmem_request(req, m, need_reply=False)[12:]
+            )
+        if how == "size-0":
+            return struct.pack("<III", req, 0x5, 0)
+        if how == "size-4":
+            return struct.pack("<IIII", req, 0x5, 4, 0)
+        if how.startswith("flags-"):
+            return struct.pack("<IIIQ", req, int(how[6:], 16), 8, 0)
+        if how == "request-instead":
+            return encode_shmem_request(req, m, need_reply=n % 2 == 0)
+        other = (UNMAP if req == MAP else MAP, 77, 0)[n % 3]  # wrong-id
+        return encode_u64_reply(other, 0)
+
+    def _hang_up(self, ch: Channel, partial: bytes, *, whole: bool) -> None:
+        if partial:
+            self._send(ch, partial)
+        else:
+            self.sent += 1
+        if whole:
+            self._close()
+            self._forget()
+            with contextlib.suppress(ChannelError, OSError, WireError):
+                self.connect()  # else heal() tries again before the next step
+        else:
+            ch.close()
+            self.backend = None
+            with contextlib.suppress(ChannelError, OSError, WireError):
+                self._new_backend_channel()
+
+    def _apply(self, req: int, m: ShmemMap) -> None:
+        key = (m.shmid, m.shm_offset)
+        if req == MAP:
+            self.held[key] = (m.len, m.fd_offset, m.writable)
+            self.settled.add(key)
+        else:
+            self.held.pop(key, None)
+            self.settled.discard(key)
+        self.pending.discard(key)
+        self.unsure.discard(key)
+
+    def _unsure(self, req: int, key: tuple[int, int]) -> None:
+        self.unsure.add(key)
+        if req == MAP:
+            self.kept_allowance += 1
+
+
+_sim_shmids = st.one_of(st.sampled_from([0, 0, 0, 0, 1, 1, 2]), st.sampled_from([255, 256, -1]))
+_sim_edges = st.sampled_from([0, PAGE + 1, -PAGE, 2**63, 2**64, 8 * MiB, 8 * MiB - PAGE,
+                              64 * MiB, U64 - PAGE + 1])  # fmt: skip
+_sim_offsets = st.one_of(*[st.integers(0, 15).map(lambda p: p * PAGE)] * 3, _sim_edges)
+sim_map_args = st.fixed_dictionaries(
+    {"shmid": _sim_shmids, "shm_offset": _sim_offsets,
+     "len": st.one_of(*[st.integers(1, 4).map(lambda p: p * PAGE)] * 3, _sim_edges)},
+    optional={"fd_offset": st.one_of(st.integers(0, 4).map(lambda p: p * PAGE), _sim_edges),
+              "ro": st.booleans(), "buffer": st.integers(1, 20)},
+)  # fmt: skip
+_map_step = st.tuples(st.just("map"), sim_map_args)
+_unmap_step = st.tuples(st.just("unmap"), st.one_of(st.integers(0, 50), st.integers(0, 50),
+                                                    sim_map_args))  # fmt: skip
+sim_steps = st.lists(
+    st.one_of(
+        _map_step, _map_step, _map_step, _map_step, _unmap_step, _unmap_step, _unmap_step,
+        st.tuples(st.just("batch"), st.lists(sim_map_args, min_size=1, max_size=6)),
+        st.tuples(st.just("batch"), st.lists(sim_map_args, min_size=1, max_size=6)),
+        st.tuples(st.just("status")),
+        st.tuples(st.just("scenario-start"), st.sampled_from(["blobs", "dax"]),
+                  st.sampled_from([500, 2000, 10000]), st.integers(0, 1000)),
+        st.tuples(st.just("scenario-stop")),
+        st.tuples(st.just("wait"), st.integers(1, 30)),
+        st.tuples(st.just("reset"), st.sampled_from(RESETS)),
+        st.tuples(st.just("reconnect")),
+    ),
+    max_size=12,
+)  # fmt: skip
+sim_case = st.tuples(
+    sim_steps, st.lists(st.integers(0, 999), max_size=20),
+    st.tuples(st.integers(0, 2**32 - 1), st.sampled_from([0, 15, 30, 30, 30, 30])),
+)  # fmt: skip
+
+
+def _rand_sim_map(rng: random.Random) -> dict[str, Any]:
+    edges = (0, PAGE + 1, -PAGE, 2**63, 2**64, 8 * MiB, 8 * MiB - PAGE, 64 * MiB)
+    args = {
+        "shmid": rng.choice([0, 0, 0, 0, 1, 1, 2] if rng.random() < 0.97 else [255, 256, -1]),
+        "shm_offset": rng.randrange(16) * PAGE if rng.random() < 0.95 else rng.choice(edges),
+        "len": rng.randrange(1, 5) * PAGE if rng.random() < 0.95 else rng.choice(edges),
+    }
+    if rng.random() < 0.2:
+        args["fd_offset"] = rng.randrange(5) * PAGE if rng.random() < 0.9 else rng.choice(edges)
+    if rng.random() < 0.3:
+        args["ro"] = True
+    if rng.random() < 0.05:
+        args["buffer"] = rng.randrange(1, 20)
+    return args
+
+
+def random_sim_step(rng: random.Random) -> tuple:
+    roll = rng.random()
+    if roll < 0.40:
+        return ("map", _rand_sim_map(rng))
+    if roll < 0.68:
+        return ("unmap", rng.randrange(50))
+    if roll < 0.80:
+        return ("batch", [_rand_sim_map(rng) for _ in range(rng.randrange(1, 7))])
+    if roll < 0.85:
+        return ("status",)
+    if roll < 0.87:
+        return ("scenario-start", rng.choice(["blobs", "dax"]), rng.choice([500, 2000, 10000]),
+                rng.randrange(1000))  # fmt: skip
+    if roll < 0.89:
+        return ("scenario-stop",)
+    if roll < 0.94:
+        return ("wait", rng.randrange(1, 30))
+    if roll < 0.98:
+        return ("reset", rng.choice(RESETS))
+    return ("reconnect",)
+
+
+def _expected_requests(kind: str, args: dict[str, Any]) -> list[tuple[int, tuple, bool]]:
+    """What backend_sim must send for a control command: (request, fields, need_reply)."""
+
+    def fields(a: dict[str, Any], req: int) -> tuple:
+        if req == UNMAP:
+            return (a["shmid"], a["shm_offset"], a["len"])
+        return (a["shmid"], a["shm_offset"], a["len"], a.get("fd_offset", 0), not a.get("ro"))
+
+    if kind == "map":
+        return [(MAP, fields(args, MAP), True)]
+    if kind == "unmap":
+        return [(UNMAP, fields(args, UNMAP), True)]
+    maps = args["maps"]
+    return [(MAP, fields(a, MAP), i == len(maps) - 1) for i, a in enumerate(maps)]
+
+
+def _observed(req: int, m: ShmemMap, need: bool) -> tuple[int, tuple, bool]:
+    if req == UNMAP:
+        return (req, (m.shmid, m.shm_offset, m.len), need)
+    return (req, (m.shmid, m.shm_offset, m.len, m.fd_offset, m.writable), need)
+
+
+class SimControlTarget:
+    """A real backend_sim whose front-end is the harness (HostileFrontend), driven on its
+    control socket.
+
+    After each step: backend_sim alive, no "internal error", no request it should not
+    have sent (a command it refused sends nothing; one it accepted sends what it says,
+    with one fd per map; no unmap of what a reset dropped). After each example, with
+    the pair idle: its believed table equal to what the front-end acknowledged (resets
+    and hang-ups taken into account), every believed mapping's buffer still held, no
+    other buffer but those of maps whose outcome it could not know; then a reset, after
+    which it holds no buffer and its fds are back to the baseline."""
+
+    REGIONS = "0=8M,1=64K"
+    REPLY_TIMEOUT = 0.5
+
+    def __init__(self, workdir: Path, extra: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.extra = extra
+        self.vhost = str(workdir / "sim.sock")
+        self.ctl_path = str(workdir / "sim.ctl")
+        self.log = workdir / "sim.log"
+        self.proc: subprocess.Popen | None = None
+        self.ctl: RawControl | None = None
+        self.fe: HostileFrontend | None = None
+        self.base = 0
+        self.clean = False
+        self.scenario = False
+        self.timeouts = 0
+
+    def start(self) -> None:
+        for path in (self.vhost, self.ctl_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "backend_sim", "--listen", self.vhost, "--regions",
+             self.REGIONS, "--control", self.ctl_path, "--reply-timeout", str(self.REPLY_TIMEOUT),
+             "--busy-poll-us", "0", *self.extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "a"),  # noqa: SIM115
+        )  # fmt: skip
+        if not _wait(lambda: os.path.exists(self.vhost) and os.path.exists(self.ctl_path), 15):
+            raise RuntimeError(f"backend_sim did not start:\n{_log_tail(self.log)}")
+        self.ctl = RawControl(self.ctl_path)
+        self.fe = HostileFrontend(self.vhost)
+        if not _wait(lambda: self._status().get("ready"), 15):
+            raise RuntimeError(f"backend_sim never became ready:\n{_log_tail(self.log)}")
+        pid = self.proc.pid
+        _wait(lambda: _fd_count(pid) == _fd_count(pid), 2)
+        self.base = _fd_count(pid)
+        self.clean = True
+
+    def stop(self) -> None:
+        if self.fe is not None:
+            self.fe.close()
+            self.fe = None
+        if self.ctl is not None:
+            self.ctl.close()
+            self.ctl = None
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def recover(self) -> None:
+        self.stop()
+        self.start()
+
+    def _status(self) -> dict[str, Any]:
+        assert self.ctl is not None
+        return self.ctl.result("status")
+
+    def _alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"backend_sim died (exit {self.proc.returncode}):\n"
+                                 f"{_log_tail(self.log)}")  # fmt: skip
+
+    def _ready(self) -> None:
+        if self.clean:
+            return
+        if self.proc is not None:
+            try:
+                self._alive()
+                self._end_check(strict=False)
+                self.clean = True
+                return
+            except (AssertionError, OSError, ChannelError, WireError):
+                pass
+        self.recover()
+
+    def _violations(self) -> None:
+        assert self.fe is not None
+        if self.fe.violations:
+            raise AssertionError(self.fe.violations[0])
+
+    # -------------------------------------------------------------- one example
+
+    def session(self, case: tuple) -> int:
+        steps, plan, (bg_seed, bg_count) = case
+        self._ready()
+        self.clean = False
+        fe = self.fe
+        assert fe is not None
+        with fe.lock:
+            fe.begin(plan, random.Random(bg_seed) if bg_count else None)
+        self.scenario = False
+        self.timeouts = 0
+        rng = random.Random(bg_seed ^ 0x5EED)
+        lines = 0
+        try:
+            for step in [*steps, *(random_sim_step(rng) for _ in range(bg_count))]:
+                lines += self._step(step)
+                self._alive()
+                self._violations()
+            fe.trace.append("end of the example")
+            self._end_check()
+        except AssertionError as exc:  # what led there: the steps, and how each was answered
+            raise AssertionError(f"{exc}\n  what happened, last first:\n"
+                                 + "\n".join(reversed(fe.trace[-40:]))) from None  # fmt: skip
+        self.clean = True
+        return lines + fe.sent
+
+    def _step(self, step: tuple) -> int:
+        fe, ctl = self.fe, self.ctl
+        assert fe is not None and ctl is not None
+        kind = step[0]
+        if kind in ("reset", "reconnect"):
+            fe.trace.append(f"{kind}")
+            with fe.lock:
+                fe.heal()
+                if kind == "reset":
+                    fe.sent += 1
+                    fe.reset(step[1])
+                else:
+                    fe.connect()
+            return 0
+        if kind == "wait":
+            if self.scenario:
+                target = fe.handled + step[1]
+                _wait(lambda: fe.handled >= target, 0.3)
+            return 0
+        fe.heal()
+        args: Any = ABSENT
+        if kind == "map":
+            args = _safe_map(step[1])
+        elif kind == "unmap":
+            if isinstance(step[1], int):
+                keys = sorted(fe.held)
+                if keys:
+                    shmid, offset = keys[step[1] % len(keys)]
+                    args = {"shmid": shmid, "shm_offset": offset, "len": fe.held[shmid, offset][0]}
+                else:
+                    args = {"shmid": 0, "shm_offset": step[1] % 16 * PAGE, "len": PAGE}
+            else:
+                args = {k: step[1][k] for k in ("shmid", "shm_offset", "len")}
+            fe.commanded.add((args["shmid"], args["shm_offset"]))
+        elif kind == "batch":
+            args = {"maps": [_safe_map(a) for a in step[1]]}
+        elif kind == "scenario-start":
+            args = {"name": step[1], "rate": step[2], "seed": step[3]}
+        before = len(fe.log)
+        started = time.monotonic()
+        answer = ctl.ask(kind, args)
+        took = time.monotonic() - started
+        line = json.dumps({"execute": kind, **({} if args is ABSENT else {"arguments": args})})
+        fe.trace.append(f"{line}\n    -> {json.dumps(answer)[:300]}")
+        _check_answer(answer, line.encode(), "backend_sim")
+        desc = (answer.get("error") or {}).get("desc", "")
+        if "did not answer" in desc or took >= 0.9 * self.REPLY_TIMEOUT:
+            self.timeouts += 1
+        if kind == "scenario-start" and "return" in answer:
+            self.scenario = True
+        if kind == "scenario-stop":
+            self.scenario = False  # what it sent while it stopped is the scenario's
+        elif not self.scenario:
+            _wait(fe.idle, 2)
+            self._check_sent(kind, args, answer, fe.log[before:], line)
+        return 1
+
+    def _check_sent(self, kind: str, args: Any, answer: dict[str, Any],
+                    sent: list[tuple[int, ShmemMap, bool]], line: str) -> None:  # fmt: skip
+        observed = [_observed(*s) for s in sent]
+        error = answer.get("error") or {}
+        if kind not in ("map", "unmap", "batch") or error.get("class") in (
+            "InvalidArgument",
+            "BadRequest",
+            "CommandNotFound",
+        ):
+            assert not observed, f"backend_sim answered {answer} yet sent {observed}\n  line {line}"
+            return
+        expected = _expected_requests(kind, args)
+        # what it sent, then perhaps UNMAPs settling maps a reset crossed (the rules of
+        # what it may unmap are the hostile front-end's to check)
+        told = 0
+        while told < min(len(observed), len(expected)) and observed[told] == expected[told]:
+            told += 1
+        extra = [o for o in observed[told:] if o[0] != UNMAP]
+        if "return" in answer:
+            assert told == len(expected) and not extra, (
+                f"backend_sim was told {line}, answered ok and sent {observed}")  # fmt: skip
+        else:
+            assert not extra, f"backend_sim was told {line}, sent {observed}; answered {error}"
+
+    # -------------------------------------------------------------- after it
+
+    def _end_check(self, strict: bool = True) -> None:
+        fe, ctl = self.fe, self.ctl
+        assert fe is not None and ctl is not None and self.proc is not None
+        pid = self.proc.pid
+        self._alive()
+        ctl.ask("scenario-stop")
+        self.scenario = False
+        _settle(fe.idle, lambda: "backend_sim kept sending after its scenario stopped")
+        fe.heal()
+        status = self._status()
+        if strict:
+            self._violations()
+            mapped = status["mapped"]
+            in_use = {m["buffer"] for m in mapped}
+            held_ids = {b["id"] for b in status["buffers"]}
+            assert in_use <= held_ids, (
+                f"backend_sim believes mappings of buffers {sorted(in_use - held_ids)} "
+                f"it no longer holds: {[m for m in mapped if m['buffer'] not in held_ids]}"
+            )
+            synced = not fe.desynced and self.timeouts <= fe.no_replies
+            if synced:
+                believed = {(m["shmid"], m["shm_offset"]): (m["len"], m["fd_offset"], m["writable"])
+                            for m in mapped}  # fmt: skip
+                acked = {k: v for k, v in fe.held.items() if k not in fe.unsure}
+                for key in fe.unsure:
+                    believed.pop(key, None)
+                assert believed == acked, (
+                    f"backend_sim believes {believed}; the front-end acknowledged {acked}"
+                )
+                idle = sorted(held_ids - in_use)
+                allowed = fe.kept_allowance + self.timeouts
+                assert len(idle) <= allowed, (
+                    f"backend_sim keeps {len(idle)} buffers no mapping uses ({idle}); "
+                    f"{allowed} map(s) had an outcome it could not know"
+                )
+        fe.reset("RESET_DEVICE")
+        _settle(lambda: not (st := self._status())["mapped"] and not st["buffers"],
+                lambda: f"after a reset backend_sim still holds buffers "
+                f"{self._status()['buffers']}")  # fmt: skip
+        _settle(
+            lambda: _fd_count(pid) <= self.base,
+            lambda: f"backend_sim fds {_fd_count(pid)} > baseline {self.base} after a reset",
+        )
+        if fe.desynced:
+            fe.connect()
+
+
 # ------------------------------------------------------------------ entry
+
+TARGETS = ("codec", "engine", "frontend", "backend", "control-frontend", "control-backend",
+           "sim-control")  # fmt: skip
+#: Examples per hypothesis run for the targets that drive daemons with long examples:
+#: small, so that --seconds is kept to closely.
+DAEMON_CHUNK = 25
 
 
 def run_target(target: str, examples: int, seconds: float, seed_value: int,
-               daemon_args: tuple[str, ...] = ()) -> Outcome:  # fmt: skip
+               daemon_args: tuple[str, ...] = (), *, peer_args: tuple[str, ...] = (),
+               inputs: int | None = None, keep_going: bool = False, shrink: bool = True,
+               wanted: str | None = None, workdir: str | None = None) -> Outcome:  # fmt: skip
+    """One target's run. `daemon_args` go to the daemon under test (for the control
+    targets, the one whose socket is fuzzed), `peer_args` to the other one of a pair. The
+    daemons' sockets and logs go to `workdir` (kept), else to a temporary directory.
+    With `keep_going`, the run goes on past failures (until one that says `wanted`)."""
+    budget = {"inputs": inputs, "keep_going": keep_going, "shrink": shrink, "wanted": wanted}
     if target == "codec":
-        return _run(target, codec_body, codec_case, examples, seconds, seed_value)
+        return _run(target, codec_body, codec_case, examples, seconds, seed_value, **budget)
     if target == "engine":
-        return _run(target, engine_body, ops, examples, seconds, seed_value)
-    with tempfile.TemporaryDirectory(prefix="shmemctl-fuzz-") as tmp:
+        return _run(target, engine_body, ops, examples, seconds, seed_value, **budget)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fuzz-")))
         if target == "frontend":
-            fe = FrontendTarget(Path(tmp), daemon_args)
-            try:
-                return _run(target, fe.session, backend_messages, examples, seconds, seed_value)
-            finally:
-                fe.close()
-        be = BackendTarget(Path(tmp))
-        try:
-            return _run(target, be.session, main_messages, examples, seconds, seed_value)
-        finally:
-            be.close()
-
-
-TARGETS = ("codec", "engine", "frontend", "backend")
+            fe = FrontendTarget(tmp, daemon_args)
+            stack.callback(fe.close)
+            return _run(target, fe.session, backend_messages, examples, seconds, seed_value,
+                        **budget)  # fmt: skip
+        if target == "backend":
+            be = BackendTarget(tmp, daemon_args)
+            stack.callback(be.close)
+            return _run(target, be.session, main_messages, examples, seconds, seed_value,
+                        **budget)  # fmt: skip
+        if target in ("control-frontend", "control-backend"):
+            role = target.removeprefix("control-")
+            fe_args, be_args = (daemon_args, peer_args) if role == "frontend" else (
+                peer_args, daemon_args)  # fmt: skip
+            pair = PairTarget(tmp, role, fe_args, be_args)
+            stack.callback(pair.stop)
+            pair.start()
+            return _run(target, pair.session, control_case(role), examples, seconds,
+                        seed_value, recover=pair.recover, chunk_size=DAEMON_CHUNK,
+                        **budget)  # fmt: skip
+        if target == "sim-control":
+            sim = SimControlTarget(tmp, daemon_args)
+            stack.callback(sim.stop)
+            sim.start()
+            return _run(target, sim.session, sim_case, examples, seconds, seed_value,
+                        recover=sim.recover, chunk_size=DAEMON_CHUNK, **budget)  # fmt: skip
+    raise ValueError(f"no target {target!r}; there are: {', '.join(TARGETS)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=[*TARGETS, "all"], default="all")
     parser.add_argument("--examples", type=int, default=1000, help="per target, at most")
+    parser.add_argument("--inputs", type=int, help="per target: stop once this many are fed")
     parser.add_argument("--seconds", type=float, default=60, help="per target, at most")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="go on after a failure (restarting the daemons) to find others",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--workdir", help="keep the daemons' sockets and logs here")
+    parser.add_argument(
+        "--no-shrink",
+        action="store_true",
+        help="report failing examples as found (faster; longer examples)",
+    )
     args = parser.parse_args()
     outcomes = []
     for target in TARGETS if args.target == "all" else (args.target,):
-        outcome = run_target(target, args.examples, args.seconds, args.seed)
+        outcome = run_target(target, args.examples, args.seconds, args.seed,
+                             inputs=args.inputs, keep_going=args.keep_going,
+                             workdir=args.workdir, shrink=not args.no_shrink)  # fmt: skip
         outcomes.append(outcome)
         if not args.json:
-            verdict = "no failure" if not outcome.failures else "FAILED:\n" + outcome.failures[0]
-            print(f"{target:9} {outcome.examples:6} examples in {outcome.seconds:6.1f}s  {verdict}")
+            verdict = (
+                "no failure"
+                if not outcome.failures
+                else f"{len(outcome.failures)} FAILED:\n" + "\n\n".join(outcome.failures)
+            )
+            print(f"{target:16} {outcome.examples:7} examples {outcome.inputs:8} inputs "
+                  f"in {outcome.seconds:6.1f}s  {verdict}", flush=True)  # fmt: skip
     if args.json:
-        print(json.dumps([o.__dict__ for o in outcomes]))
+        print(json.dumps({"seed": args.seed, "targets": [o.__dict__ for o in outcomes]}))
     sys.exit(1 if any(o.failures for o in outcomes) else 0)
 
 
