@@ -11,17 +11,24 @@ from pathlib import Path
 import click
 
 from shmemctl import options
-from shmemctl.backend import BackendEndpoint, DeviceModel
+from shmemctl.backend import MAX_CONFIG_SIZE, BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, ChannelError
 from shmemctl.control import ControlError, ControlServer
 from shmemctl.daemon import Stopper, connect_unix, listen_unix, profiled, setup_logging
 from shmemctl.faults import BACKEND_FAULTS
 from shmemctl.shmem.libc import PAGE_SIZE
-from shmemctl.sizes import human_size, parse_regions
+from shmemctl.sizes import human_size, parse_regions, parse_size
 from shmemctl.wire import ChannelKind, WireError
 
 from .control import BackendState, commands, scenario_start
-from .device import ScriptError, ScriptRunner, SimDevice, Step, parse_script
+from .device import (
+    DEFAULT_MAX_BUFFER,
+    ScriptError,
+    ScriptRunner,
+    SimDevice,
+    Step,
+    parse_script,
+)
 from .scenarios import SCENARIOS
 
 log = logging.getLogger("backend")
@@ -32,6 +39,16 @@ def _regions(_ctx: click.Context, _param: click.Parameter, value: str) -> dict[i
         return parse_regions(value, PAGE_SIZE)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if size < PAGE_SIZE:
+        raise click.BadParameter(f"{value}: at least one page ({PAGE_SIZE})")
+    return size
 
 
 def _emit(line: str) -> None:
@@ -52,13 +69,29 @@ def _emit(line: str) -> None:
     "--queues", default=1, show_default=True, help="Virtqueues reported by GET_QUEUE_NUM."
 )
 @click.option(
-    "--config-size", default=0, show_default=True, help="Bytes of device config space (GET_CONFIG)."
+    "--config-size",
+    type=click.IntRange(0, MAX_CONFIG_SIZE),
+    default=MAX_CONFIG_SIZE,
+    show_default=True,
+    help="Bytes of device config space (all zero) that GET_CONFIG reads; a read past them "
+    "gets the protocol's error reply. The default, the most GET_CONFIG carries, answers "
+    "every device type that reads its config space (QEMU's vhost-user-gpio, -blk, ...). "
+    "0: no config space and CONFIG not offered (QEMU 7.2 warns when a device without "
+    "one, such as vhost-user-rng, is offered CONFIG).",
 )
 @click.option(
     "--reply-timeout",
     default=5.0,
     show_default=True,
     help="Seconds to wait for the front-end's answer to a map or unmap.",
+)
+@click.option(
+    "--max-buffer",
+    default=human_size(DEFAULT_MAX_BUFFER),
+    show_default=True,
+    callback=_size,
+    help="The most one map's buffer (fd_offset + len, every page written) may cost; a "
+    "control map past it is refused before anything is allocated.",
 )
 @options.shmem_bit
 @options.busy_poll
@@ -85,6 +118,7 @@ def main(
     queues: int,
     config_size: int,
     reply_timeout: float,
+    max_buffer: int,
     busy_poll: float,
     name: str,
     control: str | None,
@@ -111,7 +145,7 @@ def main(
     stopper = Stopper()
     stopper.install_signals()
     endpoint = BackendEndpoint(device, reply_timeout=reply_timeout, busy_poll=busy_poll)
-    sim = SimDevice(endpoint)
+    sim = SimDevice(endpoint, max_buffer=max_buffer)
     endpoint.on_forget = sim.forget
     state = BackendState(endpoint, sim, listen or connect or "", "listen" if listen else "connect")
     server = ControlServer(

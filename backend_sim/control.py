@@ -8,14 +8,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shmemctl.backend import BackendEndpoint, NotReady
+from shmemctl.backend import BackendEndpoint, NotReady, PeerProtocolError
 from shmemctl.channel import ChannelError, ChannelTimeout
-from shmemctl.control import Arg, Command, ControlError, ErrorClass
+from shmemctl.control import Arg, Command, ControlError, ErrorClass, shmid_arg, u64
 from shmemctl.daemon import process_facts
+from shmemctl.sizes import human_size
 from shmemctl.wire import ShmemMap, feature_names
 from shmemctl.wire.messages import MMAP_FLAG_WRITE, describe_reply
 
-from .device import SimDevice
+from .device import RequestRefused, SimDevice
 from .scenarios import SCENARIOS, Scenario
 
 
@@ -32,18 +33,31 @@ class BackendState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+UNKNOWN_OUTCOME = (
+    "its outcome is unknown, so the device counts the range as possibly mapped "
+    "(unconfirmed in status) until a reset or disconnect"
+)
+
+
 @contextlib.contextmanager
 def _sending(st: BackendState, what: str) -> Iterator[None]:
     """What could go wrong before the front-end answered, as a control error."""
     try:
         yield
+    except RequestRefused as exc:
+        raise ControlError(ErrorClass.BAD_ARGUMENT, f"{what} not sent: {exc}") from None
     except NotReady as exc:
         raise ControlError(ErrorClass.REFUSED, f"cannot send {what}: {exc}") from None
     except ChannelTimeout:
         raise ControlError(
             ErrorClass.FAILED,
             f"the front-end did not answer the {what} within "
-            f"{st.endpoint.reply_timeout:g}s: reported failed, buffer kept",
+            f"{st.endpoint.reply_timeout:g}s: {UNKNOWN_OUTCOME}",
+        ) from None
+    except PeerProtocolError as exc:
+        raise ControlError(
+            ErrorClass.FAILED,
+            f"{exc}; {UNKNOWN_OUTCOME}",
         ) from None
     except ChannelError as exc:
         raise ControlError(ErrorClass.FAILED, f"{what} failed: {exc}") from None
@@ -58,16 +72,13 @@ def _send(st: BackendState, verb: str, m: ShmemMap, *, buffer: int | None = None
                 buf = st.device.buffers.get(buffer)
                 if buf is None:
                     raise ControlError(ErrorClass.BAD_ARGUMENT, f"no buffer {buffer}")
+            st.device.check_map(m, buf)
             result = st.device.map(m, buffer=buf)
         else:
             result = st.device.unmap(m)
-    name = describe_reply(result)
     if result:
-        why = st.device.explain(m, is_map=verb == "map")
-        raise ControlError(
-            ErrorClass.REFUSED, f"refused by the front-end: {why + ' ' if why else ''}({name})"
-        )
-    return {"result": name, **m._asdict()}
+        raise ControlError(ErrorClass.REFUSED, st.device.refusal(m, result, is_map=verb == "map"))
+    return {"result": describe_reply(result), **m._asdict()}
 
 
 def status(st: BackendState) -> dict[str, Any]:
@@ -85,6 +96,7 @@ def status(st: BackendState) -> dict[str, Any]:
                 "fd_offset": b.fd_offset,
                 "writable": b.writable,
                 "buffer": b.buffer,
+                "confirmed": b.confirmed,
             }
             for b in sorted(st.device.mapped.values(), key=lambda b: (b.shmid, b.shm_offset))
         ]
@@ -122,16 +134,29 @@ def batch(st: BackendState, maps: list) -> dict[str, Any]:
             args = MAP_ARGS.check(item)
         except ControlError as exc:
             raise ControlError(exc.error_class, f"batch item {n}: {exc.desc}") from None
-        requests.append(_map_request(**args))
+        m = _map_request(**args)
+        try:
+            st.device.check_map(m)
+        except RequestRefused as exc:
+            raise ControlError(ErrorClass.BAD_ARGUMENT, f"batch item {n}: {exc}") from None
+        requests.append(m)
+    cost = sum(m.fd_offset + m.len for m in requests)
+    if cost > st.device.max_buffer:
+        raise ControlError(
+            ErrorClass.BAD_ARGUMENT,
+            f"the batch's buffers need {cost:#x} bytes in all, more than --max-buffer "
+            f"({human_size(st.device.max_buffer)}) allows; send fewer or smaller maps",
+        )
     with _sending(st, "batch"):
         for m in requests[:-1]:
             st.device.map(m, need_reply=False)
         result = st.device.map(requests[-1])
     if result:
+        why = st.device.refusal(requests[-1], result, is_map=True)
         raise ControlError(
             ErrorClass.REFUSED,
-            f"refused by the front-end: the batch's last map ({describe_reply(result)}); "
-            "earlier failures in a batch are silent",
+            f"the batch's last map was {why.removeprefix('refused ')}; earlier failures in a "
+            "batch are silent",
         )
     return {"result": "ok", "count": len(requests)}
 
@@ -153,8 +178,6 @@ def scenario_start(
         raise ControlError(
             ErrorClass.BAD_ARGUMENT, f"no scenario {name!r}; there are: {', '.join(SCENARIOS)}"
         )
-    if not 0 < rate <= 10_000:
-        raise ControlError(ErrorClass.BAD_ARGUMENT, "rate is actions per second, 0 < rate <= 10000")
     regions = st.endpoint.device.regions
     if shmid is None:
         shmid = min((s for s, z in regions.items() if z), default=-1)
@@ -186,14 +209,19 @@ MAP_ARGS = Command(
     "map",
     None,
     {
-        "shmid": Arg(int),
-        "shm_offset": Arg(int),
-        "len": Arg(int),
-        "fd_offset": Arg(int, required=False),
+        "shmid": shmid_arg(),
+        "shm_offset": u64("offset into the region"),
+        "len": u64("bytes to map"),
+        "fd_offset": u64("offset into the buffer", required=False),
         "ro": Arg(bool, required=False),
-        "buffer": Arg(int, required=False),
+        "buffer": Arg(int, required=False, help="an existing buffer's id", low=1),
     },
 )
+UNMAP_ARGS = {
+    "shmid": shmid_arg(),
+    "shm_offset": u64("offset into the region"),
+    "len": u64("bytes to unmap"),
+}
 
 
 def commands(st: BackendState) -> list[Command]:
@@ -213,7 +241,7 @@ def commands(st: BackendState) -> list[Command]:
         Command(
             "unmap",
             do_unmap,
-            {"shmid": Arg(int), "shm_offset": Arg(int), "len": Arg(int)},
+            UNMAP_ARGS,
             mutating=True,
             help="send SHMEM_UNMAP, return the answer",
         ),
@@ -229,9 +257,9 @@ def commands(st: BackendState) -> list[Command]:
             lambda **a: scenario_start(st, **a),
             {
                 "name": Arg(str),
-                "rate": Arg((int, float), required=False),
-                "shmid": Arg(int, required=False),
-                "seed": Arg(int, required=False),
+                "rate": Arg((int, float), required=False, low=0.001, high=10_000),
+                "shmid": Arg(int, required=False, low=0, high=255),
+                "seed": Arg(int, required=False, low=-(1 << 63), high=(1 << 64) - 1),
             },
             mutating=True,
             help="start a scenario: " + ", ".join(SCENARIOS),

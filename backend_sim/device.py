@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -11,12 +12,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from shmemctl.backend import BackendEndpoint, NotReady
+from shmemctl.backend import BackendEndpoint, NotReady, PeerProtocolError
 from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.shmem.libc import PAGE_SIZE
-from shmemctl.sizes import hex_range, parse_size
+from shmemctl.shmem.rules import U64_MAX, ShmemRefused, check_request, overlap_detail
+from shmemctl.sizes import hex_range, human_size, parse_size
 from shmemctl.wire import BackendReq, ShmemMap
-from shmemctl.wire.messages import MMAP_FLAG_WRITE, describe_reply
+from shmemctl.wire.messages import MMAP_FLAG_WRITE, describe_reply, errno_name
 
 log = logging.getLogger("backend")
 
@@ -26,9 +28,15 @@ def page_tag(buffer_id: int, page: int) -> bytes:
     return f"shmemctl buffer {buffer_id} page {page}\n".encode()
 
 
+#: What one buffer may cost unless --max-buffer says otherwise: every page of a new
+#: buffer is written (its tag), so a buffer costs its whole size in shared memory.
+DEFAULT_MAX_BUFFER = 1 << 30
+
+
 class Buffer:
     """A memfd the device owns; every page starts with a tag naming buffer and page.
-    A buffer can also be a real file (`path`), kept open while the device runs."""
+    A buffer can also be a real file (`path`). A buffer lives while a mapping the
+    device believes in uses it, or while its owner (a scenario) holds it."""
 
     def __init__(
         self, buffer_id: int, size: int, *, tagged: bool = True, path: str | None = None
@@ -36,7 +44,7 @@ class Buffer:
         self.id = buffer_id
         self.size = size
         self.path = path
-        self.pinned = path is not None  # files stay open; memfds go with their last mapping
+        self.held = path is not None  # a file's owner releases it; a memfd goes with its mappings
         if path is not None:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             return
@@ -59,7 +67,8 @@ class Buffer:
 
 @dataclass(frozen=True, slots=True)
 class Believed:
-    """A mapping the device believes the front-end holds."""
+    """A mapping the device believes the front-end holds. Not `confirmed` when the
+    front-end's answer never came or made no sense: it may or may not exist."""
 
     shmid: int
     shm_offset: int
@@ -67,16 +76,50 @@ class Believed:
     fd_offset: int
     writable: bool
     buffer: int
+    confirmed: bool = True
+
+
+class RequestRefused(ValueError):
+    """The device will not send a request: it cannot be right, or costs too much."""
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """The request waiting for its answer (the backend channel carries one at a time):
+    its generation, its own range if it is a map, and the maps sent without NEED_REPLY
+    before it (with the generation each was sent in), which its answer confirms."""
+
+    generation: int
+    replies_before: int
+    own: ShmemMap | None
+    earlier: list[tuple[int, ShmemMap]]
+    answered_before_reset: bool = False
 
 
 class SimDevice:
-    """Buffers and the device's mapping table; every SHMEM request goes through here."""
+    """Buffers and the device's mapping table; every SHMEM request goes through here.
 
-    def __init__(self, endpoint: BackendEndpoint) -> None:
+    Resets race requests: the front-end's RESET_DEVICE arrives on the main channel
+    while a SHMEM_MAP may wait for its answer on the backend channel, and the two
+    channels are not ordered. Each reset starts a new `generation`; an answer that
+    was already on its way when the reset was read belongs to the old one (the
+    reset dropped what it confirmed). An answer that came later is ambiguous: the
+    front-end may have mapped before or after its reset. The device settles that
+    with an UNMAP of exactly those ranges (answered 0 if they were mapped after the
+    reset, refused if the reset had dropped them): either way both sides end with
+    nothing there, as a reset means.
+    """
+
+    def __init__(self, endpoint: BackendEndpoint, *, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
         self.endpoint = endpoint
+        self.max_buffer = max_buffer
         self.lock = threading.Lock()
         self.buffers: dict[int, Buffer] = {}
         self.mapped: dict[tuple[int, int], Believed] = {}
+        self.generation = 0
+        self._in_flight: _InFlight | None = None
+        #: maps sent without NEED_REPLY since the last answer, with their generation
+        self._unconfirmed: list[tuple[int, ShmemMap]] = []
         self._next_buffer = 1
 
     # ------------------------------------------------------------ buffers
@@ -92,8 +135,13 @@ class SimDevice:
         with self.lock:
             in_use = {b.buffer for b in self.mapped.values()}
             for buffer_id, buffer in list(self.buffers.items()):
-                if buffer_id not in in_use and not buffer.pinned:
+                if buffer_id not in in_use and not buffer.held:
                     self.buffers.pop(buffer_id).close()
+
+    def release_buffer(self, buffer: Buffer) -> None:
+        """The owner lets go: the buffer lives on only while mappings use it."""
+        buffer.held = False
+        self.free_unmapped_buffers()
 
     def drop_buffer(self, buffer: Buffer) -> None:
         with self.lock:
@@ -105,6 +153,13 @@ class SimDevice:
         with self.lock:
             dropped = list(self.mapped.values())
             self.mapped.clear()
+            self.generation += 1
+            flight = self._in_flight
+            if flight is not None and not flight.answered_before_reset:
+                channel = self.endpoint.backend_channel
+                flight.answered_before_reset = channel is not None and (
+                    channel.answered_since(flight.replies_before)
+                )
         self.free_unmapped_buffers()
         if dropped:
             log.info("forgot %d mappings (%s)", len(dropped), why)
@@ -113,7 +168,6 @@ class SimDevice:
             threading.Thread(target=self._unmap_all, args=(dropped,), daemon=True).start()
 
     def _unmap_all(self, dropped: list[Believed]) -> None:
-        time.sleep(0.05)
         for b in dropped:
             with contextlib.suppress(NotReady, ChannelError):
                 self.endpoint.shmem_request(
@@ -130,6 +184,30 @@ class SimDevice:
 
     # ------------------------------------------------------------ requests
 
+    def check_map(self, m: ShmemMap, buffer: Buffer | None = None) -> None:
+        """Refuse, before anything is allocated, a map that cannot be right for this
+        device's own layout (shmem/rules.py, the rules a front-end applies too), and a
+        buffer that would cost more than `max_buffer`. Overlap is left to the front-end:
+        the device only believes what is mapped there."""
+        try:
+            check_request(self.endpoint.device.regions, m, is_map=True)
+        except ShmemRefused as exc:
+            raise RequestRefused(
+                f"the device will not send it: {exc.detail} (a front-end must refuse it: "
+                f"{exc.errno_name})"
+            ) from None
+        if buffer is None and m.fd_offset + m.len > self.max_buffer:
+            raise RequestRefused(
+                f"a buffer of fd_offset + len = {m.fd_offset + m.len:#x} bytes is more than "
+                f"--max-buffer ({human_size(self.max_buffer)}) allows; map less, or raise "
+                "--max-buffer"
+            )
+        if buffer is not None and m.fd_offset + m.len > buffer.size:
+            raise RequestRefused(
+                f"buffer {buffer.id} has {buffer.size:#x} bytes; fd_offset + len needs "
+                f"{m.fd_offset + m.len:#x}"
+            )
+
     def map(
         self,
         m: ShmemMap,
@@ -137,30 +215,38 @@ class SimDevice:
         buffer: Buffer | None = None,
         need_reply: bool = True,
     ) -> int | None:
-        """Ask the front-end to map (a new tagged buffer unless one is given)."""
+        """Ask the front-end to map (a new tagged buffer unless one is given). A refused
+        map leaves nothing behind; an unknown outcome is kept as an unconfirmed mapping."""
         created = buffer is None
         if buffer is None:
             buffer = self.new_buffer(m.fd_offset + m.len)
         try:
-            result = self.endpoint.shmem_request(
-                BackendReq.SHMEM_MAP, m, buffer.fd, need_reply=need_reply
-            )
-        except ChannelTimeout:
-            raise  # unanswered: the front-end may yet map it, so the buffer is kept
+            result, crossed_reset = self._request(BackendReq.SHMEM_MAP, m, buffer.fd, need_reply)
+        except (ChannelTimeout, PeerProtocolError):
+            self._believe(m, buffer, confirmed=False)  # it may be mapped: keep its buffer
+            raise
         except (NotReady, ChannelError):
             if created:  # never reached a front-end: nothing can refer to it
                 self.drop_buffer(buffer)
             raise
-        if result in (0, None):  # unanswered requests count as done: the next ack confirms them
-            with self.lock:
-                self.mapped[(m.shmid, m.shm_offset)] = Believed(
-                    m.shmid, m.shm_offset, m.len, m.fd_offset, m.writable, buffer.id
-                )
+        if result in (0, None) and not crossed_reset:
+            self._believe(m, buffer, confirmed=True)
+        elif created:
+            self.free_unmapped_buffers()  # refused, or settled after a reset: nothing uses it
         self._report("mapped", m, result, buffer.id)
         return result
 
     def unmap(self, m: ShmemMap, *, need_reply: bool = True) -> int | None:
-        result = self.endpoint.shmem_request(BackendReq.SHMEM_UNMAP, m, need_reply=need_reply)
+        try:
+            result, _ = self._request(BackendReq.SHMEM_UNMAP, m, None, need_reply)
+        except (ChannelTimeout, PeerProtocolError):
+            with self.lock:
+                held = self.mapped.get((m.shmid, m.shm_offset))
+                if held is not None and held.len == m.len:
+                    self.mapped[(m.shmid, m.shm_offset)] = dataclasses.replace(
+                        held, confirmed=False
+                    )
+            raise
         if result in (0, None):
             with self.lock:
                 gone = self.mapped.pop((m.shmid, m.shm_offset), None)
@@ -169,44 +255,120 @@ class SimDevice:
         self._report("unmapped", m, result, None)
         return result
 
+    def _request(
+        self, req: BackendReq, m: ShmemMap, fd: int | None, need_reply: bool
+    ) -> tuple[int | None, bool]:
+        """Send one request; return the answer and whether it crossed a reset."""
+        channel = self.endpoint.backend_channel
+        is_map = req == BackendReq.SHMEM_MAP
+        with self.lock:
+            if not need_reply:
+                if is_map:
+                    self._unconfirmed.append((self.generation, m))
+            else:
+                replies = channel.replies if channel is not None else 0
+                own = m if is_map else None
+                self._in_flight = _InFlight(self.generation, replies, own, self._unconfirmed)
+                self._unconfirmed = []
+        try:
+            result = self.endpoint.shmem_request(req, m, fd, need_reply=need_reply)
+        except BaseException:
+            with self.lock:
+                self._in_flight = None
+            raise
+        return result, need_reply and self._settle(result)
+
+    def _settle(self, result: int | None) -> bool:
+        """An answer arrived. If a reset was read while it was on its way, the maps it
+        confirms may have been made before the front-end's reset (and dropped) or after
+        it (and live); unmap exactly those ranges so both sides end with nothing there.
+        An answer that was already waiting when the reset was read needs nothing: all it
+        confirms came before the reset, which dropped it. True if it crossed a reset."""
+        with self.lock:
+            flight, self._in_flight = self._in_flight, None
+            if flight is None:
+                return False
+            current = self.generation
+            crossed = flight.generation != current
+            if flight.answered_before_reset:
+                return crossed
+            unsure = [m for generation, m in flight.earlier if generation != current]
+            if crossed and flight.own is not None and result == 0:
+                unsure.append(flight.own)
+        for m in unsure:
+            log.info(
+                "unmapping %s of region %d: its map crossed a reset, so either side may hold it",
+                hex_range(m.shm_offset, m.len), m.shmid,
+            )  # fmt: skip
+            with contextlib.suppress(NotReady, ChannelError):
+                self.endpoint.shmem_request(
+                    BackendReq.SHMEM_UNMAP, ShmemMap(m.shmid, m.shm_offset, m.len)
+                )
+        return crossed
+
+    def _believe(self, m: ShmemMap, buffer: Buffer, *, confirmed: bool) -> None:
+        with self.lock:
+            self.mapped[(m.shmid, m.shm_offset)] = Believed(
+                m.shmid, m.shm_offset, m.len, m.fd_offset, m.writable, buffer.id, confirmed
+            )
+
     def _report(self, done: str, m: ShmemMap, result: int | None, buffer: int | None) -> None:
         events = self.endpoint.events
         if not events.active:
             return
-        data = {"shmid": m.shmid, "shm_offset": m.shm_offset, "len": m.len}
+        data: dict[str, object] = {"shmid": m.shmid, "shm_offset": m.shm_offset, "len": m.len}
         if done == "mapped":
             data |= {"fd_offset": m.fd_offset, "writable": m.writable, "buffer": buffer}
         if result:
             # a refusal changed nothing, so the table still shows what was wrong
-            why = self.explain(m, is_map=done == "mapped")
-            data |= {"errno": describe_reply(result), "explanation": why}
-            events.emit("refused", {"request": "map" if done == "mapped" else "unmap", **data})
+            is_map = done == "mapped"
+            data |= {
+                "errno": describe_reply(result),
+                "reply": result,
+                "explanation": self.own_reading(m, is_map=is_map),
+            }
+            events.emit("refused", {"request": "map" if is_map else "unmap", **data})
         else:
             data["acked"] = result is not None
             events.emit(done, data)
 
     def explain(self, m: ShmemMap, *, is_map: bool) -> str:
-        """What the front-end will most likely object to, from what this device knows:
-        its regions and the mappings it believes exist. Empty when it sees nothing wrong."""
-        size = self.endpoint.device.regions.get(m.shmid, 0)
-        end = m.shm_offset + m.len
-        if not size:
-            return f"the device has no region {m.shmid}"
-        if m.len == 0:
-            return "len is 0"
-        if end > size:
-            return f"{hex_range(m.shm_offset, m.len)} ends past region {m.shmid}'s size {size:#x}"
-        if (m.shm_offset | m.len | (m.fd_offset if is_map else 0)) % PAGE_SIZE:
-            return f"offsets and length must be multiples of the page size {PAGE_SIZE:#x}"
+        """The device's own reading of a request: what a front-end following the rules
+        would object to, from the device's layout and the mappings it believes exist.
+        Empty when it sees nothing wrong."""
+        try:
+            check_request(self.endpoint.device.regions, m, is_map=is_map)
+        except ShmemRefused as exc:
+            return exc.detail
         with self.lock:
             mine = [b for b in self.mapped.values() if b.shmid == m.shmid]
+        end = m.shm_offset + m.len
         if is_map:
             for b in mine:
                 if b.shm_offset < end and m.shm_offset < b.shm_offset + b.len:
-                    return f"overlaps {hex_range(b.shm_offset, b.len)}"
+                    return overlap_detail(b.shm_offset, b.len)
             return ""
-        whole = any(b.shm_offset == m.shm_offset and b.len == m.len for b in mine)
-        return "" if whole else f"{hex_range(m.shm_offset, m.len)} is not one whole mapping"
+        if any(b.shm_offset == m.shm_offset and b.len == m.len for b in mine):
+            return ""
+        return f"{hex_range(m.shm_offset, m.len)} is not one whole mapping"
+
+    def own_reading(self, m: ShmemMap, *, is_map: bool) -> str:
+        """`explain`, labelled as the device's reading (never the front-end's words)."""
+        own = self.explain(m, is_map=is_map)
+        if own:
+            return f"the device's own reading: {own}"
+        return "the device sees nothing wrong with the request; the front-end's log may say why"
+
+    def refusal(self, m: ShmemMap, result: int, *, is_map: bool) -> str:
+        """A refusal in words: what the front-end said (an errno, or a bare value that
+        carries no reason: QEMU answers 1), and beside it the device's own reading."""
+        name = errno_name(result)
+        said = (
+            f"{name} (reply value -{(1 << 64) - result})"
+            if name
+            else f"reply value {result}, no reason given"
+        )
+        return f"refused by the front-end: {said}; {self.own_reading(m, is_map=is_map)}"
 
 
 # ---------------------------------------------------------------- scripts
@@ -226,9 +388,12 @@ class Step:
 
 def _num(text: str, what: str, line: int) -> int:
     try:
-        return parse_size(text)
+        value = parse_size(text)
     except ValueError as exc:
         raise ScriptError(f"line {line}: {what}: {exc}") from None
+    if value > U64_MAX:
+        raise ScriptError(f"line {line}: {what} {text} does not fit the wire's 64 bits")
+    return value
 
 
 def parse_script(lines: Iterable[str]) -> list[Step]:
@@ -247,7 +412,7 @@ def parse_script(lines: Iterable[str]) -> list[Step]:
             shmid = _num(positional[0], "shmid", n)
             if not 0 <= shmid <= 255:
                 raise ScriptError(f"line {n}: shmid {shmid} is outside 0-255")
-            args = {
+            args: dict[str, object] = {
                 "shmid": shmid,
                 "shm_offset": _num(positional[1], "shm_offset", n),
                 "length": _num(positional[2], "len", n),
@@ -299,7 +464,7 @@ class ScriptRunner:
         for step in steps:
             try:
                 result = getattr(self, f"_do_{step.verb}")(**step.args)
-            except NotReady as exc:
+            except (NotReady, RequestRefused) as exc:
                 result = f"not sent: {exc}"
             except ChannelError as exc:
                 result = f"failed: {exc} (request reported failed; buffer kept)"
@@ -309,6 +474,7 @@ class ScriptRunner:
         self, shmid: int, shm_offset: int, length: int, fd_offset: int, ro: bool, noreply: bool
     ) -> str:
         m = ShmemMap(shmid, shm_offset, length, fd_offset, 0 if ro else MMAP_FLAG_WRITE)
+        self.device.check_map(m)
         return describe_reply(self.device.map(m, need_reply=not noreply))
 
     def _do_unmap(

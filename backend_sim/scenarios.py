@@ -198,8 +198,10 @@ class Dax(Scenario):
             self.order.append(slot)
 
     def finish(self) -> None:
-        # The file goes; mappings of it stay valid in the front-end (the mapping holds it).
+        # The file goes; mappings of it stay valid in the front-end (the mapping holds it),
+        # and the device keeps it open only while it believes some of them live.
         os.unlink(self.path)
+        self.device.release_buffer(self.file)
 
 
 SCENARIOS: dict[str, type[Scenario]] = {"blobs": Blobs, "dax": Dax}

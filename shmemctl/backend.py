@@ -9,9 +9,11 @@ for a map's ack, so the two run in different threads.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +34,7 @@ from .wire import (
     Message,
     ShmemConfig,
     ShmemMap,
+    WireError,
     encode,
     encode_shmem_request,
     encode_u64_reply,
@@ -54,7 +57,7 @@ from .wire.messages import (
 log = logging.getLogger("backend")
 
 #: What our back-end offers besides SHMEM (brief §6.2, §6.4, §6.10); CONFIG is
-#: added only for a device with config space (QEMU warns about it otherwise).
+#: added for a device with config space, which is the default (see DeviceModel).
 OFFERED = (
     ProtocolFeature.MQ
     | ProtocolFeature.REPLY_ACK
@@ -65,10 +68,17 @@ OFFERED = (
     | ProtocolFeature.STATUS
 )
 MAX_MEM_SLOTS = 32
+#: The largest config space GET_CONFIG carries (QEMU's VHOST_USER_MAX_CONFIG_SIZE).
+MAX_CONFIG_SIZE = 256
 
 
 class NotReady(Exception):
     """A SHMEM request cannot be sent: no backend channel, or SHMEM/REPLY_ACK not negotiated."""
+
+
+class PeerProtocolError(ChannelError):
+    """The front-end answered a SHMEM request with something the protocol does not allow;
+    whether it acted on the request is unknown."""
 
 
 @dataclass
@@ -77,7 +87,12 @@ class DeviceModel:
 
     regions: dict[int, int]
     queues: int = 1
-    config_space: bytes = b""
+    #: what GET_CONFIG reads. The default is the largest config space the protocol
+    #: carries, all zero, so every front-end device that reads its config space
+    #: (QEMU's vhost-user-gpio, -blk, -input, ...) gets an answer; a read past its
+    #: end is refused as a real device refuses it. b"": no config space, CONFIG is
+    #: not offered (QEMU 7.2 warns when a device without config space is offered it).
+    config_space: bytes = bytes(MAX_CONFIG_SIZE)
     shmem_bit: int = SHMEM_BIT
     #: deliberate protocol faults (shmemctl.faults), for showing conformance catches them
     faults: frozenset[str] = frozenset()
@@ -111,6 +126,10 @@ class BackendChannel:
         self.reply_timeout = reply_timeout
         self.lock = threading.Lock()
         self.stray_replies = 0
+        #: answers read so far, and the lock held while one is taken off the socket:
+        #: together they tell another thread whether an answer has arrived yet
+        self.replies = 0
+        self.taking = threading.Lock()
         self.fds_per_map = 1  # 2 only under the map-two-fds fault
 
     def request(
@@ -124,15 +143,52 @@ class BackendChannel:
             self.channel.send(data, () if fd is None else (fd,) * self.fds_per_map)
             if not need_reply:
                 return None
-            reply = self.channel.recv()
+            self._wait_for_answer()
+            with self.taking:
+                try:
+                    reply = self.channel.recv()
+                except WireError as exc:
+                    raise PeerProtocolError(
+                        f"the front-end broke the protocol answering {req.name}: {exc}"
+                    ) from None
+                finally:
+                    self.replies += 1
             close_fds(reply.fds)
             if reply.request != req or not isinstance(reply.payload, int):
-                raise ChannelError(f"asked {req.name}, the front-end answered {reply.name}")
+                raise PeerProtocolError(
+                    f"the front-end answered {req.name} with a {reply.name} reply"
+                )
             return reply.payload
+
+    def _wait_for_answer(self) -> None:
+        """Until the answer's first bytes are there, without taking them (spinning
+        briefly first, as the channel does), so that taking it happens under `taking`."""
+        channel = self.channel
+        deadline = time.perf_counter() + channel.busy_poll
+        while not channel.wait_readable(0):
+            if time.perf_counter() > deadline:
+                if not channel.wait_readable(self.reply_timeout):
+                    raise ChannelTimeout(f"no message within {self.reply_timeout:g}s")
+                break
+
+    def answered_since(self, replies: int) -> bool:
+        """Whether the answer to the request sent when `replies` answers had been read has
+        arrived, read or not. From any thread; waits only while an answer is being read."""
+        with self.taking:
+            if self.replies > replies:
+                return True
+            poller = select.poll()  # its own: one poll object may not be polled by two threads
+            poller.register(self.channel.sock, select.POLLIN)
+            return bool(poller.poll(0))
 
     def _drain_strays(self) -> None:
         while self.channel.wait_readable(0):
-            msg = self.channel.recv()
+            try:
+                msg = self.channel.recv()
+            except WireError as exc:
+                self.stray_replies += 1
+                log.warning("front-end sent something nobody asked for: %s", exc)
+                continue
             close_fds(msg.fds)
             self.stray_replies += 1
             log.warning("front-end sent a %s reply nobody asked for (answered twice?)", msg.name)
@@ -158,6 +214,11 @@ class BackendEndpoint:
         self.shmem_mask = 1 << check_shmem_bit(device.shmem_bit)
         self.offered = OFFERED | self.shmem_mask
         self._shmem_and_ack = self.shmem_mask | int(ProtocolFeature.REPLY_ACK)
+        if len(device.config_space) > MAX_CONFIG_SIZE:
+            raise ValueError(
+                f"a config space of {len(device.config_space)} bytes: "
+                f"GET_CONFIG carries at most {MAX_CONFIG_SIZE}"
+            )
         if device.config_space:
             self.offered |= ProtocolFeature.CONFIG
         self.faults = device.faults
@@ -292,8 +353,6 @@ class BackendEndpoint:
         if msg.surplus_fds:
             n = len(msg.surplus_fds)
             log.warning("%s carried %d fds it may not carry; closed them", msg.name, n)
-        if self.events.active:
-            self.events.emit("message", {"channel": "main", "request": msg.name})
         match req:
             case FrontendReq.GET_FEATURES:
                 self._reply(main, msg, VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES)
@@ -359,9 +418,7 @@ class BackendEndpoint:
             case FrontendReq.GET_CONFIG:
                 asked = msg.payload
                 assert isinstance(asked, DeviceConfig)
-                space = self.device.config_space
-                data = space[asked.offset : asked.offset + asked.size].ljust(asked.size, b"\0")
-                self._reply(main, msg, DeviceConfig(asked.offset, asked.size, asked.flags, data))
+                self._reply(main, msg, self._read_config(asked))
             case FrontendReq.GET_VRING_BASE:
                 assert isinstance(msg.payload, VringState)
                 self._reply(main, msg, VringState(msg.payload.index, 0))
@@ -393,6 +450,20 @@ class BackendEndpoint:
                 log.warning("main channel: %s is not supported; failing it", msg.name)
                 self._ack(main, msg, ok=False)
         return ()
+
+    def _read_config(self, asked: DeviceConfig) -> DeviceConfig | None:
+        """GET_CONFIG's answer: the bytes asked for, or None (the protocol's error reply,
+        no payload) for a read past the end of the config space."""
+        space = self.device.config_space
+        if asked.offset + asked.size > len(space):
+            log.warning(
+                "GET_CONFIG asks for %d bytes at offset %d of a %d-byte config space; "
+                "answering the protocol's error (no payload)",
+                asked.size, asked.offset, len(space),
+            )  # fmt: skip
+            return None
+        data = space[asked.offset : asked.offset + asked.size]
+        return DeviceConfig(asked.offset, asked.size, asked.flags, data)
 
     def _notify(self) -> None:
         with self.ready:
@@ -429,4 +500,5 @@ __all__ = [
     "ChannelTimeout",
     "DeviceModel",
     "NotReady",
+    "PeerProtocolError",
 ]

@@ -19,8 +19,15 @@ from collections.abc import Iterable, Sequence
 
 from .events import TRACE, EventHub
 from .wire import ChannelKind, Message, WireError, decode_body, decode_header
-from .wire.constants import HEADER_SIZE, MAX_FDS, MAX_PAYLOAD
-from .wire.messages import summarize
+from .wire.constants import (
+    FLAG_NEED_REPLY,
+    FLAG_REPLY,
+    HEADER_SIZE,
+    MAX_FDS,
+    MAX_PAYLOAD,
+    request_name,
+)
+from .wire.messages import Header, summarize
 
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 # socket's constants are IntFlag/IntEnum members; arithmetic on those costs
@@ -83,7 +90,8 @@ class Channel:
         self.kind = kind
         self.replies = replies
         self.busy_poll = busy_poll
-        #: where the protocol trace goes (a `message` event per message), if anywhere
+        #: where the protocol trace goes, if anywhere: one `message` event per message
+        #: this channel sends or receives, and nobody else traces them (events.TRACE)
         self.trace: EventHub | None = None
         self.trace_role = ""
         self._poll = select.poll()
@@ -155,7 +163,12 @@ class Channel:
                 self._skip_payload(data)
                 raise
             payload = self._recv_payload(header.size) if header.size else b""
-            message = decode_body(self.kind, header, payload, fds)
+            try:
+                message = decode_body(self.kind, header, payload, fds)
+            except WireError as exc:
+                if self.trace is not None and self.trace.wants(TRACE):
+                    self._trace_undecodable("in", header, payload, fds, exc)
+                raise
         except BaseException:
             close_fds(fds)
             raise
@@ -170,15 +183,43 @@ class Channel:
         data = summarize(message)
         data["role"] = self.trace_role
         data["direction"] = direction
-        self.trace.emit(TRACE, data)
+        self.trace.trace_message(data)
 
     def _trace_sent(self, data: bytes, fds: Sequence[int]) -> None:
         try:
             header = decode_header(data[:HEADER_SIZE], replies=not self.replies)
-            message = decode_body(self.kind, header, data[HEADER_SIZE:], tuple(fds))
         except WireError:
             return  # we sent bytes that are not a message (a test's garbage): nothing to show
+        payload = data[HEADER_SIZE:]
+        try:
+            message = decode_body(self.kind, header, payload, tuple(fds))
+        except WireError as exc:
+            self._trace_undecodable("out", header, payload, fds, exc)
+            return
         self._emit_trace("out", message)
+
+    def _trace_undecodable(
+        self, direction: str, header: Header, payload: bytes, fds: Sequence[int], exc: WireError
+    ) -> None:
+        """A message whose header is sound but whose payload the codec refuses (a peer's
+        fault, a deliberate one, or the protocol's zero-length error reply) is still one
+        message of the trace: named by its header, its payload raw, the codec's reason."""
+        assert self.trace is not None
+        self.trace.trace_message(
+            {
+                "channel": self.kind.value,
+                "request": request_name(self.kind, header.request),
+                "id": header.request,
+                "flags": header.flags,
+                "reply": bool(header.flags & FLAG_REPLY),
+                "need_reply": bool(header.flags & FLAG_NEED_REPLY),
+                "payload": payload.hex(),
+                "fds": len(fds),
+                "undecodable": str(exc),
+                "role": self.trace_role,
+                "direction": direction,
+            }
+        )
 
     def _poll_briefly(self) -> tuple[bytes, list, int, object] | None:
         recvmsg = self.sock.recvmsg

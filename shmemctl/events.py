@@ -3,6 +3,9 @@
 Publishing costs nothing while nobody listens: the hot path asks `wants(name)`
 before it builds an event. The protocol trace (`message` events, one per
 message on either channel) is opt-in: a listener gets it only by naming it.
+It has one source, the channel that sent or received the message
+(`Channel.trace`, through `trace_message`); `emit` refuses its name, so no
+other layer can add a second record of the same message.
 """
 
 from __future__ import annotations
@@ -51,6 +54,18 @@ class EventHub:
         self._named = frozenset().union(*(n for _, n in self._listeners if n is not None))
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
+        if name == TRACE:
+            raise ValueError(
+                f"{TRACE!r} events come only from the channel that carried the message "
+                "(Channel.trace): a second source would trace it twice"
+            )
+        self._publish(name, data)
+
+    def trace_message(self, data: dict[str, Any]) -> None:
+        """The trace record of one message; `Channel` calls this once per message."""
+        self._publish(TRACE, data)
+
+    def _publish(self, name: str, data: dict[str, Any]) -> None:
         listeners = self._listeners
         if not listeners:
             return

@@ -79,9 +79,11 @@ def render_event(event: dict[str, Any]) -> str:
         flags = "reply" if data.get("reply") else ("need_reply" if data.get("need_reply") else "")
         payload = data.get("payload")
         fds = f" fds={data['fds']}" if data.get("fds") else ""
+        # a message the codec refuses (channel.py traces it anyway): its raw payload and why
+        undecodable = f" undecodable: {data['undecodable']}" if "undecodable" in data else ""
         return (
             f"{stamp} {source:8} {arrow} {data.get('channel'):7} {data.get('request')} "
-            f"{flags} {payload if payload is not None else ''}{fds}"
+            f"{flags} {payload if payload is not None else ''}{fds}{undecodable}"
         ).rstrip()
     if "shm_offset" in data:
         where = f"region {data['shmid']} {hex_range(data['shm_offset'], data['len'])}"

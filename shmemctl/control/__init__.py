@@ -1,7 +1,7 @@
 """The control protocol (JSON lines, QMP-like): the server each daemon runs, and the client."""
 
 from .client import ControlClient, DaemonUnreachable
-from .protocol import Arg, Command, ControlError, ErrorClass
+from .protocol import Arg, Command, ControlError, ErrorClass, shmid_arg, u64
 from .server import ControlServer, peer_allowed
 
 __all__ = [
@@ -13,4 +13,6 @@ __all__ = [
     "DaemonUnreachable",
     "ErrorClass",
     "peer_allowed",
+    "shmid_arg",
+    "u64",
 ]

@@ -19,6 +19,12 @@ MAX_LINE = 64 * 1024
 MAX_ANSWER = 256 * 1024 * 1024
 #: Events queued for one subscriber before it counts as too slow and is dropped.
 MAX_QUEUED = 4096
+#: How deeply a request may nest arrays and objects. No command needs more than 4
+#: (a batch: request, arguments, maps, one map); Python's own parser would give up
+#: with a RecursionError somewhere near 1,000.
+MAX_DEPTH = 16
+#: The largest value a u64 field of the wire can carry.
+U64_MAX = (1 << 64) - 1
 
 
 class ErrorClass:
@@ -41,11 +47,46 @@ class ControlError(Exception):
 
 @dataclass(frozen=True)
 class Arg:
-    """One argument of a command: its JSON type, and whether it may be left out."""
+    """One argument of a command: its JSON type, whether it may be left out, and for
+    numbers the closed range a value must lie in (so nothing out of range reaches
+    the code that packs it into a message or allocates for it)."""
 
     kind: type | tuple[type, ...]
     required: bool = True
     help: str = ""
+    low: float | None = None
+    high: float | None = None
+
+    def range_error(self, value: object) -> str | None:
+        """What is wrong with a value of the right type, or None."""
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return None
+        if value != value:  # NaN compares false with every bound
+            return "a number, not NaN"
+        low, high = self.low, self.high
+        if (low is None or value >= low) and (high is None or value <= high):
+            return None
+        if low is None:
+            return f"at most {_number(high)}"
+        if high is None:
+            return f"at least {_number(low)}"
+        return f"from {_number(low)} to {_number(high)}"
+
+
+def _number(value: float | None) -> str:
+    """Bounds as people write them: small ones in decimal, offsets in hex."""
+    if isinstance(value, int) and value > 0xFFFF:
+        return f"{value:#x}"
+    return f"{value:g}"
+
+
+def u64(help: str = "", *, required: bool = True) -> Arg:
+    """An offset or a length as the wire carries it: 0 to 2**64-1."""
+    return Arg(int, required, help, 0, U64_MAX)
+
+
+def shmid_arg(help: str = "shared memory region id") -> Arg:
+    return Arg(int, True, help, 0, 255)
 
 
 @dataclass
@@ -85,9 +126,58 @@ class Command:
                 wanted = " or ".join(k.__name__ for k in kinds)
                 raise ControlError(
                     ErrorClass.BAD_ARGUMENT,
-                    f"{self.name}: '{name}' must be {wanted}, not {json.dumps(value)}",
+                    f"{self.name}: '{name}' must be {wanted}, not {_shown(value)}",
+                )
+            wrong = arg.range_error(value)
+            if wrong:
+                raise ControlError(
+                    ErrorClass.BAD_ARGUMENT,
+                    f"{self.name}: '{name}' must be {wrong}, not {_shown(value)}",
                 )
         return arguments
+
+
+def _shown(value: object) -> str:
+    """A client's value as it would read it back, cut short if it is long."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def decode_request(line: bytes) -> object:
+    """One request line as JSON, or a ControlError that says what is wrong with it.
+    Nesting is bounded before parsing, so no line can exhaust the parser's stack."""
+    depth = _nesting(line)
+    if depth > MAX_DEPTH:
+        raise ControlError(
+            ErrorClass.BAD_REQUEST,
+            f"JSON nested {depth} levels deep; a request needs at most {MAX_DEPTH}",
+        )
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints
+        raise ControlError(ErrorClass.BAD_REQUEST, f"not JSON: {exc}") from None
+
+
+def _nesting(line: bytes) -> int:
+    """The deepest bracket nesting outside strings (an upper bound on JSON's nesting)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def encode_line(obj: dict[str, Any]) -> bytes:

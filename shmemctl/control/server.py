@@ -18,7 +18,16 @@ from typing import Any
 from .. import __version__
 from ..daemon import listen_unix
 from ..events import EventHub
-from .protocol import MAX_LINE, MAX_QUEUED, Arg, Command, ControlError, ErrorClass, encode_line
+from .protocol import (
+    MAX_LINE,
+    MAX_QUEUED,
+    Arg,
+    Command,
+    ControlError,
+    ErrorClass,
+    decode_request,
+    encode_line,
+)
 
 log = logging.getLogger("control")
 
@@ -189,10 +198,7 @@ class ControlServer:
     def _handle(self, client: _Client, line: bytes) -> None:
         request_id = None
         try:
-            try:
-                request = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ControlError(ErrorClass.BAD_REQUEST, f"not JSON: {exc}") from None
+            request = decode_request(line)
             if not isinstance(request, dict):
                 raise ControlError(ErrorClass.BAD_REQUEST, "a request is a JSON object")
             request_id = request.get("id")

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from ..channel import ChannelError
-from ..control import Arg, Command, ControlError, ErrorClass
+from ..control import Arg, Command, ControlError, ErrorClass, shmid_arg, u64
 from ..daemon import process_facts
 from ..shmem import libc
 from ..shmem.procmaps import MapsLine, disagreements, read_maps
@@ -170,7 +170,7 @@ def commands(fe: Frontend) -> list[Command]:
         Command(
             "status",
             lambda max_mappings=DEFAULT_LIST: cache.get(max_mappings),
-            {"max_mappings": Arg(int, required=False)},
+            {"max_mappings": Arg(int, required=False, low=0)},
             help="connection, negotiated features, regions and mappings, the kernel's view",
         ),
         Command(
@@ -182,7 +182,11 @@ def commands(fe: Frontend) -> list[Command]:
         Command(
             "read",
             lambda shmid, offset, length=64: read(fe, shmid, offset, length),
-            {"shmid": Arg(int), "offset": Arg(int), "length": Arg(int, required=False)},
+            {
+                "shmid": shmid_arg(),
+                "offset": u64("offset into the region"),
+                "length": Arg(int, required=False, low=1, high=MAX_READ),
+            },
             help="read bytes through the front-end's mapping",
         ),
     ]

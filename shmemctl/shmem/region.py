@@ -5,8 +5,6 @@ one place where SHMEM_MAP/SHMEM_UNMAP requests are validated (brief §5, steps 4
 from __future__ import annotations
 
 import contextlib
-import enum
-import errno
 import os
 import stat
 import threading
@@ -18,50 +16,21 @@ from ..sizes import hex_range, human_size
 from ..wire.messages import MMAP_FLAG_WRITE, ShmemMap
 from . import libc
 from .index import IntervalIndex
+from .rules import (
+    Refusal,
+    ShmemRefused,
+    check_flags,
+    check_range,
+    overlap_detail,
+    region_size,
+)
 
-U64_MAX = (1 << 64) - 1
 PAGE_SIZE = libc.PAGE_SIZE
 #: Mappings are refused past these counts unless configured otherwise (brief §5 step 12).
 DEFAULT_MAX_PER_REGION = 131_072
 DEFAULT_MAX_TOTAL = 262_144
 #: Address space the regions of one device may reserve in total.
 DEFAULT_MAX_RESERVE = 1 << 40
-
-
-class Refusal(enum.Enum):
-    """Why a SHMEM request was refused, with the errno the front-end replies (negated)."""
-
-    NOT_NEGOTIATED = ("SHMEM not negotiated", errno.EOPNOTSUPP)
-    BAD_FD_COUNT = ("wrong number of fds", errno.EBADF)
-    BAD_FLAGS = ("unknown flag bits", errno.EINVAL)
-    NO_REGION = ("no such region", errno.ENODEV)
-    ZERO_LENGTH = ("zero length", errno.EINVAL)
-    OVERFLOW = ("offset + length overflows u64", errno.EOVERFLOW)
-    OUT_OF_BOUNDS = ("out of the region's bounds", errno.EINVAL)
-    MISALIGNED = ("not page aligned", errno.EINVAL)
-    OVERLAP = ("overlaps an existing mapping", errno.EEXIST)
-    FILE_TOO_SHORT = ("file shorter than fd_offset + len", errno.ENXIO)
-    LIMIT_REACHED = ("mapping limit reached", errno.ENOSPC)
-    NOT_A_MAPPING = ("not one whole existing mapping", errno.ENOENT)
-    MMAP_FAILED = ("the kernel refused the mapping", errno.EIO)
-
-    def __init__(self, summary: str, err: int) -> None:
-        self.summary = summary
-        self.errno = err
-
-
-class ShmemRefused(Exception):
-    """A request refused before any effect: nothing mapped, nothing unmapped."""
-
-    def __init__(self, reason: Refusal, detail: str, err: int | None = None) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.errno = reason.errno if err is None else err
-
-    @property
-    def errno_name(self) -> str:
-        return errno.errorcode.get(self.errno, str(self.errno))
 
 
 class ShmemSetupError(Exception):
@@ -171,60 +140,30 @@ class RegionTable:
         """Mappings in all regions. (Not __len__: an empty table must not be falsy.)"""
         return self._count
 
-    def _region(self, m: ShmemMap) -> Region:
+    def _region(self, m: ShmemMap, *, is_map: bool) -> Region:
+        """Steps 4-9: everything the layout alone decides (shmem/rules.py)."""
+        if is_map:
+            check_flags(m)
         region = self.regions.get(m.shmid)
         if region is None:
-            known = ", ".join(str(s) for s in self.regions) or "none"
-            raise _refuse(
-                Refusal.NO_REGION,
-                f"shmid {m.shmid} is not a region of this device (regions: {known})",
-            )
+            region_size(self.sizes, m.shmid)  # raises NO_REGION, naming the regions
+        assert region is not None
+        check_range(
+            region.size,
+            m,
+            check_fd_offset=is_map,
+            check_alignment=Refusal.MISALIGNED not in self.skip_checks,
+        )
         return region
-
-    def _check_range(self, region: Region, m: ShmemMap, *, check_fd_offset: bool) -> None:
-        """Steps 6-9, shared by map and unmap."""
-        if m.len == 0:
-            raise _refuse(Refusal.ZERO_LENGTH, "len is 0; a mapping needs at least one page")
-        if m.shm_offset + m.len > U64_MAX or (check_fd_offset and m.fd_offset + m.len > U64_MAX):
-            raise _refuse(
-                Refusal.OVERFLOW,
-                f"shm_offset {m.shm_offset:#x}, fd_offset {m.fd_offset:#x} + len {m.len:#x} "
-                "overflow 64 bits",
-            )
-        if m.shm_offset + m.len > region.size:
-            raise _refuse(
-                Refusal.OUT_OF_BOUNDS,
-                f"{hex_range(m.shm_offset, m.len)} ends past region {region.shmid}'s size "
-                f"{region.size:#x}",
-            )
-        fd_offset = m.fd_offset if check_fd_offset else 0
-        if (m.shm_offset | m.len | fd_offset) % PAGE_SIZE and (
-            Refusal.MISALIGNED not in self.skip_checks
-        ):
-            raise _refuse(
-                Refusal.MISALIGNED,
-                f"shm_offset {m.shm_offset:#x}, fd_offset {fd_offset:#x} and len {m.len:#x} "
-                f"must be multiples of the page size {PAGE_SIZE:#x}",
-            )
 
     def map(self, m: ShmemMap, fd: int) -> Mapping:
         """Validate (brief §5 steps 4-12) and map. The caller still owns and closes `fd`."""
-        if m.flags & ~MMAP_FLAG_WRITE:
-            raise _refuse(
-                Refusal.BAD_FLAGS,
-                f"flags {m.flags:#x}: only bit 0 (read-write) is defined",
-            )
         with self.lock:
-            region = self._region(m)
-            self._check_range(region, m, check_fd_offset=True)
+            region = self._region(m, is_map=True)
             end = m.shm_offset + m.len
             hit = region.mappings.conflict(m.shm_offset, end)
             if hit is not None and Refusal.OVERLAP not in self.skip_checks:
-                raise _refuse(
-                    Refusal.OVERLAP,
-                    f"overlaps {hex_range(hit[0], hit[1] - hit[0])}; unmap it first or pick a "
-                    "free range",
-                )
+                raise _refuse(Refusal.OVERLAP, overlap_detail(hit[0], hit[1] - hit[0]))
             try:
                 st = os.fstat(fd)
             except OSError as exc:
@@ -277,8 +216,7 @@ class RegionTable:
     def unmap(self, m: ShmemMap) -> Mapping:
         """Validate (steps 5-8, whole mapping) and put the reservation back."""
         with self.lock:
-            region = self._region(m)
-            self._check_range(region, m, check_fd_offset=False)
+            region = self._region(m, is_map=False)
             found = region.mappings.get(m.shm_offset)
             if found is None or found[0] != m.shm_offset + m.len:
                 hit = region.mappings.conflict(m.shm_offset, m.shm_offset + m.len)

@@ -521,12 +521,13 @@ def errno_name(value: int) -> str | None:
 
 
 def describe_reply(value: int | None) -> str:
-    """Short form of a SHMEM answer: 'ok', 'EEXIST', or 'sent (no reply asked)'."""
+    """Short form of a SHMEM answer: 'ok', 'EEXIST', 'refused (reply value 1)' for a
+    refusal that carries no errno (QEMU's), or 'sent (no reply asked)'."""
     if value is None:
         return "sent (no reply asked)"
     if value == 0:
         return "ok"
-    return errno_name(value) or f"failed ({value})"
+    return errno_name(value) or f"refused (reply value {value})"
 
 
 def describe_result(value: int) -> str:

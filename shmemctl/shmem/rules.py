@@ -1,0 +1,112 @@
+"""The SHMEM_MAP/SHMEM_UNMAP rules that need nothing but the request and the region
+layout (brief §5, steps 4-9): pure functions, so the front-end's validation and the
+device's own reading of a request apply the same rule in the same order.
+
+Each check raises ShmemRefused with the reason and the errno a front-end replies.
+What only the kernel or the live table can say (overlap, the file's real size, limits,
+mmap itself) stays in RegionTable.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+
+from ..sizes import hex_range
+from ..wire.messages import MMAP_FLAG_WRITE, ShmemMap
+from .libc import PAGE_SIZE
+
+U64_MAX = (1 << 64) - 1
+
+
+class Refusal(enum.Enum):
+    """Why a SHMEM request was refused, with the errno the front-end replies (negated)."""
+
+    NOT_NEGOTIATED = ("SHMEM not negotiated", errno.EOPNOTSUPP)
+    BAD_FD_COUNT = ("wrong number of fds", errno.EBADF)
+    BAD_FLAGS = ("unknown flag bits", errno.EINVAL)
+    NO_REGION = ("no such region", errno.ENODEV)
+    ZERO_LENGTH = ("zero length", errno.EINVAL)
+    OVERFLOW = ("offset + length overflows u64", errno.EOVERFLOW)
+    OUT_OF_BOUNDS = ("out of the region's bounds", errno.EINVAL)
+    MISALIGNED = ("not page aligned", errno.EINVAL)
+    OVERLAP = ("overlaps an existing mapping", errno.EEXIST)
+    FILE_TOO_SHORT = ("file shorter than fd_offset + len", errno.ENXIO)
+    LIMIT_REACHED = ("mapping limit reached", errno.ENOSPC)
+    NOT_A_MAPPING = ("not one whole existing mapping", errno.ENOENT)
+    MMAP_FAILED = ("the kernel refused the mapping", errno.EIO)
+
+    def __init__(self, summary: str, err: int) -> None:
+        self.summary = summary
+        self.errno = err
+
+
+class ShmemRefused(Exception):
+    """A request refused before any effect: nothing mapped, nothing unmapped."""
+
+    def __init__(self, reason: Refusal, detail: str, err: int | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.errno = reason.errno if err is None else err
+
+    @property
+    def errno_name(self) -> str:
+        return errno.errorcode.get(self.errno, str(self.errno))
+
+
+def check_flags(m: ShmemMap) -> None:
+    """Step 4: only bit 0 (read-write) is defined."""
+    if m.flags & ~MMAP_FLAG_WRITE:
+        raise ShmemRefused(
+            Refusal.BAD_FLAGS, f"flags {m.flags:#x}: only bit 0 (read-write) is defined"
+        )
+
+
+def region_size(sizes: dict[int, int], shmid: int) -> int:
+    """Step 5: the size of a region that exists and is not empty."""
+    size = sizes.get(shmid, 0)
+    if not size:
+        known = ", ".join(str(s) for s, z in sorted(sizes.items()) if z) or "none"
+        raise ShmemRefused(
+            Refusal.NO_REGION, f"shmid {shmid} is not a region of this device (regions: {known})"
+        )
+    return size
+
+
+def check_range(
+    size: int, m: ShmemMap, *, check_fd_offset: bool, check_alignment: bool = True
+) -> None:
+    """Steps 6-9 for a request inside a region of `size` bytes; shared by map and unmap
+    (an unmap has no fd_offset to check)."""
+    if m.len == 0:
+        raise ShmemRefused(Refusal.ZERO_LENGTH, "len is 0; a mapping needs at least one page")
+    if m.shm_offset + m.len > U64_MAX or (check_fd_offset and m.fd_offset + m.len > U64_MAX):
+        raise ShmemRefused(
+            Refusal.OVERFLOW,
+            f"shm_offset {m.shm_offset:#x}, fd_offset {m.fd_offset:#x} + len {m.len:#x} "
+            "overflow 64 bits",
+        )
+    if m.shm_offset + m.len > size:
+        raise ShmemRefused(
+            Refusal.OUT_OF_BOUNDS,
+            f"{hex_range(m.shm_offset, m.len)} ends past region {m.shmid}'s size {size:#x}",
+        )
+    fd_offset = m.fd_offset if check_fd_offset else 0
+    if check_alignment and (m.shm_offset | m.len | fd_offset) % PAGE_SIZE:
+        raise ShmemRefused(
+            Refusal.MISALIGNED,
+            f"shm_offset {m.shm_offset:#x}, fd_offset {fd_offset:#x} and len {m.len:#x} "
+            f"must be multiples of the page size {PAGE_SIZE:#x}",
+        )
+
+
+def check_request(sizes: dict[int, int], m: ShmemMap, *, is_map: bool) -> None:
+    """Steps 4-9 in order against a region layout alone."""
+    if is_map:
+        check_flags(m)
+    check_range(region_size(sizes, m.shmid), m, check_fd_offset=is_map)
+
+
+def overlap_detail(start: int, length: int) -> str:
+    return f"overlaps {hex_range(start, length)}; unmap it first or pick a free range"

@@ -1,0 +1,406 @@
+"""backend_sim's control commands under a front-end the test plays, answering well and
+badly: what a refused, malformed or unanswered request leaves behind (nothing but what
+the device can account for), what a client's bad arguments get (a clear error, never an
+internal one), and how a reset racing an outstanding map comes out."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shmemctl.channel import Channel, close_fds
+from shmemctl.control import ControlClient, ControlError, ErrorClass
+from shmemctl.wire import BackendReq, FrontendReq, Message, ShmemMap
+from shmemctl.wire.messages import encode_u64_reply
+
+from .conftest import MiB, Proc, wait_until
+from .test_backend_sim import HandFrontend
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+EEXIST = (1 << 64) - 17
+U64 = (1 << 64) - 1
+
+
+def held_files(pid: int) -> list[str]:
+    """The files a backend_sim holds open: its buffers (memfds) and the files behind its
+    scenarios. (Sockets come and go with control clients, asynchronously.)"""
+    fds = f"/proc/{pid}/fd"
+    links = []
+    for name in os.listdir(fds):
+        try:
+            links.append(os.readlink(f"{fds}/{name}"))
+        except FileNotFoundError:  # closed while we looked
+            continue
+    return sorted(link for link in links if link.startswith("/memfd:") or "shmemctl-" in link)
+
+
+class Sim:
+    """A backend_sim process, the front-end the test plays on its main and backend
+    channels, and a control client that runs commands in the background so the test
+    can answer what they send."""
+
+    def __init__(self, proc: Proc, fe: HandFrontend, ctl: str) -> None:
+        self.proc = proc
+        self.fe = fe
+        self.ctl = ControlClient(ctl)
+        self.pool = ThreadPoolExecutor(1)
+        offered = fe.call(FrontendReq.GET_PROTOCOL_FEATURES).payload
+        fe.call(FrontendReq.SET_PROTOCOL_FEATURES, offered, need_reply=True)
+        self.backend: Channel = fe.open_backend_channel()
+        wait_until(lambda: self.status()["ready"], what="backend_sim ready for SHMEM requests")
+
+    def status(self) -> dict[str, Any]:
+        with ControlClient(self.ctl.path) as client:
+            return client.execute("status")
+
+    def start(self, name: str, **arguments: Any) -> Future[Any]:
+        return self.pool.submit(self.ctl.execute, name, **arguments)
+
+    def request(self) -> Message:
+        """The next SHMEM request backend_sim sends; its fds are closed."""
+        msg = self.backend.recv(timeout=30)
+        close_fds(msg.fds)
+        return msg
+
+    def answer(self, req: BackendReq, value: int) -> None:
+        self.backend.send(encode_u64_reply(req, value))
+
+    def error_of(self, future: Future[Any]) -> ControlError:
+        with pytest.raises(ControlError) as caught:
+            future.result(timeout=60)
+        assert "internal error" not in caught.value.desc
+        return caught.value
+
+    def settled(self) -> None:
+        """backend_sim holds no file but those its believed mappings use."""
+        want = len({m["buffer"] for m in self.status()["mapped"]})
+        wait_until(lambda: len(held_files(self.proc.pid)) == want, 30,
+                   f"backend_sim to hold {want} files")  # fmt: skip
+        assert len(self.status()["buffers"]) == want
+
+    def close(self) -> None:
+        self.ctl.close()
+        self.pool.shutdown(cancel_futures=True)
+        self.fe.close()
+
+
+@pytest.fixture
+def sim(spawn: Callable[..., Proc], tmp_path: Path) -> Iterator[Callable[..., Sim]]:
+    made: list[Sim] = []
+
+    def start(*args: str) -> Sim:
+        sock = str(tmp_path / "vhost.sock")
+        proc = spawn("backend_sim", "--listen", sock, "--regions", "0=8M,2=64K", *args)
+        proc.wait_log("listening on")
+        made.append(Sim(proc, HandFrontend(sock), str(tmp_path / "run/default/backend.ctl")))
+        return made[-1]
+
+    yield start
+    for s in made:
+        s.close()
+
+
+# ------------------------------------------------------------------ item 2
+
+
+def test_a_refused_map_leaves_no_buffer(sim: Callable[..., Sim]) -> None:
+    s = sim()
+    for n in range(50):
+        pending = s.start("map", shmid=0, shm_offset=0, len=4096)
+        assert s.request().request == BackendReq.SHMEM_MAP
+        s.answer(BackendReq.SHMEM_MAP, EEXIST)
+        err = s.error_of(pending)
+        assert err.error_class == ErrorClass.REFUSED, n
+    assert s.status()["buffers"] == []
+    s.settled()
+
+
+def test_a_refused_map_of_512_mib_frees_its_memory(sim: Callable[..., Sim]) -> None:
+    s = sim("--regions", "0=1G")
+    pending = s.start("map", shmid=0, shm_offset=0, len=512 * MiB)
+    s.request()
+    s.answer(BackendReq.SHMEM_MAP, 1)
+    s.error_of(pending)
+    assert s.status()["buffers"] == []
+    s.settled()
+
+
+# ------------------------------------------------------------------ item 3
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        ({"shmid": 0, "shm_offset": 0, "len": 512 << 30}, "ends past region 0's size"),
+        ({"shmid": 7, "shm_offset": 0, "len": 4096}, "shmid 7 is not a region"),
+        ({"shmid": 0, "shm_offset": 0, "len": 0}, "len is 0"),
+        ({"shmid": 0, "shm_offset": 0x1000, "len": 100}, "multiples of the page size"),
+        ({"shmid": 0, "shm_offset": U64, "len": 4096}, "overflow 64 bits"),
+        ({"shmid": 0, "shm_offset": 0, "len": 4096, "fd_offset": 1 << 40}, "--max-buffer"),
+    ],
+    ids=["past-the-region", "no-region", "zero", "misaligned", "overflow", "huge-fd-offset"],
+)
+def test_what_cannot_be_right_is_refused_before_allocating(
+    sim: Callable[..., Sim], arguments: dict[str, int], words: str
+) -> None:
+    s = sim()
+    err = s.error_of(s.start("map", **arguments))
+    assert err.error_class == ErrorClass.BAD_ARGUMENT
+    assert words in err.desc and "not sent" in err.desc
+    # nothing reached the front-end, nothing was allocated
+    assert not s.backend.wait_readable(0)
+    assert s.status()["buffers"] == []
+    assert held_files(s.proc.pid) == []
+
+
+def test_a_buffer_past_max_buffer_is_refused_with_the_option_named(
+    sim: Callable[..., Sim],
+) -> None:
+    s = sim("--max-buffer", "64K")
+    err = s.error_of(s.start("map", shmid=0, shm_offset=0, len=128 << 10))
+    assert "--max-buffer (64K)" in err.desc
+    maps = [{"shmid": 0, "shm_offset": k * (32 << 10), "len": 32 << 10} for k in range(3)]
+    err = s.error_of(s.start("batch", maps=maps))
+    assert "--max-buffer (64K)" in err.desc and "batch" in err.desc
+    assert not s.backend.wait_readable(0)
+    # within the cap it goes through
+    pending = s.start("map", shmid=0, shm_offset=0, len=64 << 10)
+    s.request()
+    s.answer(BackendReq.SHMEM_MAP, 0)
+    assert pending.result(timeout=60)["result"] == "ok"
+
+
+# ------------------------------------------------------------------ item 5
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        ({"shmid": 256, "shm_offset": 0, "len": 4096}, "'shmid' must be from 0 to 255, not 256"),
+        ({"shmid": -1, "shm_offset": 0, "len": 4096}, "'shmid' must be from 0 to 255, not -1"),
+        ({"shmid": 0, "shm_offset": 1 << 64, "len": 4096}, "'shm_offset' must be from 0 to"),
+        ({"shmid": 0, "shm_offset": 0, "len": -4096}, "'len' must be from 0 to"),
+        ({"shmid": 0, "shm_offset": 0, "len": 1 << 63}, "ends past region 0's size"),
+        ({"shmid": 0, "shm_offset": 0, "len": 4096, "buffer": 0}, "'buffer' must be at least 1"),
+    ],
+    ids=["shmid-256", "shmid-minus-1", "offset-2-64", "negative-len", "len-2-63", "buffer-0"],
+)
+def test_out_of_range_arguments_are_usage_errors(
+    sim: Callable[..., Sim], arguments: dict[str, int], words: str
+) -> None:
+    s = sim()
+    for command in ("map", "unmap", "batch"):
+        if command == "unmap":
+            args: dict[str, Any] = {k: arguments[k] for k in ("shmid", "shm_offset", "len")}
+            if "buffer" in arguments or "ends past" in words:
+                continue  # no buffer to name; a long unmap is the front-end's to refuse
+        elif command == "batch":
+            args = {"maps": [arguments]}
+        else:
+            args = arguments
+        err = s.error_of(s.start(command, **args))
+        assert err.error_class == ErrorClass.BAD_ARGUMENT, (command, err.desc)
+        assert words in err.desc, (command, err.desc)
+    assert not s.backend.wait_readable(0)
+    assert s.proc.alive()
+
+
+def _raw_answer(path: str, line: bytes) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        f = sock.makefile("rb")
+        f.readline()  # the greeting
+        sock.sendall(line + b"\n")
+        return json.loads(f.readline())
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        (b"[" * 5000, "nested"),
+        (b'{"execute": "status", "id": ' + b"[" * 100 + b"]" * 100 + b"}", "nested"),
+        (b'{"execute": "status", "id": ' + b"9" * 5000 + b"}", "not JSON"),
+        (b'{"execute": "status", "id": "\xff"}', "not JSON"),
+    ],
+    ids=["deep-array", "deep-id", "huge-int", "bad-utf8"],
+)
+def test_hostile_lines_get_a_clear_error_on_both_daemons(
+    driven, tmp_path: Path, spawn: Callable[..., Proc], line: bytes, words: str
+) -> None:
+    backend, _fe = driven()
+    backend.wait_ready()
+    sock = str(tmp_path / "sim.sock")
+    be = spawn("backend_sim", "--listen", sock, "--control", str(tmp_path / "be.ctl"))
+    be.wait_log("listening on")
+    for ctl in (tmp_path / "run/default/frontend.ctl", tmp_path / "be.ctl"):
+        answer = _raw_answer(str(ctl), line)
+        assert answer["error"]["class"] == ErrorClass.BAD_REQUEST, answer
+        assert words in answer["error"]["desc"], answer
+    assert be.alive()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"\x09\x00\x00\x00\x05\x00\x00\x00\x28\x00\x00\x00" + bytes(40),  # a 40-byte reply
+        encode_u64_reply(BackendReq.SHMEM_MAP, 0)[:4] + b"\x04\x00\x00\x00"
+        + encode_u64_reply(BackendReq.SHMEM_MAP, 0)[8:],  # flags 0x4: not a reply
+        encode_u64_reply(BackendReq.SHMEM_MAP, 0)[:4] + b"\x15\x00\x00\x00"
+        + encode_u64_reply(BackendReq.SHMEM_MAP, 0)[8:],  # flags 0x15
+        encode_u64_reply(BackendReq.SHMEM_UNMAP, 0),  # the answer to another request
+    ],
+    ids=["40-byte-reply", "flags-0x4", "flags-0x15", "wrong-request"],
+)  # fmt: skip
+def test_a_malformed_answer_is_the_front_ends_fault(sim: Callable[..., Sim], bad: bytes) -> None:
+    s = sim()
+    pending = s.start("map", shmid=0, shm_offset=0, len=64 << 10)
+    s.request()
+    s.backend.send(bad)
+    err = s.error_of(pending)
+    assert err.error_class == ErrorClass.FAILED
+    assert "the front-end" in err.desc and "outcome is unknown" in err.desc, err.desc
+    # its outcome is unknown: kept, and said to be unconfirmed, so its buffer is accounted for
+    (kept,) = s.status()["mapped"]
+    assert kept["confirmed"] is False and kept["shm_offset"] == 0
+    s.settled()
+    # the channel still works
+    pending = s.start("map", shmid=0, shm_offset=1 * MiB, len=64 << 10)
+    s.request()
+    s.answer(BackendReq.SHMEM_MAP, 0)
+    assert pending.result(timeout=60)["result"] == "ok"
+    # a reset clears what was never confirmed, and its buffer
+    s.fe.call(FrontendReq.RESET_DEVICE, need_reply=True)
+    assert s.status()["mapped"] == []
+    s.settled()
+    assert s.status()["buffers"] == []
+
+
+# ------------------------------------------------------------------ item 6
+
+
+def test_a_reset_read_before_the_maps_answer_is_settled_with_an_unmap(
+    sim: Callable[..., Sim],
+) -> None:
+    """The front-end resets while a map waits for its answer, then acks the map: it may
+    have mapped before its reset (dropped) or after (live). backend_sim unmaps exactly
+    that range, and both sides end with nothing there, whatever the answer."""
+    s = sim()
+    for unmap_answer in (0, (1 << 64) - 2):  # it was mapped after the reset; it was not
+        pending = s.start("map", shmid=0, shm_offset=0, len=64 << 10)
+        m = s.request()
+        assert m.request == BackendReq.SHMEM_MAP
+        s.fe.call(FrontendReq.RESET_DEVICE, need_reply=True)  # read by the device first
+        s.answer(BackendReq.SHMEM_MAP, 0)
+        settle = s.request()
+        assert settle.request == BackendReq.SHMEM_UNMAP and settle.need_reply
+        assert settle.payload == ShmemMap(0, 0, 64 << 10)
+        s.answer(BackendReq.SHMEM_UNMAP, unmap_answer)
+        pending.result(timeout=60)
+        assert s.status()["mapped"] == []
+        s.settled()
+        assert s.status()["buffers"] == []
+
+
+def test_a_map_answered_before_the_reset_is_dropped_without_an_unmap(
+    sim: Callable[..., Sim],
+) -> None:
+    s = sim()
+    for _ in range(20):  # the answer is read before or after the reset: both come out right
+        pending = s.start("map", shmid=0, shm_offset=0, len=64 << 10)
+        s.request()
+        s.answer(BackendReq.SHMEM_MAP, 0)
+        s.fe.call(FrontendReq.RESET_DEVICE, need_reply=True)
+        pending.result(timeout=60)
+        assert s.status()["mapped"] == []
+        # the next thing on the backend channel is the next map, not an unmap
+        pending = s.start("map", shmid=0, shm_offset=1 * MiB, len=4096)
+        nxt = s.request()
+        assert nxt.request == BackendReq.SHMEM_MAP, nxt.name
+        s.answer(BackendReq.SHMEM_MAP, 0)
+        pending.result(timeout=60)
+        s.fe.call(FrontendReq.RESET_DEVICE, need_reply=True)
+    s.settled()
+    assert s.status()["buffers"] == []
+
+
+def test_a_batch_across_a_reset_is_settled_range_by_range(sim: Callable[..., Sim]) -> None:
+    s = sim()
+    maps = [{"shmid": 0, "shm_offset": k * (64 << 10), "len": 64 << 10} for k in range(3)]
+    pending = s.start("batch", maps=maps)
+    for _ in maps:
+        s.request()
+    s.fe.call(FrontendReq.RESET_DEVICE, need_reply=True)
+    s.answer(BackendReq.SHMEM_MAP, 0)
+    settled = []
+    for _ in maps:
+        msg = s.request()
+        assert msg.request == BackendReq.SHMEM_UNMAP
+        settled.append(msg.payload.shm_offset)  # type: ignore[union-attr]
+        s.answer(BackendReq.SHMEM_UNMAP, 0)
+    assert sorted(settled) == [m["shm_offset"] for m in maps]
+    pending.result(timeout=60)
+    assert s.status()["mapped"] == []
+    s.settled()
+
+
+# ------------------------------------------------------------------ item 10
+
+
+def test_a_refusal_without_errno_says_so_and_gives_the_devices_own_reading(
+    sim: Callable[..., Sim],
+) -> None:
+    s = sim()
+    pending = s.start("map", shmid=0, shm_offset=0, len=64 << 10)
+    s.request()
+    s.answer(BackendReq.SHMEM_MAP, 1)  # QEMU's answer: no errno
+    desc = s.error_of(pending).desc
+    assert desc == (
+        "refused by the front-end: reply value 1, no reason given; the device sees nothing "
+        "wrong with the request; the front-end's log may say why"
+    )
+    pending = s.start("map", shmid=0, shm_offset=0, len=64 << 10)
+    s.request()
+    s.answer(BackendReq.SHMEM_MAP, 0)
+    pending.result(timeout=60)
+    pending = s.start("map", shmid=0, shm_offset=0x8000, len=64 << 10)
+    s.request()
+    s.answer(BackendReq.SHMEM_MAP, EEXIST)
+    desc = s.error_of(pending).desc
+    assert desc.startswith("refused by the front-end: EEXIST (reply value -17); ")
+    assert "the device's own reading: overlaps 0x0+0x10000" in desc
+
+
+# ------------------------------------------------------------------ item 4
+
+
+def test_the_dax_file_is_closed_once_nothing_maps_it(
+    spawn: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """Stopping the dax scenario leaves its windows mapped (stopping is not a reset), so
+    the file stays open while they live; the reset that drops them closes it."""
+    sock = str(tmp_path / "vhost.sock")
+    be = spawn("backend_sim", "--listen", sock, "--regions", "0=16M")
+    be.wait_log("listening on")
+    fe = spawn("frontend", "--connect", sock)
+    fe.wait_log("connected: SHMEM")
+    run = tmp_path / "run/default"
+    with ControlClient(str(run / "backend.ctl")) as sim_ctl, ControlClient(
+        str(run / "frontend.ctl")
+    ) as fe_ctl:
+        wait_until(lambda: sim_ctl.execute("status")["ready"], what="backend_sim ready")
+        for cycle in range(3):
+            sim_ctl.execute("scenario-start", name="dax", rate=1000, seed=cycle)
+            wait_until(lambda: sim_ctl.execute("status")["mapped"], what="a dax window mapped")
+            sim_ctl.execute("scenario-stop")
+            fe_ctl.execute("reset")
+            wait_until(lambda: not sim_ctl.execute("status")["mapped"], what="the reset")
+            assert sim_ctl.execute("status")["buffers"] == []
+            assert held_files(be.pid) == [], cycle
