@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 import time
 
-from tui.model import MappingView, PairModel, RegionView
-from tui.widgets import bar_cells
+from tui.model import EventLog, MappingView, PairModel, RegionView
+from tui.widgets import bar_cells, entry_lines
 
 
 def ms(fn, repeat: int = 5) -> float:
@@ -54,6 +54,22 @@ def main(count: int = 65_536) -> None:
     ]  # fmt: skip
     print(f"{ms(lambda: [model.apply('frontend', e) for e in events], 1):8.1f} ms  "
           "apply a burst of 10,000 events")  # fmt: skip
+
+    # the event log: each map reported by both daemons, paired into one entry
+    reports = [(side, event) for event in events[:5000] for side in ("backend", "frontend")]
+
+    def log_burst() -> EventLog:
+        log = EventLog()
+        for side, event in reports:
+            log.add(side, event)
+        return log
+
+    log = log_burst()
+    print(f"{ms(log_burst, 3):8.1f} ms  log a burst of 10,000 reports (5,000 maps, both sides) "
+          f"as {len(log.entries)} entries")  # fmt: skip
+    print(f"{ms(lambda: [entry_lines(e, 28) for e in log.entries], 3):8.1f}"
+          f" ms  wrap the log's {len(log.entries)} entries to 28 columns (a resize; a new entry "
+          "costs one)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The console driven with Textual's pilot against a real pair of daemons."""
+"""The console driven with Textual's pilot against a real pair of daemons.
+
+Every wait is on a condition (a model, a screen, a widget in a given state); the
+deadline behind it is a last resort, generous for a loaded machine."""
 
 from __future__ import annotations
 
@@ -7,16 +10,22 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
-from textual.widgets import Button, Input
+from textual.geometry import Region
+from textual.widget import Widget
+from textual.widgets import Button, DataTable, Input
+from textual.widgets.data_table import RowKey
 
 from tui.app import ShmemConsole
 from tui.screens import ConfigScreen, Confirm, HelpScreen, MapForm
-from tui.widgets import MappingsTable, RegionMap
+from tui.widgets import EventLogView, MappingsTable, RegionMap
 
 MiB = 1 << 20
+#: Only for what never comes: a wait returns as soon as its condition holds.
+DEADLINE = 120.0
 
 
 class Shell:
@@ -37,7 +46,7 @@ class Shell:
 @pytest.fixture
 def sh(tmp_path):
     shell = Shell(str(tmp_path / "run"))
-    done = shell("up", "--regions", "0=64M,2=8M")
+    done = shell("up", "--regions", "0=64M,2=8M", "--timeout", str(DEADLINE))
     assert done.returncode == 0, done.stderr
     yield shell
     shell("down")
@@ -47,12 +56,23 @@ def console(sh: Shell, **kwargs: object) -> ShmemConsole:
     return ShmemConsole(sh.ctl("frontend"), sh.ctl("backend"), **kwargs)  # type: ignore[arg-type]
 
 
-async def until(pilot, predicate: Callable[[], object], what: str, seconds: float = 10) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if predicate():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+async def until(pilot, predicate: Callable[[], object], what: str) -> None:
+    """Let the app run until `predicate` holds."""
+    deadline = time.monotonic() + DEADLINE
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still not there after {DEADLINE:g}s")
+        await pilot.pause(0.02)
+
+
+def drawn(widget: Widget) -> list[str]:
+    """The widget's lines as they are on screen, inside its border."""
+    x, y = widget.content_region.offset - widget.region.offset
+    return [strip.text for strip in widget.render_lines(Region(x, y, *widget.content_size))]
+
+
+def verdict(form: MapForm) -> str:
+    return str(form.query_one("#verdict").render())
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:
@@ -72,13 +92,14 @@ def test_a_map_from_another_shell_appears(sh) -> None:
             assert set(bar(app)) <= {" ", "·", "▕", "▏"}
             assert sh("map", "0", "0", "1M").returncode == 0
             # the event arrives on the subscription and is drawn at the next tick
-            await until(pilot, lambda: 0 in app.model.regions[0].mappings, "the mapping", 1.0)
-            await pilot.pause(0.15)
-            assert "█" in bar(app)
+            await until(pilot, lambda: "█" in bar(app), "the mapping drawn")
+            assert 0 in app.model.regions[0].mappings
             assert sh("map", "2", "0", "64K", "--ro").returncode == 0
             await until(pilot, lambda: "▒" in bar(app, 1), "the read-only mapping")
             table = app.query_one("#table", MappingsTable)
             assert table.row_count == 1  # region 0 is selected
+        # A highlight still queued when the app has torn down its screens: no crash.
+        app._row_moved(DataTable.RowHighlighted(table, 0, RowKey("0")))
 
     run(go)
 
@@ -96,17 +117,15 @@ def test_map_form_checks_as_you_type_and_maps(sh) -> None:
             form = app.screen
             assert form.query_one("#offset", Input).value == "0x100000"  # first free spot
             form.query_one("#offset", Input).value = "0x80000"
-            await pilot.pause(0.1)
-            assert "overlaps 0x0+0x100000" in str(form.query_one("#verdict").render())
+            await until(pilot, lambda: "overlaps 0x0+0x100000" in verdict(form), "the overlap")
             assert form.query_one("#send", Button).disabled
             form.query_one("#offset", Input).value = "0x1000"
             form.query_one("#length", Input).value = "100"
-            await pilot.pause(0.1)
-            assert "multiples of 0x1000" in str(form.query_one("#verdict").render())
+            await until(pilot, lambda: "multiples of 0x1000" in verdict(form), "the alignment")
             form.query_one("#offset", Input).value = "4M"
             form.query_one("#length", Input).value = "64K"
             form.query_one("#ro").value = True
-            await pilot.pause(0.1)
+            await until(pilot, lambda: "free: 0x400000+0x10000" in verdict(form), "a free range")
             assert not form.query_one("#send", Button).disabled
             await pilot.click("#send")
             await until(pilot, lambda: not isinstance(app.screen, MapForm), "the form to close")
@@ -126,15 +145,24 @@ def test_a_refusal_is_shown_in_the_form(sh) -> None:
             await pilot.press("m")
             await until(pilot, lambda: isinstance(app.screen, MapForm), "the map form")
             form = app.screen
-            # The console's model does not know of this mapping yet: the front-end refuses.
+            # A blocking call: the app's loop stands still until the form is sent, so the
+            # console's model cannot know of this mapping yet, and the front-end refuses.
             assert sh("map", "0", "0", "64K").returncode == 0
             form.query_one("#offset", Input).value = "0"
-            form.query_one("#send", Button).disabled = False
             form.submit()
-            await until(pilot, lambda: "refused by the front-end" in str(
-                form.query_one("#verdict").render()), "the refusal")  # fmt: skip
-            assert "(EEXIST)" in str(form.query_one("#verdict").render())
+            await until(pilot, lambda: "refused by the front-end" in verdict(form), "the refusal")
+            assert "EEXIST" in verdict(form)
             assert isinstance(app.screen, MapForm)
+            assert not form.query_one("#send", Button).disabled  # free to try again
+            # The check of the edit made before sending may come after the answer (on a
+            # loaded machine it did): it must not replace the answer.
+            form.check()
+            assert "refused by the front-end" in verdict(form)
+            form.query_one("#offset", Input).value = "64K"  # an edit is checked again
+            await until(pilot, lambda: "free: 0x10000+0x10000" in verdict(form), "a new check")
+            await until(pilot, lambda: 0 in app.model.regions[0].mappings, "the mapping's event")
+            form.query_one("#offset", Input).value = "0"
+            await until(pilot, lambda: "✗ overlaps 0x0+0x10000" in verdict(form), "the overlap")
 
     run(go)
 
@@ -153,8 +181,8 @@ def test_unmap_and_reset_ask_first(sh) -> None:
             assert "Unmap 0x0+0x10000 from region 0?" in str(
                 app.screen.query_one("#question").render()
             )
-            await pilot.press("escape")  # no
-            await pilot.pause(0.2)
+            await pilot.press("escape")  # no: the question closes and nothing is sent
+            await until(pilot, lambda: not isinstance(app.screen, Confirm), "the answer")
             assert 0 in app.model.regions[0].mappings
             await pilot.press("u")
             await until(pilot, lambda: isinstance(app.screen, Confirm), "the question")
@@ -181,7 +209,27 @@ def test_config_and_help(sh) -> None:
             await pilot.press("question_mark")
             await until(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
             keys = {k for k, _ in app.screen.rows}
-            assert {"m", "u", "r", "c", "t", "slash", "q", "← →", "+ -"} <= keys
+            assert {"m", "u", "r", "c", "t", "/", "q", "← →", "+", "-"} <= keys
+
+    run(go)
+
+
+def test_help_names_each_key_once_as_typed_and_in_full(sh) -> None:
+    async def go() -> None:
+        app = console(sh)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("question_mark")
+            await until(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
+            rows = app.screen.rows
+            keys = [k for k, _ in rows]
+            assert len(keys) == len(set(keys)), keys  # no row twice
+            assert {"/", "?", "[ ]", "← →", "↑ ↓", "^p"} <= set(keys)
+            assert not [k for k in keys if "_" in k or len(k.split()[0]) > 3], keys
+            # every description whole on an 80-column terminal: wrapped, never cut
+            shown = " ".join(" ".join(drawn(app.screen.query_one("#help-keys"))).split())
+            for key, description in rows:
+                assert f"{key} {description.split()[0]}" in shown
+                assert " ".join(description.split()) in shown
 
     run(go)
 
@@ -193,7 +241,7 @@ def test_read_only_hides_every_mutating_action(sh) -> None:
             await until(pilot, lambda: app.model.regions, "regions")
             for key in ("m", "u", "r"):
                 await pilot.press(key)
-                await pilot.pause(0.1)
+                await pilot.pause()  # every message the key caused is handled
                 assert not isinstance(app.screen, (MapForm, Confirm))
             titles = [c.title for c in app.get_system_commands(app.screen)]
             assert "GET_SHMEM_CONFIG" in titles
@@ -211,11 +259,13 @@ def test_trace_filter_sort_and_zoom(sh) -> None:
         async with app.run_test(size=(100, 32)) as pilot:
             await until(pilot, lambda: app.model.regions, "regions")
             await pilot.press("t")
-            await pilot.pause(1.0)  # the links resubscribe with the trace
+            await until(pilot, lambda: all("message" in link.subscribed
+                                           for link in app.links.values()),
+                        "the links subscribed to the trace")  # fmt: skip
             assert sh("map", "0", "0", "4K").returncode == 0
             assert sh("map", "0", "1M", "8K", "--ro").returncode == 0
-            log = app.query_one("#log")
-            await until(pilot, lambda: any("SHMEM_MAP" in line.text for line in log.lines),
+            log = app.model.log
+            await until(pilot, lambda: any("SHMEM_MAP" in e.text for e in log.entries),
                         "a traced SHMEM_MAP")  # fmt: skip
             table = app.query_one("#table", MappingsTable)
             await until(pilot, lambda: table.row_count == 2, "two rows")
@@ -272,10 +322,70 @@ def test_a_burst_of_ten_thousand_events_is_drawn_a_few_times(sh) -> None:
             for chunk in range(0, 5000, 1000):  # 5,000 maps: 10,000 events on two links
                 done = await asyncio.to_thread(sh, "batch", *maps[chunk : chunk + 1000])
                 assert done.returncode == 0, done.stderr
-            await until(pilot, lambda: app.model.mapping_count == 5000, "all 5,000", 30)
+            await until(pilot, lambda: app.model.mapping_count == 5000, "all 5,000")
             await pilot.press("right", "right")  # and it still answers keys
             region_map = app.query_one("#map", RegionMap)
             assert region_map.cursor[0] == 4096
 
     run(go)
     assert len(redraws) < 200, f"{len(redraws)} redraws for 10,000 events"
+
+
+def shown_text(widget: Widget) -> str:
+    """What the widget shows, its wrapped lines joined as one text."""
+    return " ".join(" ".join(drawn(widget)).split())
+
+
+def test_a_map_is_one_line_in_the_log_when_both_sides_agree(sh) -> None:
+    async def go() -> None:
+        app = console(sh)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: app.model.regions, "regions")
+            view = app.query_one("#log", EventLogView)
+            log = app.model.log
+            assert sh("map", "0", "0x210000", "1M", "--ro").returncode == 0
+            # both daemons report it; the second report turns the first line into one for both
+            await until(pilot, lambda: "mapped 0:0x210000+0x100000 ro both" in shown_text(view),
+                        "one line for the map, drawn whole at 80 columns")  # fmt: skip
+            assert [(e.text, e.side) for e in log.entries if "0x210000" in e.text] == [
+                ("mapped 0:0x210000+0x100000 ro", "both")
+            ]
+            assert sh("map", "0", "0x280000", "64K").returncode == 1  # overlaps: refused
+            await until(pilot, lambda: "refused map 0:0x280000+0x10000 EEXIST: overlaps "
+                        "0x210000+0x100000" in shown_text(view), "the refusal")  # fmt: skip
+            refusals = [e for e in log.entries if e.text.startswith("refused")]
+            await until(pilot, lambda: refusals[0].side == "both", "the other side's refusal")
+            assert len([e for e in log.entries if e.text.startswith("refused")]) == 1
+
+    run(go)
+
+
+def test_two_sides_that_differ_are_two_lines(tmp_path, spawn) -> None:
+    """A front-end that answers 0 to what it refuses: the back-end believes a map the
+    front-end never made, and the log shows both reports, marked."""
+    run_dir = tmp_path / "run" / "default"
+    sock, fe_ctl, be_ctl = (str(run_dir / n) for n in ("vhost.sock", "frontend.ctl", "backend.ctl"))
+    be = spawn("backend_sim", "--listen", sock, "--regions", "0=8M", "--control", be_ctl)
+    be.wait_log("listening on", DEADLINE)
+    fe = spawn("frontend", "--connect", sock, "--control", fe_ctl, "--fault", "reply-ok-always")
+    fe.wait_log("connected: SHMEM", DEADLINE)
+    shell = Shell(str(tmp_path / "run"))
+
+    async def go() -> None:
+        app = ShmemConsole(fe_ctl, be_ctl)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await until(pilot, lambda: app.model.regions, "regions")
+            assert shell("map", "0", "0", "64K").returncode == 0
+            assert shell("map", "0", "0", "64K").returncode == 0  # refused, yet acked
+            log = app.model.log
+            await until(pilot, lambda: len([e for e in log.entries if e.differs]) == 2,
+                        "both reports of the second map")  # fmt: skip
+            lines = [(e.text, e.who) for e in log.entries if "0:0x0+0x10000" in e.text]
+            assert lines[0] == ("mapped 0:0x0+0x10000 rw", "both")
+            assert sorted((text.split(":", 2)[0], who) for text, who in lines[1:]) == [
+                ("mapped 0", "back-end ≠"),
+                ("refused map 0", "front-end ≠"),
+            ]
+            assert "EEXIST: overlaps 0x0+0x10000" in "".join(text for text, _ in lines)
+
+    run(go)

@@ -5,6 +5,8 @@ against real daemons in test_tui.py."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import tui.model
@@ -53,16 +55,47 @@ BACKEND = {
 }  # fmt: skip
 
 
+def _reports(name: str, at: float, front: dict, back: dict) -> list[tuple[str, dict]]:
+    """One request as both daemons publish it."""
+    sides = (("frontend", front, 0.0), ("backend", back, 0.0004))
+    return [(side, {"event": name, "data": data, "timestamp": at + delay})
+            for side, data, delay in sides]  # fmt: skip
+
+
+#: The last map and a refusal, as a real pair published them.
+EVENTS = [
+    *_reports(
+        "mapped", NOW - 1,
+        {"shmid": 0, "shm_offset": 40 * MiB, "len": 256 << 10, "fd_offset": 0, "writable": True,
+         "file": "/memfd:shmemctl-buffer-6 (deleted)"},
+        {"shmid": 0, "shm_offset": 40 * MiB, "len": 256 << 10, "fd_offset": 0, "writable": True,
+         "buffer": 6, "acked": True},
+    ),
+    *_reports(
+        "refused", NOW - 0.5,
+        {"request": "SHMEM_MAP", "shmid": 0, "shm_offset": 0x180000, "len": 64 << 10,
+         "reason": "OVERLAP", "errno": "EEXIST",
+         "detail": "overlaps 0x100000+0x100000; unmap it first or pick a free range"},
+        {"request": "map", "shmid": 0, "shm_offset": 0x180000, "len": 64 << 10, "fd_offset": 0,
+         "writable": True, "buffer": 7, "errno": "EEXIST",
+         "explanation": "overlaps 0x100000+0x100000"},
+    ),
+]  # fmt: skip
+
+
 class RecordedConsole(ShmemConsole):
     """The console on a recorded state: no links, no polls."""
 
-    def __init__(self, mappings: list[dict]) -> None:
+    def __init__(self, mappings: list[dict], events: list[tuple[str, dict]] = EVENTS) -> None:
         super().__init__("/run/shmemctl/default/frontend.ctl", "/run/shmemctl/default/backend.ctl")
         self.recorded = mappings
+        self.events = events
 
     def start_links(self) -> None:
         self._sink("frontend", "status", frontend_status(self.recorded))
         self._sink("backend", "status", BACKEND)
+        for side, event in self.events:
+            self._sink(side, "event", event)
 
     def poll(self) -> None:  # type: ignore[override]
         pass
@@ -85,10 +118,17 @@ CROWDED = [
 def frozen_clock(monkeypatch):
     monkeypatch.setattr(tui.widgets.time, "time", lambda: NOW)
     monkeypatch.setattr(tui.model.time, "time", lambda: NOW)
+    monkeypatch.setenv("TZ", "UTC")  # the log's times read the same on every machine
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
 
 
 async def settle(pilot) -> None:
-    await pilot.pause(0.3)
+    """Apply the recorded state now (not on the next tick), then let every redraw happen."""
+    pilot.app.drain()
+    await pilot.pause()
 
 
 def test_main_screen(snap_compare) -> None:
@@ -110,6 +150,11 @@ def test_help_screen(snap_compare) -> None:
                         run_before=settle)  # fmt: skip
 
 
+def test_help_screen_at_80x24(snap_compare) -> None:
+    assert snap_compare(RecordedConsole(FEW), terminal_size=(80, 24), press=["question_mark"],
+                        run_before=settle)  # fmt: skip
+
+
 def test_crowded_region(snap_compare) -> None:
-    assert snap_compare(RecordedConsole(CROWDED), terminal_size=(100, 32),
+    assert snap_compare(RecordedConsole(CROWDED, events=[]), terminal_size=(100, 32),
                         press=["right"] * 5 + ["plus"] * 6, run_before=settle)  # fmt: skip

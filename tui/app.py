@@ -13,46 +13,45 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input, RichLog
+from textual.widgets import DataTable, Footer, Input
 
 from shmemctl.control import ControlError, DaemonUnreachable
-from shmemctl.render import render_event
 from shmemctl.sizes import hex_range
 
 from .model import PairModel
 from .screens import ConfigScreen, Confirm, HelpScreen, MapForm
 from .source import DaemonLink, call
-from .widgets import ConnectionHeader, MappingsTable, ProcessPanel, RegionMap
+from .widgets import ConnectionHeader, EventLogView, MappingsTable, ProcessPanel, RegionMap
 
 MUTATING = {"map", "unmap", "reset"}
-#: Log lines kept on screen per drain; the rest of a burst is counted, not drawn.
-LOG_PER_DRAIN = 200
 REFRESH_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+POLL_RATE = Binding.Group("poll the process panel slower / faster")
 
 
 class ShmemConsole(App[None]):
     # anchored here: a relative path would follow any subclass into its own folder
     CSS_PATH = Path(__file__).with_name("shmemctl.tcss")
     TITLE = "shmemctl"
+    # The tooltips are the help screen's descriptions; a group is one row there.
     BINDINGS = [
-        Binding("m", "map", "Map"),
-        Binding("u", "unmap", "Unmap"),
-        Binding("r", "reset", "Reset"),
-        Binding("c", "config", "Config"),
-        Binding("t", "toggle_trace", "Trace"),
-        Binding("slash", "filter", "Filter"),
-        Binding("s", "sort", "Sort"),
-        Binding("left_square_bracket", "rate(1)", "Slower", show=False),
-        Binding("right_square_bracket", "rate(-1)", "Faster", show=False),
-        Binding("question_mark", "help", "Help"),
-        Binding("q", "quit", "Quit"),
-    ]
+        Binding("m", "map", "Map", tooltip="map a buffer (a form checked as you type)"),
+        Binding("u", "unmap", "Unmap", tooltip="unmap the selected mapping (asks first)"),
+        Binding("r", "reset", "Reset", tooltip="reset the device: every mapping dropped (asks)"),
+        Binding("c", "config", "Config",
+                tooltip="GET_SHMEM_CONFIG beside what the front-end reserved"),
+        Binding("t", "toggle_trace", "Trace", tooltip="the protocol trace in the log, on / off"),
+        Binding("slash", "filter", "Filter", tooltip="filter the mappings by any text in a row"),
+        Binding("s", "sort", "Sort", tooltip="sort the mappings by the next column"),
+        Binding("left_square_bracket", "rate(1)", "Slower", show=False, group=POLL_RATE),
+        Binding("right_square_bracket", "rate(-1)", "Faster", show=False, group=POLL_RATE),
+        Binding("question_mark", "help", "Help", tooltip="this list"),
+        Binding("q", "quit", "Quit", tooltip="quit the console (the pair stays up)"),
+    ]  # fmt: skip
 
     def __init__(
         self,
@@ -82,7 +81,7 @@ class ShmemConsole(App[None]):
             yield MappingsTable(id="table")
             with Vertical(id="side"):
                 yield ProcessPanel(self.model, id="process")
-                yield RichLog(id="log", max_lines=2000, markup=False, wrap=False)
+                yield EventLogView(self.model.log, id="log")
         yield Input(placeholder="filter mappings (enter to keep, esc to clear)", id="filter")
         yield Footer()
 
@@ -90,7 +89,7 @@ class ShmemConsole(App[None]):
         # Held, not queried per event: a message can still arrive while the app tears down.
         self.region_map = self.query_one("#map", RegionMap)
         self.table = self.query_one("#table", MappingsTable)
-        self.log_view = self.query_one("#log", RichLog)
+        self.log_view = self.query_one("#log", EventLogView)
         self.header = self.query_one("#header", ConnectionHeader)
         self.process = self.query_one("#process", ProcessPanel)
         self.filter_box = self.query_one("#filter", Input)
@@ -124,9 +123,7 @@ class ShmemConsole(App[None]):
         if not self.inbox:
             self._redraw(regions=False)
             return
-        log = self.log_view
-        lines: list[str] = []
-        skipped = 0
+        log = self.model.log
         regions = False
         while self.inbox:
             role, kind, payload = self.inbox.popleft()
@@ -138,7 +135,7 @@ class ShmemConsole(App[None]):
                 else:
                     self.model.load_backend(payload)
                 regions = True
-                lines.append(f"{role}: connected to its control socket")
+                log.note(role, "connected to its control socket")
             elif kind == "poll":
                 self.model.poll_update(role, payload)
             elif kind == "down":
@@ -155,19 +152,13 @@ class ShmemConsole(App[None]):
                 self.model.apply(role, payload)
                 regions = regions or payload["event"] in ("mapped", "unmapped", "reset",
                                                           "disconnected")  # fmt: skip
-                if len(lines) < LOG_PER_DRAIN:
-                    lines.append(render_event({**payload, "source": role}))
-                else:
-                    skipped += 1
-        for line in lines:
-            log.write(Text(line))
-        if skipped:
-            log.write(Text(f"… and {skipped} more events", style="dim"))
+                log.add(role, payload)
         self._redraw(regions=regions)
 
     def _redraw(self, *, regions: bool) -> None:
         self.header.update_view(self.refresh_seconds, self.read_only)
         self.process.update_view()
+        self.log_view.update_view()
         region_map = self.region_map
         if regions:
             region_map.refresh(layout=True)
@@ -200,11 +191,9 @@ class ShmemConsole(App[None]):
     def _row_moved(self, event: DataTable.RowHighlighted) -> None:
         region_map = self.region_map
         region = region_map.current
-        if (
-            region is not None
-            and event.row_key.value is not None
-            and self.focused is event.data_table
-        ):
+        # has_focus, not app.focused: a highlight can still arrive while the app tears
+        # down, and then there is no screen to ask
+        if region is not None and event.row_key.value is not None and event.data_table.has_focus:
             region_map.select(region.shmid, int(event.row_key.value))
 
     @on(DataTable.HeaderSelected, "#table")
@@ -357,20 +346,31 @@ class ShmemConsole(App[None]):
         self._poll_timer = self.set_interval(self.refresh_seconds, self.poll)
         self._redraw(regions=False)
 
-    def action_help(self) -> None:
-        rows = [
-            ("← →", "previous / next mapping in the region"),
-            ("↑ ↓", "previous / next region"),
-            ("+ -", "zoom in around the cursor / out"),
-            ("0", "show the whole region"),
-        ]
-        for binding in self.BINDINGS:
-            assert isinstance(binding, Binding)
-            if self.check_action(binding.action.split("(")[0], ()):
-                rows.append((binding.key.replace("_", " "), binding.description))
-        rows.append(("[ ]", "poll the process panel slower / faster"))
+    def help_rows(self) -> list[tuple[str, str]]:
+        """(keys, what they do) for every binding the operator may use here, keys as
+        Textual displays them; the bindings of a group share a row."""
+        bindings = [*Binding.make_bindings(RegionMap.BINDINGS)]
+        bindings += [
+            b for b in Binding.make_bindings(self.BINDINGS)
+            if self.check_action(b.action.split("(")[0], ())
+        ]  # fmt: skip
+        rows: list[tuple[str, str]] = []
+        last: Binding | None = None
+        for b in bindings:
+            if last is not None and b.action == last.action:
+                continue  # another key for the same action (= beside +): the first will do
+            if b.group is not None and last is not None and b.group == last.group:
+                rows[-1] = (f"{rows[-1][0]} {self.get_key_display(b)}", b.group.description)
+            else:
+                rows.append((self.get_key_display(b), b.tooltip or b.description))
+            last = b
+        palette = Binding(self.COMMAND_PALETTE_BINDING, "command_palette")
+        rows.append((self.get_key_display(palette), "every action, in the command palette"))
         rows.append(("tab", "move between the map, the table and the log"))
-        self.push_screen(HelpScreen(rows))
+        return rows
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.help_rows()))
 
 
 def run_console(

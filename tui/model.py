@@ -7,13 +7,16 @@ view of a region's mappings is rebuilt lazily, once per redraw.
 
 from __future__ import annotations
 
+import itertools
 import time
 from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from shmemctl.shmem.libc import PAGE_SIZE
+from shmemctl.sizes import hex_range
 
 
 @dataclass
@@ -178,6 +181,7 @@ class PairModel:
     def __init__(self) -> None:
         self.sides = {"frontend": SideState("frontend"), "backend": SideState("backend")}
         self.regions: dict[int, RegionView] = {}
+        self.log = EventLog()
 
     # ------------------------------------------------------------ status answers
 
@@ -250,3 +254,150 @@ class PairModel:
     @property
     def mapping_count(self) -> int:
         return sum(len(r.mappings) for r in self.regions.values())
+
+
+# ---------------------------------------------------------------- the event log
+
+SIDE_NAMES = {"frontend": "front-end", "backend": "back-end", "both": "both"}
+#: How far apart (by the daemons' own clocks) two reports of one request may be.
+PAIR_WINDOW = 10.0
+
+
+def describe(name: str, data: dict[str, Any]) -> str:
+    """An event in a line, the fields that matter first: what happened, to which range, how.
+    Who said it and when come after (see LogEntry), so a narrow panel loses only those."""
+    if name == "message":  # the protocol trace
+        payload = data.get("payload")
+        parts = (
+            "->" if data.get("direction") == "out" else "<-",
+            data.get("channel"),
+            data.get("request"),
+            "reply" if data.get("reply") else ("need_reply" if data.get("need_reply") else ""),
+            "" if payload is None else payload,
+            f"fds={data['fds']}" if data.get("fds") else "",
+        )
+        return " ".join(str(p) for p in parts if p not in ("", None))
+    if "shm_offset" in data:
+        where = f"{data['shmid']}:{hex_range(data['shm_offset'], data['len'])}"
+        if name == "refused":
+            why = data.get("detail") or data.get("explanation") or ""
+            text = f"refused {_request_kind(name, data)} {where} {data.get('errno', '')}"
+            return f"{text}: {why}" if why else text
+        access = "" if "writable" not in data else " rw" if data["writable"] else " ro"
+        return f"{name} {where}{access}"
+    return " ".join([name, *(f"{k}={v}" for k, v in data.items())])
+
+
+def _request_kind(name: str, data: dict[str, Any]) -> str:
+    if name == "refused":  # the front-end names the message, the back-end the request
+        return "unmap" if "UNMAP" in str(data.get("request", "")).upper() else "map"
+    return "map" if name == "mapped" else "unmap"
+
+
+def _pairing_key(name: str, data: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a front-end's and a back-end's report of one request share, or None."""
+    if name not in ("mapped", "unmapped", "refused") or "shm_offset" not in data:
+        return None
+    return (_request_kind(name, data), data["shmid"], data["shm_offset"], data["len"])
+
+
+def _outcome(name: str, data: dict[str, Any]) -> tuple[Any, ...]:
+    """What both sides must say alike for one line to stand for both."""
+    if name == "mapped":
+        return (name, data.get("fd_offset"), data.get("writable"))
+    if name == "refused":
+        return (name, data.get("errno"))
+    return (name,)
+
+
+@dataclass(eq=False)
+class LogEntry:
+    text: str  # the essential fields (describe)
+    side: str  # "frontend", "backend", or "both" when the two reported the same
+    timestamp: float
+    serial: int
+    differs: bool = False  # the other side reported this request otherwise (its own entry)
+    version: int = 0  # bumped when the entry changes: the panel caches its wrapping by it
+    waiting: tuple[Any, ...] | None = None  # its key among those waiting for a counterpart
+
+    @property
+    def who(self) -> str:
+        return SIDE_NAMES[self.side] + (" ≠" if self.differs else "")
+
+
+class EventLog:
+    """The console's log: one entry per event, except that the front-end's and the
+    back-end's reports of one map or unmap become a single entry when they agree,
+    and stay two, marked, when they differ.
+
+    The two arrive on separate sockets, in either order and maybe in different
+    drains, so an unpaired report waits, by its key, for the other side's. A wait
+    costs nothing: the entry is shown at once and changed in place when the
+    counterpart arrives."""
+
+    def __init__(self, limit: int = 2000, window: float = PAIR_WINDOW) -> None:
+        self.entries: deque[LogEntry] = deque()
+        self.limit = limit
+        self.window = window
+        self.version = 0  # bumped on every change
+        self._serials = itertools.count(1)
+        # (side, key) -> entries of that side still waiting, oldest first, with their event
+        self._waiting: dict[tuple[Any, ...], deque[tuple[LogEntry, str, dict[str, Any]]]] = {}
+
+    def note(self, side: str, text: str, timestamp: float | None = None) -> None:
+        """A line of the console's own (not a daemon's event)."""
+        self._append(side, text, time.time() if timestamp is None else timestamp)
+
+    def add(self, source: str, event: dict[str, Any]) -> None:
+        name = event["event"]
+        data = event.get("data", {})
+        timestamp = event.get("timestamp", time.time())
+        key = _pairing_key(name, data)
+        if key is None:
+            self._append(source, describe(name, data), timestamp)
+            return
+        other = "backend" if source == "frontend" else "frontend"
+        found = self._counterpart((other, *key), timestamp)
+        if found is None:
+            entry = self._append(source, describe(name, data), timestamp)
+            entry.waiting = (source, *key)
+            self._waiting.setdefault(entry.waiting, deque()).append((entry, name, data))
+            return
+        entry, other_name, other_data = found
+        if _outcome(name, data) == _outcome(other_name, other_data):
+            if source == "frontend":  # the front-end's words: it is the one that maps
+                entry.text = describe(name, data)
+            entry.side = "both"
+        else:
+            entry.differs = True
+            self._append(source, describe(name, data), timestamp).differs = True
+        entry.version += 1
+        self.version += 1
+
+    def _counterpart(
+        self, waiting: tuple[Any, ...], timestamp: float
+    ) -> tuple[LogEntry, str, dict[str, Any]] | None:
+        queue = self._waiting.get(waiting)
+        found = None
+        while queue and found is None:
+            item = queue.popleft()
+            item[0].waiting = None
+            if abs(item[0].timestamp - timestamp) <= self.window:
+                found = item  # else too far apart to be one request: it stays alone
+        if queue is not None and not queue:
+            del self._waiting[waiting]
+        return found
+
+    def _append(self, side: str, text: str, timestamp: float) -> LogEntry:
+        entries = self.entries
+        if len(entries) >= self.limit:
+            gone = entries.popleft()
+            if gone.waiting is not None:  # the oldest entry is the oldest of its key
+                queue = self._waiting[gone.waiting]
+                queue.popleft()
+                if not queue:
+                    del self._waiting[gone.waiting]
+        entry = LogEntry(text, side, timestamp, next(self._serials))
+        entries.append(entry)
+        self.version += 1
+        return entry

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from rich.table import Table
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, DataTable, Input, Label, Static
 
@@ -31,6 +32,7 @@ class MapForm(ModalScreen[None]):
         self.model = model
         self.defaults = (shmid, offset)
         self.send = send
+        self.sent: tuple[object, ...] | None = None  # the fields as they were last sent
 
     def compose(self) -> ComposeResult:
         shmid, offset = self.defaults
@@ -55,6 +57,10 @@ class MapForm(ModalScreen[None]):
         for field in self.query(Input):
             field.cursor_blink = False  # steady: a form is read, not watched
         self.check()
+
+    def fields(self) -> tuple[object, ...]:
+        read_only = self.query_one("#ro", Checkbox).value
+        return (*(field.value for field in self.query(Input)), read_only)
 
     def values(self) -> tuple[dict[str, Any] | None, str]:
         """The request, or None and what is wrong with the fields."""
@@ -85,6 +91,10 @@ class MapForm(ModalScreen[None]):
     @on(Input.Changed)
     @on(Checkbox.Changed)
     def check(self) -> None:
+        fields = self.fields()
+        if fields == self.sent:
+            return  # a check of what was sent, come late: the front-end's answer stands
+        self.sent = None
         request, message = self.values()
         verdict = self.query_one("#verdict", Static)
         verdict.update(("✓ " if request else "✗ ") + message)
@@ -100,6 +110,7 @@ class MapForm(ModalScreen[None]):
     def submit(self) -> None:
         request, _ = self.values()
         if request is not None:
+            self.sent = self.fields()
             self.query_one("#send", Button).disabled = True
             self.query_one("#verdict", Static).update("… asking the front-end")
             self.do_map(request)
@@ -157,14 +168,15 @@ class HelpScreen(ModalScreen[None]):
         self.rows = rows
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="help"):
-            yield Label("Keys", id="help-title")
-            table: DataTable = DataTable(show_cursor=False, id="help-table")
-            table.add_columns("key", "action")
-            for key, description in self.rows:
-                table.add_row(key, description)
-            yield table
-            yield Static("Also: ctrl+p opens the command palette; the mouse works but is optional.")
+        # A grid that wraps its descriptions, where a table would cut them at its width.
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(ratio=1)
+        for key, description in self.rows:
+            table.add_row(key, description)
+        with VerticalScroll(id="help"):  # scrolls only where a terminal is too short for it
+            yield Static("Keys (the mouse works too; esc closes this)", id="help-title")
+            yield Static(table, id="help-keys")
 
 
 class ConfigScreen(ModalScreen[None]):

@@ -34,6 +34,7 @@ class DaemonLink(threading.Thread):
         self._stop = threading.Event()
         self._again = threading.Event()  # reconnect now, without a pause or a 'down'
         self._client: ControlClient | None = None
+        self.subscribed: tuple[str, ...] = ()  # what the open subscription delivers
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -42,7 +43,9 @@ class DaemonLink(threading.Thread):
                 self._client = client
                 args = {"max_mappings": FULL_LIST} if self.role == "frontend" else {}
                 self.sink(self.role, "status", client.execute("status", **args))
-                client.subscribe([*EVENTS, "message"] if self.trace else EVENTS)
+                names = (*EVENTS, "message") if self.trace else tuple(EVENTS)
+                client.subscribe(list(names))
+                self.subscribed = names
                 for event in client.events():
                     self.sink(self.role, "event", event)
             except Exception as exc:  # whatever it was, the link reports it and tries again
@@ -53,6 +56,7 @@ class DaemonLink(threading.Thread):
                     continue
                 self.sink(self.role, "down", (str(exc), time.time() + RETRY_SECONDS))
             finally:
+                self.subscribed = ()
                 if self._client is not None:
                     self._client.close()
                     self._client = None

@@ -6,6 +6,7 @@ import time
 from bisect import bisect_right
 from typing import Any
 
+from rich.cells import cell_len
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
@@ -13,6 +14,7 @@ from textual.binding import Binding
 from textual.geometry import Size
 from textual.message import Message
 from textual.reactive import reactive
+from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import DataTable, Static
@@ -20,7 +22,7 @@ from textual.widgets import DataTable, Static
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.sizes import hex_range, human_size, mib
 
-from .model import MappingView, PairModel, RegionView
+from .model import EventLog, LogEntry, MappingView, PairModel, RegionView
 
 FREE, RO, RW, BOTH = 0, 1, 2, 3
 #: Distinguishable without colour: solid for read-write, light shade for read-only.
@@ -32,6 +34,8 @@ STYLES = {
     BOTH: Style(color="magenta"),
 }
 CURSOR = Style(reverse=True, bold=True)
+STEP = Binding.Group("previous / next mapping in the region")
+REGION = Binding.Group("previous / next region")
 LINES_PER_REGION = 3
 
 
@@ -61,14 +65,15 @@ class RegionMap(Widget, can_focus=True):
     """One bar per region, mapped ranges drawn in place, a cursor that walks the
     mappings, and a zoom around it."""
 
+    # The tooltips are the help screen's descriptions; a group is one row there.
     BINDINGS = [
-        Binding("left", "step(-1)", "Prev mapping", show=False),
-        Binding("right", "step(1)", "Next mapping", show=False),
-        Binding("up", "region(-1)", "Prev region", show=False),
-        Binding("down", "region(1)", "Next region", show=False),
-        Binding("plus,equals_sign", "zoom(0.5)", "Zoom in"),
-        Binding("minus", "zoom(2)", "Zoom out"),
-        Binding("0", "zoom_reset", "Whole region", show=False),
+        Binding("left", "step(-1)", "Prev mapping", show=False, group=STEP),
+        Binding("right", "step(1)", "Next mapping", show=False, group=STEP),
+        Binding("up", "region(-1)", "Prev region", show=False, group=REGION),
+        Binding("down", "region(1)", "Next region", show=False, group=REGION),
+        Binding("plus,equals_sign", "zoom(0.5)", "Zoom in", tooltip="zoom in around the cursor"),
+        Binding("minus", "zoom(2)", "Zoom out", tooltip="zoom out"),
+        Binding("0", "zoom_reset", "Whole region", show=False, tooltip="show the whole region"),
     ]
 
     selected = reactive(0)
@@ -354,3 +359,109 @@ class ProcessPanel(Static):
         elif fe.reachable and self.model.regions:
             out.append("✓ table = /proc/PID/maps", "green")
         self.update(out)
+
+
+REFUSED = Style(color="red")
+SIDE = Style(color="cyan")
+DIFFERS = Style(color="yellow", bold=True)
+STAMP = Style(dim=True)
+INDENT = 2
+
+
+def entry_lines(entry: LogEntry, width: int) -> list[Strip]:
+    """An entry as the log draws it in `width` cells: what happened, then who said it and
+    when; broken between words, lines after the first indented so that one entry does
+    not read as several. (A hand-made wrap: Rich's costs several times as much, and a
+    burst brings hundreds of entries per tick.)"""
+    style = REFUSED if entry.text.startswith("refused") else None
+    who = DIFFERS if entry.differs else SIDE
+    stamp = time.strftime("%H:%M:%S", time.localtime(entry.timestamp))
+    words = [(1, word, style) for word in entry.text.split()]
+    words += [(2 if i == 0 else 1, word, who) for i, word in enumerate(entry.who.split())]
+    words.append((1, stamp, STAMP))
+    indent = INDENT if width > INDENT + 8 else 0
+    lines: list[Strip] = []
+    segments: list[Segment] = []
+    run, run_style = "", style  # text in one style not yet made a segment
+    col = start = 0  # the cell reached; where this line's words begin
+
+    def new_line() -> None:
+        nonlocal segments, run, col, start
+        if run:
+            segments.append(Segment(run, run_style))
+        lines.append(Strip(segments, col))
+        segments, run = [Segment(" " * indent)] if indent else [], ""
+        col = start = indent
+
+    for gap, word, word_style in words:
+        size = len(word) if word.isascii() else cell_len(word)
+        if col > start:
+            if col + gap + size > width:
+                new_line()
+            else:
+                run += " " * gap
+                col += gap
+        if word_style is not run_style:
+            if run:
+                segments.append(Segment(run, run_style))
+            run, run_style = "", word_style
+        while col + size > width:  # longer than a line: folded
+            cut = width - col
+            while cell_len(word[:cut]) > width - col:
+                cut -= 1
+            run += word[:cut]
+            col += cell_len(word[:cut])
+            word = word[cut:]
+            size = cell_len(word)
+            new_line()
+        run += word
+        col += size
+    if run:
+        segments.append(Segment(run, run_style))
+    lines.append(Strip(segments, col))
+    return lines
+
+
+class EventLogView(ScrollView, can_focus=True):
+    """The event log, wrapped to the panel's width: what happened first, then who said
+    it and when. An entry the model changes in place (the other side's report of the
+    same request arrived) is redrawn in place."""
+
+    def __init__(self, log: EventLog, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.events = log
+        self._lines: list[Strip] = []
+        # an entry's serial -> (its version, the width, its lines)
+        self._wrapped: dict[int, tuple[int, int, list[Strip]]] = {}
+        self._shown = (-1, -1)
+
+    def on_resize(self) -> None:
+        self.update_view()
+
+    def update_view(self) -> None:
+        """Follow the model's log (cheap when nothing changed)."""
+        width = self.scrollable_content_region.width
+        if width <= 0 or self._shown == (self.events.version, width):
+            return
+        self._shown = (self.events.version, width)
+        following = self.scroll_offset.y >= self.max_scroll_y
+        wrapped: dict[int, tuple[int, int, list[Strip]]] = {}
+        lines: list[Strip] = []
+        for entry in self.events.entries:
+            cached = self._wrapped.get(entry.serial)
+            if cached is None or cached[:2] != (entry.version, width):
+                cached = (entry.version, width, entry_lines(entry, width))
+            wrapped[entry.serial] = cached
+            lines.extend(cached[2])
+        self._wrapped = wrapped
+        self._lines = lines
+        self.virtual_size = Size(width, len(lines))
+        if following:
+            self.scroll_end(animate=False, x_axis=False)
+        self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        width = self.scrollable_content_region.width
+        index = self.scroll_offset.y + y
+        line = self._lines[index] if index < len(self._lines) else Strip.blank(width)
+        return line.crop_extend(0, width, None).apply_style(self.rich_style)
