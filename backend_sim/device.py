@@ -9,10 +9,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from shmemctl.backend import BackendEndpoint, NotReady, PeerProtocolError
+from shmemctl.backend import BackendEndpoint, NotReady, NotSent, PeerProtocolError, SendGuard
 from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.shmem.rules import U64_MAX, ShmemRefused, check_request, overlap_detail
@@ -28,6 +28,8 @@ def page_tag(buffer_id: int, page: int) -> bytes:
     return f"shmemctl buffer {buffer_id} page {page}\n".encode()
 
 
+#: What `unmap(only_if_believed=True)` returns when a reset dropped the mapping first.
+NOT_SENT = -1
 #: What one buffer may cost unless --max-buffer says otherwise: every page of a new
 #: buffer is written (its tag), so a buffer costs its whole size in shared memory.
 DEFAULT_MAX_BUFFER = 1 << 30
@@ -236,9 +238,18 @@ class SimDevice:
         self._report("mapped", m, result, buffer.id)
         return result
 
-    def unmap(self, m: ShmemMap, *, need_reply: bool = True) -> int | None:
+    def unmap(
+        self, m: ShmemMap, *, need_reply: bool = True, only_if_believed: bool = False
+    ) -> int | None:
+        """Ask the front-end to unmap. With `only_if_believed` (a device unmapping what
+        it mapped), the check that the mapping is still believed and the send are one
+        step for a reset: an UNMAP of what a reset already dropped is never sent, and
+        NOT_SENT is returned instead."""
+        guard = self._still_believed(m) if only_if_believed else None
         try:
-            result, _ = self._request(BackendReq.SHMEM_UNMAP, m, None, need_reply)
+            result, _ = self._request(BackendReq.SHMEM_UNMAP, m, None, need_reply, guard)
+        except NotSent:
+            return NOT_SENT
         except (ChannelTimeout, PeerProtocolError):
             with self.lock:
                 held = self.mapped.get((m.shmid, m.shm_offset))
@@ -255,8 +266,20 @@ class SimDevice:
         self._report("unmapped", m, result, None)
         return result
 
+    @contextlib.contextmanager
+    def _still_believed(self, m: ShmemMap) -> Iterator[bool]:
+        """Held around a send: forget() waits for the send, and the send for forget()."""
+        with self.lock:
+            held = self.mapped.get((m.shmid, m.shm_offset))
+            yield held is not None and held.len == m.len
+
     def _request(
-        self, req: BackendReq, m: ShmemMap, fd: int | None, need_reply: bool
+        self,
+        req: BackendReq,
+        m: ShmemMap,
+        fd: int | None,
+        need_reply: bool,
+        guard: SendGuard | None = None,
     ) -> tuple[int | None, bool]:
         """Send one request; return the answer and whether it crossed a reset."""
         channel = self.endpoint.backend_channel
@@ -271,10 +294,12 @@ class SimDevice:
                 self._in_flight = _InFlight(self.generation, replies, own, self._unconfirmed)
                 self._unconfirmed = []
         try:
-            result = self.endpoint.shmem_request(req, m, fd, need_reply=need_reply)
+            result = self.endpoint.shmem_request(req, m, fd, need_reply=need_reply, guard=guard)
         except BaseException:
             with self.lock:
-                self._in_flight = None
+                flight, self._in_flight = self._in_flight, None
+                if flight is not None:  # never answered: what it would have confirmed waits
+                    self._unconfirmed[:0] = flight.earlier
             raise
         return result, need_reply and self._settle(result)
 

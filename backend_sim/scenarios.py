@@ -24,7 +24,7 @@ from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.wire import ShmemMap
 from shmemctl.wire.messages import MMAP_FLAG_WRITE
 
-from .device import Buffer, SimDevice, page_tag
+from .device import NOT_SENT, Buffer, SimDevice, page_tag
 
 log = logging.getLogger("backend")
 
@@ -85,6 +85,8 @@ class Scenario(abc.ABC):
         self.finish()
 
     def _count(self, result: int | None, ok_key: str) -> bool:
+        if result == NOT_SENT:
+            return False  # a reset dropped it first: nothing to unmap
         if result:
             self.stats["refused"] += 1
             return False
@@ -143,7 +145,8 @@ class Blobs(Scenario):
             if not self.live:
                 return
         where, length = self.live.pop(self.random.randrange(len(self.live)))
-        self._count(self.device.unmap(ShmemMap(self.shmid, where, length)), "unmaps")
+        m = ShmemMap(self.shmid, where, length)
+        self._count(self.device.unmap(m, only_if_believed=True), "unmaps")
 
 
 class Dax(Scenario):
@@ -188,8 +191,8 @@ class Dax(Scenario):
         if not free:
             slot = self.order.popleft()
             del self.placed[slot]
-            self._count(self.device.unmap(ShmemMap(self.shmid, slot * DAX_WINDOW, DAX_WINDOW)),
-                        "unmaps")  # fmt: skip
+            window_range = ShmemMap(self.shmid, slot * DAX_WINDOW, DAX_WINDOW)
+            self._count(self.device.unmap(window_range, only_if_believed=True), "unmaps")
             free = [slot]
         slot = free[0]
         m = ShmemMap(self.shmid, slot * DAX_WINDOW, DAX_WINDOW, window * DAX_WINDOW)

@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from .channel import (
@@ -76,6 +77,14 @@ class NotReady(Exception):
     """A SHMEM request cannot be sent: no backend channel, or SHMEM/REPLY_ACK not negotiated."""
 
 
+class NotSent(Exception):
+    """A guarded request that its guard found no longer wanted: nothing was sent."""
+
+
+#: Entered around a send; yields whether the request is still wanted.
+SendGuard = AbstractContextManager[bool]
+
+
 class PeerProtocolError(ChannelError):
     """The front-end answered a SHMEM request with something the protocol does not allow;
     whether it acted on the request is unknown."""
@@ -133,14 +142,32 @@ class BackendChannel:
         self.fds_per_map = 1  # 2 only under the map-two-fds fault
 
     def request(
-        self, req: BackendReq, m: ShmemMap, fd: int | None = None, *, need_reply: bool = True
+        self,
+        req: BackendReq,
+        m: ShmemMap,
+        fd: int | None = None,
+        *,
+        need_reply: bool = True,
+        guard: SendGuard | None = None,
     ) -> int | None:
         """Send one SHMEM request; return the front-end's u64 answer, or None if none
-        was asked. Raises ChannelTimeout when the answer does not come in time."""
+        was asked. Raises ChannelTimeout when the answer does not come in time.
+
+        `guard`, when given, is entered around the send alone (not the wait for the
+        answer) and says whether the request is still wanted; if not, nothing is sent
+        and NotSent is raised. A device uses it to keep a decision and its send in one
+        step with respect to a reset read on the main channel."""
         data = encode_shmem_request(req, m, need_reply=need_reply)
+        fds = () if fd is None else (fd,) * self.fds_per_map
         with self.lock:
             self._drain_strays()
-            self.channel.send(data, () if fd is None else (fd,) * self.fds_per_map)
+            if guard is None:
+                self.channel.send(data, fds)
+            else:
+                with guard as wanted:
+                    if not wanted:
+                        raise NotSent(f"{req.name} {m.shmid}:{m.shm_offset:#x} no longer wanted")
+                    self.channel.send(data, fds)
             if not need_reply:
                 return None
             self._wait_for_answer()
@@ -275,14 +302,20 @@ class BackendEndpoint:
         return None
 
     def shmem_request(
-        self, req: BackendReq, m: ShmemMap, fd: int | None = None, *, need_reply: bool = True
+        self,
+        req: BackendReq,
+        m: ShmemMap,
+        fd: int | None = None,
+        *,
+        need_reply: bool = True,
+        guard: SendGuard | None = None,
     ) -> int | None:
         channel = self.backend_channel
         if channel is None or not self._shmem_usable:
             raise NotReady(self.why_not_ready() or "no backend channel")
         if self.faults:
             m, fd = self._fault_request(m, fd)
-        return channel.request(req, m, fd, need_reply=need_reply)
+        return channel.request(req, m, fd, need_reply=need_reply, guard=guard)
 
     def _fault_request(self, m: ShmemMap, fd: int | None) -> tuple[ShmemMap, int | None]:
         if "map-out-of-bounds" in self.faults:
@@ -500,5 +533,7 @@ __all__ = [
     "ChannelTimeout",
     "DeviceModel",
     "NotReady",
+    "NotSent",
     "PeerProtocolError",
+    "SendGuard",
 ]

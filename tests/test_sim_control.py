@@ -229,8 +229,10 @@ def _raw_answer(path: str, line: bytes) -> dict[str, Any]:
         (b'{"execute": "status", "id": ' + b"[" * 100 + b"]" * 100 + b"}", "nested"),
         (b'{"execute": "status", "id": ' + b"9" * 5000 + b"}", "not JSON"),
         (b'{"execute": "status", "id": "\xff"}', "not JSON"),
+        (b'{"execute": "status", "id": NaN}', "NaN is not a JSON value"),
+        (b'{"execute": "status", "id": -Infinity}', "-Infinity is not a JSON value"),
     ],
-    ids=["deep-array", "deep-id", "huge-int", "bad-utf8"],
+    ids=["deep-array", "deep-id", "huge-int", "bad-utf8", "nan-id", "infinity-id"],
 )
 def test_hostile_lines_get_a_clear_error_on_both_daemons(
     driven, tmp_path: Path, spawn: Callable[..., Proc], line: bytes, words: str
@@ -404,3 +406,20 @@ def test_the_dax_file_is_closed_once_nothing_maps_it(
             wait_until(lambda: not sim_ctl.execute("status")["mapped"], what="the reset")
             assert sim_ctl.execute("status")["buffers"] == []
             assert held_files(be.pid) == [], cycle
+
+
+def test_every_line_sent_before_a_half_close_is_answered(sim: Callable[..., Sim]) -> None:
+    """A client that sends its requests and shuts its writing side still reads every
+    answer: the daemon flushes them before it closes."""
+    s = sim()
+    lines = [json.dumps({"execute": "status", "id": n}).encode() for n in range(20)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(60)
+        sock.connect(s.ctl.path)
+        f = sock.makefile("rb")
+        f.readline()  # the greeting
+        sock.sendall(b"\n".join(lines) + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        answers = [json.loads(line) for line in f]
+    assert [a["id"] for a in answers] == list(range(20))
+    assert all("return" in a for a in answers)

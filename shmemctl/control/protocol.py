@@ -153,9 +153,15 @@ def decode_request(line: bytes) -> object:
             f"JSON nested {depth} levels deep; a request needs at most {MAX_DEPTH}",
         )
     try:
-        return json.loads(line)
+        return json.loads(line, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints
         raise ControlError(ErrorClass.BAD_REQUEST, f"not JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> None:
+    """Python's parser takes NaN and Infinity, which JSON has not: an answer echoing one
+    (an `id`) would not be JSON either."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _nesting(line: bytes) -> int:

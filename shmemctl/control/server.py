@@ -32,6 +32,8 @@ from .protocol import (
 log = logging.getLogger("control")
 
 _PEERCRED = struct.Struct("3i")
+#: How long a client that has stopped sending may take to read its last answers.
+_FLUSH_TIMEOUT = 30.0
 
 
 def peer_allowed(uid: int) -> bool:
@@ -111,6 +113,16 @@ class _Client:
         except OSError:
             pass
         finally:
+            self.finish()
+
+    def finish(self) -> None:
+        """The client sent its last line (or broke the protocol): every answer already
+        queued still goes out, then the writer closes the connection."""
+        if self.closed.is_set():
+            return
+        try:
+            self.out.put(None, timeout=_FLUSH_TIMEOUT)
+        except queue.Full:  # it does not read what it is sent: nothing more is owed
             self.close()
 
 
