@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,8 +34,16 @@ settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
 
+#: The last-resort deadline of every wait in the suite. Tests wait on conditions (a log
+#: line, a reply, /proc, a process exit), never on time; this only bounds how long a test
+#: that is going to fail takes to say so, so it is generous: the machine may be busy.
+PATIENCE = 60.0
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = PATIENCE, what: str = ""
+) -> object:
+    """Poll `predicate` every 20 ms until it returns something true; that value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -72,7 +81,7 @@ class Proc:
     def stdout_lines(self) -> list[str]:
         return self.out_path.read_text().splitlines()
 
-    def wait_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+    def wait_log(self, pattern: str, timeout: float = PATIENCE) -> re.Match[str]:
         def found() -> re.Match[str] | None:
             if self.popen.poll() is not None:
                 raise AssertionError(f"{self.name} exited {self.popen.returncode}:\n{self.log()}")
@@ -83,14 +92,24 @@ class Proc:
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- {self.name} log ---\n{self.log()}") from None
 
-    def wait_lines(self, n: int, timeout: float = 10.0) -> list[str]:
-        wait_until(lambda: len(self.stdout_lines()) >= n, timeout, f"{n} lines from {self.name}")
+    def wait_lines(self, n: int, timeout: float = PATIENCE) -> list[str]:
+        def enough() -> bool:
+            if len(self.stdout_lines()) >= n:
+                return True
+            if self.popen.poll() is not None and len(self.stdout_lines()) < n:
+                raise AssertionError(
+                    f"{self.name} exited {self.popen.returncode} after {self.stdout_lines()}:\n"
+                    f"{self.log()}"
+                )
+            return False
+
+        wait_until(enough, timeout, f"{n} lines from {self.name}")
         return self.stdout_lines()
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = PATIENCE) -> int:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
             try:
@@ -138,6 +157,19 @@ def region_bases(frontend: Proc) -> dict[int, int]:
     return {int(shmid): int(addr, 16) for shmid, addr in found}
 
 
+def recv_lines(sock: socket.socket, n: int = 1) -> list[bytes]:
+    """The next `n` lines a control socket sends (the greeting, answers), read byte-exactly
+    so that nothing after them is taken off the socket."""
+    sock.settimeout(PATIENCE)
+    data = b""
+    while data.count(b"\n") < n:
+        byte = sock.recv(1)
+        if not byte:
+            raise AssertionError(f"the daemon hung up after {data!r}")
+        data += byte
+    return data.splitlines()
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -172,7 +204,7 @@ class DrivenBackend:
 
     def __init__(self, path: str, regions: dict[int, int]) -> None:
         self.listener = listen_unix(path)
-        self.endpoint = BackendEndpoint(DeviceModel(regions), reply_timeout=5.0)
+        self.endpoint = BackendEndpoint(DeviceModel(regions), reply_timeout=PATIENCE)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -185,7 +217,9 @@ class DrivenBackend:
             self.error = exc
 
     def wait_ready(self) -> None:
-        assert self.endpoint.wait_ready(10), "front-end never opened a backend channel with SHMEM"
+        assert self.endpoint.wait_ready(PATIENCE), (
+            "front-end never opened a backend channel with SHMEM"
+        )
 
     @property
     def channel(self) -> Channel:
@@ -195,7 +229,7 @@ class DrivenBackend:
     def send_raw(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         self.channel.send(data, fds)
 
-    def reply(self, timeout: float = 5.0) -> int:
+    def reply(self, timeout: float = PATIENCE) -> int:
         msg = self.channel.recv(timeout=timeout)
         close_fds(msg.fds)
         assert isinstance(msg.payload, int)

@@ -9,8 +9,10 @@ from click.testing import CliRunner
 
 from shmemctl.cli import main
 
+from .conftest import PATIENCE
 
-def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+
+def run(*args: str, timeout: float = PATIENCE) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "shmemctl", *args], capture_output=True, text=True, timeout=timeout
     )
@@ -46,7 +48,7 @@ def test_usage_errors_say_what_would_be_right() -> None:
 def test_backend_sim_usage_errors() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "backend_sim", "--regions", "0=8M"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=PATIENCE,
     )  # fmt: skip
     assert done.returncode == 2
     assert "give exactly one of --listen PATH or --connect PATH" in done.stderr

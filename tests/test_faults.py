@@ -11,13 +11,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import psutil
 
 from shmemctl.control import ControlClient
 
-from .conftest import fd_count, wait_until
+from .conftest import PATIENCE, fd_count, recv_lines, wait_until
 
 
 def test_kill_9_of_the_frontend_mid_stream(spawn, tmp_path) -> None:
@@ -27,10 +26,10 @@ def test_kill_9_of_the_frontend_mid_stream(spawn, tmp_path) -> None:
     be.wait_log("listening on")
     baseline = fd_count(be.pid)
     fe = spawn("frontend", "--connect", sock, "--control", str(tmp_path / "fe1.ctl"), name="fe1")
-    wait_until(lambda: fd_count(be.pid) > baseline + 5, 15, "buffers mapped")
+    wait_until(lambda: fd_count(be.pid) > baseline + 5, what="buffers mapped")
     fe.stop(signal.SIGKILL)
     be.wait_log("front-end disconnected|dropping the front-end")
-    wait_until(lambda: fd_count(be.pid) <= baseline, 15, "backend_sim's fds back to baseline")
+    wait_until(lambda: fd_count(be.pid) <= baseline, what="backend_sim's fds back to baseline")
     fe2 = spawn("frontend", "--connect", sock, "--control", str(tmp_path / "fe2.ctl"), name="fe2")
     fe2.wait_log("connected: SHMEM on")
 
@@ -38,13 +37,13 @@ def test_kill_9_of_the_frontend_mid_stream(spawn, tmp_path) -> None:
         with ControlClient(str(tmp_path / "fe2.ctl")) as c:
             return c.execute("status", max_mappings=0)["counters"]["maps"] > 0
 
-    wait_until(mapping_again, 15, "the scenario mapping through the new front-end")
+    wait_until(mapping_again, what="the scenario mapping through the new front-end")
     assert be.alive() and "Traceback" not in be.log()
 
 
 def shell(run_dir, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shmemctl", *args], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "shmemctl", *args], capture_output=True, text=True, timeout=PATIENCE,
         env={**os.environ, "SHMEMCTL_RUN_DIR": str(run_dir)},
     )  # fmt: skip
 
@@ -66,7 +65,7 @@ def test_the_run_directory_removed_under_a_running_pair(tmp_path) -> None:
         except psutil.NoSuchProcess:
             return True
 
-    wait_until(lambda: all(gone(p) for p in pids), 10, "both daemons gone")
+    wait_until(lambda: all(gone(p) for p in pids), what="both daemons gone")
 
 
 def test_control_clients_killed_mid_request(driven, tmp_path) -> None:
@@ -84,43 +83,48 @@ def test_control_clients_killed_mid_request(driven, tmp_path) -> None:
     )
     for request in ('{"id": 1, "execute": "status", "arguments": {"max_mappings": 100000}}\n',
                     '{"id": 1, "execute": "sta', '{"id": 1, "execute": "reset"}\n'):  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", code, ctl, request], timeout=30)
+        done = subprocess.run([sys.executable, "-c", code, ctl, request], timeout=PATIENCE)
         assert done.returncode == -signal.SIGKILL
-    wait_until(lambda: fd_count(fe.pid) <= baseline, 10, "the dead clients' fds released")
+    wait_until(lambda: fd_count(fe.pid) <= baseline, what="the dead clients' fds released")
     with ControlClient(ctl) as c:
         assert c.execute("status", max_mappings=0)["state"] == "connected"
     assert fe.alive() and "Traceback" not in fe.log()
 
 
 def test_eight_clients_hammer_status_while_10000_cycles_run(spawn, tmp_path) -> None:
+    # The front-end listens, so the clients are hammering before backend_sim connects and
+    # its script (the cycles) starts: no pause in the script to give them a head start.
     sock = str(tmp_path / "vhost.sock")
-    (tmp_path / "cycles.txt").write_text("sleep 500\nbench batch16 4096 0 10000\n")
-    be = spawn("backend_sim", "--listen", sock, "--regions", "0=512M", "--script", "cycles.txt")
-    be.wait_log("listening on")
-    fe = spawn("frontend", "--connect", sock, "--control", str(tmp_path / "fe.ctl"))
-    fe.wait_log("connected: SHMEM on")
+    fe = spawn("frontend", "--listen", sock, "--control", str(tmp_path / "fe.ctl"))
+    fe.wait_log("listening on")
     statuses: list[int] = []
     problems: list[object] = []
     done = threading.Event()
+    hammering = [threading.Event() for _ in range(8)]
 
-    def hammer() -> None:
-        with ControlClient(str(tmp_path / "fe.ctl")) as c:
+    def hammer(started: threading.Event) -> None:
+        with ControlClient(str(tmp_path / "fe.ctl"), timeout=PATIENCE) as c:
             while not done.is_set():
                 st = c.execute("status", max_mappings=64)
                 statuses.append(1)
+                started.set()
                 if st["disagreements"]:
                     problems.append(st["disagreements"])
 
-    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    threads = [threading.Thread(target=hammer, args=(e,)) for e in hammering]
     for t in threads:
         t.start()
     try:
-        lines = be.wait_lines(2, timeout=300)
+        wait_until(lambda: all(e.is_set() for e in hammering), what="every client answered")
+        (tmp_path / "cycles.txt").write_text("bench batch16 4096 0 10000\n")
+        be = spawn("backend_sim", "--connect", sock, "--regions", "0=512M",
+                   "--reply-timeout", str(PATIENCE), "--script", "cycles.txt")  # fmt: skip
+        lines = be.wait_lines(1, timeout=300)
     finally:
         done.set()
         for t in threads:
-            t.join(30)
-    result = json.loads(lines[1].split(": ", 1)[1])
+            t.join(PATIENCE)
+    result = json.loads(lines[0].split(": ", 1)[1])
     assert result["pairs"] == 10000
     assert problems == [], problems[:3]
     assert len(statuses) >= 8
@@ -139,7 +143,8 @@ def test_a_socket_client_that_only_connects(driven, tmp_path) -> None:
     try:
         for s in idle:
             s.connect(ctl)
-        time.sleep(0.2)
+        for s in idle:  # each one accepted, its threads running, and then it sends nothing
+            assert b'"greeting"' in recv_lines(s)[0]
         with ControlClient(ctl) as c:
             assert c.execute("status", max_mappings=0)["state"] == "connected"
     finally:

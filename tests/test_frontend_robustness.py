@@ -11,7 +11,17 @@ from shmemctl.daemon import listen_unix
 from shmemctl.shmem.procmaps import Segment
 from shmemctl.wire import ShmemMap
 
-from .conftest import PAGE, DrivenBackend, MiB, fd_count, memfd, region_bases, segments, wait_until
+from .conftest import (
+    PAGE,
+    PATIENCE,
+    DrivenBackend,
+    MiB,
+    fd_count,
+    memfd,
+    region_bases,
+    segments,
+    wait_until,
+)
 
 
 def test_garbage_on_the_backend_channel_drops_the_connection_only(driven) -> None:
@@ -41,10 +51,11 @@ def test_announcing_a_huge_payload_is_refused_without_allocating(driven) -> None
 def test_a_back_end_that_never_answers_the_handshake(spawn, tmp_path) -> None:
     path = str(tmp_path / "silent.sock")
     listener = listen_unix(path)
+    listener.settimeout(PATIENCE)
     fe = spawn("frontend", "--connect", path, "--reconnect", "0.2")
     peer, _ = listener.accept()
     try:
-        fe.wait_log("no message within 5s", timeout=15)
+        fe.wait_log("no message within 5s")  # the front-end's handshake timeout, under test
         assert fe.alive()
         # and it comes back for another try
         again, _ = listener.accept()
