@@ -1,7 +1,7 @@
 """Fuzzing harness: hypothesis-driven, seeded, bounded in examples, inputs and seconds.
 
     python fuzz/harness.py [--target NAME|all] [--examples N] [--inputs N] [--seconds S]
-                           [--seed K] [--keep-going] [--json]
+                           [--seed K] [--keep-going] [--no-shrink] [--workdir DIR] [--json]
 
 Targets: the codec (bytes and fds into MessageReader), the engine (map/unmap/reset
 sequences against real mmaps), the front-end daemon and backend_sim (each a real
@@ -13,10 +13,11 @@ are checked: nothing but the layer's own error (never "internal error"), the dae
 alive, every complete control line answered, its fds and buffers back to their
 baseline, and its tables in agreement with the kernel and with its peer.
 
-An input is one hostile message or one control line; an example carries many. A
-failure prints hypothesis's shrunk example and the offending input with the
-daemon's answer; the same --seed reproduces the run; --keep-going goes on past a
-failure to collect distinct ones.
+An input is one hostile message or one control line; an example carries many (the
+inputs of examples that fail are not counted). A failure prints hypothesis's shrunk
+example and the offending input with the daemon's answer (for the daemons, what led
+there too); the same --seed reproduces the run; --keep-going goes on past a failure
+to collect distinct ones, --no-shrink reports them as found, which is much quicker.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from shmemctl.control.protocol import MAX_LINE
 from shmemctl.daemon import listen_unix
 from shmemctl.shmem import RegionTable, ShmemRefused
 from shmemctl.shmem.procmaps import disagreements, read_maps
+from shmemctl.sizes import parse_regions
 from shmemctl.wire import (
     BackendReq,
     ChannelKind,
@@ -816,7 +818,9 @@ def _parse_answer(raw: bytes, context: str) -> dict[str, Any]:
     try:
         answer = json.loads(raw, parse_constant=_reject_constant)
     except ValueError as exc:
-        raise AssertionError(f"an answer that is not strict JSON\n  {exc}: {_shown(raw)}"
+        where = next((m.start() for m in re.finditer(rb"NaN|-?Infinity", raw)), 0)
+        raise AssertionError(f"an answer that is not strict JSON\n  {exc}: ..."
+                             f"{_shown(raw[max(0, where - 120) :], 240)}"
                              f"\n  {context}") from None  # fmt: skip
     if not isinstance(answer, dict):
         raise AssertionError(f"an answer that is not a JSON object: {_shown(raw)}\n  {context}")
@@ -835,7 +839,7 @@ def _check_answer(answer: dict[str, Any], line: bytes, role: str) -> None:
         raise AssertionError(f"{role}: an error without class and desc: {error}"
                              f"\n  line {_shown(line)}")  # fmt: skip
     if "internal error" in desc.lower():
-        raise AssertionError(f"{role}: internal error: {desc[:200]}\n  line {_shown(line, 400)}")
+        raise AssertionError(f"{role}: {desc[:200]}\n  line {_shown(line, 400)}")
 
 
 # ------------------------------------------------------------------ control sockets
@@ -845,15 +849,29 @@ SENTINEL = "fuzz-sentinel"
 PATIENCE = 30.0
 
 
+def _connect_unix(path: str, seconds: float = 15) -> socket.socket:
+    """Connect to a daemon that may be between its bind() and its listen()."""
+    deadline = time.monotonic() + seconds
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+            return sock
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class RawControl:
     """A control-socket client that hands back whole answers, errors included."""
 
     def __init__(self, path: str, timeout: float = PATIENCE) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock = _connect_unix(path)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(path)
             self.file = self.sock.makefile("rb")
             self.greeting = json.loads(self.file.readline() or b"{}")
         except BaseException:
@@ -980,6 +998,10 @@ def _fd_kinds(pid: int) -> tuple[int, int]:
     return fds, socks
 
 
+def _tasks(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
 def _settle(predicate: Callable[[], bool], what: Callable[[], str], seconds: float = 10) -> None:
     """Wait for a condition the daemon reaches on its own (threads finishing, fds closing)."""
     if not _wait(predicate, seconds):
@@ -1018,9 +1040,9 @@ class PairTarget:
     After each example: both alive, every complete line answered exactly once (an
     overlong one: an error, then the connection closed), no "internal error", every
     hostile connection's socket closed by the daemon, the front-end's table equal to
-    /proc and to what backend_sim believes, backend_sim holding no buffer that no
-    believed mapping uses; then a reset, after which backend_sim holds no buffer and
-    both daemons are back to their baseline fds."""
+    /proc and believed by backend_sim, backend_sim holding no buffer that no believed
+    mapping uses; then a reset, after which backend_sim holds no buffer and both
+    daemons are back to their baseline fds."""
 
     REGIONS = "0=8M,1=64K"
 
@@ -1036,6 +1058,7 @@ class PairTarget:
         self.procs: dict[str, subprocess.Popen] = {}
         self.clients: dict[str, RawControl] = {}
         self.base: dict[str, tuple[int, int]] = {}
+        self.threads: dict[str, int] = {}
         self.clean = False
 
     # -------------------------------------------------------------- lifecycle
@@ -1057,11 +1080,12 @@ class PairTarget:
         self.clients = {role: RawControl(path) for role, path in self.ctl.items()}
         if not _wait(self._connected, 15):
             raise RuntimeError(f"the pair did not connect:\n{_log_tail(self.logs['frontend'])}")
-        self.base = {}
+        self.base, self.threads = {}, {}
         for role in self.procs:  # a baseline is a count that stays put
             pid = self.procs[role].pid
             _wait(lambda pid=pid: _fd_kinds(pid) == _fd_kinds(pid), 2)
             self.base[role] = _fd_kinds(pid)
+            self.threads[role] = _tasks(pid)
         self.clean = True
 
     def _spawn(self, argv: list[str], role: str) -> subprocess.Popen:
@@ -1231,7 +1255,6 @@ class PairTarget:
         fe_c, be_c = self.clients["frontend"], self.clients["backend"]
         pids = {role: proc.pid for role, proc in self.procs.items()}
         self._alive()
-        # a client's socket is closed once its last line is handled
         _settle(
             lambda: all(_fd_kinds(pids[r])[1] <= self.base[r][1] for r in pids),
             lambda: (
@@ -1239,7 +1262,19 @@ class PairTarget:
                 + ", ".join(f"{r} {_fd_kinds(pids[r])[1]} > {self.base[r][1]}" for r in pids)
             ),
         )
-        be_c.ask("scenario-stop")
+        # A client that hung up may still have lines being handled (its socket is closed
+        # once an answer cannot be sent): idle is when its threads are gone, and with
+        # them, any scenario its lines started.
+        _settle(
+            lambda: (
+                be_c.ask("scenario-stop") is not None
+                and all(_tasks(pids[r]) <= self.threads[r] for r in pids)
+            ),
+            lambda: (
+                "threads above baseline: "
+                + ", ".join(f"{r} {_tasks(pids[r])} > {self.threads[r]}" for r in pids)
+            ),
+        )
         _settle(self._connected, lambda: "the pair did not reconnect")
         fe = fe_c.result("status", {"max_mappings": 1_000_000})
         be = be_c.result("status")
@@ -1304,6 +1339,22 @@ def _readable(sock: socket.socket, timeout: float) -> bool:
     return bool(select.select([sock], [], [], timeout)[0])
 
 
+def _invalid_map(regions: dict[int, int], m: ShmemMap) -> str:
+    """Why a front-end must refuse this map whatever it holds (brief §5), or ""."""
+    size = regions.get(m.shmid, 0)
+    if not size:
+        return f"no region {m.shmid}"
+    if m.len == 0 or (m.shm_offset | m.len | m.fd_offset) % PAGE:
+        return "a zero or unaligned length or offset"
+    if m.shm_offset + m.len > size:
+        return f"it ends past the region's {size:#x} bytes"
+    return ""
+
+
+def _diff(a: dict, b: dict) -> dict:
+    return {k: v for k, v in sorted(a.items()) if b.get(k) != v}
+
+
 def _fields(m: ShmemMap) -> str:
     ro = "" if m.writable else " ro"
     return f"{m.shmid}:{m.shm_offset:#x}+{m.len:#x}@{m.fd_offset:#x}{ro}"
@@ -1317,8 +1368,9 @@ class HostileFrontend:
     """The harness as backend_sim's front-end over a real socket: a correct handshake,
     then SHMEM answers chosen by the example (`plan`, then `rng`, else plain acks)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, regions: dict[int, int]) -> None:
         self.path = path
+        self.regions = regions  # what backend_sim advertises
         self.lock = threading.RLock()  # the channels; held while one message is handled
         self.main: Channel | None = None
         self.backend: Channel | None = None
@@ -1370,8 +1422,7 @@ class HostileFrontend:
         """A new connection with a correct handshake; backend_sim forgets the old one's."""
         with self.lock:
             self._close()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.connect(self.path)
+            sock = _connect_unix(self.path)
             self.main = Channel(sock, ChannelKind.MAIN, replies=True)
             self.main.set_recv_timeout(PATIENCE)
             features = int(self._call(FrontendReq.GET_FEATURES) or 0)  # type: ignore[call-overload]
@@ -1534,6 +1585,11 @@ class HostileFrontend:
         if req == MAP:
             self.dropped.discard((*key, m.len))
             self.mapped_here.add((*key, m.len))
+            wrong = _invalid_map(self.regions, m)
+            if wrong:  # and for it, a buffer was made: fd_offset + len bytes, every page written
+                self.violations.append(
+                    f"backend_sim sent SHMEM_MAP {_fields(m)}, which its own layout forbids: "
+                    f"{wrong}")  # fmt: skip
         n = self._next()
         how = _pick(ANSWERS if need else SILENT_ANSWERS, n)
         self.trace.append(f"  backend_sim sent {msg.name} {_fields(m)}"
@@ -1802,7 +1858,7 @@ class SimControlTarget:
         if not _wait(lambda: os.path.exists(self.vhost) and os.path.exists(self.ctl_path), 15):
             raise RuntimeError(f"backend_sim did not start:\n{_log_tail(self.log)}")
         self.ctl = RawControl(self.ctl_path)
-        self.fe = HostileFrontend(self.vhost)
+        self.fe = HostileFrontend(self.vhost, parse_regions(self.REGIONS, PAGE))
         if not _wait(lambda: self._status().get("ready"), 15):
             raise RuntimeError(f"backend_sim never became ready:\n{_log_tail(self.log)}")
         pid = self.proc.pid
@@ -1989,14 +2045,20 @@ class SimControlTarget:
             )
             synced = not fe.desynced and self.timeouts <= fe.no_replies
             if synced:
-                believed = {(m["shmid"], m["shm_offset"]): (m["len"], m["fd_offset"], m["writable"])
-                            for m in mapped}  # fmt: skip
-                acked = {k: v for k, v in fe.held.items() if k not in fe.unsure}
-                for key in fe.unsure:
-                    believed.pop(key, None)
+                # what either side cannot know is left out: the front-end's unsure ranges,
+                # and what backend_sim itself lists as unconfirmed
+                unsure = fe.unsure | {(m["shmid"], m["shm_offset"]) for m in mapped
+                                      if not m.get("confirmed", True)}  # fmt: skip
+                believed = {
+                    key: (m["len"], m["fd_offset"], m["writable"])
+                    for m in mapped
+                    if (key := (m["shmid"], m["shm_offset"])) not in unsure
+                }
+                acked = {k: v for k, v in fe.held.items() if k not in unsure}
                 assert believed == acked, (
-                    f"backend_sim believes {believed}; the front-end acknowledged {acked}"
-                )
+                    f"backend_sim believes {_diff(believed, acked)} that the front-end did not "
+                    f"acknowledge; the front-end acknowledged {_diff(acked, believed)} that it "
+                    "does not believe")  # fmt: skip
                 idle = sorted(held_ids - in_use)
                 allowed = fe.kept_allowance + self.timeouts
                 assert len(idle) <= allowed, (
