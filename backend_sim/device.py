@@ -11,8 +11,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from shmemctl.backend import BackendEndpoint, NotReady, NotSent, PeerProtocolError, SendGuard
+from shmemctl.backend import (
+    BackendChannel,
+    BackendEndpoint,
+    NotReady,
+    NotSent,
+    PeerProtocolError,
+    SendGuard,
+)
 from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.shmem.rules import U64_MAX, ShmemRefused, check_request, overlap_detail
@@ -85,6 +93,14 @@ class RequestRefused(ValueError):
     """The device will not send a request: it cannot be right, or costs too much."""
 
 
+class _Sent(NamedTuple):
+    """A map sent without NEED_REPLY: when, and on which backend channel."""
+
+    generation: int
+    channel: BackendChannel | None
+    map: ShmemMap
+
+
 @dataclass(slots=True)
 class _InFlight:
     """The request waiting for its answer (the backend channel carries one at a time):
@@ -92,9 +108,10 @@ class _InFlight:
     before it (with the generation each was sent in), which its answer confirms."""
 
     generation: int
+    channel: BackendChannel | None
     replies_before: int
     own: ShmemMap | None
-    earlier: list[tuple[int, ShmemMap]]
+    earlier: list[_Sent]
     answered_before_reset: bool = False
 
 
@@ -121,7 +138,7 @@ class SimDevice:
         self.generation = 0
         self._in_flight: _InFlight | None = None
         #: maps sent without NEED_REPLY since the last answer, with their generation
-        self._unconfirmed: list[tuple[int, ShmemMap]] = []
+        self._unconfirmed: list[_Sent] = []
         self._next_buffer = 1
 
     # ------------------------------------------------------------ buffers
@@ -287,11 +304,13 @@ class SimDevice:
         with self.lock:
             if not need_reply:
                 if is_map:
-                    self._unconfirmed.append((self.generation, m))
+                    self._unconfirmed.append(_Sent(self.generation, channel, m))
             else:
                 replies = channel.replies if channel is not None else 0
                 own = m if is_map else None
-                self._in_flight = _InFlight(self.generation, replies, own, self._unconfirmed)
+                self._in_flight = _InFlight(
+                    self.generation, channel, replies, own, self._unconfirmed
+                )
                 self._unconfirmed = []
         try:
             result = self.endpoint.shmem_request(req, m, fd, need_reply=need_reply, guard=guard)
@@ -317,16 +336,24 @@ class SimDevice:
             crossed = flight.generation != current
             if flight.answered_before_reset:
                 return crossed
-            unsure = [m for generation, m in flight.earlier if generation != current]
+            # only on the connection they were made on: a disconnect dropped the rest
+            unsure = [
+                sent.map
+                for sent in flight.earlier
+                if sent.generation != current and sent.channel is flight.channel
+            ]
             if crossed and flight.own is not None and result == 0:
                 unsure.append(flight.own)
+        channel = flight.channel
+        if channel is None:
+            return crossed
         for m in unsure:
             log.info(
                 "unmapping %s of region %d: its map crossed a reset, so either side may hold it",
                 hex_range(m.shm_offset, m.len), m.shmid,
             )  # fmt: skip
-            with contextlib.suppress(NotReady, ChannelError):
-                self.endpoint.shmem_request(
+            with contextlib.suppress(ChannelError):  # that connection is gone: so is all of it
+                channel.request(
                     BackendReq.SHMEM_UNMAP, ShmemMap(m.shmid, m.shm_offset, m.len)
                 )
         return crossed
