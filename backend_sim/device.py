@@ -54,7 +54,9 @@ class Buffer:
         self.id = buffer_id
         self.size = size
         self.path = path
-        self.held = path is not None  # a file's owner releases it; a memfd goes with its mappings
+        #: who keeps it alive besides its mappings: the owner of a file (a scenario), and
+        #: each map request in flight with it; a memfd otherwise goes with its mappings
+        self.pins = 1 if path is not None else 0
         if path is not None:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             return
@@ -143,9 +145,12 @@ class SimDevice:
 
     # ------------------------------------------------------------ buffers
 
-    def new_buffer(self, size: int, *, tagged: bool = True, path: str | None = None) -> Buffer:
+    def new_buffer(
+        self, size: int, *, tagged: bool = True, path: str | None = None, pinned: bool = False
+    ) -> Buffer:
         with self.lock:
             buffer = Buffer(self._next_buffer, size, tagged=tagged, path=path)
+            buffer.pins += pinned
             self._next_buffer += 1
             self.buffers[buffer.id] = buffer
             return buffer
@@ -154,18 +159,14 @@ class SimDevice:
         with self.lock:
             in_use = {b.buffer for b in self.mapped.values()}
             for buffer_id, buffer in list(self.buffers.items()):
-                if buffer_id not in in_use and not buffer.held:
+                if buffer_id not in in_use and not buffer.pins:
                     self.buffers.pop(buffer_id).close()
 
     def release_buffer(self, buffer: Buffer) -> None:
         """The owner lets go: the buffer lives on only while mappings use it."""
-        buffer.held = False
-        self.free_unmapped_buffers()
-
-    def drop_buffer(self, buffer: Buffer) -> None:
         with self.lock:
-            self.buffers.pop(buffer.id, None)
-        buffer.close()
+            buffer.pins -= 1
+        self.free_unmapped_buffers()
 
     def forget(self, why: str) -> None:
         """Reset or disconnect: the front-end dropped every mapping; no UNMAPs are sent."""
@@ -236,22 +237,26 @@ class SimDevice:
     ) -> int | None:
         """Ask the front-end to map (a new tagged buffer unless one is given). A refused
         map leaves nothing behind; an unknown outcome is kept as an unconfirmed mapping."""
-        created = buffer is None
         if buffer is None:
-            buffer = self.new_buffer(m.fd_offset + m.len)
+            buffer = self.new_buffer(m.fd_offset + m.len, pinned=True)
+        else:
+            with self.lock:
+                if self.buffers.get(buffer.id) is not buffer:
+                    raise RequestRefused(f"buffer {buffer.id} is gone: nothing maps it any more")
+                buffer.pins += 1
+        # Pinned while in flight: another thread's unmap or a reset frees unused buffers.
         try:
             result, crossed_reset = self._request(BackendReq.SHMEM_MAP, m, buffer.fd, need_reply)
         except (ChannelTimeout, PeerProtocolError):
             self._believe(m, buffer, confirmed=False)  # it may be mapped: keep its buffer
+            self.release_buffer(buffer)
             raise
-        except (NotReady, ChannelError):
-            if created:  # never reached a front-end: nothing can refer to it
-                self.drop_buffer(buffer)
+        except BaseException:
+            self.release_buffer(buffer)  # never reached a front-end: nothing refers to it
             raise
         if result in (0, None) and not crossed_reset:
             self._believe(m, buffer, confirmed=True)
-        elif created:
-            self.free_unmapped_buffers()  # refused, or settled after a reset: nothing uses it
+        self.release_buffer(buffer)  # refused, or settled after a reset: nothing uses it
         self._report("mapped", m, result, buffer.id)
         return result
 
@@ -360,9 +365,12 @@ class SimDevice:
 
     def _believe(self, m: ShmemMap, buffer: Buffer, *, confirmed: bool) -> None:
         with self.lock:
+            replaced = self.mapped.get((m.shmid, m.shm_offset))
             self.mapped[(m.shmid, m.shm_offset)] = Believed(
                 m.shmid, m.shm_offset, m.len, m.fd_offset, m.writable, buffer.id, confirmed
             )
+        if replaced is not None:  # a front-end acked a map over one: the old one is gone
+            self.free_unmapped_buffers()
 
     def _report(self, done: str, m: ShmemMap, result: int | None, buffer: int | None) -> None:
         events = self.endpoint.events
@@ -561,7 +569,9 @@ class ScriptRunner:
         if existing * PAGE_SIZE > 2 * self.CHURN_BASE:
             raise ScriptError(f"bench EXISTING is at most {2 * self.CHURN_BASE // PAGE_SIZE}")
         if self._bench_buffer is None:
-            self._bench_buffer = self.device.new_buffer(2 * self.CHURN_BASE, tagged=False)
+            self._bench_buffer = self.device.new_buffer(
+                2 * self.CHURN_BASE, tagged=False, pinned=True
+            )
         buf = self._bench_buffer
         for i in range(self._bench_filled, existing):
             last = i == existing - 1 or (i + 1) % 64 == 0
@@ -576,7 +586,7 @@ class ScriptRunner:
         self._fill(existing)
         base = self.CHURN_BASE
         batch = 1 if mode == "ack" else int(mode.removeprefix("batch"))
-        buf = self.device.new_buffer(length, tagged=False)
+        buf = self.device.new_buffer(length, tagged=False, pinned=True)
         maps = [ShmemMap(0, base + k * length, length, 0) for k in range(batch)]
         samples: list[float] = []
         groups = max(1, pairs // batch)

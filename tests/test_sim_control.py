@@ -231,8 +231,9 @@ def _raw_answer(path: str, line: bytes) -> dict[str, Any]:
         (b'{"execute": "status", "id": "\xff"}', "not JSON"),
         (b'{"execute": "status", "id": NaN}', "NaN is not a JSON value"),
         (b'{"execute": "status", "id": -Infinity}', "-Infinity is not a JSON value"),
+        (b'{"execute": "status", "id": 1e999}', "1e999 is too large"),
     ],
-    ids=["deep-array", "deep-id", "huge-int", "bad-utf8", "nan-id", "infinity-id"],
+    ids=["deep-array", "deep-id", "huge-int", "bad-utf8", "nan-id", "infinity-id", "1e999-id"],
 )
 def test_hostile_lines_get_a_clear_error_on_both_daemons(
     driven, tmp_path: Path, spawn: Callable[..., Proc], line: bytes, words: str

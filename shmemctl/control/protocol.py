@@ -9,6 +9,7 @@ server -> {"event": "mapped", "data": {...}, "timestamp": 1.5, "seq": 7}  (after
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,9 +154,17 @@ def decode_request(line: bytes) -> object:
             f"JSON nested {depth} levels deep; a request needs at most {MAX_DEPTH}",
         )
     try:
-        return json.loads(line, parse_constant=_no_constant)
+        return json.loads(line, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints
         raise ControlError(ErrorClass.BAD_REQUEST, f"not JSON: {exc}") from None
+
+
+def _finite(text: str) -> float:
+    """A JSON number too large for a float (1e999) would come back as Infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large for a number here")
+    return value
 
 
 def _no_constant(name: str) -> None:
