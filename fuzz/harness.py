@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -1334,6 +1336,11 @@ ANSWERS = (
 SILENT_ANSWERS = ((960, "silent"), (975, "hangup-backend"), (985, "hangup"), (1000, "unasked"))
 
 
+def _pending(sock: socket.socket) -> int:
+    """Bytes waiting to be read on a socket."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
 def _readable(sock: socket.socket, timeout: float) -> bool:
     """A poll of its own: a Channel's poll object is not for two threads at once."""
     return bool(select.select([sock], [], [], timeout)[0])
@@ -1397,11 +1404,13 @@ class HostileFrontend:
         self.dropped: set[tuple[int, int, int]] = set()
         #: the ranges backend_sim asked this connection to map: nothing else may it unmap
         self.mapped_here: set[tuple[int, int, int]] = set()
-        self.commanded: set[tuple[int, int]] = set()  # unmaps the harness asked for
+        #: the unmap the harness's control command asks for in this step (one request)
+        self.commanded: set[tuple[int, int, int]] = set()
         self.kept_allowance = 0  # maps whose outcome backend_sim could not know
         self.no_replies = 0
         self.desynced = False  # an unasked reply: who answered what is unknowable
         self.log: list[tuple[int, ShmemMap, bool]] = []
+        self.before_reset = 0  # bytes on the backend channel sent before the last reset's ack
         self.violations: list[str] = []
         self.trace: list[str] = []
         self.sent = 0
@@ -1461,6 +1470,9 @@ class HostileFrontend:
             else:
                 self._call(FrontendReq[kind], need=True)
             self._forget()
+            # What backend_sim sent before it acked the reset is in our buffer by now (a
+            # Unix socket copies at send); it may predate the reset, so is not held to it.
+            self.before_reset = _pending(self.backend.sock) if self.backend else 0
             self.trace.append(f"  front-end: {kind}")
 
     def heal(self) -> None:
@@ -1573,8 +1585,15 @@ class HostileFrontend:
             self.violations.append(f"backend_sim sent {msg.name} {m} with {fds} fds")
         key = (m.shmid, m.shm_offset)
         self.log.append((req, m, need))
-        if req == UNMAP and key not in self.commanded:
-            if (*key, m.len) in self.dropped:
+        sent_before_reset = self.before_reset > 0
+        self.before_reset = max(
+            0, self.before_reset - len(encode_shmem_request(req, m, need_reply=need))
+        )
+        commanded = req == UNMAP and (*key, m.len) in self.commanded
+        if commanded:
+            self.commanded.discard((*key, m.len))
+        if req == UNMAP and not commanded:
+            if (*key, m.len) in self.dropped and not sent_before_reset:
                 self.violations.append(
                     f"backend_sim sent SHMEM_UNMAP {_fields(m)} for a mapping that a reset "
                     "dropped after its map was acked")  # fmt: skip
@@ -1612,7 +1631,7 @@ class HostileFrontend:
             self.settled |= self.pending & set(self.held)
             self.pending.clear()
         self._reply(ch, req, m, key, how, n)
-        if req == UNMAP and key in self.held and key not in self.commanded:
+        if req == UNMAP and key in self.held and not commanded:
             # refused: the device cannot tell "still mapped" from "a reset dropped it"
             # when it settles a map that crossed a reset this way
             self.unsure.add(key)
@@ -1974,7 +1993,7 @@ class SimControlTarget:
                     args = {"shmid": 0, "shm_offset": step[1] % 16 * PAGE, "len": PAGE}
             else:
                 args = {k: step[1][k] for k in ("shmid", "shm_offset", "len")}
-            fe.commanded.add((args["shmid"], args["shm_offset"]))
+            fe.commanded = {(args["shmid"], args["shm_offset"], args["len"])}
         elif kind == "batch":
             args = {"maps": [_safe_map(a) for a in step[1]]}
         elif kind == "scenario-start":
@@ -1983,6 +2002,7 @@ class SimControlTarget:
         started = time.monotonic()
         answer = ctl.ask(kind, args)
         took = time.monotonic() - started
+        fe.commanded = set()
         line = json.dumps({"execute": kind, **({} if args is ABSENT else {"arguments": args})})
         fe.trace.append(f"{line}\n    -> {json.dumps(answer)[:300]}")
         _check_answer(answer, line.encode(), "backend_sim")
