@@ -12,7 +12,7 @@ from shmemctl.backend import BackendEndpoint, NotReady, PeerProtocolError
 from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.control import Arg, Command, ControlError, ErrorClass, shmid_arg, u64
 from shmemctl.daemon import process_facts
-from shmemctl.sizes import human_size
+from shmemctl.sizes import hex_range, human_size
 from shmemctl.wire import ShmemMap, feature_names
 from shmemctl.wire.messages import MMAP_FLAG_WRITE, describe_reply
 
@@ -140,6 +140,7 @@ def batch(st: BackendState, maps: list) -> dict[str, Any]:
         except RequestRefused as exc:
             raise ControlError(ErrorClass.BAD_ARGUMENT, f"batch item {n}: {exc}") from None
         requests.append(m)
+    _check_batch_overlaps(st, requests)
     cost = sum(m.fd_offset + m.len for m in requests)
     if cost > st.device.max_buffer:
         raise ControlError(
@@ -159,6 +160,34 @@ def batch(st: BackendState, maps: list) -> dict[str, Any]:
             "batch are silent",
         )
     return {"result": "ok", "count": len(requests)}
+
+
+def _check_batch_overlaps(st: BackendState, requests: list[ShmemMap]) -> None:
+    """Only the last map of a batch is answered; a refusal of an earlier one is silent,
+    and the device would go on believing a mapping that does not exist. So a batch is
+    sent only if the device's own reading finds no overlap in it: not between its maps,
+    and not of an earlier one with a mapping the device believes."""
+    seen: list[tuple[int, ShmemMap]] = []
+    for n, m in enumerate(requests):
+        for k, other in seen:
+            if other.shmid == m.shmid and (
+                other.shm_offset < m.shm_offset + m.len
+                and m.shm_offset < other.shm_offset + other.len
+            ):
+                raise ControlError(
+                    ErrorClass.BAD_ARGUMENT,
+                    f"batch item {n} overlaps item {k} "
+                    f"({hex_range(other.shm_offset, other.len)} of region {m.shmid}): a "
+                    "front-end refuses one of them, silently if it is not the last",
+                )
+        seen.append((n, m))
+        own = st.device.explain(m, is_map=True) if n < len(requests) - 1 else ""
+        if own:
+            raise ControlError(
+                ErrorClass.BAD_ARGUMENT,
+                f"batch item {n}: the device's own reading: {own}; only the last map of a "
+                "batch is answered, so its refusal would be silent",
+            )
 
 
 def _map_request(

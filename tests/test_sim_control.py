@@ -424,3 +424,23 @@ def test_every_line_sent_before_a_half_close_is_answered(sim: Callable[..., Sim]
         answers = [json.loads(line) for line in f]
     assert [a["id"] for a in answers] == list(range(20))
     assert all("return" in a for a in answers)
+
+
+def test_a_batch_the_device_could_not_keep_track_of_is_not_sent(sim: Callable[..., Sim]) -> None:
+    """Only a batch's last map is answered: an earlier one refused for overlap would be
+    refused silently and believed anyway, so such a batch is refused before sending."""
+    s = sim()
+    twice = [{"shmid": 0, "shm_offset": 0, "len": 0x6000}, {"shmid": 0, "shm_offset": 0x1000,
+                                                          "len": 0x1000}]  # fmt: skip
+    err = s.error_of(s.start("batch", maps=twice))
+    assert err.error_class == ErrorClass.BAD_ARGUMENT and "item 1 overlaps item 0" in err.desc
+    pending = s.start("map", shmid=0, shm_offset=0x10000, len=0x1000)
+    s.request()
+    s.answer(BackendReq.SHMEM_MAP, 0)
+    pending.result(timeout=60)
+    over = [{"shmid": 0, "shm_offset": 0x10000, "len": 0x1000},
+            {"shmid": 0, "shm_offset": 0x20000, "len": 0x1000}]  # fmt: skip
+    err = s.error_of(s.start("batch", maps=over))
+    assert "batch item 0: the device's own reading: overlaps 0x10000+0x1000" in err.desc
+    assert not s.backend.wait_readable(0)
+    s.settled()
