@@ -1404,7 +1404,8 @@ class HostileFrontend:
         self.dropped: set[tuple[int, int, int]] = set()
         #: the ranges backend_sim asked this connection to map: nothing else may it unmap
         self.mapped_here: set[tuple[int, int, int]] = set()
-        #: the unmap the harness's control command asks for in this step (one request)
+        #: the range the harness's control command unmaps in this step (a scenario may
+        #: unmap it too, at the same time: any UNMAP of it in the step is the harness's)
         self.commanded: set[tuple[int, int, int]] = set()
         self.kept_allowance = 0  # maps whose outcome backend_sim could not know
         self.no_replies = 0
@@ -1460,7 +1461,28 @@ class HostileFrontend:
             theirs.close()
         old, self.backend = self.backend, Channel(ours, ChannelKind.BACKEND, replies=False)
         if old is not None:
-            old.close()
+            self._drop_channel(old)
+
+    def _drop_channel(self, ch: Channel) -> None:
+        """Close a backend channel unread, as a front-end that hangs up does. What
+        backend_sim sent on it was still sent on this connection: its maps are noted."""
+        data = b""
+        with contextlib.suppress(OSError):
+            while _readable(ch.sock, 0):
+                chunk = ch.sock.recv(1 << 16, socket.MSG_DONTWAIT)  # any fds: dropped
+                if not chunk:
+                    break
+                data += chunk
+        size = len(encode_shmem_request(MAP, ShmemMap(0, 0, 0), need_reply=False))
+        for at in range(0, len(data) - size + 1, size):
+            req, _flags, _size, shmid, fd_offset, offset, length, _ = struct.unpack_from(
+                "<IIIQQQQQ", data, at
+            )
+            if req == MAP:
+                self.mapped_here.add((shmid, offset, length))
+                m = ShmemMap(shmid, offset, length, fd_offset)
+                self.trace.append(f"  backend_sim sent SHMEM_MAP {_fields(m)}: never read")
+        ch.close()
 
     def reset(self, kind: str) -> None:
         """A device reset on the main channel: every mapping dropped, on both sides."""
@@ -1590,8 +1612,6 @@ class HostileFrontend:
             0, self.before_reset - len(encode_shmem_request(req, m, need_reply=need))
         )
         commanded = req == UNMAP and (*key, m.len) in self.commanded
-        if commanded:
-            self.commanded.discard((*key, m.len))
         if req == UNMAP and not commanded:
             if (*key, m.len) in self.dropped and not sent_before_reset:
                 self.violations.append(
@@ -1718,7 +1738,7 @@ class HostileFrontend:
             with contextlib.suppress(ChannelError, OSError, WireError):
                 self.connect()  # else heal() tries again before the next step
         else:
-            ch.close()
+            self._drop_channel(ch)
             self.backend = None
             with contextlib.suppress(ChannelError, OSError, WireError):
                 self._new_backend_channel()
@@ -1728,6 +1748,7 @@ class HostileFrontend:
         if req == MAP:
             self.held[key] = (m.len, m.fd_offset, m.writable)
             self.settled.add(key)
+            self.dropped.discard((*key, m.len))  # mapped again since the reset
         else:
             self.held.pop(key, None)
             self.settled.discard(key)
