@@ -2174,7 +2174,9 @@ def run_target(target: str, examples: int, seconds: float, seed_value: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=[*TARGETS, "all"], default="all")
-    parser.add_argument("--examples", type=int, default=1000, help="per target, at most")
+    parser.add_argument(
+        "--examples", type=int, help="per target, at most (default 1000; no limit with --inputs)"
+    )
     parser.add_argument("--inputs", type=int, help="per target: stop once this many are fed")
     parser.add_argument("--seconds", type=float, default=60, help="per target, at most")
     parser.add_argument("--seed", type=int, default=1)
@@ -2191,6 +2193,8 @@ def main() -> None:
         help="report failing examples as found (faster; longer examples)",
     )
     args = parser.parse_args()
+    if args.examples is None:
+        args.examples = 1000 if args.inputs is None else sys.maxsize
     outcomes = []
     for target in TARGETS if args.target == "all" else (args.target,):
         outcome = run_target(target, args.examples, args.seconds, args.seed,
