@@ -135,6 +135,7 @@ class SimDevice:
         self.endpoint = endpoint
         self.max_buffer = max_buffer
         self.lock = threading.Lock()
+        self._sending = threading.Lock()
         self.buffers: dict[int, Buffer] = {}
         self.mapped: dict[tuple[int, int], Believed] = {}
         self.generation = 0
@@ -303,7 +304,20 @@ class SimDevice:
         need_reply: bool,
         guard: SendGuard | None = None,
     ) -> tuple[int | None, bool]:
-        """Send one request; return the answer and whether it crossed a reset."""
+        """Send one request; return the answer and whether it crossed a reset. One at a
+        time: the record of the request in flight and its send must not interleave with
+        another thread's (a scenario beside a control command)."""
+        with self._sending:
+            return self._request_alone(req, m, fd, need_reply, guard)
+
+    def _request_alone(
+        self,
+        req: BackendReq,
+        m: ShmemMap,
+        fd: int | None,
+        need_reply: bool,
+        guard: SendGuard | None,
+    ) -> tuple[int | None, bool]:
         channel = self.endpoint.backend_channel
         is_map = req == BackendReq.SHMEM_MAP
         with self.lock:
