@@ -1347,7 +1347,7 @@ def _readable(sock: socket.socket, timeout: float) -> bool:
 
 
 def _invalid_map(regions: dict[int, int], m: ShmemMap) -> str:
-    """Why a front-end must refuse this map whatever it holds (brief §5), or ""."""
+    """Why a front-end must refuse this map whatever it holds (docs/protocol.md §5), or ""."""
     size = regions.get(m.shmid, 0)
     if not size:
         return f"no region {m.shmid}"

@@ -1,7 +1,7 @@
 """The back-end endpoint: answers a front-end's main channel like a device daemon
 does, and sends SHMEM_MAP/SHMEM_UNMAP over the backend channel it is handed.
 
-Main-channel handling never waits on the backend channel (brief §6.9): a
+Main-channel handling never waits on the backend channel (docs/protocol.md §6.9): a
 front-end such as QEMU may be blocked on a main-channel reply while we wait
 for a map's ack, so the two run in different threads.
 """
@@ -57,7 +57,7 @@ from .wire.messages import (
 
 log = logging.getLogger("backend")
 
-#: What our back-end offers besides SHMEM (brief §6.2, §6.4, §6.10); CONFIG is
+#: What our back-end offers besides SHMEM (docs/protocol.md §6.2, §6.4, §6.10); CONFIG is
 #: added for a device with config space, which is the default (see DeviceModel).
 OFFERED = (
     ProtocolFeature.MQ

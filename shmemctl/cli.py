@@ -609,7 +609,7 @@ def conformance(
     timeout: float, regions: str | None, no_offer_bit_21: bool, require_shmem: bool,
     as_json: bool,
 ) -> None:  # fmt: skip
-    """Check another implementation against the protocol brief; exit 1 if a check fails
+    """Check another implementation against the protocol (docs/protocol.md); exit 1 if a check fails
     or could not run (a peer that hangs up mid-suite fails it).
 
     A front-end is usually tested by listening for it (the default with --frontend); a

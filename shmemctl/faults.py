@@ -2,7 +2,7 @@
 
 `shmemctl frontend --fault NAME` and `python -m backend_sim --fault NAME` turn
 one of these on; nothing else ever does. Each breaks exactly one rule of the
-brief, named beside it.
+protocol (docs/protocol.md §N, named beside it).
 """
 
 from __future__ import annotations

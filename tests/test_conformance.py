@@ -400,7 +400,7 @@ def test_qemu_storage_daemon_as_backend(spawn, tmp_path) -> None:
     wait_until(lambda: os.path.exists(sock), 15, "qemu-storage-daemon's socket")
     report = complete(check_backend(sock, wait=0.5, timeout=TIMEOUT))
     # libvhost-user (QEMU 7.2) answers a getter sent with NEED_REPLY with flags 0xd: it
-    # echoes NEED_REPLY into the reply, where the brief (§2) wants exactly 0x5.
+    # echoes NEED_REPLY into the reply, where the docs/protocol.md (§2) wants exactly 0x5.
     assert failed(report) == {"need-reply-on-a-getter"}, report.to_text()
     (finding,) = report.failed
     assert "flags 0xd" in json.dumps(finding.arrived)

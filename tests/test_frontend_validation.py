@@ -1,4 +1,4 @@
-"""Every SHMEM_MAP/UNMAP rule of brief §5, sent to a real front-end process over a real
+"""Every SHMEM_MAP/UNMAP rule of docs/protocol.md §5, sent to a real front-end process over a real
 backend channel; after each refusal the kernel must show nothing new and no fd kept."""
 
 from __future__ import annotations

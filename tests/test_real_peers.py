@@ -120,7 +120,7 @@ class QemuDevice:
     """One of QEMU 7.2's vhost-user device types, and what its realize looks like."""
 
     qdev: str
-    #: realize sends SET_VRING_CALL and SET_VRING_ERR for each (brief §4 step 5)
+    #: realize sends SET_VRING_CALL and SET_VRING_ERR for each (docs/protocol.md §4 step 5)
     queues: int
     #: realize ends with GET_CONFIG (vhost_dev_get_config); QEMU acks CONFIG only then
     reads_config: bool
@@ -193,7 +193,7 @@ def test_qemu_realizes_a_vhost_user_device_against_backend_sim(
     ]
     received = iter(received_on_main(trace))
     assert all(name in received for name in order), (
-        f"QEMU's realize order as the brief describes it: {order} in {received_on_main(trace)}"
+        f"QEMU's realize order as §4 describes it: {order} in {received_on_main(trace)}"
     )
     # QEMU 7.2 does not know SHMEM: it masks the bit out and never asks for the layout
     assert "GET_SHMEM_CONFIG" not in log

@@ -1,5 +1,5 @@
 """A conformance run's findings: per check, a verdict, what was expected, what arrived
-(decoded), and the passage of the protocol brief it comes from.
+(decoded), and the passage of docs/protocol.md it comes from.
 
 Every check a run plans gets exactly one verdict: pass, fail, n/a (the peer declined
 the feature the check is about) or not run (the suite could not get that far: the
@@ -24,6 +24,10 @@ _MARKS = {PASS: "pass", FAIL: "FAIL", NA: "n/a ", NOT_RUN: "----"}
 #: The first and the last check of either suite.
 CONNECTS = "connects"
 STAYS_CONNECTED = "stays-connected"
+
+
+#: where every check's passage (`§5 step 10`) is to be read
+PASSAGES = "docs/protocol.md"
 
 
 @dataclass
@@ -108,14 +112,16 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"target": self.target, "role": self.role, "summary": self.counts(),
+            {"target": self.target, "role": self.role, "passages": PASSAGES,
+             "summary": self.counts(),
              "results": [asdict(r) for r in self.results]},
             default=str,
         )  # fmt: skip
 
     def to_text(self) -> str:
         width = max((len(r.check) for r in self.results), default=10)
-        lines = [f"conformance of the {self.role} at {self.target}", ""]
+        lines = [f"conformance of the {self.role} at {self.target}",
+                 f"passages (§N) refer to {PASSAGES}", ""]
         for group in self._groups():
             r = group[0]
             mark = _MARKS[r.verdict]

@@ -3,7 +3,7 @@
 Three operations on address space, nothing more: reserve a range, map an fd
 over part of it, put the reservation back. A range is never munmapped while
 its reservation lives: an unrelated mmap(NULL) could land in the hole, and our
-next MAP_FIXED would clobber it (brief §6.10).
+next MAP_FIXED would clobber it (docs/protocol.md §6.10).
 """
 
 from __future__ import annotations

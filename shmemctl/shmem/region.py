@@ -1,5 +1,5 @@
 """VIRTIO Shared Memory Regions of a front-end: reservations, mappings, and the
-one place where SHMEM_MAP/SHMEM_UNMAP requests are validated (brief §5, steps 4-12).
+one place where SHMEM_MAP/SHMEM_UNMAP requests are validated (docs/protocol.md §5, steps 4-12).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .rules import (
 )
 
 PAGE_SIZE = libc.PAGE_SIZE
-#: Mappings are refused past these counts unless configured otherwise (brief §5 step 12).
+#: Mappings are refused past these counts unless configured otherwise (docs/protocol.md §5 step 12).
 DEFAULT_MAX_PER_REGION = 131_072
 DEFAULT_MAX_TOTAL = 262_144
 #: Address space the regions of one device may reserve in total.
@@ -59,7 +59,7 @@ def _refuse(reason: Refusal, detail: str) -> ShmemRefused:
 
 
 def check_layout(sizes: dict[int, int], max_reserve: int = DEFAULT_MAX_RESERVE) -> None:
-    """Front-end rules for a GET_SHMEM_CONFIG answer (brief §5)."""
+    """Front-end rules for a GET_SHMEM_CONFIG answer (docs/protocol.md §5)."""
     total = 0
     for shmid, size in sizes.items():
         if size % PAGE_SIZE:
@@ -157,7 +157,7 @@ class RegionTable:
         return region
 
     def map(self, m: ShmemMap, fd: int) -> Mapping:
-        """Validate (brief §5 steps 4-12) and map. The caller still owns and closes `fd`."""
+        """Validate (docs/protocol.md §5 steps 4-12) and map; the caller still owns `fd`."""
         with self.lock:
             region = self._region(m, is_map=True)
             end = m.shm_offset + m.len

@@ -1,5 +1,5 @@
 """The SHMEM_MAP/SHMEM_UNMAP rules that need nothing but the request and the region
-layout (brief §5, steps 4-9): pure functions, so the front-end's validation and the
+layout (docs/protocol.md §5, steps 4-9): pure functions, so the front-end's validation and the
 device's own reading of a request apply the same rule in the same order.
 
 Each check raises ShmemRefused with the reason and the errno a front-end replies.

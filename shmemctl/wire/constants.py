@@ -1,4 +1,4 @@
-"""Message ids, header flags and feature bits of vhost-user (brief §2-§4).
+"""Message ids, header flags and feature bits of vhost-user (docs/protocol.md §2-§4).
 
 The two channels have separate id spaces, hence two enums: 9 is
 SET_VRING_ADDR on the main channel and SHMEM_MAP on the backend channel.
@@ -32,7 +32,7 @@ KNOWN_FLAGS = VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY
 VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
 VIRTIO_F_VERSION_1 = 1 << 32
 
-#: The one place the SHMEM protocol feature bit is named (brief §6.1).
+#: The one place the SHMEM protocol feature bit is named (docs/protocol.md §6.1).
 SHMEM_BIT = 22
 #: rust-vmm `vhost` 0.16 shipped SHMEM at 21; reachable only through --shmem-bit 21.
 LEGACY_SHMEM_BIT = 21

@@ -94,7 +94,7 @@ class ShmemConfig:
         return cls(tuple(sizes), sum(1 for s in sizes if s))
 
     def regions(self) -> dict[int, int]:
-        """shmid -> size for every region in use (the array is the truth, brief §6.3)."""
+        """shmid -> size for every region in use (the array is the truth, docs/protocol.md §6.3)."""
         return {shmid: size for shmid, size in enumerate(self.sizes) if size}
 
 
@@ -352,7 +352,7 @@ _MAIN: dict[int, Spec] = {
     FrontendReq.GET_STATUS: Spec(Kind.EMPTY, own_reply=True),
     FrontendReq.GET_SHMEM_CONFIG: Spec(Kind.EMPTY, Kind.SHMEM_CONFIG, own_reply=True),
     # Requests this project does not implement but whose replies are their own: a
-    # device that cannot give one must hang up rather than ack (brief §3).
+    # device that cannot give one must hang up rather than ack (docs/protocol.md §3).
     FrontendReq.POSTCOPY_ADVISE: Spec(Kind.RAW, Kind.RAW, own_reply=True),
     FrontendReq.GET_INFLIGHT_FD: Spec(Kind.RAW, Kind.RAW, own_reply=True),
     FrontendReq.GET_SHARED_OBJECT: Spec(Kind.RAW, Kind.RAW, own_reply=True),
@@ -361,7 +361,7 @@ _MAIN: dict[int, Spec] = {
 }
 _BACKEND: dict[int, Spec] = {
     BackendReq.CONFIG_CHANGE_MSG: Spec(Kind.EMPTY),
-    # Exactly one fd is a validation rule of the front-end (brief §5 step 2),
+    # Exactly one fd is a validation rule of the front-end (docs/protocol.md §5 step 2),
     # answered with a failure reply, not a protocol error.
     BackendReq.SHMEM_MAP: Spec(Kind.MMAP, max_fds=MAX_BACKEND_FDS),
     BackendReq.SHMEM_UNMAP: Spec(Kind.MMAP),
@@ -509,7 +509,7 @@ def encode_shmem_request(request: int, m: ShmemMap, *, need_reply: bool) -> byte
 
 
 def result_from_errno(err: int) -> int:
-    """The u64 we reply for a failure: the negated errno (brief §6.7)."""
+    """The u64 we reply for a failure: the negated errno (docs/protocol.md §6.7)."""
     return -err & U64_MASK
 
 

@@ -1,4 +1,4 @@
-"""Byte layouts of the header and every payload the brief lists (§2).
+"""Byte layouts of the header and every payload of docs/protocol.md §2.
 
 `construct` definitions are the schema: readable, and used to decode the
 rarer payloads. The per-message hot path (header, u64, VhostUserMMap) uses
