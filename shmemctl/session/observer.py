@@ -1,0 +1,305 @@
+"""A pair seen from the side: fed every message of both channels in the order each
+channel carried them, it keeps what the pair negotiated, the region layout, the
+mappings in place and the requests still owed a reply, and reports each rule either
+side breaks. It sends nothing and needs no I/O: the base of the tap and of checking
+a recorded trace.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from ..shmem.libc import PAGE_SIZE
+from ..shmem.rules import ShmemRefused, check_request, overlap_detail
+from ..wire.constants import (
+    LEGACY_SHMEM_BIT,
+    SHMEM_BIT,
+    BackendReq,
+    ChannelKind,
+    FrontendReq,
+    ProtocolFeature,
+)
+from ..wire.messages import Message, ShmemConfig, ShmemMap
+from .common import Owed, Rule, owed_by
+
+FRONTEND = "front-end"
+BACKEND = "back-end"
+
+
+class Violation(NamedTuple):
+    rule: Rule
+    #: who broke it: FRONTEND or BACKEND
+    by: str
+    detail: str
+
+
+class Pending(NamedTuple):
+    request: Message
+    owed: Owed
+
+
+@dataclass
+class PairState:
+    offered: int | None = None
+    acked: int | None = None
+    features: int | None = None
+    config: ShmemConfig | None = None
+    backend_channel: bool = False
+    #: shmid -> {shm_offset: ShmemMap}, as the front-end's answers say they are
+    mappings: dict[int, dict[int, ShmemMap]] = field(default_factory=dict)
+    #: ranges a reset dropped, not mapped again since
+    dropped: set[tuple[int, int, int]] = field(default_factory=set)
+    resets: int = 0
+
+
+class Observer:
+    """Feed `message(msg)` with each message as it travelled; read `violations`."""
+
+    def __init__(self, *, shmem_bit: int = SHMEM_BIT) -> None:
+        self.shmem_mask = 1 << shmem_bit
+        self.state = PairState()
+        self.violations: list[Violation] = []
+        self._pending: dict[ChannelKind, deque[Pending]] = {
+            ChannelKind.MAIN: deque(),
+            ChannelKind.BACKEND: deque(),
+        }
+
+    # ------------------------------------------------------------ what it knows
+
+    @property
+    def reply_ack(self) -> bool:
+        return bool((self.state.acked or 0) & ProtocolFeature.REPLY_ACK)
+
+    @property
+    def shmem(self) -> bool:
+        return bool((self.state.acked or 0) & self.shmem_mask)
+
+    def pending(self, channel: ChannelKind) -> list[Message]:
+        """Requests on `channel` still owed a reply, oldest first."""
+        return [p.request for p in self._pending[channel]]
+
+    def mappings(self) -> list[ShmemMap]:
+        return [
+            m
+            for shmid in sorted(self.state.mappings)
+            for _, m in sorted(self.state.mappings[shmid].items())
+        ]
+
+    # ------------------------------------------------------------ feeding
+
+    def message(self, msg: Message) -> list[Violation]:
+        """One message as it travelled; returns the violations it showed (also kept)."""
+        before = len(self.violations)
+        if msg.is_reply:
+            self._reply(msg)
+        elif msg.channel is ChannelKind.MAIN:
+            self._main_request(msg)
+        else:
+            self._backend_request(msg)
+        return self.violations[before:]
+
+    def disconnected(self) -> None:
+        """The connection ended: every mapping is gone, nothing is owed any more."""
+        self._drop_all()
+        for queue in self._pending.values():
+            queue.clear()
+        self.state = PairState(resets=self.state.resets)
+
+    def _flag(self, rule: Rule, by: str, detail: str) -> None:
+        self.violations.append(Violation(rule, by, detail))
+
+    # ------------------------------------------------------------ main channel
+
+    def _main_request(self, msg: Message) -> None:
+        s = self.state
+        match msg.request:
+            case FrontendReq.SET_PROTOCOL_FEATURES:
+                acked = msg.payload if isinstance(msg.payload, int) else 0
+                if s.offered is not None and acked & ~s.offered:
+                    self._flag(
+                        Rule.ACKS_ONLY_OFFERED,
+                        FRONTEND,
+                        f"acked {acked:#x}, offered {s.offered:#x}",
+                    )
+                if (
+                    acked & ProtocolFeature.GPA_ADDRESSES
+                    and self.shmem_mask != 1 << LEGACY_SHMEM_BIT
+                ):
+                    self._flag(Rule.SHMEM_AT_BIT_22, FRONTEND, f"acked {acked:#x}: bit 21 set")
+                s.acked = acked
+            case FrontendReq.SET_BACKEND_REQ_FD:
+                if s.acked is None:
+                    self._flag(
+                        Rule.PROTOCOL_FEATURES_FIRST,
+                        FRONTEND,
+                        "SET_BACKEND_REQ_FD before any SET_PROTOCOL_FEATURES",
+                    )
+                if len(msg.fds) != 1:
+                    self._flag(
+                        Rule.BACKEND_CHANNEL_FD,
+                        FRONTEND,
+                        f"SET_BACKEND_REQ_FD with {len(msg.fds)} fds",
+                    )
+                s.backend_channel = True
+            case FrontendReq.SET_FEATURES:
+                s.features = msg.payload if isinstance(msg.payload, int) else 0
+            case FrontendReq.RESET_DEVICE | FrontendReq.RESET_OWNER:
+                self._reset()
+            case FrontendReq.SET_STATUS if msg.payload == 0:
+                self._reset()
+        kind = owed_by(msg, self.reply_ack)  # SET_PROTOCOL_FEATURES: by the new set
+        if kind is not Owed.NOTHING:
+            self._pending[ChannelKind.MAIN].append(Pending(msg, kind))
+
+    def _reset(self) -> None:
+        self.state.resets += 1
+        self._drop_all()
+
+    def _drop_all(self) -> None:
+        for shmid, held in self.state.mappings.items():
+            self.state.dropped.update((shmid, m.shm_offset, m.len) for m in held.values())
+        self.state.mappings.clear()
+
+    # ------------------------------------------------------------ backend channel
+
+    def _backend_request(self, msg: Message) -> None:
+        if owed_by(msg, self.reply_ack) is not Owed.NOTHING:
+            self._pending[ChannelKind.BACKEND].append(Pending(msg, Owed.ACK))
+        if msg.request not in (BackendReq.SHMEM_MAP, BackendReq.SHMEM_UNMAP):
+            return
+        if not (self.shmem and self.reply_ack):
+            self._flag(
+                Rule.SHMEM_NEGOTIATED,
+                BACKEND,
+                f"{msg.name} with protocol features {self.state.acked or 0:#x}",
+            )
+        m = msg.payload
+        if not isinstance(m, ShmemMap):
+            return
+        why = self.must_refuse(m, is_map=msg.request == BackendReq.SHMEM_MAP)
+        if why:
+            self._flag(Rule.MAP_VALID, BACKEND, f"{msg.name} {_where(m)}: {why}")
+        if msg.request == BackendReq.SHMEM_UNMAP and (m.shmid, m.shm_offset, m.len) in (
+            self.state.dropped
+        ):
+            self._flag(
+                Rule.NO_UNMAP_AFTER_RESET,
+                BACKEND,
+                f"SHMEM_UNMAP {_where(m)}: a reset already dropped it",
+            )
+        if not msg.need_reply or not self.reply_ack:
+            self._settle(msg, None)  # no answer will come: it takes effect if it is valid
+
+    def must_refuse(self, m: ShmemMap, *, is_map: bool) -> str:
+        """Why a front-end following the rules must refuse this request, from the layout
+        and the mappings this observer saw made; "" when it need not."""
+        config = self.state.config
+        if config is None:
+            return ""  # the layout was never seen: nothing to judge by
+        try:
+            check_request(config.regions(), m, is_map=is_map)
+        except ShmemRefused as exc:
+            return exc.detail
+        held = self.state.mappings.get(m.shmid, {})
+        end = m.shm_offset + m.len
+        if is_map:
+            for other in held.values():
+                if other.shm_offset < end and m.shm_offset < other.shm_offset + other.len:
+                    return overlap_detail(other.shm_offset, other.len)
+            return ""
+        whole = held.get(m.shm_offset)
+        if whole is None or whole.len != m.len:
+            return "not one whole existing mapping"
+        return ""
+
+    # ------------------------------------------------------------ replies
+
+    def _reply(self, msg: Message) -> None:
+        queue = self._pending[msg.channel]
+        by = BACKEND if msg.channel is ChannelKind.MAIN else FRONTEND
+        if not queue:
+            rule = (
+                Rule.REPLY_OWED
+                if msg.channel is ChannelKind.MAIN
+                else (Rule.REPLY_ONLY_UNDER_REPLY_ACK)
+            )
+            self._flag(rule, by, f"a {msg.name} reply nobody is owed")
+            return
+        asked = queue.popleft().request
+        if msg.request != asked.request:
+            self._flag(
+                Rule.REPLY_MATCHES_REQUEST, by, f"{asked.name} answered by a {msg.name} reply"
+            )
+        elif msg.channel is ChannelKind.MAIN:
+            self._main_reply(asked, msg)
+        else:
+            self._settle(asked, msg)
+
+    def _main_reply(self, asked: Message, reply: Message) -> None:
+        s = self.state
+        if asked.request == FrontendReq.GET_PROTOCOL_FEATURES and isinstance(reply.payload, int):
+            s.offered = reply.payload
+            if reply.payload & self.shmem_mask and reply.payload & ProtocolFeature.GPA_ADDRESSES:
+                self._flag(
+                    Rule.SHMEM_AT_BIT_22,
+                    BACKEND,
+                    f"offered {reply.payload:#x}: bits 21 and 22 both set",
+                )
+        elif asked.request == FrontendReq.GET_SHMEM_CONFIG and isinstance(
+            reply.payload, ShmemConfig
+        ):
+            self._layout(reply.payload)
+
+    def _layout(self, config: ShmemConfig) -> None:
+        regions = config.regions()
+        odd = {shmid: size for shmid, size in regions.items() if size % PAGE_SIZE}
+        if odd:
+            self._flag(
+                Rule.CONFIG_PAGE_MULTIPLES,
+                BACKEND,
+                ", ".join(f"region {i} is {z:#x} bytes" for i, z in odd.items()),
+            )
+        if config.nregions != len(regions):
+            self._flag(
+                Rule.CONFIG_NREGIONS,
+                BACKEND,
+                f"nregions {config.nregions}, {len(regions)} sizes non-zero",
+            )
+        before = self.state.config
+        if before is not None and before.regions() != regions:
+            self._flag(Rule.CONFIG_STABLE, BACKEND, f"was {before.regions()}, now {regions}")
+        self.state.config = config
+
+    def _settle(self, asked: Message, reply: Message | None) -> None:
+        """A SHMEM request's outcome: a reply's value, or None when none was asked (the
+        front-end handles it in order; whether the kernel let it map is not on the wire)."""
+        m = asked.payload
+        if not isinstance(m, ShmemMap) or asked.request not in (
+            BackendReq.SHMEM_MAP,
+            BackendReq.SHMEM_UNMAP,
+        ):
+            return
+        is_map = asked.request == BackendReq.SHMEM_MAP
+        value = reply.payload if reply is not None else None
+        why = self.must_refuse(m, is_map=is_map)
+        if why and value == 0:
+            self._flag(
+                Rule.REFUSES_INVALID,
+                FRONTEND,
+                f"{asked.name} {_where(m)} answered ok; it must be refused: {why}",
+            )
+            return
+        if why or (value is not None and value != 0):
+            return  # refused, rightly or for what only the front-end's kernel knows
+        held = self.state.mappings.setdefault(m.shmid, {})
+        if is_map:
+            held[m.shm_offset] = m
+            self.state.dropped.discard((m.shmid, m.shm_offset, m.len))
+        else:
+            held.pop(m.shm_offset, None)
+
+
+def _where(m: ShmemMap) -> str:
+    return f"shmid {m.shmid} [{m.shm_offset:#x}, {m.shm_offset + m.len:#x})"
