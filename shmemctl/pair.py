@@ -101,9 +101,9 @@ def up(
     """Start backend_sim and the front-end; return their pids once connected."""
     paths.ensure()
     if alive := running(paths):
-        pids = ", ".join(f"{r.role} {r.pid}" for r in alive)
+        who = ", ".join(f"{r.role} {r.pid}" for r in alive)
         raise PairError(
-            f"pair {paths.dir.name} is already up ({pids}); "
+            f"pair {paths.dir.name} is already up ({who}); "
             f"stop it first with: shmemctl down --name {paths.dir.name}"
         )
     clean(paths)  # whatever a dead pair left: never reused blindly
