@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,7 @@ class ShmemConsole(App[None]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        entries = [
+        entries: list[tuple[str, str, str, Callable[[], object]]] = [
             ("map", "Map a buffer", "open the map form", self.action_map),
             ("unmap", "Unmap the selected mapping", "asks first", self.action_unmap),
             ("reset", "Reset the device", "drops every mapping; asks first", self.action_reset),

@@ -326,12 +326,13 @@ class _Session:
             return result_from_errno(errno.EOPNOTSUPP)  # not SHMEM: not this suite's to judge
         self.requests += 1
         fds = len(msg.fds) + len(msg.surplus_fds)
-        malformed = msg.flags not in (0x1, 0x9) or not isinstance(msg.payload, ShmemMap) or (
+        mmap = msg.payload if isinstance(msg.payload, ShmemMap) else None
+        malformed = msg.flags not in (0x1, 0x9) or mmap is None or (
             msg.request == MAP and fds != 1)  # fmt: skip
         if malformed:
             self.shape.append({**summarize(msg), "fds": fds})
         refusal = self.watch(msg) if self.watch is not None else None
-        if malformed:
+        if malformed or mmap is None:  # (a wrong payload is malformed: said again for mypy)
             return result_from_errno(errno.EINVAL)
         if refusal is not None:
             return result_from_errno(refusal)
@@ -339,9 +340,9 @@ class _Session:
             return result_from_errno(errno.EOPNOTSUPP)
         try:
             if msg.request == MAP:
-                self.table.map(msg.payload, msg.fds[0])
+                self.table.map(mmap, msg.fds[0])
             else:
-                self.table.unmap(msg.payload)
+                self.table.unmap(mmap)
         except ShmemRefused as exc:
             self.refused.append({**summarize(msg), "refused": f"{exc.detail} ({exc.errno_name})"})
             return result_from_errno(exc.errno)
@@ -550,7 +551,11 @@ def _no_shmem_session(report: Report, path: str, listen: bool, wait: float, time
         s.tell(FrontendReq.SET_FEATURES, features & VHOST_USER_F_PROTOCOL_FEATURES,
                need=reply_ack)  # fmt: skip
         shmem: list[object] = []
-        s.watch = lambda msg: shmem.append(summarize(msg)) or None
+
+        def watch(msg: Message) -> None:  # records every SHMEM request, refuses none
+            shmem.append(summarize(msg))
+
+        s.watch = watch
         s.serve_until(lambda: bool(shmem), time.monotonic() + wait)
         report.add(check, not shmem, "no SHMEM_MAP or SHMEM_UNMAP", shmem or "nothing")
     finally:

@@ -223,7 +223,12 @@ class _Served:
         """What the front-end's SET_PROTOCOL_FEATURES acked, once it has sent one."""
         spf = FrontendReq.SET_PROTOCOL_FEATURES
         acks = [m.payload for m in self.messages() if m.request == spf]
-        return int(acks[-1] or 0) if acks else None
+        if not acks:
+            return None
+        ack = acks[-1] or 0
+        if not isinstance(ack, int):  # the codec decodes its payload as a u64, or refuses it
+            raise TypeError(f"SET_PROTOCOL_FEATURES decoded to {ack!r}, not a u64")
+        return ack
 
     def settle(self, timeout: float) -> None:
         """Until the handshake is over, the front-end is gone, or (the last resort) it

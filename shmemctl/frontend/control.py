@@ -79,7 +79,7 @@ def status(fe: Frontend, max_mappings: int = DEFAULT_LIST) -> dict[str, Any]:
         lines = read_maps()
         starts = [line.start for line in lines]
         for shmid, region in table.regions.items():
-            listed = []
+            listed: list[dict[str, Any]] = []
             for start, _end, m in region.mappings:
                 if len(listed) >= max_mappings:
                     break

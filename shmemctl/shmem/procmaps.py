@@ -36,11 +36,17 @@ class Segment:
 
 
 class MappingLike(Protocol):
-    shm_offset: int
-    len: int
-    fd_offset: int
-    writable: bool
-    ino: int
+    # Read-only: what is read here is a frozen Mapping (a NamedTuple), never written.
+    @property
+    def shm_offset(self) -> int: ...
+    @property
+    def len(self) -> int: ...
+    @property
+    def fd_offset(self) -> int: ...
+    @property
+    def writable(self) -> bool: ...
+    @property
+    def ino(self) -> int: ...
 
 
 def read_maps(pid: int | str = "self") -> list[MapsLine]:

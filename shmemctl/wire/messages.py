@@ -187,7 +187,8 @@ def _decode_empty(data: bytes) -> None:
 
 def _decode_u64(data: bytes) -> int:
     _need(Kind.U64, data, 8)
-    return S.U64_STRUCT.unpack(data)[0]
+    value: int = S.U64_STRUCT.unpack(data)[0]
+    return value
 
 
 def _decode_vring_state(data: bytes) -> VringState:
