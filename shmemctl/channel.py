@@ -18,13 +18,12 @@ import time
 from collections.abc import Iterable, Sequence
 
 from .events import TRACE, EventHub
-from .wire import ChannelKind, Message, WireError, decode_body, decode_header
+from .wire import ChannelKind, Message, MessageReader, WireError, decode_body, decode_header
 from .wire.constants import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     HEADER_SIZE,
     MAX_FDS,
-    MAX_PAYLOAD,
     request_name,
 )
 from .wire.messages import Header, summarize
@@ -97,6 +96,7 @@ class Channel:
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._recv_timeout = 0.0
+        self._reader = MessageReader(kind, replies=replies)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -137,46 +137,68 @@ class Channel:
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next whole message. Raises ChannelClosed at EOF, ChannelError otherwise,
-        WireError for bytes that break the protocol (its fds already closed)."""
+        WireError for bytes that break the protocol (its fds already closed). Framing
+        and decoding are the MessageReader's; this reads what it asks for."""
         if timeout is not None and not self.wait_readable(timeout):
             raise ChannelTimeout(f"no message within {timeout:g}s")
+        reader = self._reader
         try:
-            got = self._poll_briefly() if self.busy_poll else None
-            data, ancdata, msg_flags, _ = got or self.sock.recvmsg(
-                HEADER_SIZE, _ANCBUF, _RECV_FLAGS
-            )
-        except BlockingIOError:
-            raise ChannelTimeout(f"no message within {self._recv_timeout:g}s") from None
-        except OSError as exc:
-            raise ChannelError(f"receive failed: {exc.strerror or exc}") from exc
-        fds = _fds_from(ancdata)
-        try:
-            if msg_flags & _CTRUNC:
-                raise ChannelError(f"more than {MAX_FDS} fds attached (MSG_CTRUNC)")
-            if not data:
-                raise ChannelClosed("peer closed the connection")
-            if len(data) < HEADER_SIZE:
-                data += self._recv_exact(HEADER_SIZE - len(data), "header")
-            try:
-                header = decode_header(data, replies=self.replies)
-            except WireError:
-                self._skip_payload(data)
-                raise
-            payload = self._recv_payload(header.size) if header.size else b""
-            try:
-                message = decode_body(self.kind, header, payload, fds)
-            except WireError as exc:
-                if self.trace is not None and self.trace.wants(TRACE):
-                    self._trace_undecodable("in", header, payload, fds, exc)
-                raise
-        except BaseException:
-            close_fds(fds)
+            message = None if reader.wanted else reader.next_message()
+            while message is None:
+                message = self._read(reader.wanted)
+        except WireError as exc:
+            close_fds(exc.fds)
+            if exc.header is not None and self.trace is not None and self.trace.wants(TRACE):
+                self._trace_undecodable("in", exc.header, exc.payload, exc.fds, exc)
+            self._read_past_refused()
             raise
         if message.surplus_fds:
             close_fds(message.surplus_fds)
         if self.trace is not None and self.trace.wants(TRACE):
             self._emit_trace("in", message)
         return message
+
+    def _read(self, n: int) -> Message | None:
+        """Read up to `n` bytes into the reader, and take a message if that completed
+        one: with room for fds at a message's start (where SCM_RIGHTS puts them),
+        plainly inside one."""
+        reader = self._reader
+        inside = reader.buffered
+        try:
+            if inside:
+                data, fds, msg_flags = self.sock.recv(n), [], 0
+            else:
+                got = self._poll_briefly(n) if self.busy_poll else None
+                data, ancdata, msg_flags, _ = got or self.sock.recvmsg(n, _ANCBUF, _RECV_FLAGS)
+                fds = _fds_from(ancdata) if ancdata else []
+        except BlockingIOError:
+            what = "the rest of a message" if inside else "a message"
+            raise ChannelTimeout(f"{what} did not arrive within {self._recv_timeout:g}s") from None
+        except OSError as exc:
+            raise ChannelError(f"receive failed: {exc.strerror or exc}") from exc
+        if msg_flags & _CTRUNC:
+            close_fds(fds)
+            raise ChannelError(f"more than {MAX_FDS} fds attached (MSG_CTRUNC)")
+        if not data:
+            close_fds(fds)
+            if inside or reader.discarding:
+                where = "header" if inside and inside < HEADER_SIZE else "payload"
+                raise ChannelError(f"peer closed the connection inside a message {where}")
+            raise ChannelClosed("peer closed the connection")
+        message = reader.receive(data, fds)
+        if reader.discarded:
+            close_fds(reader.discarded)
+            reader.discarded.clear()
+        return message
+
+    def _read_past_refused(self) -> None:
+        """After a refused header, read past the payload it announced if that comes at
+        once, so that whoever reports the fault (the conformance suite) can go on
+        reading, and a poll for the next message is not woken by the rest of this one."""
+        reader = self._reader
+        with contextlib.suppress(ChannelError):
+            while reader.discarding and self.wait_readable(0.5):
+                self._read(reader.wanted)
 
     def _emit_trace(self, direction: str, message: Message) -> None:
         assert self.trace is not None
@@ -221,56 +243,15 @@ class Channel:
             }
         )
 
-    def _poll_briefly(self) -> tuple[bytes, list, int, object] | None:
+    def _poll_briefly(self, n: int) -> tuple[bytes, list, int, object] | None:
         recvmsg = self.sock.recvmsg
         deadline = time.perf_counter() + self.busy_poll
         while True:
             try:
-                return recvmsg(HEADER_SIZE, _ANCBUF, _RECV_FLAGS | _DONTWAIT)
+                return recvmsg(n, _ANCBUF, _RECV_FLAGS | _DONTWAIT)
             except BlockingIOError:
                 if time.perf_counter() > deadline:
                     return None
-
-    def _skip_payload(self, header: bytes) -> None:
-        """After a refused header, read past its payload if its size is sane, so that
-        whoever reports the fault (the conformance suite) can go on reading."""
-        size = int.from_bytes(header[8:12], "little")
-        if 0 < size <= MAX_PAYLOAD and self.wait_readable(0.5):
-            with contextlib.suppress(ChannelError):
-                self._recv_exact(size, "payload")
-
-    def _recv_payload(self, n: int) -> bytes:
-        try:
-            data = self.sock.recv(n)  # whole, almost always: the peer sent it in one go
-        except BlockingIOError:
-            raise ChannelTimeout(
-                f"a payload did not arrive within {self._recv_timeout:g}s"
-            ) from None
-        except OSError as exc:
-            raise ChannelError(f"receive failed: {exc.strerror or exc}") from exc
-        if len(data) == n:
-            return data
-        if not data:
-            raise ChannelError("peer closed the connection inside a message payload")
-        return data + self._recv_exact(n - len(data), "payload")
-
-    def _recv_exact(self, n: int, what: str) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            try:
-                k = self.sock.recv_into(view[got:])
-            except BlockingIOError:
-                raise ChannelTimeout(
-                    f"the rest of a message {what} did not arrive within {self._recv_timeout:g}s"
-                ) from None
-            except OSError as exc:
-                raise ChannelError(f"receive failed: {exc.strerror or exc}") from exc
-            if k == 0:
-                raise ChannelError(f"peer closed the connection inside a message {what}")
-            got += k
-        return bytes(buf)
 
     # ------------------------------------------------------------- closing
 

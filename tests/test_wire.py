@@ -256,3 +256,40 @@ def test_replies_are_explicit_u64s() -> None:
     assert describe_result(0) == "ok"
     assert describe_result(result_from_errno(17)).startswith("EEXIST (-17")
     assert describe_result(1) == "failed (reply value 1)"
+
+
+def test_the_reader_says_how_much_to_read_next() -> None:
+    data = encode_shmem_request(BackendReq.SHMEM_MAP, ShmemMap(0, 0, 4096), need_reply=True)
+    reader = MessageReader(ChannelKind.BACKEND, replies=False)
+    assert reader.wanted == 12
+    assert reader.receive(data[:5], (7,)) is None and reader.wanted == 7
+    assert reader.receive(data[5:12]) is None and reader.wanted == 40
+    assert reader.receive(data[12:30]) is None and reader.wanted == 22
+    msg = reader.receive(data[30:])
+    assert msg is not None and msg.fds == (7,) and reader.wanted == 12
+
+
+def test_a_refused_header_is_dropped_with_its_payload_and_its_fds() -> None:
+    bad = struct.pack("<III", BackendReq.SHMEM_MAP, 0x3 << 8 | 0x1, 8) + bytes(8)  # reserved bits
+    good = encode_shmem_request(BackendReq.SHMEM_UNMAP, ShmemMap(0, 0, 4096), need_reply=False)
+    reader = MessageReader(ChannelKind.BACKEND, replies=False)
+    reader.feed(bad[:12], (5,))
+    with pytest.raises(WireError) as info:
+        reader.next_message()
+    assert info.value.fault is WireFault.RESERVED_FLAGS and info.value.fds == (5,)
+    assert reader.discarding == 8 and reader.wanted == 8
+    reader.feed(bad[12:], (6,))  # fds on the refused payload are the caller's to close
+    assert reader.discarded == [6] and reader.discarding == 0 and reader.wanted == 12
+    msg = reader.receive(good)
+    assert msg is not None and msg.name == "SHMEM_UNMAP" and msg.fds == ()
+
+
+def test_a_refused_payload_hands_back_its_fds() -> None:
+    short = struct.pack("<III", BackendReq.SHMEM_MAP, 0x1, 8) + bytes(8)  # MMAP needs 40
+    reader = MessageReader(ChannelKind.BACKEND, replies=False)
+    reader.feed(short, (9,))
+    with pytest.raises(WireError) as info:
+        reader.next_message()
+    assert info.value.fault is WireFault.BAD_PAYLOAD_SIZE
+    assert info.value.fds == (9,) and info.value.payload == bytes(8)
+    assert reader.pending_fds() == () and reader.wanted == 12

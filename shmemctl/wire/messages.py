@@ -57,6 +57,11 @@ class WireError(Exception):
         super().__init__(f"{fault.value}: {detail}")
         self.fault = fault
         self.detail = detail
+        #: the fds the refused message brought (the caller closes them); and, when its
+        #: header was sound but its payload was refused, that header and payload
+        self.header: Header | None = None
+        self.payload = b""
+        self.fds: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------- payloads
@@ -429,9 +434,10 @@ class Header(NamedTuple):
     size: int
 
 
-def decode_header(data: bytes, *, replies: bool) -> Header:
-    """Check a 12-byte header; `replies` says which kind the reader expects."""
-    request, flags, size = S.HEADER.unpack(data)
+def decode_header(data: bytes | bytearray, *, replies: bool) -> Header:
+    """Check the 12-byte header at the start of `data`; `replies` says which kind the
+    reader expects."""
+    request, flags, size = S.HEADER.unpack_from(data)
     if (size <= MAX_PAYLOAD and flags == (_REPLY_FLAGS if replies else VERSION)) or (
         not replies and flags == _NEED_REPLY_FLAGS and size <= MAX_PAYLOAD
     ):
@@ -544,39 +550,126 @@ def describe_result(value: int) -> str:
 
 
 class MessageReader:
-    """Feed bytes and fds as they arrive; take complete messages out.
+    """Feed bytes and fds as they arrive; take complete messages out. The channel reads
+    through this, as the fuzzer does: `wanted` says how many bytes to read next, and a
+    reader that never reads more never lets one chunk span two messages.
 
-    fds that arrive with a chunk belong to the message whose bytes that chunk
-    starts in, as SCM_RIGHTS attaches them to the first byte of a header.
+    fds that arrive with a chunk belong to the message whose bytes that chunk starts in,
+    as SCM_RIGHTS attaches them to the first byte of a header.
+
+    A message whose header is refused is discarded with its payload (when the size it
+    announces is sane), so that whoever reports the fault can go on reading; the fds
+    that came with discarded bytes wait in `discarded` for the caller to close. A
+    message whose payload is refused is consumed, and the WireError carries its fds.
     """
 
     def __init__(self, channel: ChannelKind, *, replies: bool) -> None:
         self.channel = channel
         self.replies = replies
+        #: bytes the next message (or the rest of a refused one) still needs; 0 when
+        #: `next_message` has a message or an error to give
+        self.wanted = HEADER_SIZE
+        #: fds that came with discarded bytes; the caller takes and closes them
+        self.discarded: list[int] = []
         self._buf = bytearray()
         self._consumed = 0  # stream offset of _buf[0]
         self._fds: deque[tuple[int, tuple[int, ...]]] = deque()
+        self._header: Header | None = None  # of the message at _buf[0], once checked
+        self._skip = 0  # payload bytes of a refused message still to discard
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            self._consumed += dropped
+            data = data[dropped:]
+            if fds:
+                self.discarded.extend(fds)  # the chunk starts inside the refused message
+                fds = ()
         if fds:
             self._fds.append((self._consumed + len(self._buf), tuple(fds)))
         self._buf += data
+        self._want()
+
+    def receive(self, data: bytes, fds: Sequence[int] = ()) -> Message | None:
+        """`feed`, then `next_message`: what a channel does with each chunk it reads."""
+        self.feed(data, fds)
+        return None if self.wanted else self.next_message()
+
+    def _want(self) -> None:
+        if self._skip:
+            self.wanted = self._skip
+            return
+        have = len(self._buf)
+        header = self._header
+        if header is not None:
+            self.wanted = max(0, HEADER_SIZE + header.size - have)
+        elif have < HEADER_SIZE:
+            self.wanted = HEADER_SIZE - have
+        else:
+            self.wanted = 0  # a header to judge
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an unfinished message held."""
+        return len(self._buf)
+
+    @property
+    def discarding(self) -> int:
+        """Bytes of a refused message still to come and be dropped."""
+        return self._skip
 
     def next_message(self) -> Message | None:
-        if len(self._buf) < HEADER_SIZE:
-            return None
-        header = decode_header(bytes(self._buf[:HEADER_SIZE]), replies=self.replies)
+        buf = self._buf
+        have = len(buf)
+        header = self._header
+        if header is None:
+            if have < HEADER_SIZE:
+                return None
+            try:
+                header = decode_header(buf, replies=self.replies)
+            except WireError as exc:
+                exc.fds = self._discard_refused()
+                raise
+            self._header = header
         end = HEADER_SIZE + header.size
-        if len(self._buf) < end:
+        if have < end:
+            self.wanted = end - have
             return None
-        payload = bytes(self._buf[HEADER_SIZE:end])
-        limit = self._consumed + end
+        payload = bytes(buf[HEADER_SIZE:end])
+        if have == end:
+            buf.clear()  # the usual case: the channel reads one message at a time
+        else:
+            del buf[:end]
+        limit = self._consumed = self._consumed + end
+        self._header = None
+        self._want()
+        queued = self._fds
+        if not queued or queued[0][0] >= limit:
+            return decode_body(self.channel, header, payload)
         fds: list[int] = []
-        while self._fds and self._fds[0][0] < limit:
+        while queued and queued[0][0] < limit:
+            fds.extend(queued.popleft()[1])
+        try:
+            return decode_body(self.channel, header, payload, fds)
+        except WireError as exc:
+            exc.fds, exc.header, exc.payload = tuple(fds), header, payload
+            raise
+
+    def _discard_refused(self) -> tuple[int, ...]:
+        """Drop a refused header and, if its size is sane, the payload it announces;
+        return the fds that came with them."""
+        size = int.from_bytes(self._buf[8:12], "little")
+        size = size if size <= MAX_PAYLOAD else 0
+        gone = min(len(self._buf), HEADER_SIZE + size)
+        del self._buf[:gone]
+        self._consumed += gone
+        self._skip = HEADER_SIZE + size - gone
+        self._want()
+        fds: list[int] = []
+        while self._fds and self._fds[0][0] < self._consumed:
             fds.extend(self._fds.popleft()[1])
-        del self._buf[:end]
-        self._consumed = limit
-        return decode_body(self.channel, header, payload, fds)
+        return tuple(fds)
 
     def __iter__(self) -> Iterator[Message]:
         while (message := self.next_message()) is not None:
@@ -585,6 +678,12 @@ class MessageReader:
     def pending_fds(self) -> tuple[int, ...]:
         """fds fed but not yet handed out in a message (the caller closes them at EOF)."""
         return tuple(fd for _, group in self._fds for fd in group)
+
+    def take_pending_fds(self) -> tuple[int, ...]:
+        """`pending_fds`, which from now on belong to the caller."""
+        fds = self.pending_fds()
+        self._fds.clear()
+        return fds
 
     def close(self) -> None:
         """End of stream: a partial message left over is a protocol error."""
