@@ -15,7 +15,7 @@ from shmemctl.backend import MAX_CONFIG_SIZE, BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, ChannelError
 from shmemctl.control import ControlError, ControlServer
 from shmemctl.daemon import Stopper, connect_unix, listen_unix, profiled, setup_logging
-from shmemctl.faults import BACKEND_FAULTS
+from shmemctl.faults import BACKEND, Fault
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.sizes import human_size, parse_regions, parse_size
 from shmemctl.wire import ChannelKind, WireError
@@ -103,7 +103,7 @@ def _emit(line: str) -> None:
     help="Start this scenario once SHMEM is usable.",
 )
 @click.option("--scenario-rate", default=10.0, show_default=True, help="Scenario actions/s.")
-@options.faults(BACKEND_FAULTS)
+@options.faults(BACKEND)
 @click.option(
     "--script",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -124,7 +124,7 @@ def main(
     control: str | None,
     scenario: str | None,
     scenario_rate: float,
-    faults: frozenset[str],
+    faults: frozenset[Fault],
     script: Path | None,
     verbose: bool,
 ) -> None:
@@ -141,7 +141,7 @@ def main(
     setup_logging("backend_sim", verbose)
     device = DeviceModel(regions, queues, bytes(config_size), shmem_bit, faults)
     if faults:
-        log.warning("deliberate faults on: %s", ", ".join(sorted(faults)))
+        log.warning("deliberate faults on: %s", ", ".join(sorted(f.option for f in faults)))
     stopper = Stopper()
     stopper.install_signals()
     endpoint = BackendEndpoint(device, reply_timeout=reply_timeout, busy_poll=busy_poll)

@@ -22,10 +22,12 @@ from shmemctl.backend import (
     SendGuard,
 )
 from shmemctl.channel import ChannelError, ChannelTimeout
+from shmemctl.faults import Fault
+from shmemctl.session import Outgoing
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.shmem.rules import U64_MAX, ShmemRefused, check_request, overlap_detail
 from shmemctl.sizes import hex_range, human_size, parse_size
-from shmemctl.wire import BackendReq, ShmemMap
+from shmemctl.wire import BackendReq, ChannelKind, ShmemMap
 from shmemctl.wire.messages import MMAP_FLAG_WRITE, describe_reply, errno_name
 
 log = logging.getLogger("backend")
@@ -184,7 +186,9 @@ class SimDevice:
         self.free_unmapped_buffers()
         if dropped:
             log.info("forgot %d mappings (%s)", len(dropped), why)
-        if dropped and "unmap-after-reset" in self.endpoint.faults and "disconnect" not in why:
+        if dropped and Fault.UNMAP_AFTER_RESET in self.endpoint.device.faults and (
+            "disconnect" not in why
+        ):
             # the fault: unmap what the reset already dropped (after the ack, from elsewhere)
             threading.Thread(target=self._unmap_all, args=(dropped,), daemon=True).start()
 
@@ -372,9 +376,8 @@ class SimDevice:
                 hex_range(m.shm_offset, m.len), m.shmid,
             )  # fmt: skip
             with contextlib.suppress(ChannelError):  # that connection is gone: so is all of it
-                channel.request(
-                    BackendReq.SHMEM_UNMAP, ShmemMap(m.shmid, m.shm_offset, m.len)
-                )
+                channel.request(Outgoing(ChannelKind.BACKEND, BackendReq.SHMEM_UNMAP,
+                                         ShmemMap(m.shmid, m.shm_offset, m.len), need_reply=True))
         return crossed
 
     def _believe(self, m: ShmemMap, buffer: Buffer, *, confirmed: bool) -> None:

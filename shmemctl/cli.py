@@ -18,7 +18,7 @@ import click
 from . import options, rundir
 from .control import ControlClient, ControlError, DaemonUnreachable
 from .events import TRACE
-from .faults import FRONTEND_FAULTS
+from .faults import FRONTEND, Fault
 from .shmem.libc import PAGE_SIZE
 from .sizes import hex_range, human_size, parse_regions, parse_size
 
@@ -69,7 +69,7 @@ def run() -> None:
 @options.busy_poll
 @options.pair_name
 @options.control_path
-@options.faults(FRONTEND_FAULTS)
+@options.faults(FRONTEND)
 @click.option("-v", "--verbose", is_flag=True, help="Log every map and unmap.")
 def frontend(
     connect: str | None,
@@ -82,7 +82,7 @@ def frontend(
     busy_poll: float,
     name: str,
     control: str | None,
-    faults: frozenset[str],
+    faults: frozenset[Fault],
     verbose: bool,
 ) -> None:
     """Run a front-end that maps what the back-end asks into reserved regions."""

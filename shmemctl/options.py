@@ -9,6 +9,7 @@ import click
 
 from . import rundir
 from .channel import DEFAULT_BUSY_POLL
+from .faults import Fault
 from .sizes import parse_size
 from .wire.constants import ACCEPTED_SHMEM_BITS, SHMEM_BIT
 
@@ -79,13 +80,14 @@ def resolve_control(control: str | None, name: str, role: str) -> str:
     return str(rundir.pair(name).ensure().control(role))
 
 
-def faults(known: dict[str, str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """--fault NAME (repeatable) with the names a daemon knows (see shmemctl.faults)."""
+def faults(role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--fault NAME (repeatable): the faults of `role` (see shmemctl.faults), as Fault
+    members."""
     return click.option(
         "--fault",
         "faults",
         multiple=True,
-        type=click.Choice(sorted(known)),
-        callback=lambda _ctx, _param, value: frozenset(value),
+        type=click.Choice(sorted(f.option for f in Fault if f.role == role)),
+        callback=lambda _ctx, _param, value: Fault.named(role, value),
         help="Break one protocol rule on purpose (to test a conformance suite); repeatable.",
     )

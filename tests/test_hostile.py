@@ -17,7 +17,7 @@ from shmemctl.control import ControlClient, ControlError
 from shmemctl.daemon import listen_unix
 from shmemctl.shmem.procmaps import Segment
 from shmemctl.wire import BackendReq, ChannelKind, FrontendReq, ShmemMap, encode
-from shmemctl.wire.messages import encode_shmem_request
+from shmemctl.wire.messages import Message, encode_shmem_request
 
 from .conftest import PAGE, PATIENCE, MiB, fd_count, memfd, region_bases, segments, wait_until
 
@@ -41,11 +41,11 @@ class HostileBackend(BackendEndpoint):
             with contextlib.suppress(Exception):
                 self.serve(Channel(sock, ChannelKind.MAIN, replies=False))
 
-    def _reply(self, main, msg, payload) -> None:  # type: ignore[no-untyped-def]
+    def _handle(self, main: Channel, msg: Message) -> tuple[int, ...]:
         if msg.request == FrontendReq.GET_SHMEM_CONFIG and self.config_reply is not None:
             main.send(self.config_reply)
-            return
-        super()._reply(main, msg, payload)
+            return ()
+        return super()._handle(main, msg)
 
     def close(self) -> None:
         self.listener.close()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ..backend import BackendEndpoint, DeviceModel
 from ..channel import Channel, ChannelError, close_fds
 from ..daemon import open_peer
+from ..session.backend import OFFERED
 from ..sizes import human_size, parse_regions
 from ..wire import BackendReq, ChannelKind, FrontendReq, Message, ShmemMap, WireError
 from ..wire.constants import ProtocolFeature
@@ -152,9 +153,8 @@ def check_frontend(
     plan = {k: v for k, v in CHECKS.items() if offer_bit_21 or k != "never-claims-bit-21"}
     report = Report(path, "front-end", plan)
     peer = Peer()
-    endpoint = BackendEndpoint(DeviceModel(layout.regions), reply_timeout=timeout, busy_poll=0)
-    if offer_bit_21:
-        endpoint.offered |= BIT21
+    endpoint = BackendEndpoint(DeviceModel(layout.regions), reply_timeout=timeout, busy_poll=0,
+                               offered=OFFERED | (BIT21 if offer_bit_21 else 0))  # fmt: skip
     try:
         sock = open_peer(path, listen=listen, timeout=timeout)
     except OSError as exc:

@@ -13,14 +13,18 @@ import contextlib
 import logging
 import os
 import socket
-import struct
 import threading
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from ..channel import DEFAULT_BUSY_POLL, Channel, ChannelClosed, ChannelError, close_fds
 from ..daemon import Stopper, connect_unix, listen_unix, profiled
 from ..events import EventHub
+from ..faults import Fault, FrontendFaults
+from ..session import FrontendSession, HandshakeError, NeedBackendChannel, Negotiated, Note
+from ..session.common import Outgoing
+from ..session.frontend import Fed, Layout, Step
 from ..shmem import Refusal, RegionTable, ShmemRefused, ShmemSetupError
 from ..shmem.region import DEFAULT_MAX_PER_REGION, DEFAULT_MAX_RESERVE, DEFAULT_MAX_TOTAL
 from ..sizes import hex_range
@@ -32,35 +36,13 @@ from ..wire import (
     ShmemConfig,
     ShmemMap,
     WireError,
-    encode,
-    encode_u64_reply,
     feature_names,
     result_from_errno,
 )
-from ..wire.constants import (
-    SHMEM_BIT,
-    VHOST_USER_F_PROTOCOL_FEATURES,
-    VIRTIO_F_VERSION_1,
-    ProtocolFeature,
-    check_shmem_bit,
-)
-from ..wire.messages import spec_of
+from ..wire.constants import SHMEM_BIT, check_shmem_bit
 
 log = logging.getLogger("frontend")
-
-#: Protocol features this front-end implements (SHMEM is added at the configured bit).
-IMPLEMENTED = (
-    ProtocolFeature.MQ
-    | ProtocolFeature.REPLY_ACK
-    | ProtocolFeature.BACKEND_REQ
-    | ProtocolFeature.BACKEND_SEND_FD
-    | ProtocolFeature.RESET_DEVICE
-    | ProtocolFeature.STATUS
-)
-
-
-class HandshakeError(Exception):
-    """The back-end answered the handshake in a way we cannot go on from."""
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,17 +58,7 @@ class FrontendOptions:
     max_total: int = DEFAULT_MAX_TOTAL
     max_reserve: int = DEFAULT_MAX_RESERVE
     #: deliberate protocol faults (shmemctl.faults), for showing conformance catches them
-    faults: frozenset[str] = frozenset()
-
-
-@dataclass
-class Negotiated:
-    features: int = 0
-    protocol_features: int = 0
-    shmem: bool = False
-    reply_ack: bool = False
-    queues: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
+    faults: frozenset[Fault] = frozenset()
 
 
 class Frontend:
@@ -94,21 +66,28 @@ class Frontend:
         if bool(options.connect) == bool(options.listen):
             raise ValueError("give exactly one of --connect PATH or --listen PATH")
         self.options = options
-        self.shmem_mask = 1 << check_shmem_bit(options.shmem_bit)
-        self.faults = options.faults
-        if self.faults:
-            log.warning("deliberate faults on: %s", ", ".join(sorted(self.faults)))
+        self.session = FrontendSession(shmem_bit=check_shmem_bit(options.shmem_bit))
+        #: the layer that applies deliberate faults, only when some are asked for
+        self.faults = FrontendFaults(options.faults) if options.faults else None
+        if options.faults:
+            log.warning("deliberate faults on: %s",
+                        ", ".join(sorted(f.option for f in options.faults)))  # fmt: skip
         self.events = events or EventHub()
         self.stopper = Stopper()
         self.state = "disconnected"
-        self.negotiated = Negotiated()
         self.regions: RegionTable | None = None
         self.counters = {"maps": 0, "unmaps": 0, "refused": 0, "resets": 0, "connections": 0}
         self._main: Channel | None = None
         self._main_lock = threading.Lock()
         self._backend: Channel | None = None
         self._backend_thread: threading.Thread | None = None
+        #: the socket pair of a backend channel offered but not yet acked
+        self._offered: tuple[socket.socket, socket.socket] | None = None
         self._listener: socket.socket | None = None
+
+    @property
+    def negotiated(self) -> Negotiated:
+        return self.session.negotiated
 
     # ------------------------------------------------------------ lifecycle
 
@@ -216,6 +195,7 @@ class Frontend:
         return "stopped"
 
     def _drop_connection(self, reason: str) -> None:
+        self._forget_offered()
         backend, self._backend = self._backend, None
         if backend is not None:
             backend.shutdown()
@@ -234,7 +214,7 @@ class Frontend:
         dropped = self.regions.reset() if self.regions is not None else 0
         if dropped:
             log.info("dropped %d mappings (%s)", dropped, reason)
-        self.negotiated = Negotiated()
+        self.session.negotiated = Negotiated()
         self._set_state("disconnected", reason=reason, dropped=dropped)
 
     def _teardown(self) -> None:
@@ -253,112 +233,55 @@ class Frontend:
 
     # ------------------------------------------------------------ main channel
 
-    def request(
-        self,
-        req: FrontendReq,
-        payload: Any = None,
-        fds: tuple[int, ...] = (),
-        *,
-        ack: bool = False,
-    ) -> Message | None:
-        """Send one main-channel request and wait for its reply, if one is owed:
-        always for ids with their own reply, else an ack when `ack` and REPLY_ACK."""
+    def exchange(self, out: Outgoing) -> Message | None:
+        """Send one main-channel request and wait for its reply, if one is owed; the
+        session judges the reply (HandshakeError if it does not answer `out`)."""
         with self._main_lock:
             main = self._main
             if main is None:
                 raise ChannelError("not connected to a back-end")
-            own_reply = spec_of(ChannelKind.MAIN, req).own_reply
-            need_ack = ack and self.negotiated.reply_ack and not own_reply
-            data = encode(ChannelKind.MAIN, req, payload, need_reply=need_ack)
-            if req == FrontendReq.SET_OWNER and "bad-request-flags" in self.faults:
-                data = data[:4] + struct.pack("<I", 0x11 | (0x8 if need_ack else 0)) + data[8:]
-            main.send(data, fds)
-            if not (own_reply or need_ack):
+            main.send(out.encode(), out.fds)
+            if not self.session.expects_reply(out):
                 return None
             reply = main.recv(timeout=self.options.reply_timeout)
             close_fds(reply.fds)
-            if reply.request != req:
-                raise HandshakeError(f"asked {req.name}, the back-end answered {reply.name}")
-            if need_ack and reply.payload != 0:
-                raise HandshakeError(f"{req.name} failed: the back-end replied {reply.payload}")
-            return reply
+            return self.session.check_reply(out, reply)
+
+    def _drive(self, steps: Generator[Step, Fed, T]) -> T:
+        """Carry out a session's sequence of requests and effects; return its result."""
+        fed: Fed = None
+        while True:
+            try:
+                step = steps.send(fed)
+            except StopIteration as done:
+                return done.value
+            fed = None
+            match step:
+                case Outgoing():
+                    fed = self.exchange(step)
+                    if step.request == FrontendReq.SET_BACKEND_REQ_FD:
+                        self._start_backend_channel()
+                case NeedBackendChannel():
+                    fed = self._offer_backend_channel()
+                case Layout(config):
+                    self._setup_regions(config)
+                case Note(text, routine):
+                    log.log(logging.INFO if routine else logging.WARNING, "%s", text)
 
     def _handshake(self, main: Channel) -> None:
-        neg = self.negotiated = Negotiated()
         self._set_state("handshake")
-        features = self._get_u64(FrontendReq.GET_FEATURES)
-        if "backend-channel-first" in self.faults:
-            self._open_backend_channel()
-        if not features & VHOST_USER_F_PROTOCOL_FEATURES:
-            log.warning(
-                "back-end offers no protocol features (virtio bit 30): serving without SHMEM"
-            )
-        else:
-            offered = self._get_u64(FrontendReq.GET_PROTOCOL_FEATURES)
-            ours = IMPLEMENTED | self.shmem_mask
-            if "ack-gpa" in self.faults:
-                ours |= ProtocolFeature.GPA_ADDRESSES
-            if "no-reply-ack" in self.faults:
-                ours &= ~ProtocolFeature.REPLY_ACK
-            acked = offered & ours
-            if "ack-unoffered" in self.faults:
-                acked |= ProtocolFeature.INBAND_NOTIFICATIONS
-            self.request(FrontendReq.SET_PROTOCOL_FEATURES, acked)
-            neg.protocol_features = acked
-            neg.reply_ack = bool(acked & ProtocolFeature.REPLY_ACK)
-            neg.shmem = bool(acked & self.shmem_mask)
-            log.info(
-                "back-end offers %s; acked %s",
-                ",".join(feature_names(offered, self.options.shmem_bit)) or "nothing",
-                ",".join(feature_names(acked, self.options.shmem_bit)) or "nothing",
-            )
-            if not neg.shmem:
-                log.warning(
-                    "back-end does not offer SHMEM (protocol feature bit %d): serving without "
-                    "shared memory regions",
-                    self.options.shmem_bit,
-                )
-            elif not neg.reply_ack:
-                log.warning("SHMEM without REPLY_ACK: the back-end can never learn a map's outcome")
-            if acked & ProtocolFeature.MQ:
-                neg.queues = self._get_u64(FrontendReq.GET_QUEUE_NUM)
-        self.request(FrontendReq.SET_OWNER, ack=True)
-        if neg.shmem:
-            self._setup_regions(self.get_shmem_config())
-            if "ask-config-twice" in self.faults:
-                self.get_shmem_config()
-        if neg.protocol_features & ProtocolFeature.BACKEND_REQ and self._backend is None:
-            self._open_backend_channel()
-        if "exit-mid-handshake" in self.faults:
-            log.error("fault exit-mid-handshake: exiting before SET_FEATURES")
-            os._exit(1)
-        neg.features = features & (VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_F_VERSION_1)
-        self.request(FrontendReq.SET_FEATURES, neg.features, ack=True)
-
-    def _get_u64(self, req: FrontendReq) -> int:
-        reply = self.request(req)
-        assert reply is not None
-        if not isinstance(reply.payload, int):
-            raise HandshakeError(f"{req.name} reply has no u64 payload")
-        return reply.payload
+        session = self.session
+        steps = session.handshake() if self.faults is None else self.faults.handshake(session)
+        neg = self._drive(steps)
+        log.info(
+            "back-end offers %s; acked %s",
+            ",".join(feature_names(neg.offered, self.options.shmem_bit)) or "nothing",
+            ",".join(feature_names(neg.protocol_features, self.options.shmem_bit)) or "nothing",
+        )
 
     def get_shmem_config(self) -> ShmemConfig:
         """Send GET_SHMEM_CONFIG now and return the decoded answer."""
-        if not self.negotiated.shmem:
-            raise HandshakeError("SHMEM is not negotiated with this back-end")
-        reply = self.request(FrontendReq.GET_SHMEM_CONFIG)
-        assert reply is not None
-        config = reply.payload
-        if not isinstance(config, ShmemConfig):
-            raise HandshakeError("GET_SHMEM_CONFIG reply is not a VhostUserShMemConfig")
-        in_use = len(config.regions())
-        if config.nregions != in_use:
-            log.warning(
-                "GET_SHMEM_CONFIG: nregions is %d but %d sizes are non-zero; the sizes win",
-                config.nregions,
-                in_use,
-            )
-        return config
+        return self._drive(self.session.get_shmem_config())
 
     def _setup_regions(self, config: ShmemConfig) -> None:
         sizes = config.regions()
@@ -367,29 +290,32 @@ class Frontend:
         if self.regions is not None:
             self.regions.close()
             self.regions = None
-        skip = {Refusal.OVERLAP} if "skip-overlap-check" in self.faults else set()
-        if "skip-alignment-check" in self.faults:
-            skip.add(Refusal.MISALIGNED)
         self.regions = RegionTable(
             sizes,
             max_per_region=self.options.max_per_region,
             max_total=self.options.max_total,
             max_reserve=self.options.max_reserve,
-            skip_checks=frozenset(skip),
         )
         for region in self.regions.regions.values():
             log.info("region %d: %s reserved at %#x", region.shmid, hex(region.size), region.base)
 
-    def _open_backend_channel(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            fds = (theirs.fileno(),) * (2 if "backend-fd-twice" in self.faults else 1)
-            self.request(FrontendReq.SET_BACKEND_REQ_FD, None, fds, ack=True)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+    def _offer_backend_channel(self) -> int:
+        """A fresh socket pair; the fd of the end the back-end gets, to send it."""
+        self._forget_offered()
+        self._offered = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        return self._offered[1].fileno()
+
+    def _forget_offered(self) -> None:
+        offered, self._offered = self._offered, None
+        for sock in offered or ():
+            sock.close()
+
+    def _start_backend_channel(self) -> None:
+        """SET_BACKEND_REQ_FD went through: serve our end, let go of theirs."""
+        assert self._offered is not None
+        ours, theirs = self._offered
+        self._offered = None
+        theirs.close()
         channel = Channel(
             ours, ChannelKind.BACKEND, replies=False, busy_poll=self.options.busy_poll
         )
@@ -409,20 +335,12 @@ class Frontend:
         (mappings dropped, the message used)."""
         dropped = self.regions.reset() if self.regions is not None else 0
         self.counters["resets"] += 1
-        pf = self.negotiated.protocol_features
-        if pf & ProtocolFeature.RESET_DEVICE:
-            req = FrontendReq.RESET_DEVICE
-            self.request(req, ack=True)
-        elif pf & ProtocolFeature.STATUS:
-            req = FrontendReq.SET_STATUS
-            self.request(req, 0, ack=True)
-        else:
-            req = FrontendReq.RESET_OWNER
-            self.request(req, ack=True)
-        log.info("reset with %s: dropped %d mappings", req.name, dropped)
+        out = self.session.reset_request()
+        self.exchange(out)
+        log.info("reset with %s: dropped %d mappings", out.name, dropped)
         if self.events.active:
-            self.events.emit("reset", {"dropped": dropped, "via": req.name})
-        return dropped, req.name
+            self.events.emit("reset", {"dropped": dropped, "via": out.name})
+        return dropped, out.name
 
     # ------------------------------------------------------------ backend channel
 
@@ -446,92 +364,44 @@ class Frontend:
                 main.shutdown()  # the supervisor sees EOF and drops the connection
 
     def _handle_backend(self, channel: Channel, msg: Message) -> None:
-        req = msg.request
+        faults = self.faults
+        refusal: Refusal | None = None
         try:
-            if req == BackendReq.SHMEM_MAP or req == BackendReq.SHMEM_UNMAP:
-                result = self._shmem(msg)
+            if faults is not None and faults.does_nothing(msg):
+                result = result_from_errno(5)  # the fault: nothing is done
             else:
-                log.warning("backend channel: %s is not supported; refusing it", msg.name)
-                result = result_from_errno(Refusal.NOT_NEGOTIATED.errno)
+                result, refusal = self._shmem(msg)
+                if faults is not None:
+                    result = faults.result(self.regions, msg, refusal, result)
         finally:
             close_fds(msg.fds)
-        if self.faults:
-            self._reply_with_faults(channel, msg, result)
-        elif msg.need_reply and self.negotiated.reply_ack:
-            channel.send(encode_u64_reply(req, result))
-
-    def _reply_with_faults(self, channel: Channel, msg: Message, result: int) -> None:
-        """The reply path with deliberate faults (see shmemctl.faults)."""
-        faults = self.faults
-        owed = msg.need_reply and self.negotiated.reply_ack
-        if "reply-ok-always" in faults:
-            result = 0
-        elif "reply-fail-always" in faults:
-            result = result_from_errno(5)
-        if "no-reply" in faults or not (owed or "reply-always" in faults):
+        if faults is None:
+            out = self.session.answer(msg, result)
+            if out is not None:
+                channel.send(out.encode())
             return
-        data = encode_u64_reply(msg.request, result)
-        if "stale-reply" in faults:  # the request's own payload sent back as the "result"
-            body = encode(ChannelKind.BACKEND, msg.request, msg.payload)[12:]
-            data = struct.pack("<III", msg.request, 0x5, len(body)) + body
-        if "bad-reply-flags" in faults:
-            data = data[:4] + struct.pack("<I", 0xD) + data[8:]
-        channel.send(data)
-        if "reply-twice" in faults:
-            channel.send(data)
+        for out in faults.answers(self.session, msg, result):
+            channel.send(out.encode())
 
-    def _shmem(self, msg: Message) -> int:
-        m = msg.payload
-        assert isinstance(m, ShmemMap)
-        if self.faults and (
-            "reply-fail-always" in self.faults
-            or ("ignore-unasked" in self.faults and not msg.need_reply)
-        ):
-            return result_from_errno(5)  # the fault: nothing is done
+    def _shmem(self, msg: Message) -> tuple[int, Refusal | None]:
+        """Carry out one backend-channel request: its result, and why it was refused."""
         is_map = msg.request == BackendReq.SHMEM_MAP
         try:
-            if not self.negotiated.shmem or self.regions is None:
-                raise ShmemRefused(
-                    Refusal.NOT_NEGOTIATED,
-                    f"SHMEM (protocol feature bit {self.options.shmem_bit}) was not negotiated",
-                )
+            m = self.session.admit_shmem(msg)
+            table = self.regions
+            if table is None:  # SHMEM negotiated but no layout yet: nothing can be mapped
+                raise ShmemRefused(Refusal.NO_REGION, "no region layout was received")
             if is_map:
-                if len(msg.fds) != 1:
-                    raise ShmemRefused(
-                        Refusal.BAD_FD_COUNT,
-                        f"SHMEM_MAP carries {len(msg.fds)} fds; it needs exactly one",
-                    )
-                mapping = self.regions.map(m, msg.fds[0])
+                mapping = table.map(m, msg.fds[0])
                 self.counters["maps"] += 1
             else:
-                mapping = self.regions.unmap(m)
+                mapping = table.unmap(m)
                 self.counters["unmaps"] += 1
         except ShmemRefused as exc:
-            self.counters["refused"] += 1
-            log.warning(
-                "refused %s shmid %d %s: %s (%s)",
-                msg.name,
-                m.shmid,
-                hex_range(m.shm_offset, m.len),
-                exc.detail,
-                exc.errno_name,
-            )
-            if self.events.active:
-                self.events.emit(
-                    "refused",
-                    {
-                        "request": msg.name,
-                        "shmid": m.shmid,
-                        "shm_offset": m.shm_offset,
-                        "len": m.len,
-                        "reason": exc.reason.name,
-                        "errno": exc.errno_name,
-                        "detail": exc.detail,
-                    },
-                )
-            return result_from_errno(exc.errno)
+            self._refused(msg, exc)
+            return result_from_errno(exc.errno), exc.reason
         if self.events.active:
-            data = {
+            data: dict[str, object] = {
                 "shmid": mapping.shmid,
                 "shm_offset": mapping.shm_offset,
                 "len": mapping.len,
@@ -542,4 +412,20 @@ class Frontend:
                 with contextlib.suppress(OSError):
                     data["file"] = os.readlink(f"/proc/self/fd/{msg.fds[0]}")
             self.events.emit("mapped" if is_map else "unmapped", data)
-        return 0
+        return 0, None
+
+    def _refused(self, msg: Message, exc: ShmemRefused) -> None:
+        self.counters["refused"] += 1
+        m = msg.payload
+        if not isinstance(m, ShmemMap):  # not a SHMEM request at all
+            log.warning("%s; refusing it", exc.detail)
+            return
+        where = hex_range(m.shm_offset, m.len)
+        log.warning("refused %s shmid %d %s: %s (%s)", msg.name, m.shmid, where, exc.detail,
+                    exc.errno_name)  # fmt: skip
+        if self.events.active:
+            self.events.emit("refused", {
+                "request": msg.name, "shmid": m.shmid, "shm_offset": m.shm_offset,
+                "len": m.len, "reason": exc.reason.name, "errno": exc.errno_name,
+                "detail": exc.detail,
+            })  # fmt: skip

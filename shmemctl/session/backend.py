@@ -222,7 +222,7 @@ class BackendSession:
                 self.backend_channel = True
                 return [
                     OpenBackendChannel(msg.fds[0]),
-                    Note("backend channel established"),
+                    Note("backend channel established", routine=True),
                     *self._ack(msg),
                 ]
             case FrontendReq.GET_SHMEM_CONFIG:
@@ -265,7 +265,7 @@ class BackendSession:
                 )
             )
         self.protocol_features = asked & self.offered
-        effects.append(Note(f"negotiated {self.names(self.protocol_features)}"))
+        effects.append(Note(f"negotiated {self.names(self.protocol_features)}", routine=True))
         return effects + self._ack(msg)  # decided with the new feature set
 
     def _read_config(self, msg: Message, asked: DeviceConfig) -> list[Effect]:

@@ -51,6 +51,8 @@ class Outgoing(NamedTuple):
     reply: bool = False
     need_reply: bool = False
     fds: tuple[int, ...] = ()
+    #: bytes to send in place of the encoding, for a message that must differ from it
+    raw: bytes | None = None
 
     @property
     def name(self) -> str:
@@ -65,6 +67,8 @@ class Outgoing(NamedTuple):
         )
 
     def encode(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
         payload = self.payload
         if self.reply and type(payload) is int:
             return encode_u64_reply(self.request, payload)  # the common ack: one pack
@@ -80,9 +84,11 @@ def ack(msg: Message, value: int) -> Outgoing:
 
 
 class Note(NamedTuple):
-    """Something the driver should tell its operator (a warning in the log)."""
+    """Something the driver should tell its operator: a warning, or, if `routine`, a
+    line of the normal course of things."""
 
     text: str
+    routine: bool = False
 
 
 class Hangup(NamedTuple):

@@ -45,6 +45,13 @@ class NeedBackendChannel(NamedTuple):
     """Make a socket pair; send back the fd of the end the back-end gets."""
 
 
+class Layout(NamedTuple):
+    """Reserve the regions of this layout now, before a backend channel can ask for a
+    map into them (docs/protocol.md §4, F5)."""
+
+    config: ShmemConfig
+
+
 @dataclass
 class Negotiated:
     features: int = 0
@@ -54,9 +61,10 @@ class Negotiated:
     reply_ack: bool = False
     queues: int = 1
     config: ShmemConfig | None = None
+    backend_channel: bool = False
 
 
-Step = Outgoing | NeedBackendChannel | Note
+Step = Outgoing | NeedBackendChannel | Layout | Note
 #: what the driver sends into the handshake: a reply, the fd of a new channel, or None
 Fed = Message | int | None
 Handshake = Generator[Step, Fed, Negotiated]
@@ -131,7 +139,8 @@ class FrontendSession:
         yield from self._send(self.request(FrontendReq.SET_OWNER, ack=True))
         if neg.shmem:
             neg.config = yield from self.get_shmem_config()
-        if neg.protocol_features & ProtocolFeature.BACKEND_REQ:
+            yield Layout(neg.config)
+        if neg.protocol_features & ProtocolFeature.BACKEND_REQ and not neg.backend_channel:
             yield from self.open_backend_channel()
         neg.features = features & (VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_F_VERSION_1)
         yield from self._send(self.request(FrontendReq.SET_FEATURES, neg.features, ack=True))
@@ -141,6 +150,7 @@ class FrontendSession:
         fd = yield NeedBackendChannel()
         assert isinstance(fd, int) and not isinstance(fd, bool)
         yield from self._send(self.request(FrontendReq.SET_BACKEND_REQ_FD, None, (fd,), ack=True))
+        self.negotiated.backend_channel = True
 
     def get_shmem_config(self) -> Generator[Step, Fed, ShmemConfig]:
         if not self.negotiated.shmem:

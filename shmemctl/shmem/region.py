@@ -113,11 +113,8 @@ class RegionTable:
         max_per_region: int = DEFAULT_MAX_PER_REGION,
         max_total: int = DEFAULT_MAX_TOTAL,
         max_reserve: int = DEFAULT_MAX_RESERVE,
-        skip_checks: frozenset[Refusal] = frozenset(),
     ) -> None:
         sizes = {shmid: size for shmid, size in sizes.items() if size}
-        #: checks left out on purpose (shmemctl frontend --fault); empty in normal use
-        self.skip_checks = skip_checks
         check_layout(sizes, max_reserve)
         self.max_per_region = max_per_region
         self.max_total = max_total
@@ -148,12 +145,7 @@ class RegionTable:
         if region is None:
             region_size(self.sizes, m.shmid)  # raises NO_REGION, naming the regions
         assert region is not None
-        check_range(
-            region.size,
-            m,
-            check_fd_offset=is_map,
-            check_alignment=Refusal.MISALIGNED not in self.skip_checks,
-        )
+        check_range(region.size, m, check_fd_offset=is_map)
         return region
 
     def map(self, m: ShmemMap, fd: int) -> Mapping:
@@ -162,7 +154,7 @@ class RegionTable:
             region = self._region(m, is_map=True)
             end = m.shm_offset + m.len
             hit = region.mappings.conflict(m.shm_offset, end)
-            if hit is not None and Refusal.OVERLAP not in self.skip_checks:
+            if hit is not None:
                 raise _refuse(Refusal.OVERLAP, overlap_detail(hit[0], hit[1] - hit[0]))
             try:
                 st = os.fstat(fd)

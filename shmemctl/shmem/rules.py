@@ -74,9 +74,7 @@ def region_size(sizes: dict[int, int], shmid: int) -> int:
     return size
 
 
-def check_range(
-    size: int, m: ShmemMap, *, check_fd_offset: bool, check_alignment: bool = True
-) -> None:
+def check_range(size: int, m: ShmemMap, *, check_fd_offset: bool) -> None:
     """Steps 6-9 for a request inside a region of `size` bytes; shared by map and unmap
     (an unmap has no fd_offset to check)."""
     if m.len == 0:
@@ -93,7 +91,7 @@ def check_range(
             f"{hex_range(m.shm_offset, m.len)} ends past region {m.shmid}'s size {size:#x}",
         )
     fd_offset = m.fd_offset if check_fd_offset else 0
-    if check_alignment and (m.shm_offset | m.len | fd_offset) % PAGE_SIZE:
+    if (m.shm_offset | m.len | fd_offset) % PAGE_SIZE:
         raise ShmemRefused(
             Refusal.MISALIGNED,
             f"shm_offset {m.shm_offset:#x}, fd_offset {fd_offset:#x} and len {m.len:#x} "
