@@ -1383,6 +1383,16 @@ class HostileFrontend:
         self.backend: Channel | None = None
         self.sent = 0  # hostile messages: the inputs
         self.handled = 0
+        # What this connection has seen. Examples share a connection (one ends with a
+        # reset, not a hang-up), and backend_sim may still settle, in the next example,
+        # a map an earlier one asked for (docs/protocol.md §6.13): so these outlive an
+        # example and only a new connection clears them.
+        #: ranges (shmid, offset, len) a reset certainly dropped (settled then), and not
+        #: mapped again since
+        self.dropped: set[tuple[int, int, int]] = set()
+        #: the ranges backend_sim asked this connection to map: nothing else may it unmap
+        self.mapped_here: set[tuple[int, int, int]] = set()
+        self.before_reset = 0  # bytes on the backend channel sent before the last reset's ack
         self.begin([], None)
         self._stopping = False
         self.connect()
@@ -1390,7 +1400,8 @@ class HostileFrontend:
         self.thread.start()
 
     def begin(self, plan: list[int], rng: random.Random | None) -> None:
-        """A fresh example: its answers; nothing in the log; no violation yet."""
+        """A fresh example: its answers; nothing in the log; no violation yet. The
+        connection's history (`mapped_here`, `dropped`) goes on: it is the connection's."""
         self.plan = list(reversed(plan))
         self.rng = rng
         self.held: dict[tuple[int, int], tuple[int, int, bool]] = {}
@@ -1399,11 +1410,6 @@ class HostileFrontend:
         self.settled: set[tuple[int, int]] = set()
         self.pending: set[tuple[int, int]] = set()
         self.unsure: set[tuple[int, int]] = set()
-        #: ranges (shmid, offset, len) a reset certainly dropped (settled then), and not
-        #: mapped again since
-        self.dropped: set[tuple[int, int, int]] = set()
-        #: the ranges backend_sim asked this connection to map: nothing else may it unmap
-        self.mapped_here: set[tuple[int, int, int]] = set()
         #: the range the harness's control command unmaps in this step (a scenario may
         #: unmap it too, at the same time: any UNMAP of it in the step is the harness's)
         self.commanded: set[tuple[int, int, int]] = set()
@@ -1411,9 +1417,11 @@ class HostileFrontend:
         self.no_replies = 0
         self.desynced = False  # an unasked reply: who answered what is unknowable
         self.log: list[tuple[int, ShmemMap, bool]] = []
-        self.before_reset = 0  # bytes on the backend channel sent before the last reset's ack
         self.violations: list[str] = []
         self.trace: list[str] = []
+        if self.mapped_here:  # what it judges an UNMAP by began before this example
+            self.trace.append(f"  front-end: the connection goes on; backend_sim has asked it "
+                              f"to map {len(self.mapped_here)} ranges so far")  # fmt: skip
         self.sent = 0
 
     # -------------------------------------------------------------- the connection
@@ -1448,6 +1456,7 @@ class HostileFrontend:
             self._forget()
             self.dropped.clear()  # a new connection: the rule is mapped_here
             self.mapped_here.clear()
+            self.before_reset = 0
             self.trace.append("  front-end: new connection")
 
     def _new_backend_channel(self) -> None:

@@ -46,15 +46,28 @@ class Sim:
     channels, and a control client that runs commands in the background so the test
     can answer what they send."""
 
-    def __init__(self, proc: Proc, fe: HandFrontend, ctl: str) -> None:
+    def __init__(self, proc: Proc, sock: str, ctl: str) -> None:
         self.proc = proc
-        self.fe = fe
+        self.sock = sock
         self.ctl = ControlClient(ctl)
         self.pool = ThreadPoolExecutor(1)
-        offered = fe.call(FrontendReq.GET_PROTOCOL_FEATURES).payload
-        fe.call(FrontendReq.SET_PROTOCOL_FEATURES, offered, need_reply=True)
-        self.backend: Channel = fe.open_backend_channel()
+        self.fe = HandFrontend(sock)
+        self.backend: Channel = self._handshake()
+
+    def _handshake(self) -> Channel:
+        """Features and a backend channel, each acked: once it returns, backend_sim is
+        serving this connection (it serves one at a time, in order)."""
+        offered = self.fe.call(FrontendReq.GET_PROTOCOL_FEATURES).payload
+        self.fe.call(FrontendReq.SET_PROTOCOL_FEATURES, offered, need_reply=True)
+        backend = self.fe.open_backend_channel()
         wait_until(lambda: self.status()["ready"], what="backend_sim ready for SHMEM requests")
+        return backend
+
+    def reconnect(self) -> None:
+        """Hang up and connect again, as a front-end that restarts does."""
+        self.fe.close()
+        self.fe = HandFrontend(self.sock)
+        self.backend = self._handshake()
 
     def status(self) -> dict[str, Any]:
         with ControlClient(self.ctl.path) as client:
@@ -99,7 +112,7 @@ def sim(spawn: Callable[..., Proc], tmp_path: Path) -> Iterator[Callable[..., Si
         sock = str(tmp_path / "vhost.sock")
         proc = spawn("backend_sim", "--listen", sock, "--regions", "0=8M,2=64K", *args)
         proc.wait_log("listening on")
-        made.append(Sim(proc, HandFrontend(sock), str(tmp_path / "run/default/backend.ctl")))
+        made.append(Sim(proc, sock, str(tmp_path / "run/default/backend.ctl")))
         return made[-1]
 
     yield start
@@ -352,6 +365,43 @@ def test_a_batch_across_a_reset_is_settled_range_by_range(sim: Callable[..., Sim
     pending.result(timeout=60)
     assert s.status()["mapped"] == []
     s.settled()
+
+
+@pytest.mark.parametrize("then", ["reset", "reconnect"])
+def test_a_batch_left_unanswered_is_settled_on_its_own_connection_only(
+    sim: Callable[..., Sim], then: str
+) -> None:
+    """A batch whose last answer made no sense confirms none of its earlier maps. After
+    a reset, the next answer on that connection settles them with an UNMAP (§6.13),
+    however much later it comes; after a hang-up they went with the connection, and the
+    next one is sent no UNMAP of them (§5)."""
+    s = sim()
+    first, last = ShmemMap(0, 0x10000, 0x1000), ShmemMap(0, 0x20000, 0x1000)
+    maps = [{"shmid": m.shmid, "shm_offset": m.shm_offset, "len": m.len} for m in (first, last)]
+    pending = s.start("batch", maps=maps)
+    assert not s.request().need_reply
+    assert s.request().need_reply
+    s.backend.send(encode_u64_reply(BackendReq.SHMEM_UNMAP, 0))  # the answer to another request
+    assert s.error_of(pending).error_class == ErrorClass.FAILED
+    if then == "reset":
+        s.fe.call(FrontendReq.RESET_DEVICE, need_reply=True)
+    else:
+        s.reconnect()
+    pending = s.start("map", shmid=2, shm_offset=0, len=0x1000)
+    assert s.request().request == BackendReq.SHMEM_MAP
+    s.answer(BackendReq.SHMEM_MAP, 0)
+    if then == "reset":
+        settle = s.request()
+        assert settle.request == BackendReq.SHMEM_UNMAP and settle.need_reply
+        assert settle.payload == ShmemMap(first.shmid, first.shm_offset, first.len)
+        s.answer(BackendReq.SHMEM_UNMAP, (1 << 64) - 2)  # ENOENT: the reset had dropped it
+    assert pending.result(timeout=60)["result"] == "ok"
+    # the settling UNMAP goes out before the map's command returns: nothing else follows
+    assert not s.backend.wait_readable(0)
+    assert [(m["shmid"], m["shm_offset"]) for m in s.status()["mapped"]] == [(2, 0)]
+    s.fe.call(FrontendReq.RESET_DEVICE, need_reply=True)
+    s.settled()
+    assert s.status()["buffers"] == []
 
 
 # ------------------------------------------------------------------ item 10
