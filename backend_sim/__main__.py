@@ -15,6 +15,7 @@ from shmemctl.backend import MAX_CONFIG_SIZE, BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, ChannelError
 from shmemctl.control import ControlError, ControlServer
 from shmemctl.daemon import Stopper, connect_unix, listen_unix, profiled, setup_logging
+from shmemctl.events import Event
 from shmemctl.faults import BACKEND, Fault
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.sizes import human_size, parse_regions, parse_size
@@ -211,7 +212,7 @@ def _serve_one(sock: socket.socket, state: BackendState, stopper: Stopper) -> No
     main = Channel(sock, ChannelKind.MAIN, replies=False)
     main.trace, main.trace_role = endpoint.events, "backend"
     state.state = "connected"
-    endpoint.events.emit("connected", {})
+    endpoint.events.emit(Event.CONNECTED, {})
     reason = "front-end disconnected"
     try:
         endpoint.serve(main, stopper)
@@ -225,7 +226,7 @@ def _serve_one(sock: socket.socket, state: BackendState, stopper: Stopper) -> No
     finally:
         main.close()
         state.state = "disconnected"
-        endpoint.events.emit("disconnected", {"reason": reason})
+        endpoint.events.emit(Event.DISCONNECTED, {"reason": reason})
 
 
 def _start_scenario(state: BackendState, name: str, rate: float, stopper: Stopper) -> None:

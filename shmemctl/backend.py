@@ -26,7 +26,7 @@ from .channel import (
     close_fds,
 )
 from .daemon import Stopper
-from .events import EventHub
+from .events import Event, EventHub
 from .faults import DeviceFaults, Fault
 from .session import (
     BackendSession,
@@ -320,7 +320,7 @@ class BackendEndpoint:
         if self.on_forget is not None:
             self.on_forget(why)
         if self.events.active:
-            self.events.emit("reset", {"why": why})
+            self.events.emit(Event.RESET, {"why": why})
 
     def _drop_backend_channel(self) -> None:
         channel, self.backend_channel = self.backend_channel, None

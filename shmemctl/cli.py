@@ -17,7 +17,7 @@ import click
 
 from . import options, rundir
 from .control import ControlClient, ControlError, DaemonUnreachable
-from .events import TRACE
+from .events import Event
 from .faults import FRONTEND, Fault
 from .shmem.libc import PAGE_SIZE
 from .sizes import hex_range, human_size, parse_regions, parse_size
@@ -429,7 +429,7 @@ def status(target: Target, max_mappings: int) -> None:
         sys.exit(EXIT_REFUSED)
 
 
-def _stream(target: Target, events: list[str] | None, count: int | None) -> None:
+def _stream(target: Target, events: list[Event] | None, count: int | None) -> None:
     """Print events from every daemon of the target as they come, one line each."""
     from .render import render_event
 
@@ -481,7 +481,7 @@ def watch(target: Target, count: int | None) -> None:
 @target_options
 def trace(target: Target, count: int | None) -> None:
     """Live decoded protocol messages of both channels, as each daemon sees them."""
-    _stream(target, [TRACE], count)
+    _stream(target, [Event.MESSAGE], count)
 
 
 @main.group()

@@ -1,45 +1,251 @@
-"""Events an endpoint publishes (`mapped`, `unmapped`, `reset`, `connected`, ...).
+"""Events an endpoint publishes: the registry (`Event`, `PAYLOADS`) and the hub.
 
-Publishing costs nothing while nobody listens: the hot path asks `wants(name)`
+Every event either daemon publishes is a member of `Event`, defined here once: its
+name (the `event` of a control-socket event line), when it is published and by
+which daemon, and the record its `data` carries from each publisher. Emitters
+name events by member, consumers compare against members, and the control
+servers refuse to subscribe to a name that is not here.
+
+Publishing costs nothing while nobody listens: the hot path asks `wants(event)`
 before it builds an event. The protocol trace (`message` events, one per
 message on either channel) is opt-in: a listener gets it only by naming it.
 It has one source, the channel that sent or received the message
-(`Channel.trace`, through `trace_message`); `emit` refuses its name, so no
-other layer can add a second record of the same message.
+(`Channel.trace`, through `trace_message`); `emit` refuses it, so no other
+layer can add a second record of the same message.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Python 3.11's TypedDict takes a NotRequired
+# key for a required one when its annotation is a string.
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from enum import StrEnum
+from typing import Any, Literal, NotRequired, TypedDict
 
-Event = dict[str, Any]
-Listener = Callable[[Event], None]
-TRACE = "message"
+#: An event as listeners get it and as the control socket sends it:
+#: {"event": NAME, "data": {...}, "timestamp": 1.5, "seq": 7}
+EventRecord = dict[str, Any]
+Listener = Callable[[EventRecord], None]
+Role = Literal["frontend", "backend"]
+
+
+class Event(StrEnum):
+    """What a daemon publishes. The value is the name on the wire (a member is a str,
+    so it compares, hashes and serialises as that name). Who publishes each, and the
+    record its data carries, is `PAYLOADS` below; `event.payloads` reads it."""
+
+    #: both: a SHMEM_MAP took effect (front-end: it mapped; device: sent and not refused)
+    MAPPED = "mapped"
+    #: both: a SHMEM_UNMAP took effect (front-end: it unmapped; device: sent and not refused)
+    UNMAPPED = "unmapped"
+    #: both: a SHMEM_MAP or SHMEM_UNMAP was refused (front-end: it refused; device: it was told)
+    REFUSED = "refused"
+    #: both: a device reset dropped every mapping (front-end: `reset` command; back-end: asked)
+    RESET = "reset"
+    #: both: a handshake finished (front-end), a front-end connected (back-end)
+    CONNECTED = "connected"
+    #: both: the connection to the peer ended; the front-end has dropped every mapping
+    DISCONNECTED = "disconnected"
+    #: front-end: it has a back-end's socket and begins the handshake
+    HANDSHAKE = "handshake"
+    #: front-end: its connect failed and it tries again after `retry_in` seconds (--reconnect)
+    RECONNECTING = "reconnecting"
+    #: both, to whoever names it: one message sent or received, by its channel (the trace)
+    MESSAGE = "message"
+
+    @property
+    def payloads(self) -> Mapping[Role, type]:
+        """The daemons that publish this event, each with the record its data carries."""
+        return PAYLOADS[self]
+
+
+TRACE = Event.MESSAGE
+#: Every event's name, as a client writes it.
+NAMES: frozenset[str] = frozenset(e.value for e in Event)
+#: What a subscription without names delivers: every event but the trace.
+ALL_BUT_TRACE: tuple[Event, ...] = tuple(e for e in Event if e is not TRACE)
+#: The events that name the front-end's new state (its status's `state`).
+STATES: frozenset[Event] = frozenset(
+    {Event.HANDSHAKE, Event.CONNECTED, Event.DISCONNECTED, Event.RECONNECTING}
+)
+#: The events after which the front-end holds no mapping at all.
+DROPS_ALL: frozenset[Event] = frozenset({Event.RESET, Event.DISCONNECTED})
+#: The outcomes of one SHMEM request: both daemons report each, about the same range.
+OUTCOMES: frozenset[Event] = frozenset({Event.MAPPED, Event.UNMAPPED, Event.REFUSED})
+
+
+# ---------------------------------------------------------------- the payloads
+
+
+class NoData(TypedDict):
+    """`handshake`, and `connected` from either daemon: nothing but the news."""
+
+
+class FrontendMapping(TypedDict):
+    """`mapped` / `unmapped` from the front-end: the mapping as its table holds it."""
+
+    shmid: int
+    shm_offset: int
+    len: int
+    fd_offset: int
+    writable: bool
+    #: `mapped` only, when the fd's file could be named (/proc/self/fd)
+    file: NotRequired[str]
+
+
+class DeviceMapping(TypedDict):
+    """`mapped` / `unmapped` from backend_sim: the request the front-end acked."""
+
+    shmid: int
+    shm_offset: int
+    len: int
+    #: False when the request was sent without NEED_REPLY (a batch's earlier maps)
+    acked: bool
+    fd_offset: NotRequired[int]  # `mapped` only
+    writable: NotRequired[bool]  # `mapped` only
+    buffer: NotRequired[int]  # `mapped` only: the device's buffer id
+
+
+class FrontendRefusal(TypedDict):
+    """`refused` from the front-end: what it refused, and why."""
+
+    request: str  # the message: SHMEM_MAP or SHMEM_UNMAP
+    shmid: int
+    shm_offset: int
+    len: int
+    reason: str  # a shmemctl.shmem.Refusal name
+    errno: str  # the errno name it answered with
+    detail: str
+
+
+class DeviceRefusal(TypedDict):
+    """`refused` from backend_sim: the answer it got, and the device's own reading."""
+
+    request: str  # "map" or "unmap"
+    shmid: int
+    shm_offset: int
+    len: int
+    errno: str  # the reply, described (EEXIST, ...)
+    reply: int  # the reply value itself
+    explanation: str  # what the device sees wrong with it, or ""
+    fd_offset: NotRequired[int]  # a map only
+    writable: NotRequired[bool]  # a map only
+    buffer: NotRequired[int]  # a map only
+
+
+class FrontendReset(TypedDict):
+    """`reset` from the front-end."""
+
+    dropped: int  # mappings dropped
+    via: str  # the message that told the back-end: RESET_DEVICE, SET_STATUS or RESET_OWNER
+
+
+class DeviceReset(TypedDict):
+    """`reset` from the back-end."""
+
+    why: str  # the message that reset it
+
+
+class FrontendDisconnect(TypedDict):
+    """`disconnected` from the front-end."""
+
+    reason: str
+    dropped: int  # mappings dropped with the connection
+
+
+class DeviceDisconnect(TypedDict):
+    """`disconnected` from backend_sim."""
+
+    reason: str
+
+
+class Reconnect(TypedDict):
+    """`reconnecting` from the front-end."""
+
+    retry_in: float  # seconds until the next connect
+
+
+class TraceRecord(TypedDict):
+    """`message`: one message, decoded (shmemctl.wire.summarize) and placed."""
+
+    channel: str  # "main" or "backend"
+    request: str
+    id: int
+    flags: int
+    reply: bool
+    need_reply: bool
+    payload: Any  # decoded fields, a number, or raw hex
+    fds: int
+    role: str  # the daemon whose channel carried it
+    direction: str  # "in" or "out"
+    #: why the codec refused the payload (then `payload` is its raw hex)
+    undecodable: NotRequired[str]
+
+
+#: Who publishes each event, and the record its `data` carries from each.
+PAYLOADS: dict[Event, dict[Role, type]] = {
+    Event.MAPPED: {"frontend": FrontendMapping, "backend": DeviceMapping},
+    Event.UNMAPPED: {"frontend": FrontendMapping, "backend": DeviceMapping},
+    Event.REFUSED: {"frontend": FrontendRefusal, "backend": DeviceRefusal},
+    Event.RESET: {"frontend": FrontendReset, "backend": DeviceReset},
+    Event.CONNECTED: {"frontend": NoData, "backend": NoData},
+    Event.DISCONNECTED: {"frontend": FrontendDisconnect, "backend": DeviceDisconnect},
+    Event.HANDSHAKE: {"frontend": NoData},
+    Event.RECONNECTING: {"frontend": Reconnect},
+    Event.MESSAGE: {"frontend": TraceRecord, "backend": TraceRecord},
+}
+
+
+def payload_keys(record: type) -> tuple[frozenset[str], frozenset[str]]:
+    """A payload record's (required, optional) keys."""
+    return record.__required_keys__, record.__optional_keys__  # type: ignore[attr-defined]
+
+
+def known_names() -> str:
+    """Every event's name, for an error that lists them."""
+    return ", ".join(Event)
+
+
+class UnknownEvent(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no event {name!r}; the events are: {known_names()}")
+        self.name = name
+
+
+def lookup(name: Event | str) -> Event:
+    """The registered event of this name; UnknownEvent if there is none."""
+    if isinstance(name, Event):
+        return name
+    try:
+        return Event(name)
+    except ValueError:
+        raise UnknownEvent(name) from None
+
+
+# ---------------------------------------------------------------- the hub
 
 
 class EventHub:
     def __init__(self) -> None:
-        self._listeners: tuple[tuple[Listener, frozenset[str] | None], ...] = ()
+        self._listeners: tuple[tuple[Listener, frozenset[Event] | None], ...] = ()
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._everything = False  # some listener takes every event but the trace
-        self._named: frozenset[str] = frozenset()
+        self._named: frozenset[Event] = frozenset()
 
     @property
     def active(self) -> bool:
         return bool(self._listeners)
 
-    def wants(self, name: str) -> bool:
-        return (self._everything and name != TRACE) or name in self._named
+    def wants(self, event: Event) -> bool:
+        return (self._everything and event is not TRACE) or event in self._named
 
-    def subscribe(self, listener: Listener, names: Iterable[str] | None = None) -> None:
-        """`names`: the events to receive; None for all of them except the trace."""
+    def subscribe(self, listener: Listener, names: Iterable[Event | str] | None = None) -> None:
+        """`names`: the events to receive; None for all of them except the trace.
+        UnknownEvent (a ValueError) for a name that is not an `Event`."""
+        chosen = None if names is None else frozenset(lookup(n) for n in names)
         with self._lock:
-            chosen = None if names is None else frozenset(names)
             self._listeners = (*self._listeners, (listener, chosen))
             self._recompute()
 
@@ -53,23 +259,30 @@ class EventHub:
         self._everything = any(names is None for _, names in self._listeners)
         self._named = frozenset().union(*(n for _, n in self._listeners if n is not None))
 
-    def emit(self, name: str, data: dict[str, Any]) -> None:
-        if name == TRACE:
+    def emit(self, event: Event | str, data: Mapping[str, Any]) -> None:
+        """Publish `event` with its data (the record `PAYLOADS` names for this daemon).
+        A plain name is looked up in the registry (UnknownEvent if it is not there):
+        emitters name members; backend_sim/device.py still passes names it computes."""
+        event = lookup(event)
+        if event is TRACE:
             raise ValueError(
-                f"{TRACE!r} events come only from the channel that carried the message "
+                f"{TRACE.value!r} events come only from the channel that carried the message "
                 "(Channel.trace): a second source would trace it twice"
             )
-        self._publish(name, data)
+        self._publish(event, data)
 
-    def trace_message(self, data: dict[str, Any]) -> None:
-        """The trace record of one message; `Channel` calls this once per message."""
+    def trace_message(self, data: Mapping[str, Any]) -> None:
+        """The trace record of one message (a TraceRecord); `Channel` calls this once per
+        message."""
         self._publish(TRACE, data)
 
-    def _publish(self, name: str, data: dict[str, Any]) -> None:
+    def _publish(self, event: Event, data: Mapping[str, Any]) -> None:
         listeners = self._listeners
         if not listeners:
             return
-        event = {"event": name, "data": data, "timestamp": time.time(), "seq": next(self._seq)}
+        # the name as a plain str: what a listener and the control socket see is the name
+        record = {"event": event.value, "data": data, "timestamp": time.time(),
+                  "seq": next(self._seq)}  # fmt: skip
         for listener, names in listeners:
-            if (names is None and name != TRACE) or (names is not None and name in names):
-                listener(event)
+            if (names is None and event is not TRACE) or (names is not None and event in names):
+                listener(record)

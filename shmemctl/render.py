@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .events import Event
 from .sizes import hex_range, human_size, mib
 
 
@@ -74,7 +75,7 @@ def render_event(event: dict[str, Any]) -> str:
     data = event.get("data", {})
     source = event.get("source", "")
     name = event["event"]
-    if name == "message":
+    if name == Event.MESSAGE:
         arrow = "->" if data.get("direction") == "out" else "<-"
         flags = "reply" if data.get("reply") else ("need_reply" if data.get("need_reply") else "")
         payload = data.get("payload")
@@ -88,7 +89,7 @@ def render_event(event: dict[str, Any]) -> str:
     if "shm_offset" in data:
         where = f"region {data['shmid']} {hex_range(data['shm_offset'], data['len'])}"
         extra = ""
-        if name == "refused":
+        if name == Event.REFUSED:
             why = data.get("explanation") or data.get("detail", "")
             extra = f" {data.get('request', '')}: {data.get('errno', '')} {why}"
         elif "writable" in data:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,6 +157,53 @@ def test_watch_and_trace_see_a_map_happen(pair) -> None:
     out, err = trace.communicate(timeout=PATIENCE)
     assert trace.returncode == 0, err
     assert "SHMEM_MAP" in out and "need_reply" in out and "reply 0" in out
+
+
+def traced_lines(out: str) -> dict[str, list[tuple[str, str, str, str]]]:
+    """`shmemctl trace` lines, per daemon in the order it printed them: (direction,
+    channel, request, flags) of each message."""
+    seen: dict[str, list[tuple[str, str, str, str]]] = {"frontend": [], "backend": []}
+    for line in out.splitlines():
+        found = re.match(
+            r"\d\d:\d\d:\d\d\.\d{3} (\w+) +(->|<-) (\w+) +(\w+)(?: (reply|need_reply)\b)?",
+            line,
+        )
+        assert found, f"not a trace line: {line!r}"
+        source, arrow, channel, request, flags = found.groups()
+        seen[source].append((arrow, channel, request, flags or ""))
+    return seen
+
+
+def test_trace_shows_each_message_once_on_each_side(pair) -> None:
+    """Each message: one line by the daemon that sent it, one by the one that received it,
+    and nothing else. --count stops the trace at exactly as many lines as the three
+    requests make: a second line of any message but the very last would push another
+    message's line out."""
+    trace = pair.popen("trace", "--count", "12")
+    wait_subscribed(trace)
+    assert pair("map", "0", "0", "64K").returncode == 0  # backend channel, back-end first
+    assert pair("unmap", "0", "0", "64K").returncode == 0
+    assert pair("config").returncode == 0  # main channel, front-end first
+    out, err = trace.communicate(timeout=PATIENCE)
+    assert trace.returncode == 0, err
+    assert traced_lines(out) == {
+        "backend": [
+            ("->", "backend", "SHMEM_MAP", "need_reply"),
+            ("<-", "backend", "SHMEM_MAP", "reply"),
+            ("->", "backend", "SHMEM_UNMAP", "need_reply"),
+            ("<-", "backend", "SHMEM_UNMAP", "reply"),
+            ("<-", "main", "GET_SHMEM_CONFIG", ""),
+            ("->", "main", "GET_SHMEM_CONFIG", "reply"),
+        ],
+        "frontend": [
+            ("<-", "backend", "SHMEM_MAP", "need_reply"),
+            ("->", "backend", "SHMEM_MAP", "reply"),
+            ("<-", "backend", "SHMEM_UNMAP", "need_reply"),
+            ("->", "backend", "SHMEM_UNMAP", "reply"),
+            ("->", "main", "GET_SHMEM_CONFIG", ""),
+            ("<-", "main", "GET_SHMEM_CONFIG", "reply"),
+        ],
+    }, out
 
 
 def test_up_twice_is_refused_and_a_stale_directory_is_cleaned(sh, tmp_path) -> None:

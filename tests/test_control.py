@@ -13,8 +13,9 @@ import tempfile
 
 import pytest
 
-from shmemctl.control import ControlClient, ErrorClass, peer_allowed
+from shmemctl.control import ControlClient, ControlError, ErrorClass, peer_allowed
 from shmemctl.control.protocol import MAX_LINE
+from shmemctl.events import Event
 from shmemctl.wire import ShmemMap
 
 from .conftest import PATIENCE, MiB, memfd, recv_lines
@@ -93,6 +94,32 @@ def test_bad_requests_get_specific_errors_and_no_effect(
     finally:
         sock.close()
     assert "reset" not in fe.log()
+
+
+def test_subscribing_to_an_unknown_event_is_refused_with_the_known_ones(frontend_ctl) -> None:
+    path, backend, _ = frontend_ctl
+    sock, f = raw(path)
+    try:
+        sock.sendall(b'{"id": 1, "execute": "subscribe", "arguments": {"events": ["mapped", '
+                     b'"mapd", "trace", "mapd"]}}\n')  # fmt: skip
+        answer = json.loads(f.readline())
+        assert answer["id"] == 1 and answer["error"]["class"] == ErrorClass.BAD_ARGUMENT
+        assert answer["error"]["desc"] == (
+            "subscribe: no event 'mapd', 'trace'; the events are: " + ", ".join(Event)
+        )
+        # refused whole: not even the known name is subscribed to
+        buf = memfd(MiB)
+        try:
+            assert backend.map(ShmemMap(0, 0, 4096, 0), (buf,)) == "ok"
+        finally:
+            os.close(buf)
+        sock.sendall(b'{"id": 2, "execute": "status", "arguments": {"max_mappings": 0}}\n')
+        answer = json.loads(f.readline())  # the next line is the answer, not an event
+        assert answer["id"] == 2 and answer["return"]["counters"]["maps"] == 1
+    finally:
+        sock.close()
+    with ControlClient(path) as client, pytest.raises(ControlError, match="no event 'unmaped'"):
+        client.subscribe(["unmaped"])
 
 
 def test_an_oversized_line_is_refused_and_the_client_dropped(frontend_ctl) -> None:

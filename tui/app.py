@@ -23,7 +23,7 @@ from textual.widgets import DataTable, Footer, Input
 from shmemctl.control import ControlError, DaemonUnreachable
 from shmemctl.sizes import hex_range
 
-from .model import PairModel
+from .model import REGION_CHANGES, PairModel
 from .screens import ConfigScreen, Confirm, HelpScreen, MapForm
 from .source import DaemonLink, call
 from .widgets import ConnectionHeader, EventLogView, MappingsTable, ProcessPanel, RegionMap
@@ -150,8 +150,7 @@ class ShmemConsole(App[None]):
                     )
             elif kind == "event":
                 self.model.apply(role, payload)
-                regions = regions or payload["event"] in ("mapped", "unmapped", "reset",
-                                                          "disconnected")  # fmt: skip
+                regions = regions or payload["event"] in REGION_CHANGES
                 log.add(role, payload)
         self._redraw(regions=regions)
 

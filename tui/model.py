@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shmemctl.events import DROPS_ALL, OUTCOMES, STATES, Event
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.sizes import hex_range
 
@@ -165,6 +166,10 @@ SORT_KEYS: dict[str, Callable[[MappingView], Any]] = {
 }
 
 
+#: The events that change what the region map shows.
+REGION_CHANGES: frozenset[Event] = frozenset({Event.MAPPED, Event.UNMAPPED}) | DROPS_ALL
+
+
 @dataclass
 class SideState:
     """One daemon as the console sees it."""
@@ -231,9 +236,9 @@ class PairModel:
         if source != "frontend":
             return  # mappings are the front-end's truth; the back-end's events are logged only
         status = self.sides["frontend"].status
-        if name in ("mapped", "unmapped") and data.get("shmid") in self.regions:
+        if name in (Event.MAPPED, Event.UNMAPPED) and data.get("shmid") in self.regions:
             region = self.regions[data["shmid"]]
-            if name == "mapped":
+            if name == Event.MAPPED:
                 region.mappings[data["shm_offset"]] = MappingView(
                     data["shm_offset"], data["len"], data["fd_offset"], data["writable"],
                     data.get("file", ""), event.get("timestamp", time.time()),
@@ -241,14 +246,13 @@ class PairModel:
             else:
                 region.mappings.pop(data["shm_offset"], None)
             region.changed()
-        elif name in ("reset", "disconnected"):
+        elif name in DROPS_ALL:
             for region in self.regions.values():
                 region.mappings.clear()
                 region.changed()
-        states = ("connected", "disconnected", "handshake", "reconnecting")
-        if status is not None and name in states:
+        if status is not None and name in STATES:
             status["state"] = name
-            if name == "reconnecting":
+            if name == Event.RECONNECTING:
                 self.sides["frontend"].reconnect_at = time.time() + data.get("retry_in", 0)
 
     @property
@@ -266,7 +270,7 @@ PAIR_WINDOW = 10.0
 def describe(name: str, data: dict[str, Any]) -> str:
     """An event in a line, the fields that matter first: what happened, to which range, how.
     Who said it and when come after (see LogEntry), so a narrow panel loses only those."""
-    if name == "message":  # the protocol trace
+    if name == Event.MESSAGE:  # the protocol trace
         payload = data.get("payload")
         parts = (
             "->" if data.get("direction") == "out" else "<-",
@@ -279,7 +283,7 @@ def describe(name: str, data: dict[str, Any]) -> str:
         return " ".join(str(p) for p in parts if p not in ("", None))
     if "shm_offset" in data:
         where = f"{data['shmid']}:{hex_range(data['shm_offset'], data['len'])}"
-        if name == "refused":
+        if name == Event.REFUSED:
             why = data.get("detail") or data.get("explanation") or ""
             text = f"refused {_request_kind(name, data)} {where} {data.get('errno', '')}"
             return f"{text}: {why}" if why else text
@@ -289,23 +293,23 @@ def describe(name: str, data: dict[str, Any]) -> str:
 
 
 def _request_kind(name: str, data: dict[str, Any]) -> str:
-    if name == "refused":  # the front-end names the message, the back-end the request
+    if name == Event.REFUSED:  # the front-end names the message, the back-end the request
         return "unmap" if "UNMAP" in str(data.get("request", "")).upper() else "map"
-    return "map" if name == "mapped" else "unmap"
+    return "map" if name == Event.MAPPED else "unmap"
 
 
 def _pairing_key(name: str, data: dict[str, Any]) -> tuple[Any, ...] | None:
     """What a front-end's and a back-end's report of one request share, or None."""
-    if name not in ("mapped", "unmapped", "refused") or "shm_offset" not in data:
+    if name not in OUTCOMES or "shm_offset" not in data:
         return None
     return (_request_kind(name, data), data["shmid"], data["shm_offset"], data["len"])
 
 
 def _outcome(name: str, data: dict[str, Any]) -> tuple[Any, ...]:
     """What both sides must say alike for one line to stand for both."""
-    if name == "mapped":
+    if name == Event.MAPPED:
         return (name, data.get("fd_offset"), data.get("writable"))
-    if name == "refused":
+    if name == Event.REFUSED:
         return (name, data.get("errno"))
     return (name,)
 

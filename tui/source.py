@@ -13,10 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from shmemctl.control import ControlClient
+from shmemctl.events import ALL_BUT_TRACE, TRACE, Event
 
 #: Every event a daemon publishes except the protocol trace.
-EVENTS = ["mapped", "unmapped", "refused", "reset", "connected", "disconnected", "handshake",
-          "reconnecting"]  # fmt: skip
+EVENTS: tuple[Event, ...] = ALL_BUT_TRACE
 RETRY_SECONDS = 2.0
 #: Mappings asked for in the full status a link starts with.
 FULL_LIST = 1 << 20
@@ -34,7 +34,7 @@ class DaemonLink(threading.Thread):
         self._stop = threading.Event()
         self._again = threading.Event()  # reconnect now, without a pause or a 'down'
         self._client: ControlClient | None = None
-        self.subscribed: tuple[str, ...] = ()  # what the open subscription delivers
+        self.subscribed: tuple[Event, ...] = ()  # what the open subscription delivers
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -43,8 +43,8 @@ class DaemonLink(threading.Thread):
                 self._client = client
                 args = {"max_mappings": FULL_LIST} if self.role == "frontend" else {}
                 self.sink(self.role, "status", client.execute("status", **args))
-                names = (*EVENTS, "message") if self.trace else tuple(EVENTS)
-                client.subscribe(list(names))
+                names = (*EVENTS, TRACE) if self.trace else EVENTS
+                client.subscribe(names)
                 self.subscribed = names
                 for event in client.events():
                     self.sink(self.role, "event", event)

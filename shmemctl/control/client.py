@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .protocol import MAX_ANSWER, ControlError, ErrorClass, encode_line
@@ -89,11 +89,13 @@ class ControlClient:
                 raise ControlError(answer["error"]["class"], answer["error"]["desc"])
             return answer.get("return")
 
-    def subscribe(self, events: list[str] | None = None) -> None:
+    def subscribe(self, events: Iterable[str] | None = None) -> None:
+        """Receive these events (shmemctl.events.Event, or their names) from here on; all
+        but the trace if None. A name the daemon does not know is refused (ControlError)."""
         if events is None:
             self.execute("subscribe")
         else:
-            self.execute("subscribe", events=events)
+            self.execute("subscribe", events=list(events))
         self.sock.settimeout(None)
 
     def events(self) -> Iterator[dict[str, Any]]:

@@ -4,6 +4,9 @@ server -> {"greeting": {"role", "version", "pid", "commands": [...]}}
 client -> {"id": 1, "execute": "map", "arguments": {"shmid": 0, ...}}
 server -> {"id": 1, "return": {...}}  or  {"id": 1, "error": {"class", "desc"}}
 server -> {"event": "mapped", "data": {...}, "timestamp": 1.5, "seq": 7}  (after subscribe)
+
+The events, who publishes each and what its data holds: shmemctl.events.Event; a
+subscribe naming anything else is refused.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..daemon import listen_unix
-from ..events import EventHub
+from ..events import NAMES, TRACE, EventHub, known_names
 from .protocol import (
     MAX_LINE,
     MAX_QUEUED,
@@ -135,7 +135,13 @@ class ControlServer:
         self.commands["subscribe"] = Command(
             "subscribe",
             None,
-            {"events": Arg(list, required=False, help="event names; all but 'message' if absent")},
+            {
+                "events": Arg(
+                    list,
+                    required=False,
+                    help=f"event names ({known_names()}); all but {TRACE.value!r} if absent",
+                )
+            },
             help="receive events on this connection",
         )
         self._clients: set[_Client] = set()
@@ -247,6 +253,13 @@ class ControlServer:
     def _subscribe(self, client: _Client, names: list[Any] | None) -> dict[str, Any]:
         if names is not None and not all(isinstance(n, str) for n in names):
             raise ControlError(ErrorClass.BAD_ARGUMENT, "subscribe: 'events' is a list of names")
+        unknown = [] if names is None else [n for n in names if n not in NAMES]
+        if unknown:
+            listed = ", ".join(repr(n) for n in dict.fromkeys(unknown))
+            raise ControlError(
+                ErrorClass.BAD_ARGUMENT,
+                f"subscribe: no event {listed}; the events are: {known_names()}",
+            )
         if client.subscribed:
             self.events.unsubscribe(client.send)
         self.events.subscribe(client.send, names)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from ..channel import DEFAULT_BUSY_POLL, Channel, ChannelClosed, ChannelError, close_fds
 from ..daemon import Stopper, connect_unix, listen_unix, profiled
-from ..events import EventHub
+from ..events import Event, EventHub
 from ..faults import Fault, FrontendFaults
 from ..session import FrontendSession, HandshakeError, NeedBackendChannel, Negotiated, Note
 from ..session.common import Outgoing
@@ -146,7 +146,7 @@ class Frontend:
                         ) from exc
                     return None
                 log.info("%s; retrying in %gs", hint, self.options.reconnect)
-                self._set_state("reconnecting", retry_in=self.options.reconnect)
+                self._set_state(Event.RECONNECTING, retry_in=self.options.reconnect)
             if self.stopper.wait(self.options.reconnect):
                 return None
 
@@ -166,7 +166,7 @@ class Frontend:
                 len(self.regions.regions) if neg.shmem and self.regions is not None else 0,
                 "on" if neg.reply_ack else "off",
             )
-            self._set_state("connected")
+            self._set_state(Event.CONNECTED)
             reason = self._supervise(main)
         except (ChannelError, WireError, HandshakeError, ShmemSetupError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
@@ -215,7 +215,7 @@ class Frontend:
         if dropped:
             log.info("dropped %d mappings (%s)", dropped, reason)
         self.session.negotiated = Negotiated()
-        self._set_state("disconnected", reason=reason, dropped=dropped)
+        self._set_state(Event.DISCONNECTED, reason=reason, dropped=dropped)
 
     def _teardown(self) -> None:
         if self.regions is not None:
@@ -229,7 +229,7 @@ class Frontend:
     def _set_state(self, state: str, **data: Any) -> None:
         self.state = state
         if self.events.active:
-            self.events.emit(state, data)
+            self.events.emit(Event(state), data)
 
     # ------------------------------------------------------------ main channel
 
@@ -269,7 +269,7 @@ class Frontend:
                     log.log(logging.INFO if routine else logging.WARNING, "%s", text)
 
     def _handshake(self, main: Channel) -> None:
-        self._set_state("handshake")
+        self._set_state(Event.HANDSHAKE)
         session = self.session
         steps = session.handshake() if self.faults is None else self.faults.handshake(session)
         neg = self._drive(steps)
@@ -339,7 +339,7 @@ class Frontend:
         self.exchange(out)
         log.info("reset with %s: dropped %d mappings", out.name, dropped)
         if self.events.active:
-            self.events.emit("reset", {"dropped": dropped, "via": out.name})
+            self.events.emit(Event.RESET, {"dropped": dropped, "via": out.name})
         return dropped, out.name
 
     # ------------------------------------------------------------ backend channel
@@ -411,7 +411,7 @@ class Frontend:
             if is_map:  # the fd is still open here: name its file for whoever watches
                 with contextlib.suppress(OSError):
                     data["file"] = os.readlink(f"/proc/self/fd/{msg.fds[0]}")
-            self.events.emit("mapped" if is_map else "unmapped", data)
+            self.events.emit(Event.MAPPED if is_map else Event.UNMAPPED, data)
         return 0, None
 
     def _refused(self, msg: Message, exc: ShmemRefused) -> None:
@@ -424,7 +424,7 @@ class Frontend:
         log.warning("refused %s shmid %d %s: %s (%s)", msg.name, m.shmid, where, exc.detail,
                     exc.errno_name)  # fmt: skip
         if self.events.active:
-            self.events.emit("refused", {
+            self.events.emit(Event.REFUSED, {
                 "request": msg.name, "shmid": m.shmid, "shm_offset": m.shm_offset,
                 "len": m.len, "reason": exc.reason.name, "errno": exc.errno_name,
                 "detail": exc.detail,
