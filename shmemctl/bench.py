@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import timeit
@@ -23,6 +22,8 @@ from typing import Any
 
 import click
 
+from .pair import PairError, launch
+from .rundir import PairPaths
 from .sizes import human_size
 
 MODES = ("ack", "batch16", "batch64")
@@ -48,34 +49,20 @@ def run_pair_bench(quick: bool = False, timeout: float = 170.0) -> list[dict[str
     """Run every cell in one pair of daemons; return one result dict per cell."""
     cells = _cells(quick)
     with tempfile.TemporaryDirectory(prefix="shmemctl-bench-") as tmp:
-        sock = os.path.join(tmp, "vhost.sock")
+        paths = PairPaths(Path(tmp))
         script = Path(tmp, "bench.txt")
         script.write_text("".join(f"bench {m} {n} {e} {p}\n" for m, n, e, p in cells))
-        backend_log = Path(tmp, "backend.err").open("w")  # noqa: SIM115 - child's stderr
-        frontend_log = Path(tmp, "frontend.err").open("w")  # noqa: SIM115
         # 512M: the 128M churn window with 65,536 existing 4K pages around it
-        backend = subprocess.Popen(
-            [sys.executable, "-m", "backend_sim", "--listen", sock,
-             "--control", os.path.join(tmp, "backend.ctl"), "--regions", "0=512M",
-             "--script", str(script)],
-            stdout=subprocess.PIPE, stderr=backend_log, text=True,
-        )  # fmt: skip
-        frontend = None
         try:
-            deadline = time.monotonic() + 10
-            while not os.path.exists(sock):
-                if time.monotonic() > deadline or backend.poll() is not None:
-                    raise click.ClickException("backend_sim did not start listening")
-                time.sleep(0.02)
-            frontend = subprocess.Popen(
-                [sys.executable, "-m", "shmemctl", "frontend", "--connect", sock,
-                 "--control", os.path.join(tmp, "frontend.ctl")],
-                stdout=subprocess.DEVNULL, stderr=frontend_log,
-            )  # fmt: skip
+            pair = launch(paths, backend_args=["--regions", "0=512M", "--script", str(script)],
+                          backend_stdout=subprocess.PIPE, timeout=60)  # fmt: skip
+        except PairError as exc:
+            raise click.ClickException(str(exc)) from None
+        try:
             results = []
-            assert backend.stdout is not None
+            assert pair.backend.stdout is not None
             end = time.monotonic() + timeout
-            for line in backend.stdout:
+            for line in pair.backend.stdout:
                 _step, _, outcome = line.partition(": ")
                 try:
                     results.append(json.loads(outcome))
@@ -84,17 +71,11 @@ def run_pair_bench(quick: bool = False, timeout: float = 170.0) -> list[dict[str
                 if len(results) == len(cells) or time.monotonic() > end:
                     break
             if len(results) != len(cells):
-                tail = Path(tmp, "frontend.err").read_text()[-2000:]
+                tail = paths.logfile("frontend").read_text()[-2000:]
                 raise click.ClickException(f"bench ended early after {len(results)} cells\n{tail}")
             return results
         finally:
-            for proc in (frontend, backend):
-                if proc is not None:
-                    proc.terminate()
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+            pair.stop()
 
 
 def run_floor(source: Path, quick: bool) -> dict[tuple[str, int], float]:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import click
 
+from .pair import Launched, PairError, daemon_status, launch, wait_for
+from .rundir import PairPaths
 from .shmem.procmaps import kernel_segments, read_maps
 from .sizes import hex_range, human_size
 
@@ -44,14 +43,6 @@ WHY = [
 ]
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _show_regions(pid: int, bases: dict[int, int]) -> None:
     lines = read_maps(pid)
     for shmid, base in sorted(bases.items()):
@@ -65,62 +56,56 @@ def _show_regions(pid: int, bases: dict[int, int]) -> None:
 
 def run_demo(pause: float) -> None:
     with tempfile.TemporaryDirectory(prefix="shmemctl-demo-") as tmp:
-        sock = os.path.join(tmp, "vhost.sock")
+        paths = PairPaths(Path(tmp))
         # The back-end sleeps after every step so the kernel's view can be shown
         # while nothing moves; the batch (noreply lines) goes out as one burst.
         sleep = f"sleep {max(300, int(pause * 1000))}"
         paced = [sleep] + [
             step + ("" if "noreply" in step else f"\n{sleep}") for step in TOUR.splitlines()
         ]
-        Path(tmp, "tour.txt").write_text("\n".join(paced) + "\n")
+        tour = Path(tmp, "tour.txt")
+        tour.write_text("\n".join(paced) + "\n")
         spec = ",".join(f"{k}={human_size(v)}" for k, v in REGIONS.items())
-        be_log = Path(tmp, "backend.log")
-        fe_log = Path(tmp, "frontend.log")
-        click.echo(f"starting backend_sim (regions {spec}) and the front-end on {sock}")
-        with be_log.open("w") as be_err, fe_log.open("w") as fe_err:
-            backend = subprocess.Popen(
-                [sys.executable, "-m", "backend_sim", "--listen", sock,
-             "--control", os.path.join(tmp, "backend.ctl"), "--regions", spec,
-                 "--script", "tour.txt"],
-                stdout=subprocess.PIPE, stderr=be_err, text=True, cwd=tmp,
-            )  # fmt: skip
-            frontend = None
-            try:
-                _wait(lambda: os.path.exists(sock), 10, "backend_sim to listen")
-                frontend = subprocess.Popen(
-                    [sys.executable, "-m", "shmemctl", "frontend", "--connect", sock,
-                 "--control", os.path.join(tmp, "frontend.ctl")],
-                    stderr=fe_err, stdout=subprocess.DEVNULL,
-                )  # fmt: skip
-                _wait(lambda: "connected:" in fe_log.read_text(), 10, "the handshake")
-                bases = {
-                    int(s): int(a, 16)
-                    for s, a in re.findall(r"region (\d+): \S+ reserved at (0x[0-9a-f]+)",
-                                           fe_log.read_text())
-                }  # fmt: skip
-                click.echo(f"front-end pid {frontend.pid} reserved its regions; /proc says:")
-                _show_regions(frontend.pid, bases)
-                assert backend.stdout is not None
-                backend.stdout.readline()  # the opening pause
-                for why in WHY:
-                    line = backend.stdout.readline().rstrip("\n")
-                    click.echo(f"\n  {line}" + (f"    <- {why}" if why else ""))
-                    if "noreply" not in line:
-                        _show_regions(frontend.pid, bases)
-                        backend.stdout.readline()  # the pause's own result line
-                fds = len(os.listdir(f"/proc/{frontend.pid}/fd"))
-                click.echo(f"\nthe front-end holds {fds} fds: every received fd was closed "
-                           "once mapped (the mapping keeps the file)")  # fmt: skip
-                click.echo("\nstopping the back-end: the front-end drops every mapping")
-                backend.terminate()
-                backend.wait(10)
-                _wait(lambda: "back-end gone" in fe_log.read_text(), 10, "the disconnect")
-                _show_regions(frontend.pid, bases)
-            finally:
-                for proc in (frontend, backend):
-                    if proc is not None and proc.poll() is None:
-                        proc.terminate()
-                        proc.wait(10)
+        click.echo(f"starting backend_sim (regions {spec}) and the front-end on {paths.vhost}")
+        try:
+            pair = launch(paths, backend_args=["--regions", spec, "--script", str(tour)],
+                          backend_stdout=subprocess.PIPE, timeout=60)  # fmt: skip
+        except PairError as exc:
+            raise click.ClickException(str(exc)) from None
+        try:
+            _tour(paths, pair)
+        finally:
+            pair.stop()
         click.echo("\nfront-end log:")
-        for line in fe_log.read_text().splitlines():
+        for line in paths.logfile("frontend").read_text().splitlines():
             click.echo("  " + line.split(" ", 2)[-1])
+
+
+def _tour(paths: PairPaths, pair: Launched) -> None:
+    frontend, backend = pair.frontend, pair.backend
+    click.echo(f"front-end pid {frontend.pid} reserved its regions; /proc says:")
+    _show_regions(frontend.pid, pair.bases)
+    assert backend.stdout is not None
+    backend.stdout.readline()  # the opening pause
+    for why in WHY:
+        line = backend.stdout.readline().rstrip("\n")
+        click.echo(f"\n  {line}" + (f"    <- {why}" if why else ""))
+        if "noreply" not in line:
+            _show_regions(frontend.pid, pair.bases)
+            backend.stdout.readline()  # the pause's own result line
+    fds = len(os.listdir(f"/proc/{frontend.pid}/fd"))
+    click.echo(f"\nthe front-end holds {fds} fds: every received fd was closed "
+               "once mapped (the mapping keeps the file)")  # fmt: skip
+    click.echo("\nstopping the back-end: the front-end drops every mapping")
+    backend.terminate()
+    backend.wait(60)
+
+    def disconnected() -> bool:
+        status = daemon_status(paths, "frontend")
+        return status is not None and status["state"] != "connected"
+
+    try:
+        wait_for(paths, {"frontend": frontend}, disconnected, 60, "disconnected")
+    except PairError as exc:
+        raise click.ClickException(str(exc)) from None
+    _show_regions(frontend.pid, pair.bases)

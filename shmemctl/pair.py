@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -90,6 +92,99 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text)
 
 
+@dataclass
+class Launched:
+    """A pair this process started: both processes, and where the front-end reserved each
+    region (shmid -> base address), as its control socket reported once connected."""
+
+    backend: subprocess.Popen[str]
+    frontend: subprocess.Popen[str]
+    bases: dict[int, int]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM both (SIGKILL past `timeout`); the front-end first, as a VMM goes."""
+        for proc in (self.frontend, self.backend):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def launch(
+    paths: PairPaths,
+    *,
+    backend_args: Sequence[str] = (),
+    frontend_args: Sequence[str] = (),
+    detached: bool = False,
+    backend_stdout: int = subprocess.DEVNULL,
+    timeout: float = 20.0,
+) -> Launched:
+    """The one way a pair is started: backend_sim listening on the pair's vhost socket,
+    then the front-end connecting to it, each with its control socket in the pair's
+    directory; returns once the front-end's control socket says it is connected.
+    `detached` daemons outlive this process (their own session, pid files, logs in the
+    pair's directory); otherwise their stderr goes to the same log files. Raises
+    PairError, with the end of a log, if either exits or the pair is not connected in
+    `timeout` seconds; nothing is left running then."""
+    paths.ensure()
+    argv = {
+        "backend": [
+            sys.executable,
+            "-m",
+            "backend_sim",
+            "--listen",
+            str(paths.vhost),
+            "--control",
+            str(paths.control("backend")),
+            *backend_args,
+        ],
+        "frontend": [
+            sys.executable,
+            "-m",
+            "shmemctl",
+            "frontend",
+            "--connect",
+            str(paths.vhost),
+            "--reconnect",
+            "0.5",
+            "--control",
+            str(paths.control("frontend")),
+            *frontend_args,
+        ],
+    }
+    procs: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for role in ROLES:  # the back-end listens first, then the front-end connects
+            if role == "frontend":
+                wait_for(paths, procs, lambda: _listening(paths), timeout, "listening")
+            with paths.logfile(role).open("a") as log:
+                procs[role] = subprocess.Popen(
+                    argv[role],
+                    stdin=subprocess.DEVNULL,
+                    stdout=backend_stdout if role == "backend" else subprocess.DEVNULL,
+                    stderr=log,
+                    text=True,
+                    start_new_session=detached,
+                    close_fds=True,
+                )
+            if detached:
+                paths.pidfile(role).write_text(f"{procs[role].pid}\n")
+        status = _wait_connected(paths, procs, timeout)
+    except BaseException:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if detached:
+            clean(paths)
+        raise
+    bases = {r["shmid"]: r["base"] for r in status["regions"]}
+    return Launched(procs["backend"], procs["frontend"], bases)
+
+
 def up(
     paths: PairPaths,
     regions: str,
@@ -98,7 +193,7 @@ def up(
     shmem_bit: int = 22,
     timeout: float = 20.0,
 ) -> dict[str, int]:
-    """Start backend_sim and the front-end; return their pids once connected."""
+    """Start backend_sim and the front-end detached; return their pids once connected."""
     paths.ensure()
     if alive := running(paths):
         who = ", ".join(f"{r.role} {r.pid}" for r in alive)
@@ -108,60 +203,74 @@ def up(
         )
     clean(paths)  # whatever a dead pair left: never reused blindly
     common = ["--shmem-bit", str(shmem_bit)]
-    argv = {
-        "backend": [
-            sys.executable, "-m", "backend_sim", "--listen", str(paths.vhost),
-            "--regions", regions, "--control", str(paths.control("backend")), *common,
+    pair = launch(
+        paths,
+        backend_args=[
+            "--regions",
+            regions,
+            *common,
             *(["--scenario", scenario] if scenario else []),
         ],
-        "frontend": [
-            sys.executable, "-m", "shmemctl", "frontend", "--connect", str(paths.vhost),
-            "--reconnect", "0.5", "--control", str(paths.control("frontend")), *common,
-        ],
-    }  # fmt: skip
-    pids: dict[str, int] = {}
-    try:
-        for role in ROLES:  # the back-end listens first; the front-end retries until it does
-            with paths.logfile(role).open("a") as log:
-                proc = subprocess.Popen(
-                    argv[role],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log if role == "frontend" else subprocess.DEVNULL,
-                    stderr=log,
-                    start_new_session=True,  # outlives this shell command
-                    close_fds=True,
-                )
-            pids[role] = proc.pid
-            paths.pidfile(role).write_text(f"{proc.pid}\n")
-        _wait_connected(paths, pids, timeout)
-    except BaseException:
-        stop(paths)
-        raise
-    return pids
+        frontend_args=common,
+        detached=True,
+        timeout=timeout,
+    )
+    return {"backend": pair.backend.pid, "frontend": pair.frontend.pid}
 
 
-def _wait_connected(paths: PairPaths, pids: dict[str, int], timeout: float) -> None:
+def daemon_status(paths: PairPaths, role: str) -> dict[str, Any] | None:
+    """A daemon's status (no mapping lists), or None while its control socket does not
+    answer."""
+    brief = {"max_mappings": 0} if role == "frontend" else {}
+    with (
+        contextlib.suppress(DaemonUnreachable, ControlError, OSError),
+        ControlClient(str(paths.control(role)), timeout=2) as daemon,
+    ):
+        return daemon.execute("status", **brief)
+    return None
+
+
+def wait_for(
+    paths: PairPaths,
+    procs: dict[str, subprocess.Popen[str]],
+    ready: Callable[[], Any],
+    timeout: float,
+    what: str,
+) -> Any:
+    """Poll `ready` until it gives something true; PairError if a daemon exits first or
+    `timeout` passes, with the ends of both logs."""
     deadline = time.monotonic() + timeout
     while True:
-        for role, pid in pids.items():
-            if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+        for role, proc in procs.items():
+            if proc.poll() is not None:
                 raise PairError(
-                    f"the {role} exited while starting; its log "
+                    f"the {role} exited ({proc.returncode}) while {what}; its log "
                     f"({paths.logfile(role)}) ends:\n{_tail(paths.logfile(role))}"
                 )
-        with (
-            contextlib.suppress(DaemonUnreachable, ControlError, OSError),
-            ControlClient(str(paths.control("frontend")), timeout=2) as fe,
-        ):
-            if fe.execute("status", max_mappings=0)["state"] == "connected":
-                return
+        if got := ready():
+            return got
         if time.monotonic() > deadline:
             raise PairError(
-                f"the front-end did not connect within {timeout:g}s; its log ends:\n"
+                f"not {what} within {timeout:g}s; the front-end's log ends:\n"
                 f"{_tail(paths.logfile('frontend'))}\nand the back-end's:\n"
                 f"{_tail(paths.logfile('backend'))}"
             )
-        time.sleep(0.05)
+        time.sleep(0.02)  # a control socket cannot be waited on before it exists
+
+
+def _listening(paths: PairPaths) -> bool:
+    status = daemon_status(paths, "backend")
+    return status is not None and status["state"] in ("listening", "connected")
+
+
+def _wait_connected(
+    paths: PairPaths, procs: dict[str, subprocess.Popen[str]], timeout: float
+) -> dict[str, Any]:
+    def connected() -> dict[str, Any] | None:
+        status = daemon_status(paths, "frontend")
+        return status if status is not None and status["state"] == "connected" else None
+
+    return wait_for(paths, procs, connected, timeout, "connected")
 
 
 def stop(paths: PairPaths, timeout: float = 10.0) -> list[Running]:
