@@ -128,8 +128,8 @@ def launch(
     `detached` daemons outlive this process (their own session, pid files, logs in the
     pair's directory); otherwise their stderr goes to the same log files. Raises
     PairError, with the end of a log, if either exits or the pair is not connected in
-    `timeout` seconds; nothing is left running then."""
-    paths.ensure()
+    `timeout` seconds; nothing is left running then. The pair's directory must exist
+    (`PairPaths.ensure` makes a named pair's; a temporary one is the caller's)."""
     argv = {
         "backend": [
             sys.executable,

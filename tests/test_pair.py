@@ -8,6 +8,8 @@ import threading
 
 from shmemctl.control import ControlClient
 from shmemctl.frontend import Frontend, FrontendOptions
+from shmemctl.pair import daemon_status, launch
+from shmemctl.rundir import PairPaths
 from shmemctl.shmem.procmaps import Segment, kernel_segments, read_maps
 
 from .conftest import PAGE, PATIENCE, MiB, fd_count, read_mem, region_bases, segments, wait_until
@@ -152,3 +154,23 @@ def test_reset_drops_every_mapping_and_the_backend_forgets(spawn, tmp_path) -> N
         runner.join(PATIENCE)
     assert not runner.is_alive()
     assert fe.regions is None  # reservations released on stop
+
+
+def test_launch_uses_the_directory_it_is_given_and_leaves_its_parent_alone(tmp_path) -> None:
+    """demo and bench launch a pair in a temporary directory: the directory around it
+    (/tmp itself, for them) keeps its modes, and the pair's status is read, not logged."""
+    parent = tmp_path / "shared"
+    parent.mkdir(mode=0o755)
+    parent.chmod(0o1777)
+    paths = PairPaths(parent / "pair")
+    paths.dir.mkdir(mode=0o700)
+    pair = launch(paths, backend_args=["--regions", "0=1M,3=64K"], timeout=PATIENCE)
+    try:
+        assert sorted(pair.bases) == [0, 3]
+        status = daemon_status(paths, "frontend")
+        assert status is not None and status["state"] == "connected"
+        assert {r["shmid"]: r["base"] for r in status["regions"]} == pair.bases
+    finally:
+        pair.stop()
+    assert pair.frontend.returncode is not None and pair.backend.returncode is not None
+    assert parent.stat().st_mode & 0o7777 == 0o1777
