@@ -22,7 +22,7 @@ from typing import TypeVar
 from .session import FrontendSession, Outgoing
 from .session.backend import BackendSession, Effect
 from .session.common import Owed, ack, owed_by
-from .session.frontend import Fed, Handshake, Step
+from .session.frontend import Fed, Handshake, Step, relay
 from .shmem import libc
 from .shmem.region import RegionTable
 from .shmem.rules import Refusal
@@ -241,40 +241,36 @@ class FrontendFaults:
             session.ours |= ProtocolFeature.GPA_ADDRESSES
         if Fault.NO_REPLY_ACK in self:
             session.ours &= ~ProtocolFeature.REPLY_ACK
-        inner = session.handshake()
-        fed: Fed = None
-        while True:
-            try:
-                step = inner.send(fed)
-            except StopIteration as done:
-                return done.value
-            if isinstance(step, Outgoing):
-                if step.request == FrontendReq.GET_PROTOCOL_FEATURES and (
-                    Fault.BACKEND_CHANNEL_FIRST in self
-                ):
-                    yield from self._steps(session.open_backend_channel())
-                if step.request == FrontendReq.SET_FEATURES and Fault.EXIT_MID_HANDSHAKE in self:
-                    os._exit(1)  # the fault: a crash with the backend channel open
-                step = self._request(step)
-            fed = yield step
-            if (
-                isinstance(step, Outgoing)
-                and step.request == FrontendReq.GET_SHMEM_CONFIG
-                and (Fault.ASK_CONFIG_TWICE in self)
-            ):
-                reply = fed  # the first answer goes to the session once the second is read
-                yield from self._steps(session.get_shmem_config())
-                fed = reply
+        return relay(session.handshake(), lambda step: self._step(session, step, around=True))
 
-    def _steps(self, steps: Generator[Step, Fed, T]) -> Generator[Step, Fed, T]:
-        """Run a piece of the session's handshake, its requests faulted too."""
-        fed: Fed = None
-        while True:
-            try:
-                step = steps.send(fed)
-            except StopIteration as done:
-                return done.value
-            fed = yield self._request(step) if isinstance(step, Outgoing) else step
+    def _step(
+        self, session: FrontendSession, step: Step, *, around: bool
+    ) -> Generator[Step, Fed, Fed]:
+        """One step of the handshake, faulted; `around`: with the requests a fault adds
+        before or after it (not again for those added requests themselves)."""
+        if not isinstance(step, Outgoing):
+            return (yield step)
+        if (
+            around
+            and step.request == FrontendReq.GET_PROTOCOL_FEATURES
+            and (Fault.BACKEND_CHANNEL_FIRST in self)
+        ):
+            yield from self._added(session, session.open_backend_channel())
+        if step.request == FrontendReq.SET_FEATURES and Fault.EXIT_MID_HANDSHAKE in self:
+            os._exit(1)  # the fault: a crash with the backend channel open
+        fed = yield self._request(step)
+        if (
+            around
+            and step.request == FrontendReq.GET_SHMEM_CONFIG
+            and (Fault.ASK_CONFIG_TWICE in self)
+        ):  # the first answer goes to the session once the second is read
+            yield from self._added(session, session.get_shmem_config())
+        return fed
+
+    def _added(
+        self, session: FrontendSession, steps: Generator[Step, Fed, T]
+    ) -> Generator[Step, Fed, T]:
+        return relay(steps, lambda step: self._step(session, step, around=False))
 
     def _request(self, out: Outgoing) -> Outgoing:
         match out.request:

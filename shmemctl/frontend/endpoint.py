@@ -24,7 +24,7 @@ from ..events import Event, EventHub
 from ..faults import Fault, FrontendFaults
 from ..session import FrontendSession, HandshakeError, NeedBackendChannel, Negotiated, Note
 from ..session.common import Outgoing
-from ..session.frontend import Fed, Layout, Step
+from ..session.frontend import Fed, Layout, Step, drive
 from ..shmem import Refusal, RegionTable, ShmemRefused, ShmemSetupError
 from ..shmem.region import DEFAULT_MAX_PER_REGION, DEFAULT_MAX_RESERVE, DEFAULT_MAX_TOTAL
 from ..sizes import hex_range
@@ -249,24 +249,22 @@ class Frontend:
 
     def _drive(self, steps: Generator[Step, Fed, T]) -> T:
         """Carry out a session's sequence of requests and effects; return its result."""
-        fed: Fed = None
-        while True:
-            try:
-                step = steps.send(fed)
-            except StopIteration as done:
-                return done.value
-            fed = None
-            match step:
-                case Outgoing():
-                    fed = self.exchange(step)
-                    if step.request == FrontendReq.SET_BACKEND_REQ_FD:
-                        self._start_backend_channel()
-                case NeedBackendChannel():
-                    fed = self._offer_backend_channel()
-                case Layout(config):
-                    self._setup_regions(config)
-                case Note(text, routine):
-                    log.log(logging.INFO if routine else logging.WARNING, "%s", text)
+        return drive(steps, self._act)
+
+    def _act(self, step: Step) -> Fed:
+        match step:
+            case Outgoing():
+                reply = self.exchange(step)
+                if step.request == FrontendReq.SET_BACKEND_REQ_FD:
+                    self._start_backend_channel()
+                return reply
+            case NeedBackendChannel():
+                return self._offer_backend_channel()
+            case Layout(config):
+                self._setup_regions(config)
+            case Note(text, routine):
+                log.log(logging.INFO if routine else logging.WARNING, "%s", text)
+        return None
 
     def _handshake(self, main: Channel) -> None:
         self._set_state(Event.HANDSHAKE)

@@ -10,9 +10,9 @@ it from outside (`shmemctl.faults`); nothing here knows about faults.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar, cast
 
 from ..shmem.rules import Refusal, ShmemRefused
 from ..wire.constants import (
@@ -68,6 +68,33 @@ Step = Outgoing | NeedBackendChannel | Layout | Note
 #: what the driver sends into the handshake: a reply, the fd of a new channel, or None
 Fed = Message | int | None
 Handshake = Generator[Step, Fed, Negotiated]
+T = TypeVar("T")
+
+
+def drive(steps: Generator[Step, Fed, T], act: Callable[[Step], Fed]) -> T:
+    """Run a session's sequence of steps: `act` carries out each one and returns what
+    goes back in (a reply, an fd, or None); returns the sequence's result."""
+    fed: Fed = None
+    while True:
+        try:
+            step = steps.send(fed)
+        except StopIteration as done:
+            return cast(T, done.value)
+        fed = act(step)
+
+
+def relay(
+    steps: Generator[Step, Fed, T], through: Callable[[Step], Generator[Step, Fed, Fed]]
+) -> Generator[Step, Fed, T]:
+    """`steps`, each passed through `through`, which may change it or add steps around
+    it, and says what goes back in: how a layer wraps a session's sequence."""
+    fed: Fed = None
+    while True:
+        try:
+            step = steps.send(fed)
+        except StopIteration as done:
+            return cast(T, done.value)
+        fed = yield from through(step)
 
 
 class FrontendSession:
