@@ -25,7 +25,7 @@ from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.faults import Fault
 from shmemctl.session import Outgoing
 from shmemctl.shmem.libc import PAGE_SIZE
-from shmemctl.shmem.rules import U64_MAX, ShmemRefused, check_request, overlap_detail
+from shmemctl.shmem.rules import U64_MAX, ShmemRefused, check_request, must_refuse
 from shmemctl.sizes import hex_range, human_size, parse_size
 from shmemctl.wire import BackendReq, ChannelKind, ShmemMap
 from shmemctl.wire.messages import MMAP_FLAG_WRITE, describe_reply, errno_name
@@ -413,21 +413,9 @@ class SimDevice:
         """The device's own reading of a request: what a front-end following the rules
         would object to, from the device's layout and the mappings it believes exist.
         Empty when it sees nothing wrong."""
-        try:
-            check_request(self.endpoint.device.regions, m, is_map=is_map)
-        except ShmemRefused as exc:
-            return exc.detail
         with self.lock:
-            mine = [b for b in self.mapped.values() if b.shmid == m.shmid]
-        end = m.shm_offset + m.len
-        if is_map:
-            for b in mine:
-                if b.shm_offset < end and m.shm_offset < b.shm_offset + b.len:
-                    return overlap_detail(b.shm_offset, b.len)
-            return ""
-        if any(b.shm_offset == m.shm_offset and b.len == m.len for b in mine):
-            return ""
-        return f"{hex_range(m.shm_offset, m.len)} is not one whole mapping"
+            held = [(b.shm_offset, b.len) for b in self.mapped.values() if b.shmid == m.shmid]
+        return must_refuse(self.endpoint.device.regions, held, m, is_map=is_map)
 
     def own_reading(self, m: ShmemMap, *, is_map: bool) -> str:
         """`explain`, labelled as the device's reading (never the front-end's words)."""

@@ -121,7 +121,8 @@ def test_map_form_checks_as_you_type_and_maps(sh) -> None:
             assert form.query_one("#send", Button).disabled
             form.query_one("#offset", Input).value = "0x1000"
             form.query_one("#length", Input).value = "100"
-            await until(pilot, lambda: "multiples of 0x1000" in verdict(form), "the alignment")
+            await until(pilot, lambda: "multiples of the page size 0x1000" in verdict(form),
+                        "the alignment")
             form.query_one("#offset", Input).value = "4M"
             form.query_one("#length", Input).value = "64K"
             form.query_one("#ro").value = True

@@ -17,7 +17,9 @@ from typing import Any
 
 from shmemctl.events import DROPS_ALL, OUTCOMES, STATES, Event
 from shmemctl.shmem.libc import PAGE_SIZE
+from shmemctl.shmem.rules import must_refuse
 from shmemctl.sizes import hex_range
+from shmemctl.wire import ShmemMap
 
 
 @dataclass
@@ -135,16 +137,13 @@ class RegionView:
         return chosen, total
 
     def problem(self, offset: int, length: int, fd_offset: int) -> str:
-        """Why a map of [offset, offset+length) would be refused, as far as we can see."""
-        if length <= 0:
-            return "length must be at least one page"
-        if (offset | length | fd_offset) % PAGE_SIZE:
-            return f"offset, length and fd offset must be multiples of {PAGE_SIZE:#x}"
-        if offset + length > self.size:
-            return f"{offset:#x}+{length:#x} ends past the region's size {self.size:#x}"
-        for m in self.in_range(offset, offset + length):
-            return f"overlaps {m.shm_offset:#x}+{m.len:#x}"
-        return ""
+        """Why a map of [offset, offset+length) would be refused, as far as the console
+        can see: the rulebook's steps 4-11 against this region and its mappings."""
+        if min(offset, length, fd_offset) < 0:
+            return "offset, length and fd offset cannot be negative"
+        m = ShmemMap(self.shmid, offset, length, fd_offset)
+        held = [(v.shm_offset, v.len) for v in self.in_range(offset, offset + length)]
+        return must_refuse({self.shmid: self.size}, held, m, is_map=True)
 
     def free_spot(self, length: int, after: int = 0) -> int | None:
         """The first page-aligned place at or after `after` where `length` fits."""

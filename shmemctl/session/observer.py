@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..shmem.libc import PAGE_SIZE
-from ..shmem.rules import ShmemRefused, check_request, overlap_detail
+from ..shmem.rules import must_refuse
 from ..wire.constants import (
     LEGACY_SHMEM_BIT,
     SHMEM_BIT,
@@ -198,21 +198,10 @@ class Observer:
         config = self.state.config
         if config is None:
             return ""  # the layout was never seen: nothing to judge by
-        try:
-            check_request(config.regions(), m, is_map=is_map)
-        except ShmemRefused as exc:
-            return exc.detail
-        held = self.state.mappings.get(m.shmid, {})
-        end = m.shm_offset + m.len
-        if is_map:
-            for other in held.values():
-                if other.shm_offset < end and m.shm_offset < other.shm_offset + other.len:
-                    return overlap_detail(other.shm_offset, other.len)
-            return ""
-        whole = held.get(m.shm_offset)
-        if whole is None or whole.len != m.len:
-            return "not one whole existing mapping"
-        return ""
+        held = self.state.mappings.get(m.shmid, {}).values()
+        return must_refuse(
+            config.regions(), [(h.shm_offset, h.len) for h in held], m, is_map=is_map
+        )
 
     # ------------------------------------------------------------ replies
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import errno
+from collections.abc import Iterable, Mapping
 
 from ..sizes import hex_range
 from ..wire.messages import MMAP_FLAG_WRITE, ShmemMap
@@ -63,7 +64,7 @@ def check_flags(m: ShmemMap) -> None:
         )
 
 
-def region_size(sizes: dict[int, int], shmid: int) -> int:
+def region_size(sizes: Mapping[int, int], shmid: int) -> int:
     """Step 5: the size of a region that exists and is not empty."""
     size = sizes.get(shmid, 0)
     if not size:
@@ -99,7 +100,7 @@ def check_range(size: int, m: ShmemMap, *, check_fd_offset: bool) -> None:
         )
 
 
-def check_request(sizes: dict[int, int], m: ShmemMap, *, is_map: bool) -> None:
+def check_request(sizes: Mapping[int, int], m: ShmemMap, *, is_map: bool) -> None:
     """Steps 4-9 in order against a region layout alone."""
     if is_map:
         check_flags(m)
@@ -108,3 +109,25 @@ def check_request(sizes: dict[int, int], m: ShmemMap, *, is_map: bool) -> None:
 
 def overlap_detail(start: int, length: int) -> str:
     return f"overlaps {hex_range(start, length)}; unmap it first or pick a free range"
+
+
+def must_refuse(
+    sizes: Mapping[int, int], held: Iterable[tuple[int, int]], m: ShmemMap, *, is_map: bool
+) -> str:
+    """Why a front-end following the rules must refuse `m` (steps 4-11), judged from the
+    region layout and the (shm_offset, len) of the mappings held in `m`'s region; "" when
+    nothing there forbids it (the file's size, limits and mmap are the kernel's to say).
+    The device's reading of a refusal, the observer and the console's map form use it."""
+    try:
+        check_request(sizes, m, is_map=is_map)
+    except ShmemRefused as exc:
+        return exc.detail
+    end = m.shm_offset + m.len
+    if is_map:
+        for start, length in held:
+            if start < end and m.shm_offset < start + length:
+                return overlap_detail(start, length)
+        return ""
+    if (m.shm_offset, m.len) in held:
+        return ""
+    return f"{hex_range(m.shm_offset, m.len)} is not one whole mapping"
