@@ -86,16 +86,13 @@ def frontend(
     verbose: bool,
 ) -> None:
     """Run a front-end that maps what the back-end asks into reserved regions."""
-    from .control import ControlServer
-    from .daemon import setup_logging
-    from .frontend import Frontend, FrontendOptions
-    from .frontend.control import commands
+    from .frontend import FrontendOptions
+    from .frontend.daemon import serve
 
     if bool(connect) == bool(listen):
         raise click.UsageError("give exactly one of --connect PATH or --listen PATH")
     if reconnect is not None and reconnect <= 0:
         raise click.UsageError("--reconnect takes a positive number of seconds, e.g. 1")
-    setup_logging("frontend", verbose)
     fe_options = FrontendOptions(
         connect=connect,
         listen=listen,
@@ -107,18 +104,10 @@ def frontend(
         busy_poll=busy_poll,
         faults=faults,
     )
-    fe = Frontend(fe_options)
-    fe.stopper.install_signals()
-    server = ControlServer(
-        options.resolve_control(control, name, "frontend"), "frontend", fe.events, commands(fe)
-    )
     try:
-        server.start()
-        fe.run()
+        serve(fe_options, options.resolve_control(control, name, "frontend"), verbose=verbose)
     except OSError as exc:
         raise click.ClickException(str(exc.strerror or exc)) from None
-    finally:
-        server.close()
 
 
 @main.command()
