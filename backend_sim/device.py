@@ -337,11 +337,18 @@ class SimDevice:
                 self._unconfirmed = []
         try:
             result = self.endpoint.shmem_request(req, m, fd, need_reply=need_reply, guard=guard)
-        except BaseException:
+        except BaseException as exc:
             with self.lock:
                 flight, self._in_flight = self._in_flight, None
                 if flight is not None:  # never answered: what it would have confirmed waits
                     self._unconfirmed[:0] = flight.earlier
+                if isinstance(exc, ChannelError):
+                    # no answer will confirm the maps sent before it, perhaps never read
+                    self._doubt(
+                        sent.map
+                        for sent in self._unconfirmed
+                        if sent.generation == self.generation and sent.channel is channel
+                    )
             raise
         return result, need_reply and self._settle(result)
 
@@ -379,6 +386,17 @@ class SimDevice:
                 channel.request(Outgoing(ChannelKind.BACKEND, BackendReq.SHMEM_UNMAP,
                                          ShmemMap(m.shmid, m.shm_offset, m.len), need_reply=True))
         return crossed
+
+    def _doubt(self, maps: Iterable[ShmemMap]) -> None:
+        """These maps' outcome is unknown: believed still, but as unconfirmed. (Held:
+        self.lock.)"""
+        for m in maps:
+            key = (m.shmid, m.shm_offset)
+            held = self.mapped.get(key)
+            if held is not None and (held.len, held.fd_offset, held.writable) == (
+                m.len, m.fd_offset, m.writable
+            ):  # fmt: skip
+                self.mapped[key] = dataclasses.replace(held, confirmed=False)
 
     def _believe(self, m: ShmemMap, buffer: Buffer, *, confirmed: bool) -> None:
         with self.lock:

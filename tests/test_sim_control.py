@@ -404,6 +404,38 @@ def test_a_batch_left_unanswered_is_settled_on_its_own_connection_only(
     assert s.status()["buffers"] == []
 
 
+@pytest.mark.parametrize("then", ["hangup-backend", "malformed"])
+def test_a_batch_left_unanswered_keeps_its_earlier_maps_unconfirmed(
+    sim: Callable[..., Sim], then: str
+) -> None:
+    """Only the last answer of a batch confirms its earlier maps. When it never comes
+    (the front-end hangs up the backend channel, keeping the connection and its
+    mappings, then hands over a new one) or makes no sense, whether the front-end even
+    read the earlier maps is unknown: the device lists them as unconfirmed, not as
+    acknowledged, until a reset."""
+    s = sim()
+    first, last = ShmemMap(0, 0x10000, 0x1000), ShmemMap(0, 0x20000, 0x1000)
+    maps = [{"shmid": m.shmid, "shm_offset": m.shm_offset, "len": m.len} for m in (first, last)]
+    pending = s.start("batch", maps=maps)
+    assert not s.request().need_reply
+    assert s.request().need_reply
+    if then == "hangup-backend":
+        s.backend.close()  # unanswered; the main channel goes on
+    else:
+        s.backend.send(encode_u64_reply(BackendReq.SHMEM_UNMAP, 0))  # another request's answer
+    assert s.error_of(pending).error_class == ErrorClass.FAILED
+    if then == "hangup-backend":
+        s.backend = s.fe.open_backend_channel()
+    mapped = {m["shm_offset"]: m["confirmed"] for m in s.status()["mapped"]}
+    assert mapped.get(first.shm_offset) is False, mapped
+    assert mapped.get(last.shm_offset, False) is False, mapped
+    s.settled()
+    s.fe.call(FrontendReq.RESET_DEVICE, need_reply=True)
+    assert s.status()["mapped"] == []
+    s.settled()
+    assert s.status()["buffers"] == []
+
+
 # ------------------------------------------------------------------ item 10
 
 
