@@ -75,7 +75,11 @@ class Scenario(abc.ABC):
                 self.step()
             except NotReady as exc:
                 log.info("scenario %s waits: %s", self.name, exc)
-                self._stop.wait(1)
+                endpoint = self.device.endpoint
+                if endpoint.wait_ready(0):  # a channel is there: what is missing won't come
+                    self._stop.wait(1)
+                else:  # until the front-end opens one (a second at most: stop is heard)
+                    endpoint.wait_ready(1)
             except ChannelError as exc:
                 self.stats["failed"] += 1
                 log.warning("scenario %s: %s", self.name, exc)
