@@ -25,7 +25,13 @@ from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.faults import Fault
 from shmemctl.session import Outgoing
 from shmemctl.shmem.libc import PAGE_SIZE
-from shmemctl.shmem.rules import U64_MAX, ShmemRefused, check_request, must_refuse
+from shmemctl.shmem.rules import (
+    U64_MAX,
+    ShmemRefused,
+    check_request,
+    must_refuse,
+    overlap_detail,
+)
 from shmemctl.sizes import hex_range, human_size, parse_size
 from shmemctl.wire import BackendReq, ChannelKind, ShmemMap
 from shmemctl.wire.messages import MMAP_FLAG_WRITE, describe_reply, errno_name
@@ -137,7 +143,9 @@ class SimDevice:
         self.endpoint = endpoint
         self.max_buffer = max_buffer
         self.lock = threading.Lock()
-        self._sending = threading.Lock()
+        #: one request at a time, and what its answer makes the device believe with it:
+        #: held by map and unmap from before the send until the table says the outcome
+        self._sending = threading.RLock()
         self.buffers: dict[int, Buffer] = {}
         self.mapped: dict[tuple[int, int], Believed] = {}
         self.generation = 0
@@ -250,20 +258,41 @@ class SimDevice:
                     raise RequestRefused(f"buffer {buffer.id} is gone: nothing maps it any more")
                 buffer.pins += 1
         # Pinned while in flight: another thread's unmap or a reset frees unused buffers.
+        # Once nothing else refers to it (refused, never sent, settled after a reset), the
+        # release frees it; a believed mapping keeps it.
         try:
-            result, crossed_reset = self._request(BackendReq.SHMEM_MAP, m, buffer.fd, need_reply)
-        except (ChannelTimeout, PeerProtocolError):
-            self._believe(m, buffer, confirmed=False)  # it may be mapped: keep its buffer
+            # Another thread's request, answered but not yet believed, must not slip
+            # between this one's checks and its belief (a scenario beside a batch).
+            with self._sending:
+                if not need_reply:
+                    self._refuse_silent_overlap(m)
+                try:
+                    result, crossed_reset = self._request(
+                        BackendReq.SHMEM_MAP, m, buffer.fd, need_reply
+                    )
+                except (ChannelTimeout, PeerProtocolError):
+                    self._believe(m, buffer, confirmed=False)  # it may be mapped: keep it
+                    raise
+                if result in (0, None) and not crossed_reset:
+                    self._believe(m, buffer, confirmed=True)
+        finally:
             self.release_buffer(buffer)
-            raise
-        except BaseException:
-            self.release_buffer(buffer)  # never reached a front-end: nothing refers to it
-            raise
-        if result in (0, None) and not crossed_reset:
-            self._believe(m, buffer, confirmed=True)
-        self.release_buffer(buffer)  # refused, or settled after a reset: nothing uses it
         self._report("mapped", m, result, buffer.id)
         return result
+
+    def _refuse_silent_overlap(self, m: ShmemMap) -> None:
+        """A map without NEED_REPLY where the device believes a mapping starts: a
+        front-end refuses it, silently, and believing it would replace the belief in the
+        mapping the front-end holds, which the device could then never unmap. Checked
+        while no other request can change the table (`_sending` held); a batch's own
+        overlap check ran before, when another thread's map could still be unanswered."""
+        with self.lock:
+            held = self.mapped.get((m.shmid, m.shm_offset))
+        if held is not None:
+            raise RequestRefused(
+                f"{overlap_detail(held.shm_offset, held.len)} (in region {m.shmid}); a map "
+                "sent without NEED_REPLY would be refused silently"
+            )
 
     def unmap(
         self, m: ShmemMap, *, need_reply: bool = True, only_if_believed: bool = False
@@ -273,23 +302,27 @@ class SimDevice:
         step for a reset: an UNMAP of what a reset already dropped is never sent, and
         NOT_SENT is returned instead."""
         guard = self._still_believed(m) if only_if_believed else None
-        try:
-            result, _ = self._request(BackendReq.SHMEM_UNMAP, m, None, need_reply, guard)
-        except NotSent:
-            return NOT_SENT
-        except (ChannelTimeout, PeerProtocolError):
-            with self.lock:
-                held = self.mapped.get((m.shmid, m.shm_offset))
-                if held is not None and held.len == m.len:
-                    self.mapped[(m.shmid, m.shm_offset)] = dataclasses.replace(
-                        held, confirmed=False
-                    )
-            raise
-        if result in (0, None):
-            with self.lock:
-                gone = self.mapped.pop((m.shmid, m.shm_offset), None)
-            if gone is not None:
-                self.free_unmapped_buffers()
+        # Held until the table says the outcome: a map of the same range answered in
+        # between would otherwise be forgotten by this unmap's pop.
+        with self._sending:
+            try:
+                result, _ = self._request(BackendReq.SHMEM_UNMAP, m, None, need_reply, guard)
+            except NotSent:
+                return NOT_SENT
+            except (ChannelTimeout, PeerProtocolError):
+                with self.lock:
+                    held = self.mapped.get((m.shmid, m.shm_offset))
+                    if held is not None and held.len == m.len:
+                        self.mapped[(m.shmid, m.shm_offset)] = dataclasses.replace(
+                            held, confirmed=False
+                        )
+                raise
+            gone = None
+            if result in (0, None):
+                with self.lock:
+                    gone = self.mapped.pop((m.shmid, m.shm_offset), None)
+        if gone is not None:
+            self.free_unmapped_buffers()
         self._report("unmapped", m, result, None)
         return result
 

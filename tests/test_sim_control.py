@@ -8,19 +8,23 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from backend_sim.control import BackendState, batch
+from backend_sim.device import SimDevice
 from shmemctl.channel import Channel, close_fds
 from shmemctl.control import ControlClient, ControlError, ErrorClass
 from shmemctl.wire import BackendReq, FrontendReq, Message, ShmemMap
 from shmemctl.wire.messages import encode_u64_reply
 
-from .conftest import MiB, Proc, wait_until
+from .conftest import PATIENCE, MiB, Proc, wait_until
 from .test_backend_sim import HandFrontend
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -526,3 +530,79 @@ def test_a_batch_the_device_could_not_keep_track_of_is_not_sent(sim: Callable[..
     assert "batch item 0: the device's own reading: overlaps 0x10000+0x1000" in err.desc
     assert not s.backend.wait_readable(0)
     s.settled()
+
+
+class _EnteredBy:
+    """A device's send lock that tells when a given thread comes to take it."""
+
+    def __init__(self, inner: Any, thread: str) -> None:
+        self.inner, self.thread, self.reached = inner, thread, threading.Event()
+
+    def __enter__(self) -> Any:
+        if threading.current_thread().name == self.thread:
+            self.reached.set()
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.inner.__exit__(*exc)
+
+
+def test_a_batch_checked_while_a_scenarios_map_awaits_its_answer_does_not_replace_it() -> None:
+    """A scenario's map waits for its answer; a batch checks its maps against what the
+    device believes (nothing there yet) and waits to send. The front-end maps the
+    scenario's range, then silently refuses the batch's first map, which starts at the
+    same offset. The device must still believe what the front-end holds: a belief
+    replaced by the refused map leaves a mapping nobody can unmap (fuzz, control-backend)."""
+    held: list[tuple[int, int]] = []
+    answer = threading.Event()
+    in_flight = threading.Event()
+
+    def shmem_request(req: BackendReq, m: ShmemMap, fd: int | None = None, *,
+                      need_reply: bool = True, guard: Any = None) -> int | None:  # fmt: skip
+        assert req == BackendReq.SHMEM_MAP
+        if m.len == 0x10000:  # the scenario's map: answered when the test says
+            in_flight.set()
+            assert answer.wait(PATIENCE)
+        else:  # the batch's maps: only once the scenario's mapping is believed
+            wait_until(lambda: (0, 0x4000) in device.mapped, what="the scenario's belief")
+        if any(o < m.shm_offset + m.len and m.shm_offset < o + n for o, n in held):
+            return EEXIST if need_reply else None
+        held.append((m.shm_offset, m.len))
+        return 0 if need_reply else None
+
+    endpoint = SimpleNamespace(
+        backend_channel=None, shmem_request=shmem_request,
+        device=SimpleNamespace(regions={0: 8 * MiB}, faults=frozenset()),
+        events=SimpleNamespace(active=False),
+    )  # fmt: skip
+    device = SimDevice(endpoint)  # type: ignore[arg-type]
+    sending = device._sending = _EnteredBy(device._sending, "batch")  # type: ignore[assignment]
+    st = BackendState(endpoint, device, "", "test")  # type: ignore[arg-type]
+    outcome: list[object] = []
+
+    def run_batch() -> None:
+        maps = [{"shmid": 0, "shm_offset": 0x4000, "len": 0x1000},
+                {"shmid": 0, "shm_offset": 0x20000, "len": 0x1000}]  # fmt: skip
+        try:
+            outcome.append(batch(st, maps))
+        except ControlError as exc:
+            outcome.append(exc)
+
+    scenario = threading.Thread(target=device.map, args=(ShmemMap(0, 0x4000, 0x10000),))
+    scenario.start()
+    try:
+        assert in_flight.wait(PATIENCE)
+        batcher = threading.Thread(target=run_batch, name="batch")
+        batcher.start()
+        assert sending.reached.wait(PATIENCE)  # checked, and waiting to send
+        answer.set()
+        scenario.join(PATIENCE)
+        batcher.join(PATIENCE)
+        believed = {(b.shm_offset, b.len) for b in device.mapped.values()}
+        assert set(held) <= believed, f"held {held}, believed {believed}"
+        assert isinstance(outcome[0], ControlError), outcome
+        assert outcome[0].error_class == ErrorClass.BAD_ARGUMENT
+        assert "refused silently" in outcome[0].desc
+    finally:
+        answer.set()
+        device.close()
