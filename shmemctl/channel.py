@@ -146,6 +146,11 @@ class Channel:
             message = None if reader.wanted else reader.next_message()
             while message is None:
                 message = self._read(reader.wanted)
+        except ChannelError:
+            # the stream broke or stalled inside a message: the fds that came with its
+            # start belong to nobody now
+            close_fds(reader.take_pending_fds())
+            raise
         except WireError as exc:
             close_fds(exc.fds)
             if exc.header is not None and self.trace is not None and self.trace.wants(TRACE):
@@ -263,3 +268,4 @@ class Channel:
     def close(self) -> None:
         self.shutdown()
         self.sock.close()
+        close_fds(self._reader.take_pending_fds())  # of a message that never completed

@@ -7,9 +7,12 @@ import os
 import socket
 import struct
 
+import pytest
+
+from shmemctl.channel import Channel, ChannelError, ChannelTimeout
 from shmemctl.daemon import listen_unix
 from shmemctl.shmem.procmaps import Segment
-from shmemctl.wire import ShmemMap
+from shmemctl.wire import ChannelKind, ShmemMap
 
 from .conftest import (
     PAGE,
@@ -88,3 +91,41 @@ def test_a_back_end_that_hangs_up_mid_message(driven) -> None:
     sock.shutdown(socket.SHUT_WR)
     fe.wait_log("peer closed the connection inside a message payload")
     assert fe.alive()
+
+
+def _own_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_fds_of_a_message_cut_short_are_closed_with_it() -> None:
+    """A header arrives with an fd, then the peer hangs up inside the payload: the fd that
+    came with the header belongs to no message and must not stay open (either daemon reads
+    through the same Channel)."""
+    ours, theirs = socket.socketpair()
+    channel = Channel(ours, ChannelKind.MAIN, replies=False)
+    fd = os.memfd_create("cut-short")
+    theirs.sendmsg([struct.pack("<III", 12, 0x1, 8) + b"\x90"],  # 1 of 8 payload bytes
+                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])  # fmt: skip
+    theirs.close()
+    os.close(fd)
+    before = _own_fds()  # the fd in flight is not ours until it is received
+    with pytest.raises(ChannelError, match="inside a message payload"):
+        channel.recv()
+    assert _own_fds() == before
+    channel.close()
+
+
+def test_fds_of_a_message_that_stalls_are_closed_at_the_timeout() -> None:
+    ours, theirs = socket.socketpair()
+    channel = Channel(ours, ChannelKind.MAIN, replies=False)
+    channel.set_recv_timeout(0.2)
+    fd = os.memfd_create("stalled")
+    theirs.sendmsg([struct.pack("<III", 12, 0x1, 8) + b"\x90"],
+                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])  # fmt: skip
+    os.close(fd)
+    before = _own_fds()
+    with pytest.raises(ChannelTimeout, match="rest of a message"):
+        channel.recv()
+    assert _own_fds() == before
+    theirs.close()
+    channel.close()
