@@ -372,7 +372,11 @@ class FrontendTarget:
         with ControlClient(self.ctl) as c:
             status = c.execute("status")
         assert status["disagreements"] == [], status["disagreements"]
-        assert all(r["count"] == 0 for r in status["regions"]) or status["state"] == "connected"
+        held = {r["shmid"]: r["count"] for r in status["regions"] if r["count"]}
+        assert not held or status["state"] == "connected", (
+            f"the front-end holds mappings (shmid: count) {held} while {status['state']}: "
+            "a disconnect must drop them all"
+        )
 
     def close(self) -> None:
         self.proc.terminate()
