@@ -56,10 +56,6 @@ class PeerProtocolError(ChannelError):
     """The front-end answered a SHMEM request with something the protocol does not allow;
     whether it acted on the request is unknown."""
 
-    def __init__(self, detail: str, violation: ProtocolViolation | None = None) -> None:
-        super().__init__(detail)
-        self.violation = violation
-
 
 @dataclass
 class DeviceModel:
@@ -136,7 +132,7 @@ class BackendChannel:
             try:
                 return BackendSession.shmem_answer(BackendReq(out.request), reply)
             except ProtocolViolation as exc:
-                raise PeerProtocolError(exc.detail, exc) from None
+                raise PeerProtocolError(exc.detail) from None
 
     def _wait_for_answer(self) -> None:
         """Until the answer's first bytes are there, without taking them (spinning

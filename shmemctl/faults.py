@@ -226,14 +226,18 @@ def _size(out: Outgoing, size: int, payload: bytes) -> Outgoing:
 # ---------------------------------------------------------------- the front-end
 
 
-class FrontendFaults:
-    """Faults of the VMM side, around a FrontendSession and the engine's answers."""
+class _Layer:
+    """The faults one daemon was started with; `fault in layer` says whether it is on."""
 
     def __init__(self, faults: frozenset[Fault]) -> None:
         self.faults = faults
 
     def __contains__(self, fault: Fault) -> bool:
         return fault in self.faults
+
+
+class FrontendFaults(_Layer):
+    """Faults of the VMM side, around a FrontendSession and the engine's answers."""
 
     def handshake(self, session: FrontendSession) -> Handshake:
         """The session's handshake with the chosen faults in its requests and its order."""
@@ -341,15 +345,12 @@ class FrontendFaults:
 # ---------------------------------------------------------------- the device
 
 
-class DeviceFaults:
+class DeviceFaults(_Layer):
     """Faults of the device side, around a BackendSession."""
 
     def __init__(self, faults: frozenset[Fault]) -> None:
-        self.faults = faults
+        super().__init__(faults)
         self._configs_sent = 0
-
-    def __contains__(self, fault: Fault) -> bool:
-        return fault in self.faults
 
     def offered(self, offered: int) -> int:
         if Fault.OFFER_BIT_21 in self:
@@ -388,11 +389,12 @@ class DeviceFaults:
         """The session's answer to a main-channel request, faulted."""
         out: list[Effect] = []
         acked = False
+        # what the session sends back for msg is an ack exactly when an ack is owed
+        is_ack = owed_by(msg, session.reply_ack) is Owed.ACK
         for effect in effects:
             if not isinstance(effect, Outgoing):
                 out.append(effect)
                 continue
-            is_ack = owed_by(msg, session.reply_ack) is Owed.ACK
             acked |= is_ack
             if is_ack and Fault.NO_ACK in self:
                 continue

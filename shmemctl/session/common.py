@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-from ..wire.constants import FLAG_NEED_REPLY, FLAG_REPLY, VERSION, ChannelKind, request_name
+from ..wire.constants import ChannelKind, request_name
 from ..wire.messages import (
     Message,
     Payload,
@@ -57,14 +57,6 @@ class Outgoing(NamedTuple):
     @property
     def name(self) -> str:
         return request_name(self.channel, self.request)
-
-    @property
-    def flags(self) -> int:
-        return (
-            VERSION
-            | (FLAG_REPLY if self.reply else 0)
-            | (FLAG_NEED_REPLY if self.need_reply else 0)
-        )
 
     def encode(self) -> bytes:
         if self.raw is not None:

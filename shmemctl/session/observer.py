@@ -35,11 +35,6 @@ class Violation(NamedTuple):
     detail: str
 
 
-class Pending(NamedTuple):
-    request: Message
-    owed: Owed
-
-
 @dataclass
 class PairState:
     offered: int | None = None
@@ -61,7 +56,8 @@ class Observer:
         self.shmem_mask = 1 << shmem_bit
         self.state = PairState()
         self.violations: list[Violation] = []
-        self._pending: dict[ChannelKind, deque[Pending]] = {
+        #: per channel, the requests still owed a reply, oldest first
+        self._pending: dict[ChannelKind, deque[Message]] = {
             ChannelKind.MAIN: deque(),
             ChannelKind.BACKEND: deque(),
         }
@@ -78,7 +74,7 @@ class Observer:
 
     def pending(self, channel: ChannelKind) -> list[Message]:
         """Requests on `channel` still owed a reply, oldest first."""
-        return [p.request for p in self._pending[channel]]
+        return list(self._pending[channel])
 
     def mappings(self) -> list[ShmemMap]:
         return [
@@ -149,9 +145,8 @@ class Observer:
                 self._reset()
             case FrontendReq.SET_STATUS if msg.payload == 0:
                 self._reset()
-        kind = owed_by(msg, self.reply_ack)  # SET_PROTOCOL_FEATURES: by the new set
-        if kind is not Owed.NOTHING:
-            self._pending[ChannelKind.MAIN].append(Pending(msg, kind))
+        if owed_by(msg, self.reply_ack) is not Owed.NOTHING:  # by the new features
+            self._pending[ChannelKind.MAIN].append(msg)
 
     def _reset(self) -> None:
         self.state.resets += 1
@@ -166,7 +161,7 @@ class Observer:
 
     def _backend_request(self, msg: Message) -> None:
         if owed_by(msg, self.reply_ack) is not Owed.NOTHING:
-            self._pending[ChannelKind.BACKEND].append(Pending(msg, Owed.ACK))
+            self._pending[ChannelKind.BACKEND].append(msg)
         if msg.request not in (BackendReq.SHMEM_MAP, BackendReq.SHMEM_UNMAP):
             return
         if not (self.shmem and self.reply_ack):
@@ -216,7 +211,7 @@ class Observer:
             )
             self._flag(rule, by, f"a {msg.name} reply nobody is owed")
             return
-        asked = queue.popleft().request
+        asked = queue.popleft()
         if msg.request != asked.request:
             self._flag(
                 Rule.REPLY_MATCHES_REQUEST, by, f"{asked.name} answered by a {msg.name} reply"
