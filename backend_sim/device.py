@@ -112,6 +112,13 @@ class _Sent(NamedTuple):
 
 
 @dataclass(slots=True)
+class _Sending:
+    """Filled in by the send: the generation a request went out in."""
+
+    generation: int = -1
+
+
+@dataclass(slots=True)
 class _InFlight:
     """The request waiting for its answer (the backend channel carries one at a time):
     its generation, its own range if it is a map, and the maps sent without NEED_REPLY
@@ -266,15 +273,17 @@ class SimDevice:
             with self._sending:
                 if not need_reply:
                     self._refuse_silent_overlap(m)
+                sent = _Sending()
                 try:
                     result, crossed_reset = self._request(
-                        BackendReq.SHMEM_MAP, m, buffer.fd, need_reply
+                        BackendReq.SHMEM_MAP, m, buffer.fd, need_reply, sending=sent
                     )
                 except (ChannelTimeout, PeerProtocolError):
-                    self._believe(m, buffer, confirmed=False)  # it may be mapped: keep it
+                    # it may be mapped: keep it
+                    self._believe(m, buffer, sent.generation, confirmed=False)
                     raise
                 if result in (0, None) and not crossed_reset:
-                    self._believe(m, buffer, confirmed=True)
+                    self._believe(m, buffer, sent.generation, confirmed=True)
         finally:
             self.release_buffer(buffer)
         self._report("mapped", m, result, buffer.id)
@@ -340,12 +349,14 @@ class SimDevice:
         fd: int | None,
         need_reply: bool,
         guard: SendGuard | None = None,
+        sending: _Sending | None = None,
     ) -> tuple[int | None, bool]:
         """Send one request; return the answer and whether it crossed a reset. One at a
         time: the record of the request in flight and its send must not interleave with
-        another thread's (a scenario beside a control command)."""
+        another thread's (a scenario beside a control command). `sending`, when given,
+        learns the generation the request was sent in."""
         with self._sending:
-            return self._request_alone(req, m, fd, need_reply, guard)
+            return self._request_alone(req, m, fd, need_reply, guard, sending or _Sending())
 
     def _request_alone(
         self,
@@ -354,10 +365,12 @@ class SimDevice:
         fd: int | None,
         need_reply: bool,
         guard: SendGuard | None,
+        sending: _Sending,
     ) -> tuple[int | None, bool]:
         channel = self.endpoint.backend_channel
         is_map = req == BackendReq.SHMEM_MAP
         with self.lock:
+            sending.generation = self.generation
             if not need_reply:
                 if is_map:
                     self._unconfirmed.append(_Sent(self.generation, channel, m))
@@ -415,10 +428,20 @@ class SimDevice:
                 "unmapping %s of region %d: its map crossed a reset, so either side may hold it",
                 hex_range(m.shm_offset, m.len), m.shmid,
             )  # fmt: skip
-            with contextlib.suppress(ChannelError):  # that connection is gone: so is all of it
+            # A reset read since the answer dropped whatever the front-end holds there:
+            # then the UNMAP is not sent. And if the connection is gone, so is all of it.
+            with contextlib.suppress(ChannelError, NotSent):
                 channel.request(Outgoing(ChannelKind.BACKEND, BackendReq.SHMEM_UNMAP,
-                                         ShmemMap(m.shmid, m.shm_offset, m.len), need_reply=True))
+                                         ShmemMap(m.shmid, m.shm_offset, m.len), need_reply=True),
+                                guard=self._in_generation(current))  # fmt: skip
         return crossed
+
+    @contextlib.contextmanager
+    def _in_generation(self, generation: int) -> Iterator[bool]:
+        """Held around a send: no reset is read while it is sent, and it is wanted only
+        if none was read since `generation` began."""
+        with self.lock:
+            yield self.generation == generation
 
     def _doubt(self, maps: Iterable[ShmemMap]) -> None:
         """These maps' outcome is unknown: believed still, but as unconfirmed. (Held:
@@ -431,8 +454,13 @@ class SimDevice:
             ):  # fmt: skip
                 self.mapped[key] = dataclasses.replace(held, confirmed=False)
 
-    def _believe(self, m: ShmemMap, buffer: Buffer, *, confirmed: bool) -> None:
+    def _believe(self, m: ShmemMap, buffer: Buffer, generation: int, *, confirmed: bool) -> None:
+        """Believe a map sent in `generation`, unless a reset or a hang-up has been read
+        since: that dropped it (or, for a map whose answer is still to come, leaves it to
+        be settled with an UNMAP)."""
         with self.lock:
+            if generation != self.generation:
+                return
             replaced = self.mapped.get((m.shmid, m.shm_offset))
             self.mapped[(m.shmid, m.shm_offset)] = Believed(
                 m.shmid, m.shm_offset, m.len, m.fd_offset, m.writable, buffer.id, confirmed
