@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,18 +89,8 @@ def status(st: BackendState) -> dict[str, Any]:
             {"id": b.id, "size": b.size, "file": b.path or f"memfd:shmemctl-buffer-{b.id}"}
             for b in st.device.buffers.values()
         ]
-        mapped = [
-            {
-                "shmid": b.shmid,
-                "shm_offset": b.shm_offset,
-                "len": b.len,
-                "fd_offset": b.fd_offset,
-                "writable": b.writable,
-                "buffer": b.buffer,
-                "confirmed": b.confirmed,
-            }
-            for b in sorted(st.device.mapped.values(), key=lambda b: (b.shmid, b.shm_offset))
-        ]
+        now = time.time()
+        mapped = [b.to_json(now) for b in sorted(st.device.mapped.values())]
     bit = ep.device.shmem_bit
     return {
         "role": "backend",

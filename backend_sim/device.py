@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -22,9 +21,11 @@ from shmemctl.backend import (
     SendGuard,
 )
 from shmemctl.channel import ChannelError, ChannelTimeout
+from shmemctl.events import Event
 from shmemctl.faults import Fault
 from shmemctl.session import Outgoing
 from shmemctl.shmem.libc import PAGE_SIZE
+from shmemctl.shmem.mapping import Mapping
 from shmemctl.shmem.rules import (
     U64_MAX,
     ShmemRefused,
@@ -85,20 +86,6 @@ class Buffer:
             self.fd = -1
 
 
-@dataclass(frozen=True, slots=True)
-class Believed:
-    """A mapping the device believes the front-end holds. Not `confirmed` when the
-    front-end's answer never came or made no sense: it may or may not exist."""
-
-    shmid: int
-    shm_offset: int
-    len: int
-    fd_offset: int
-    writable: bool
-    buffer: int
-    confirmed: bool = True
-
-
 class RequestRefused(ValueError):
     """The device will not send a request: it cannot be right, or costs too much."""
 
@@ -154,7 +141,9 @@ class SimDevice:
         #: held by map and unmap from before the send until the table says the outcome
         self._sending = threading.RLock()
         self.buffers: dict[int, Buffer] = {}
-        self.mapped: dict[tuple[int, int], Believed] = {}
+        #: what the device believes the front-end holds (`confirmed` False when the
+        #: front-end's answer never came or made no sense: it may or may not exist)
+        self.mapped: dict[tuple[int, int], Mapping] = {}
         self.generation = 0
         self._in_flight: _InFlight | None = None
         #: maps sent without NEED_REPLY since the last answer, with their generation
@@ -207,7 +196,7 @@ class SimDevice:
             # the fault: unmap what the reset already dropped (after the ack, from elsewhere)
             threading.Thread(target=self._unmap_all, args=(dropped,), daemon=True).start()
 
-    def _unmap_all(self, dropped: list[Believed]) -> None:
+    def _unmap_all(self, dropped: list[Mapping]) -> None:
         for b in dropped:
             with contextlib.suppress(NotReady, ChannelError):
                 self.endpoint.shmem_request(
@@ -286,7 +275,7 @@ class SimDevice:
                     self._believe(m, buffer, sent.generation, confirmed=True)
         finally:
             self.release_buffer(buffer)
-        self._report("mapped", m, result, buffer.id)
+        self._report(Event.MAPPED, m, result, buffer.id)
         return result
 
     def _refuse_silent_overlap(self, m: ShmemMap) -> None:
@@ -322,9 +311,7 @@ class SimDevice:
                 with self.lock:
                     held = self.mapped.get((m.shmid, m.shm_offset))
                     if held is not None and held.len == m.len:
-                        self.mapped[(m.shmid, m.shm_offset)] = dataclasses.replace(
-                            held, confirmed=False
-                        )
+                        self.mapped[(m.shmid, m.shm_offset)] = held._replace(confirmed=False)
                 raise
             gone = None
             if result in (0, None):
@@ -332,7 +319,7 @@ class SimDevice:
                     gone = self.mapped.pop((m.shmid, m.shm_offset), None)
         if gone is not None:
             self.free_unmapped_buffers()
-        self._report("unmapped", m, result, None)
+        self._report(Event.UNMAPPED, m, result, 0)
         return result
 
     @contextlib.contextmanager
@@ -452,7 +439,7 @@ class SimDevice:
             if held is not None and (held.len, held.fd_offset, held.writable) == (
                 m.len, m.fd_offset, m.writable
             ):  # fmt: skip
-                self.mapped[key] = dataclasses.replace(held, confirmed=False)
+                self.mapped[key] = held._replace(confirmed=False)
 
     def _believe(self, m: ShmemMap, buffer: Buffer, generation: int, *, confirmed: bool) -> None:
         """Believe a map sent in `generation`, unless a reset or a hang-up has been read
@@ -462,31 +449,36 @@ class SimDevice:
             if generation != self.generation:
                 return
             replaced = self.mapped.get((m.shmid, m.shm_offset))
-            self.mapped[(m.shmid, m.shm_offset)] = Believed(
-                m.shmid, m.shm_offset, m.len, m.fd_offset, m.writable, buffer.id, confirmed
+            self.mapped[(m.shmid, m.shm_offset)] = Mapping.granted(
+                m, created=time.time(), buffer=buffer.id, confirmed=confirmed
             )
         if replaced is not None:  # a front-end acked a map over one: the old one is gone
             self.free_unmapped_buffers()
 
-    def _report(self, done: str, m: ShmemMap, result: int | None, buffer: int | None) -> None:
+    def _report(self, done: Event, m: ShmemMap, result: int | None, buffer: int) -> None:
+        """Publish an outcome: `mapped` (the mapping now believed) or `unmapped` (the
+        range), or `refused` with the device's own reading beside the answer."""
         events = self.endpoint.events
         if not events.active:
             return
-        data: dict[str, object] = {"shmid": m.shmid, "shm_offset": m.shm_offset, "len": m.len}
-        if done == "mapped":
-            data |= {"fd_offset": m.fd_offset, "writable": m.writable, "buffer": buffer}
+        is_map = done == Event.MAPPED
+        where: dict[str, object] = {"shmid": m.shmid, "shm_offset": m.shm_offset, "len": m.len}
         if result:
             # a refusal changed nothing, so the table still shows what was wrong
-            is_map = done == "mapped"
-            data |= {
-                "errno": describe_reply(result),
-                "reply": result,
+            refusal: dict[str, object] = {
+                "request": "map" if is_map else "unmap", **where,
+                "errno": describe_reply(result), "reply": result,
                 "explanation": self.own_reading(m, is_map=is_map),
-            }
-            events.emit("refused", {"request": "map" if is_map else "unmap", **data})
-        else:
-            data["acked"] = result is not None
-            events.emit(done, data)
+            }  # fmt: skip
+            if is_map:
+                refusal |= {"fd_offset": m.fd_offset, "writable": m.writable, "buffer": buffer}
+            events.emit(Event.REFUSED, refusal)
+            return
+        data: dict[str, object] = (
+            dict(Mapping.granted(m, buffer=buffer).to_json()) if is_map else where
+        )
+        data["acked"] = result is not None
+        events.emit(done, data)
 
     def explain(self, m: ShmemMap, *, is_map: bool) -> str:
         """The device's own reading of a request: what a front-end following the rules

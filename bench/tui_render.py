@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 import time
 
-from tui.model import EventLog, MappingView, PairModel, RegionView
+from shmemctl.shmem.mapping import Mapping
+from tui.model import EventLog, PairModel, RegionView
 from tui.widgets import bar_cells, entry_lines
 
 
@@ -27,7 +28,7 @@ def ms(fn, repeat: int = 5) -> float:
 def main(count: int = 65_536) -> None:
     region = RegionView(0, 1 << 30)
     for i in range(count):
-        region.mappings[i * 8192] = MappingView(i * 8192, 4096, 0, i % 3 != 0, "memfd:x")
+        region.mappings[i * 8192] = Mapping(0, i * 8192, 4096, 0, i % 3 != 0, "memfd:x")
     region.changed()
     model = PairModel()
     model.regions[0] = region

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from typing import Any, Literal, NotRequired, TypedDict
 
+from .shmem.mapping import MappingJSON, RangeJSON
+
 #: An event as listeners get it and as the control socket sends it:
 #: {"event": NAME, "data": {...}, "timestamp": 1.5, "seq": 7}
 EventRecord = dict[str, Any]
@@ -82,29 +84,18 @@ class NoData(TypedDict):
     """`handshake`, and `connected` from either daemon: nothing but the news."""
 
 
-class FrontendMapping(TypedDict):
-    """`mapped` / `unmapped` from the front-end: the mapping as its table holds it."""
+class DeviceMapped(MappingJSON):
+    """`mapped` from backend_sim: the mapping it now believes in (the front-end's own
+    `mapped` carries the plain `MappingJSON`)."""
 
-    shmid: int
-    shm_offset: int
-    len: int
-    fd_offset: int
-    writable: bool
-    #: `mapped` only, when the fd's file could be named (/proc/self/fd)
-    file: NotRequired[str]
-
-
-class DeviceMapping(TypedDict):
-    """`mapped` / `unmapped` from backend_sim: the request the front-end acked."""
-
-    shmid: int
-    shm_offset: int
-    len: int
     #: False when the request was sent without NEED_REPLY (a batch's earlier maps)
     acked: bool
-    fd_offset: NotRequired[int]  # `mapped` only
-    writable: NotRequired[bool]  # `mapped` only
-    buffer: NotRequired[int]  # `mapped` only: the device's buffer id
+
+
+class DeviceUnmapped(RangeJSON):
+    """`unmapped` from backend_sim: the range the front-end unmapped."""
+
+    acked: bool
 
 
 class FrontendRefusal(TypedDict):
@@ -185,8 +176,8 @@ class TraceRecord(TypedDict):
 
 #: Who publishes each event, and the record its `data` carries from each.
 PAYLOADS: dict[Event, dict[Role, type]] = {
-    Event.MAPPED: {"frontend": FrontendMapping, "backend": DeviceMapping},
-    Event.UNMAPPED: {"frontend": FrontendMapping, "backend": DeviceMapping},
+    Event.MAPPED: {"frontend": MappingJSON, "backend": DeviceMapped},
+    Event.UNMAPPED: {"frontend": MappingJSON, "backend": DeviceUnmapped},
     Event.REFUSED: {"frontend": FrontendRefusal, "backend": DeviceRefusal},
     Event.RESET: {"frontend": FrontendReset, "backend": DeviceReset},
     Event.CONNECTED: {"frontend": NoData, "backend": NoData},

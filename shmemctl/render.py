@@ -36,7 +36,7 @@ def render_status(views: dict[str, dict[str, Any]]) -> str:
                     out.append(
                         f"    {hex_range(m['shm_offset'], m['len']):<24} "
                         f"{'rw' if m['writable'] else 'ro'}  fd_offset {m['fd_offset']:#x}  "
-                        f"{m['file'] or '?'}  age {m['age']:.1f}s"
+                        f"{m.get('file') or '?'}  age {m['age']:.1f}s"
                     )
                 if r["truncated"]:
                     out.append(f"    ... {r['count'] - len(r['mappings'])} more")

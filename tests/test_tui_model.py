@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tui.model import EventLog, MappingView, RegionView
+from shmemctl.shmem.mapping import Mapping
+from tui.model import EventLog, RegionView
 from tui.widgets import FREE, RO, RW, bar_cells
 
 PAGE = 4096
@@ -18,7 +19,7 @@ def region_from(layout: list[tuple[int, bool]]) -> RegionView:
     for pages, writable in layout:
         if pos + pages > 64:
             break
-        region.mappings[pos * PAGE] = MappingView(pos * PAGE, pages * PAGE, 0, writable)
+        region.mappings[pos * PAGE] = Mapping(0, pos * PAGE, pages * PAGE, 0, writable)
         pos += pages + 1
     region.changed()
     return region

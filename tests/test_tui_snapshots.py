@@ -19,7 +19,7 @@ MiB = 1 << 20
 
 def _mapping(offset: int, length: int, writable: bool, n: int, age: float) -> dict:
     return {
-        "shm_offset": offset, "len": length, "fd_offset": 0, "writable": writable,
+        "shmid": 0, "shm_offset": offset, "len": length, "fd_offset": 0, "writable": writable,
         "file": f"/memfd:shmemctl-buffer-{n} (deleted)", "age": age,
     }  # fmt: skip
 

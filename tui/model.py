@@ -17,23 +17,10 @@ from typing import Any
 
 from shmemctl.events import DROPS_ALL, OUTCOMES, STATES, Event
 from shmemctl.shmem.libc import PAGE_SIZE
+from shmemctl.shmem.mapping import Mapping
 from shmemctl.shmem.rules import must_refuse
 from shmemctl.sizes import hex_range
 from shmemctl.wire import ShmemMap
-
-
-@dataclass
-class MappingView:
-    shm_offset: int
-    len: int
-    fd_offset: int
-    writable: bool
-    file: str = ""
-    created: float = field(default_factory=time.time)
-
-    @property
-    def end(self) -> int:
-        return self.shm_offset + self.len
 
 
 @dataclass
@@ -41,7 +28,7 @@ class RegionView:
     shmid: int
     size: int
     base: int = 0
-    mappings: dict[int, MappingView] = field(default_factory=dict)
+    mappings: dict[int, Mapping] = field(default_factory=dict)
     truncated: bool = False
     version: int = 0  # bumped on every change: widgets cache their drawing by it
     _starts: list[int] | None = None
@@ -83,7 +70,7 @@ class RegionView:
     def mapped_bytes(self) -> int:
         return sum(m.len for m in self.mappings.values())
 
-    def in_range(self, start: int, end: int) -> list[MappingView]:
+    def in_range(self, start: int, end: int) -> list[Mapping]:
         """Mappings overlapping [start, end), in order."""
         starts = self.starts
         i = max(0, bisect_right(starts, start) - 1)
@@ -114,10 +101,10 @@ class RegionView:
         *,
         sort: str = "offset",
         reverse: bool = False,
-        matches: Callable[[MappingView], bool] | None = None,
+        matches: Callable[[Mapping], bool] | None = None,
         around: int | None = None,
         limit: int = 2000,
-    ) -> tuple[list[MappingView], int]:
+    ) -> tuple[list[Mapping], int]:
         """The mappings a table shows: filtered, sorted, at most `limit` around `around`;
         and how many matched in all. Offset order needs no sort: `starts` has it."""
         if sort == "offset" and matches is None:
@@ -155,7 +142,7 @@ class RegionView:
         return pos if self.size - pos >= length else None
 
 
-SORT_KEYS: dict[str, Callable[[MappingView], Any]] = {
+SORT_KEYS: dict[str, Callable[[Mapping], Any]] = {
     "offset": lambda m: m.shm_offset,
     "length": lambda m: m.len,
     "fd offset": lambda m: m.fd_offset,
@@ -197,13 +184,7 @@ class PairModel:
             view = self.regions.get(r["shmid"]) or RegionView(r["shmid"], r["size"])
             view.size, view.base = r["size"], r["base"]
             now = time.time()
-            view.mappings = {
-                m["shm_offset"]: MappingView(
-                    m["shm_offset"], m["len"], m["fd_offset"], m["writable"], m["file"],
-                    now - m["age"],
-                )
-                for m in r["mappings"]
-            }  # fmt: skip
+            view.mappings = {m["shm_offset"]: Mapping.from_json(m, now) for m in r["mappings"]}
             view.truncated = r["truncated"]
             view.changed()
             regions[r["shmid"]] = view
@@ -238,10 +219,9 @@ class PairModel:
         if name in (Event.MAPPED, Event.UNMAPPED) and data.get("shmid") in self.regions:
             region = self.regions[data["shmid"]]
             if name == Event.MAPPED:
-                region.mappings[data["shm_offset"]] = MappingView(
-                    data["shm_offset"], data["len"], data["fd_offset"], data["writable"],
-                    data.get("file", ""), event.get("timestamp", time.time()),
-                )  # fmt: skip
+                region.mappings[data["shm_offset"]] = Mapping.from_json(
+                    data, event.get("timestamp", time.time())
+                )
             else:
                 region.mappings.pop(data["shm_offset"], None)
             region.changed()

@@ -20,9 +20,10 @@ from textual.widget import Widget
 from textual.widgets import DataTable, Static
 
 from shmemctl.shmem.libc import PAGE_SIZE
+from shmemctl.shmem.mapping import Mapping
 from shmemctl.sizes import hex_range, human_size, mib
 
-from .model import EventLog, LogEntry, MappingView, PairModel, RegionView
+from .model import EventLog, LogEntry, PairModel, RegionView
 
 FREE, RO, RW, BOTH = 0, 1, 2, 3
 #: Distinguishable without colour: solid for read-write, light shade for read-only.
@@ -111,7 +112,7 @@ class RegionMap(Widget, can_focus=True):
         span = min(span, region.size)
         return max(0, min(start, region.size - span)), span
 
-    def cursor_of(self, region: RegionView) -> MappingView | None:
+    def cursor_of(self, region: RegionView) -> Mapping | None:
         offset = self.cursor.get(region.shmid)
         return region.mappings.get(offset) if offset is not None else None
 
@@ -274,7 +275,7 @@ class MappingsTable(DataTable):
             return
         now = time.time()
 
-        def cells(m: MappingView) -> tuple[str, ...]:
+        def cells(m: Mapping) -> tuple[str, ...]:
             return (
                 f"{m.shm_offset:#x}", human_size(m.len), f"{m.fd_offset:#x}",
                 "rw" if m.writable else "ro", m.file or "?", f"{now - m.created:.0f}s",

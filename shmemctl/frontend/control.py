@@ -11,7 +11,7 @@ from typing import Any
 from ..channel import ChannelError
 from ..control import Arg, Command, ControlError, ErrorClass, shmid_arg, u64
 from ..daemon import process_facts
-from ..shmem import libc
+from ..shmem import MappingJSON, libc
 from ..shmem.procmaps import MapsLine, disagreements, read_maps
 from ..wire import feature_names
 from .endpoint import Frontend, HandshakeError
@@ -79,20 +79,12 @@ def status(fe: Frontend, max_mappings: int = DEFAULT_LIST) -> dict[str, Any]:
         lines = read_maps()
         starts = [line.start for line in lines]
         for shmid, region in table.regions.items():
-            listed: list[dict[str, Any]] = []
+            listed: list[MappingJSON] = []
             for start, _end, m in region.mappings:
                 if len(listed) >= max_mappings:
                     break
-                listed.append(
-                    {
-                        "shm_offset": start,
-                        "len": m.len,
-                        "fd_offset": m.fd_offset,
-                        "writable": m.writable,
-                        "file": _file_at(lines, starts, region.base + start),
-                        "age": round(now - m.created, 3),
-                    }
-                )
+                named = m._replace(file=_file_at(lines, starts, region.base + start))
+                listed.append(named.to_json(now))
             answer["regions"].append(
                 {
                     "shmid": shmid,

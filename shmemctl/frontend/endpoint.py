@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -399,17 +400,12 @@ class Frontend:
             self._refused(msg, exc)
             return result_from_errno(exc.errno), exc.reason
         if self.events.active:
-            data: dict[str, object] = {
-                "shmid": mapping.shmid,
-                "shm_offset": mapping.shm_offset,
-                "len": mapping.len,
-                "fd_offset": mapping.fd_offset,
-                "writable": mapping.writable,
-            }
             if is_map:  # the fd is still open here: name its file for whoever watches
                 with contextlib.suppress(OSError):
-                    data["file"] = os.readlink(f"/proc/self/fd/{msg.fds[0]}")
-            self.events.emit(Event.MAPPED if is_map else Event.UNMAPPED, data)
+                    mapping = mapping._replace(file=os.readlink(f"/proc/self/fd/{msg.fds[0]}"))
+            self.events.emit(
+                Event.MAPPED if is_map else Event.UNMAPPED, mapping.to_json(time.time())
+            )
         return 0, None
 
     def _refused(self, msg: Message, exc: ShmemRefused) -> None:

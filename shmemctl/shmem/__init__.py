@@ -1,8 +1,8 @@
 """The mmap engine: regions reserved PROT_NONE, fds mapped MAP_FIXED into them, validation."""
 
 from .libc import PAGE_SIZE
+from .mapping import Mapping, MappingJSON, RangeJSON
 from .region import (
-    Mapping,
     Refusal,
     Region,
     RegionTable,
@@ -14,6 +14,8 @@ from .region import (
 __all__ = [
     "PAGE_SIZE",
     "Mapping",
+    "MappingJSON",
+    "RangeJSON",
     "Refusal",
     "Region",
     "RegionTable",

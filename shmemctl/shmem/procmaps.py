@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 from ..sizes import hex_range
+from .mapping import Mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,20 +33,6 @@ class Segment:
     access: str  # "none" (reservation), "ro" or "rw" (shared file mapping), or raw perms
     inode: int = 0
     file_offset: int = 0
-
-
-class MappingLike(Protocol):
-    # Read-only: what is read here is a frozen Mapping (a NamedTuple), never written.
-    @property
-    def shm_offset(self) -> int: ...
-    @property
-    def len(self) -> int: ...
-    @property
-    def fd_offset(self) -> int: ...
-    @property
-    def writable(self) -> bool: ...
-    @property
-    def ino(self) -> int: ...
 
 
 def read_maps(pid: int | str = "self") -> list[MapsLine]:
@@ -102,7 +88,7 @@ def kernel_segments(lines: Iterable[MapsLine], base: int, size: int) -> list[Seg
     return _canonical(segs)
 
 
-def table_segments(size: int, mappings: Iterable[MappingLike]) -> list[Segment]:
+def table_segments(size: int, mappings: Iterable[Mapping]) -> list[Segment]:
     """What the region should look like given its mapping table."""
     segs = []
     pos = 0
@@ -125,7 +111,7 @@ def describe(seg: Segment) -> str:
 
 
 def disagreements(
-    lines: list[MapsLine], shmid: int, base: int, size: int, mappings: Iterable[MappingLike]
+    lines: list[MapsLine], shmid: int, base: int, size: int, mappings: Iterable[Mapping]
 ) -> list[str]:
     """Empty when the kernel holds exactly what the table says; else one line per difference."""
     kernel = kernel_segments(lines, base, size)

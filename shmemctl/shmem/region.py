@@ -10,12 +10,12 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from typing import NamedTuple
 
 from ..sizes import hex_range, human_size
 from ..wire.messages import MMAP_FLAG_WRITE, ShmemMap
 from . import libc
 from .index import IntervalIndex
+from .mapping import Mapping
 from .rules import (
     Refusal,
     ShmemRefused,
@@ -35,23 +35,6 @@ DEFAULT_MAX_RESERVE = 1 << 40
 
 class ShmemSetupError(Exception):
     """A region layout (GET_SHMEM_CONFIG answer) that cannot be set up."""
-
-
-class Mapping(NamedTuple):
-    shmid: int
-    shm_offset: int
-    len: int
-    fd_offset: int
-    writable: bool
-    # The file behind the fd. The fd itself is closed once mapped: the mapping
-    # holds the file, so fd usage stays flat however many mappings live.
-    dev: int
-    ino: int
-    created: float
-
-    @property
-    def end(self) -> int:
-        return self.shm_offset + self.len
 
 
 def _refuse(reason: Refusal, detail: str) -> ShmemRefused:
@@ -180,16 +163,7 @@ class RegionTable:
             except OSError as exc:
                 self._restore_after_failure(addr, m.len)
                 raise ShmemRefused(Refusal.MMAP_FAILED, str(exc.strerror), exc.errno) from exc
-            mapping = Mapping(
-                m.shmid,
-                m.shm_offset,
-                m.len,
-                m.fd_offset,
-                bool(m.flags & MMAP_FLAG_WRITE),
-                st.st_dev,
-                st.st_ino,
-                time.time(),
-            )
+            mapping = Mapping.granted(m, dev=st.st_dev, ino=st.st_ino, created=time.time())
             region.mappings.add(m.shm_offset, end, mapping)
             self._count += 1
             return mapping
