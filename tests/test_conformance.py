@@ -17,6 +17,7 @@ from shmemctl.conformance import Report, check_backend, check_frontend, parse_la
 from shmemctl.conformance import backend as backend_suite
 from shmemctl.conformance import frontend as frontend_suite
 from shmemctl.faults import BACKEND_FAULTS, FRONTEND_FAULTS
+from shmemctl.shmem.rules import Refusal, ShmemRefused, check_request
 
 from .conftest import need, wait_until
 
@@ -350,7 +351,8 @@ def test_a_failure_report_says_what_arrived_and_where_the_rule_is(spawn, tmp_pat
     report = run_against_frontend(spawn, tmp_path, "skip-overlap-check")
     (result,) = [r for r in report.results if r.check == "refuses-overlap"]
     assert result.passage == "§5 step 10"
-    assert result.expected.startswith("exactly one reply, flags 0x5, u64 a non-zero u64")
+    assert result.expected.startswith("exactly one reply, flags 0x5, u64 non-zero (overlaps ")
+    assert "shmemctl answers -EEXIST" in result.expected
     assert result.arrived[0]["request"] == "SHMEM_MAP" and result.arrived[0]["payload"] == 0
     text = report.to_text()
     assert "FAIL  refuses-overlap" in text and "arrived:" in text
@@ -406,3 +408,26 @@ def test_qemu_storage_daemon_as_backend(spawn, tmp_path) -> None:
     assert "flags 0xd" in json.dumps(finding.arrived)
     v = verdicts(report)
     assert v["get-features"] == v["stays-connected"] == "pass" and v["shmem-at-bit-22"] == "n/a"
+
+
+@pytest.mark.parametrize("regions", [None, "0=4M,2=4M", "5=1M"])
+def test_each_refusal_the_suite_expects_is_the_rulebook_s(regions: str | None) -> None:
+    """The crafted requests are wrong for the reason their check names: the rulebook
+    refuses each for that rule, or (fd count, file size) finds the request itself sound."""
+    layout = frontend_suite.Layout(frontend_suite.parse_layout(regions))
+    cases = frontend_suite.refusal_cases(layout, buffer=-1)
+    assert len(cases) == 15
+    for case in cases:
+        if isinstance(case, str):
+            assert case in ("refuses-unknown-shmid", "refuses-zero-size-shmid")
+            continue
+        assert frontend_suite.CHECKS[case.check] == case.refusal.passage
+        if case.refusal in (Refusal.BAD_FD_COUNT, Refusal.FILE_TOO_SHORT):
+            assert case.reading == "", case
+        elif case.refusal in (Refusal.OVERLAP, Refusal.NOT_A_MAPPING):
+            check_request(layout.regions, case.m, is_map=case.request == frontend_suite.MAP)
+            assert case.reading, case
+        else:
+            with pytest.raises(ShmemRefused) as refused:
+                check_request(layout.regions, case.m, is_map=True)
+            assert refused.value.reason is case.refusal and case.reading == refused.value.detail

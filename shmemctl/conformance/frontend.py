@@ -11,6 +11,7 @@ guest before SET_FEATURES)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -22,6 +23,7 @@ from ..backend import BackendEndpoint, DeviceModel
 from ..channel import Channel, ChannelError, close_fds
 from ..daemon import open_peer
 from ..session.backend import OFFERED
+from ..shmem.rules import Refusal, must_refuse
 from ..sizes import human_size, parse_regions
 from ..wire import BackendReq, ChannelKind, FrontendReq, Message, ShmemMap, WireError
 from ..wire.constants import ProtocolFeature
@@ -62,21 +64,22 @@ CHECKS = {
     "map-acked-once": "§5: reply once the mapping is in place; exactly one",
     "no-reply-unless-asked": "§6.2: a reply only under NEED_REPLY",
     "unasked-map-took-effect": "§5: requests are handled strictly in order",
-    "refuses-overlap": "§5 step 10",
-    "refuses-out-of-bounds": "§5 step 8",
-    "refuses-zero-length": "§5 step 6",
-    "refuses-misaligned-offset": "§5 step 9",
-    "refuses-misaligned-length": "§5 step 9",
-    "refuses-misaligned-fd-offset": "§5 step 9",
-    "refuses-unknown-flags": "§5 step 4, §2",
-    "refuses-unknown-shmid": "§5 step 5",
-    "refuses-zero-size-shmid": "§5 step 5",
-    "refuses-overflow": "§5 step 7",
-    "refuses-map-without-fd": "§5 step 2, §6.5",
-    "refuses-map-with-two-fds": "§5 step 2, §6.5",
-    "refuses-file-too-short": "§5 step 11",
-    "refuses-partial-unmap": "§5 UNMAP: one whole existing mapping",
-    "refuses-unmap-of-a-hole": "§5 UNMAP",
+    # the refusals cite the rulebook's passages (shmem/rules.py)
+    "refuses-overlap": Refusal.OVERLAP.passage,
+    "refuses-out-of-bounds": Refusal.OUT_OF_BOUNDS.passage,
+    "refuses-zero-length": Refusal.ZERO_LENGTH.passage,
+    "refuses-misaligned-offset": Refusal.MISALIGNED.passage,
+    "refuses-misaligned-length": Refusal.MISALIGNED.passage,
+    "refuses-misaligned-fd-offset": Refusal.MISALIGNED.passage,
+    "refuses-unknown-flags": Refusal.BAD_FLAGS.passage,
+    "refuses-unknown-shmid": Refusal.NO_REGION.passage,
+    "refuses-zero-size-shmid": Refusal.NO_REGION.passage,
+    "refuses-overflow": Refusal.OVERFLOW.passage,
+    "refuses-map-without-fd": Refusal.BAD_FD_COUNT.passage,
+    "refuses-map-with-two-fds": Refusal.BAD_FD_COUNT.passage,
+    "refuses-file-too-short": Refusal.FILE_TOO_SHORT.passage,
+    "refuses-partial-unmap": Refusal.NOT_A_MAPPING.passage,
+    "refuses-unmap-of-a-hole": Refusal.NOT_A_MAPPING.passage,
     "unmaps-a-whole-mapping": "§5 UNMAP",
     "batch-one-ack": "§5: one ack confirms the batch before it",
     "batch-took-effect": "§5: every map of the batch is in place",
@@ -425,16 +428,17 @@ class _Asker:
             raise Stopped(self.broken)
         return ok
 
-    def probe(self, check: str, sends: list[tuple], *, ok: bool,
-              need: bool = True) -> tuple[bool, str, object]:  # fmt: skip
-        """Requests whose last one is judged: (as expected?, what was expected, what arrived)."""
+    def probe(self, check: str, sends: list[tuple], *, ok: bool, need: bool = True,
+              why: str = "") -> tuple[bool, str, object]:  # fmt: skip
+        """Requests whose last one is judged: (as expected?, what was expected, what arrived).
+        `why`: for a request to be refused, the rule that refuses it."""
         got = self.exchange(check, sends)
         if not need:
             ok = not got.messages and not got.error
             return ok, "no reply (NEED_REPLY not set)", got.describe()
         shape_ok, wrong = one_u64_reply(got, sends[-1][0])
         value_ok = shape_ok and (got.messages[0].payload == 0) == ok
-        wanted = "0" if ok else "a non-zero u64"
+        wanted = "0" if ok else "non-zero" + (f" ({why})" if why else "")
         expected = f"exactly one reply, flags 0x5, u64 {wanted}" + (
             f" (got {wrong})" if wrong else ""
         )
@@ -444,7 +448,17 @@ class _Asker:
                fds: tuple[int, ...] | None = None, need: bool = True) -> bool:  # fmt: skip
         if fds is None:
             fds = (self.buffer,) if req == MAP else ()
-        return self.judge(check, *self.probe(check, [_shmem(req, m, fds, need)], ok=ok, need=need))
+        sends = [_shmem(req, m, fds, need)]
+        return self.judge(check, *self.probe(check, sends, ok=ok, need=need))
+
+    def expect_refused(self, case: RefusalCase) -> bool:
+        """A request the rulebook refuses: refused, and the expectation says by which rule
+        (its reading of this very request where the layout alone decides it)."""
+        fds = (self.buffer,) if case.fds is None else case.fds
+        rule = case.refusal
+        why = f"{case.reading or rule.summary}; shmemctl answers -{errno.errorcode[rule.errno]}"
+        sends = [_shmem(case.request, case.m, fds)]
+        return self.judge(case.check, *self.probe(case.check, sends, ok=False, why=why))
 
     def expect_all(self, check: str, steps: list[tuple[int, ShmemMap]]) -> bool:
         """Several requests that must all succeed: one verdict."""
@@ -474,34 +488,70 @@ def _first_page(shmid: int | None) -> ShmemMap | None:
     return None if shmid is None else ShmemMap(shmid, 0, PAGE, 0)
 
 
-def _map_checks(report: Report, a: _Asker, layout: Layout) -> None:
+@dataclass(frozen=True)
+class RefusalCase:
+    """A request a front-end must refuse, the rule that refuses it, and the fds it
+    carries (None: the suite's buffer on a map)."""
+
+    check: str
+    request: int
+    m: ShmemMap
+    refusal: Refusal
+    fds: tuple[int, ...] | None = None
+    #: the rulebook's reading of the request, where the layout and the mappings the
+    #: suite holds decide it ("" where only fds or the file can: steps 2 and 11)
+    reading: str = ""
+
+
+def refusal_cases(layout: Layout, buffer: int) -> list[RefusalCase | str]:
+    """The requests the map checks expect refused, in the order they are sent, with the
+    mapping of slot 0 in place (`map-acked-once`). A check the layout leaves nothing to
+    ask for is its name alone."""
     t, refused = layout.shmid, layout.slot(2)
+    R = Refusal
+    wanted: list[tuple[str, int, ShmemMap | None, Refusal, tuple[int, ...] | None]] = [
+        ("refuses-overlap", MAP, ShmemMap(t, SLOT // 2, SLOT, 0), R.OVERLAP, None),
+        ("refuses-out-of-bounds", MAP, ShmemMap(t, layout.size - PAGE, 2 * PAGE, 0),
+         R.OUT_OF_BOUNDS, None),
+        ("refuses-zero-length", MAP, ShmemMap(t, refused, 0, 0), R.ZERO_LENGTH, None),
+        ("refuses-misaligned-offset", MAP, ShmemMap(t, refused + 1, PAGE, 0), R.MISALIGNED, None),
+        ("refuses-misaligned-length", MAP, ShmemMap(t, refused, PAGE + 1, 0), R.MISALIGNED, None),
+        ("refuses-misaligned-fd-offset", MAP, ShmemMap(t, refused, PAGE, 1), R.MISALIGNED, None),
+        ("refuses-unknown-flags", MAP, ShmemMap(t, refused, PAGE, 0, 2), R.BAD_FLAGS, None),
+        ("refuses-unknown-shmid", MAP, _first_page(layout.unknown), R.NO_REGION, None),
+        ("refuses-zero-size-shmid", MAP, _first_page(layout.gap), R.NO_REGION, None),
+        ("refuses-overflow", MAP, ShmemMap(t, U64 - PAGE + 1, 2 * PAGE, 0), R.OVERFLOW, None),
+        ("refuses-map-without-fd", MAP, ShmemMap(t, refused, PAGE, 0), R.BAD_FD_COUNT, ()),
+        ("refuses-map-with-two-fds", MAP, ShmemMap(t, refused, PAGE, 0), R.BAD_FD_COUNT,
+         (buffer, buffer)),
+        ("refuses-file-too-short", MAP, ShmemMap(t, refused, SLOT, BUFFER), R.FILE_TOO_SHORT,
+         None),
+        ("refuses-partial-unmap", UNMAP, ShmemMap(t, 0, PAGE), R.NOT_A_MAPPING, None),
+        ("refuses-unmap-of-a-hole", UNMAP, ShmemMap(t, layout.slot(3), PAGE), R.NOT_A_MAPPING,
+         None),
+    ]  # fmt: skip
+    held = [(0, SLOT)]
+    cases: list[RefusalCase | str] = []
+    for check, req, m, refusal, fds in wanted:
+        if m is None:
+            cases.append(check)
+            continue
+        reading = must_refuse(layout.regions, held, m, is_map=req == MAP)
+        cases.append(RefusalCase(check, req, m, refusal, fds, reading))
+    return cases
+
+
+def _map_checks(report: Report, a: _Asker, layout: Layout) -> None:
+    t = layout.shmid
     a.expect("map-acked-once", MAP, ShmemMap(t, 0, SLOT, 0), ok=True)
     a.expect("no-reply-unless-asked", MAP, ShmemMap(t, layout.slot(1), SLOT, 0), ok=True,
              need=False)  # fmt: skip
     a.expect("unasked-map-took-effect", UNMAP, ShmemMap(t, layout.slot(1), SLOT), ok=True)
-    bad_maps = [
-        ("refuses-overlap", ShmemMap(t, SLOT // 2, SLOT, 0), None),
-        ("refuses-out-of-bounds", ShmemMap(t, layout.size - PAGE, 2 * PAGE, 0), None),
-        ("refuses-zero-length", ShmemMap(t, refused, 0, 0), None),
-        ("refuses-misaligned-offset", ShmemMap(t, refused + 1, PAGE, 0), None),
-        ("refuses-misaligned-length", ShmemMap(t, refused, PAGE + 1, 0), None),
-        ("refuses-misaligned-fd-offset", ShmemMap(t, refused, PAGE, 1), None),
-        ("refuses-unknown-flags", ShmemMap(t, refused, PAGE, 0, 2), None),
-        ("refuses-unknown-shmid", _first_page(layout.unknown), None),
-        ("refuses-zero-size-shmid", _first_page(layout.gap), None),
-        ("refuses-overflow", ShmemMap(t, U64 - PAGE + 1, 2 * PAGE, 0), None),
-        ("refuses-map-without-fd", ShmemMap(t, refused, PAGE, 0), ()),
-        ("refuses-map-with-two-fds", ShmemMap(t, refused, PAGE, 0), (a.buffer, a.buffer)),
-        ("refuses-file-too-short", ShmemMap(t, refused, SLOT, BUFFER), None),
-    ]  # fmt: skip
-    for check, m, fds in bad_maps:
-        if m is None:
-            report.na(check, _NO_SUCH_SHMID[check])
+    for case in refusal_cases(layout, a.buffer):
+        if isinstance(case, str):
+            report.na(case, _NO_SUCH_SHMID[case])
         else:
-            a.expect(check, MAP, m, ok=False, fds=fds)
-    a.expect("refuses-partial-unmap", UNMAP, ShmemMap(t, 0, PAGE), ok=False)
-    a.expect("refuses-unmap-of-a-hole", UNMAP, ShmemMap(t, layout.slot(3), PAGE), ok=False)
+            a.expect_refused(case)
     a.expect("unmaps-a-whole-mapping", UNMAP, ShmemMap(t, 0, SLOT), ok=True)
     batch = [ShmemMap(t, layout.slot(4) + i * PAGE, PAGE, 0) for i in range(4)]
     sends = [_shmem(MAP, m, (a.buffer,), need=m is batch[-1]) for m in batch]

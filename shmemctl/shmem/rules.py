@@ -21,25 +21,28 @@ U64_MAX = (1 << 64) - 1
 
 
 class Refusal(enum.Enum):
-    """Why a SHMEM request was refused, with the errno the front-end replies (negated)."""
+    """Why a SHMEM request was refused: the rule, where docs/protocol.md states it, and
+    the errno the front-end replies (negated). The conformance suite names its checks'
+    passages from here, and the front-end's log and events its refusals."""
 
-    NOT_NEGOTIATED = ("SHMEM not negotiated", errno.EOPNOTSUPP)
-    BAD_FD_COUNT = ("wrong number of fds", errno.EBADF)
-    BAD_FLAGS = ("unknown flag bits", errno.EINVAL)
-    NO_REGION = ("no such region", errno.ENODEV)
-    ZERO_LENGTH = ("zero length", errno.EINVAL)
-    OVERFLOW = ("offset + length overflows u64", errno.EOVERFLOW)
-    OUT_OF_BOUNDS = ("out of the region's bounds", errno.EINVAL)
-    MISALIGNED = ("not page aligned", errno.EINVAL)
-    OVERLAP = ("overlaps an existing mapping", errno.EEXIST)
-    FILE_TOO_SHORT = ("file shorter than fd_offset + len", errno.ENXIO)
-    LIMIT_REACHED = ("mapping limit reached", errno.ENOSPC)
-    NOT_A_MAPPING = ("not one whole existing mapping", errno.ENOENT)
-    MMAP_FAILED = ("the kernel refused the mapping", errno.EIO)
+    NOT_NEGOTIATED = ("SHMEM not negotiated", errno.EOPNOTSUPP, "§5 step 1")
+    BAD_FD_COUNT = ("wrong number of fds", errno.EBADF, "§5 step 2, §6.5")
+    BAD_FLAGS = ("unknown flag bits", errno.EINVAL, "§5 step 4, §2")
+    NO_REGION = ("no such region", errno.ENODEV, "§5 step 5")
+    ZERO_LENGTH = ("zero length", errno.EINVAL, "§5 step 6")
+    OVERFLOW = ("offset + length overflows u64", errno.EOVERFLOW, "§5 step 7")
+    OUT_OF_BOUNDS = ("out of the region's bounds", errno.EINVAL, "§5 step 8")
+    MISALIGNED = ("not page aligned", errno.EINVAL, "§5 step 9")
+    OVERLAP = ("overlaps an existing mapping", errno.EEXIST, "§5 step 10")
+    FILE_TOO_SHORT = ("file shorter than fd_offset + len", errno.ENXIO, "§5 step 11")
+    LIMIT_REACHED = ("mapping limit reached", errno.ENOSPC, "§5 step 12")
+    NOT_A_MAPPING = ("not one whole existing mapping", errno.ENOENT, "§5 UNMAP")
+    MMAP_FAILED = ("the kernel refused the mapping", errno.EIO, "§5 (the mmap)")
 
-    def __init__(self, summary: str, err: int) -> None:
+    def __init__(self, summary: str, err: int, passage: str) -> None:
         self.summary = summary
         self.errno = err
+        self.passage = passage
 
 
 class ShmemRefused(Exception):
