@@ -30,6 +30,7 @@ from shmemctl.session import (
     owed,
 )
 from shmemctl.shmem.libc import PAGE_SIZE
+from shmemctl.shmem.mapping import Mapping
 from shmemctl.shmem.rules import Refusal, ShmemRefused
 from shmemctl.wire import BackendReq, ChannelKind, FrontendReq, MessageReader, ShmemMap
 from shmemctl.wire.constants import SHMEM_BIT, ProtocolFeature
@@ -470,9 +471,9 @@ def test_observer_keeps_the_mappings_the_answers_make() -> None:
     a, b = ShmemMap(0, 0, 2 * PAGE_SIZE), ShmemMap(0, 4 * PAGE_SIZE, PAGE_SIZE)
     assert shmem(pair, BackendReq.SHMEM_MAP, a, 0) == []
     assert shmem(pair, BackendReq.SHMEM_MAP, b, None, need_reply=False) == []  # batched
-    assert pair.observer.mappings() == [a, b]
+    assert pair.observer.mappings() == [Mapping.granted(a), Mapping.granted(b)]
     assert shmem(pair, BackendReq.SHMEM_UNMAP, a, 0) == []
-    assert pair.observer.mappings() == [b]
+    assert pair.observer.mappings() == [Mapping.granted(b)]
     assert pair.observer.pending(BACKEND) == []
 
 
@@ -504,7 +505,7 @@ def test_observer_judges_every_section_5_step(step, m, req) -> None:
     assert shmem(pair, req, m, EEXIST) == [Rule.MAP_VALID], step
     # a front-end that answers ok to it is wrong too
     assert shmem(pair, req, m, 0) == [Rule.MAP_VALID, Rule.REFUSES_INVALID], step
-    assert pair.observer.mappings() == [ShmemMap(0, 0, 2 * PAGE_SIZE)]
+    assert pair.observer.mappings() == [Mapping(0, 0, 2 * PAGE_SIZE)]
 
 
 def test_observer_a_refusal_of_a_valid_map_changes_nothing() -> None:

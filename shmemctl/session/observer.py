@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..shmem.libc import PAGE_SIZE
+from ..shmem.mapping import Mapping
 from ..shmem.rules import must_refuse
 from ..wire.constants import (
     LEGACY_SHMEM_BIT,
@@ -42,8 +43,8 @@ class PairState:
     features: int | None = None
     config: ShmemConfig | None = None
     backend_channel: bool = False
-    #: shmid -> {shm_offset: ShmemMap}, as the front-end's answers say they are
-    mappings: dict[int, dict[int, ShmemMap]] = field(default_factory=dict)
+    #: shmid -> {shm_offset: Mapping}, as the front-end's answers say they are
+    mappings: dict[int, dict[int, Mapping]] = field(default_factory=dict)
     #: ranges a reset dropped, not mapped again since
     dropped: set[tuple[int, int, int]] = field(default_factory=set)
     resets: int = 0
@@ -76,7 +77,7 @@ class Observer:
         """Requests on `channel` still owed a reply, oldest first."""
         return list(self._pending[channel])
 
-    def mappings(self) -> list[ShmemMap]:
+    def mappings(self) -> list[Mapping]:
         return [
             m
             for shmid in sorted(self.state.mappings)
@@ -279,7 +280,7 @@ class Observer:
             return  # refused, rightly or for what only the front-end's kernel knows
         held = self.state.mappings.setdefault(m.shmid, {})
         if is_map:
-            held[m.shm_offset] = m
+            held[m.shm_offset] = Mapping.granted(m)
             self.state.dropped.discard((m.shmid, m.shm_offset, m.len))
         else:
             held.pop(m.shm_offset, None)
