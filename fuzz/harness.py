@@ -1686,6 +1686,9 @@ class HostileFrontend:
             refusal = encode_u64_reply(req, -errno.EINVAL & U64)
             self._send(ch, (ok if first_ok else refusal) + (refusal if n % 3 else ok))
             self.sent += 1
+            # The second reply is an unasked one: it may be taken for a later request's
+            # answer, or as a sign that one had come when a reset was read.
+            self.desynced = True
         elif how == "with-fd":
             self._apply(req, m)
             extra = os.eventfd(0, os.EFD_CLOEXEC)
