@@ -139,10 +139,24 @@ def batch(st: BackendState, maps: list) -> dict[str, Any]:
             f"the batch's buffers need {cost:#x} bytes in all, more than --max-buffer "
             f"({human_size(st.device.max_buffer)}) allows; send fewer or smaller maps",
         )
-    with _sending(st, "batch"):
-        for m in requests[:-1]:
-            st.device.map(m, need_reply=False)
-        result = st.device.map(requests[-1])
+    sent = 0
+    try:
+        with _sending(st, f"batch item {len(requests) - 1}"):
+            for n, m in enumerate(requests[:-1]):
+                with _sending(st, f"batch item {n}"):
+                    st.device.map(m, need_reply=False)
+                sent += 1
+            result = st.device.map(requests[-1])
+    except ControlError as exc:
+        if not sent:
+            raise
+        # A batch can stop part way (another request got in first, the channel went):
+        # what went out before it is the front-end's now.
+        raise ControlError(
+            exc.error_class,
+            f"{exc.desc}; items 0-{sent - 1} of {len(requests)} were sent before it, without "
+            "NEED_REPLY: the device believes them mapped until an answer says otherwise",
+        ) from None
     if result:
         why = st.device.refusal(requests[-1], result, is_map=True)
         raise ControlError(
