@@ -369,7 +369,9 @@ class SimDevice:
                 )
                 self._unconfirmed = []
         try:
-            result = self.endpoint.shmem_request(req, m, fd, need_reply=need_reply, guard=guard)
+            result = self.endpoint.shmem_request(
+                req, m, fd, need_reply=need_reply, guard=guard, channel=channel
+            )
         except BaseException as exc:
             with self.lock:
                 flight, self._in_flight = self._in_flight, None

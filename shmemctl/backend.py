@@ -243,8 +243,12 @@ class BackendEndpoint:
         *,
         need_reply: bool = True,
         guard: SendGuard | None = None,
+        channel: BackendChannel | None = None,
     ) -> int | None:
-        channel = self.backend_channel
+        """Send one SHMEM request on `channel` (by default the backend channel now in use:
+        a caller that recorded which channel it sends on passes that one, so that a new
+        channel opened meanwhile cannot carry a request recorded against the old)."""
+        channel = channel or self.backend_channel
         if channel is None:
             raise NotReady(self.why_not_ready() or "no backend channel")
         if self.faults is None:

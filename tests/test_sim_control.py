@@ -558,7 +558,8 @@ def test_a_batch_checked_while_a_scenarios_map_awaits_its_answer_does_not_replac
     in_flight = threading.Event()
 
     def shmem_request(req: BackendReq, m: ShmemMap, fd: int | None = None, *,
-                      need_reply: bool = True, guard: Any = None) -> int | None:  # fmt: skip
+                      need_reply: bool = True, guard: Any = None,
+                      channel: Any = None) -> int | None:  # fmt: skip
         assert req == BackendReq.SHMEM_MAP
         if m.len == 0x10000:  # the scenario's map: answered when the test says
             in_flight.set()
