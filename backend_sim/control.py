@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shmemctl.backend import BackendEndpoint, NotReady, PeerProtocolError
+from shmemctl.backend import AnswerLost, BackendEndpoint, NotReady, PeerProtocolError
 from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.control import Arg, Command, ControlError, ErrorClass, shmid_arg, u64
 from shmemctl.daemon import process_facts
@@ -55,7 +55,7 @@ def _sending(st: BackendState, what: str) -> Iterator[None]:
             f"the front-end did not answer the {what} within "
             f"{st.endpoint.reply_timeout:g}s: {UNKNOWN_OUTCOME}",
         ) from None
-    except PeerProtocolError as exc:
+    except (PeerProtocolError, AnswerLost) as exc:
         raise ControlError(
             ErrorClass.FAILED,
             f"{exc}; {UNKNOWN_OUTCOME}",
@@ -152,10 +152,11 @@ def batch(st: BackendState, maps: list) -> dict[str, Any]:
             raise
         # A batch can stop part way (another request got in first, the channel went):
         # what went out before it is the front-end's now.
+        before = "item 0 was" if sent == 1 else f"items 0-{sent - 1} were"
         raise ControlError(
             exc.error_class,
-            f"{exc.desc}; items 0-{sent - 1} of {len(requests)} were sent before it, without "
-            "NEED_REPLY: the device believes them mapped until an answer says otherwise",
+            f"{exc.desc}; {before} sent before it without NEED_REPLY, and the device keeps "
+            "them in its table (status says which it cannot know to be mapped)",
         ) from None
     if result:
         why = st.device.refusal(requests[-1], result, is_map=True)

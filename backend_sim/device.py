@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from shmemctl.backend import (
+    AnswerLost,
     BackendChannel,
     BackendEndpoint,
     NotReady,
@@ -267,7 +268,7 @@ class SimDevice:
                     result, crossed_reset = self._request(
                         BackendReq.SHMEM_MAP, m, buffer.fd, need_reply, sending=sent
                     )
-                except (ChannelTimeout, PeerProtocolError):
+                except (ChannelTimeout, PeerProtocolError, AnswerLost):
                     # it may be mapped: keep it
                     self._believe(m, buffer, sent.generation, confirmed=False)
                     raise
@@ -307,7 +308,7 @@ class SimDevice:
                 result, _ = self._request(BackendReq.SHMEM_UNMAP, m, None, need_reply, guard)
             except NotSent:
                 return NOT_SENT
-            except (ChannelTimeout, PeerProtocolError):
+            except (ChannelTimeout, PeerProtocolError, AnswerLost):
                 with self.lock:
                     held = self.mapped.get((m.shmid, m.shm_offset))
                     if held is not None and held.len == m.len:

@@ -57,6 +57,11 @@ class PeerProtocolError(ChannelError):
     whether it acted on the request is unknown."""
 
 
+class AnswerLost(ChannelError):
+    """A SHMEM request went out, and the backend channel broke before its answer came:
+    whether the front-end acted on it is unknown (its connection may live on)."""
+
+
 @dataclass
 class DeviceModel:
     """What the simulated device advertises."""
@@ -118,16 +123,23 @@ class BackendChannel:
                     self.channel.send(data, out.fds)
             if not out.need_reply:
                 return None
-            self._wait_for_answer()
-            with self.taking:
-                try:
-                    reply = self.channel.recv()
-                except WireError as exc:
-                    raise PeerProtocolError(
-                        f"the front-end broke the protocol answering {out.name}: {exc}"
-                    ) from None
-                finally:
-                    self.replies += 1
+            try:
+                self._wait_for_answer()
+                with self.taking:
+                    try:
+                        reply = self.channel.recv()
+                    finally:
+                        self.replies += 1
+            except WireError as exc:
+                raise PeerProtocolError(
+                    f"the front-end broke the protocol answering {out.name}: {exc}"
+                ) from None
+            except ChannelTimeout:
+                raise
+            except ChannelError as exc:
+                raise AnswerLost(
+                    f"{out.name} was sent, then the backend channel broke: {exc}"
+                ) from exc
             close_fds(reply.fds)
             try:
                 return BackendSession.shmem_answer(BackendReq(out.request), reply)
@@ -339,6 +351,7 @@ class BackendEndpoint:
 
 
 __all__ = [
+    "AnswerLost",
     "BackendChannel",
     "BackendEndpoint",
     "ChannelTimeout",

@@ -427,12 +427,14 @@ def test_a_batch_left_unanswered_keeps_its_earlier_maps_unconfirmed(
         s.backend.close()  # unanswered; the main channel goes on
     else:
         s.backend.send(encode_u64_reply(BackendReq.SHMEM_UNMAP, 0))  # another request's answer
-    assert s.error_of(pending).error_class == ErrorClass.FAILED
+    err = s.error_of(pending)
+    assert err.error_class == ErrorClass.FAILED and "outcome is unknown" in err.desc, err.desc
     if then == "hangup-backend":
         s.backend = s.fe.open_backend_channel()
+    # the last map went out too: the front-end may hold it, on a connection that lives on
     mapped = {m["shm_offset"]: m["confirmed"] for m in s.status()["mapped"]}
     assert mapped.get(first.shm_offset) is False, mapped
-    assert mapped.get(last.shm_offset, False) is False, mapped
+    assert mapped.get(last.shm_offset) is False, mapped
     s.settled()
     s.fe.call(FrontendReq.RESET_DEVICE, need_reply=True)
     assert s.status()["mapped"] == []
