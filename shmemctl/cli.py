@@ -627,6 +627,43 @@ def conformance(
         sys.exit(EXIT_REFUSED)
 
 
+def _tap_endpoint(_ctx: click.Context, _param: click.Parameter, value: str) -> Any:
+    from .tap import Endpoint
+
+    try:
+        return Endpoint.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@click.option("--front", required=True, metavar="listen:PATH|connect:PATH",
+              callback=_tap_endpoint, help="Where the front-end (the VMM) is met.")  # fmt: skip
+@click.option("--back", required=True, metavar="listen:PATH|connect:PATH",
+              callback=_tap_endpoint, help="Where the back-end (the device) is met.")  # fmt: skip
+@click.option("--retry", default=0.5, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds between connects to a side that is not there yet.")  # fmt: skip
+@options.shmem_bit
+@options.pair_name
+@options.control_path
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+def tap(
+    front: Any, back: Any, retry: float, shmem_bit: int, name: str, control: str | None,
+    verbose: bool,
+) -> None:  # fmt: skip
+    """Sit between a front-end and a back-end it did not start: relay both channels
+    exactly, and report what passes (features, layout, mappings, broken rules) on its
+    control socket (tap.ctl in the pair's run directory)."""
+    from .tap import TapOptions
+    from .tap.daemon import serve
+
+    tap_options = TapOptions(front=front, back=back, shmem_bit=shmem_bit, retry=retry)
+    try:
+        serve(tap_options, options.resolve_control(control, name, "tap"), verbose=verbose)
+    except OSError as exc:
+        raise click.ClickException(str(exc.strerror or exc)) from None
+
+
 @main.command()
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str) -> None:

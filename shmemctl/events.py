@@ -29,7 +29,7 @@ from .shmem.mapping import MappingJSON, RangeJSON
 #: {"event": NAME, "data": {...}, "timestamp": 1.5, "seq": 7}
 EventRecord = dict[str, Any]
 Listener = Callable[[EventRecord], None]
-Role = Literal["frontend", "backend"]
+Role = Literal["frontend", "backend", "tap"]
 
 
 class Event(StrEnum):
@@ -55,6 +55,15 @@ class Event(StrEnum):
     RECONNECTING = "reconnecting"
     #: both, to whoever names it: one message sent or received, by its channel (the trace)
     MESSAGE = "message"
+    #: tap: a side of the pair it relays connected to it (again, after a reconnect)
+    ATTACHED = "attached"
+    #: tap: a side went away, or was sent away because the other side did
+    DETACHED = "detached"
+    #: tap: a message showed one side breaking a rule (session.common.Rule)
+    VIOLATION = "violation"
+    #: tap: bytes it relayed that the codec cannot take as they are (bad header, unknown
+    #: id, wrong size); with `decoding` false, the framing of that direction is lost
+    UNDECODABLE = "undecodable"
 
     @property
     def payloads(self) -> Mapping[Role, type]:
@@ -174,6 +183,41 @@ class TraceRecord(TypedDict):
     undecodable: NotRequired[str]
 
 
+class TapSide(TypedDict):
+    """`attached` and `detached` from the tap: which side, where, which connection."""
+
+    side: str  # "front-end" or "back-end"
+    socket: str
+    mode: str  # "listen" or "connect": what the tap does on that socket
+    connection: int  # 1 for the first pair of connections, then one more per reconnect
+    reason: NotRequired[str]  # detached only: why
+
+
+class TapViolation(TypedDict):
+    """`violation` from the tap: a rule one side broke, as the observer judged it."""
+
+    by: str  # "front-end" or "back-end"
+    rule: str  # the Rule's label, as the conformance suite names it
+    passage: str  # where docs/protocol.md states it
+    text: str  # the rule
+    detail: str  # what this message did
+    channel: str  # "main" or "backend"
+    request: str  # the message that showed it
+
+
+class TapUndecodable(TypedDict):
+    """`undecodable` from the tap: relayed exactly, but not as the codec would take it."""
+
+    side: str  # who sent it: "front-end" or "back-end"
+    channel: str
+    request: int | None  # the id its header names, if a header could be read
+    bytes: int
+    fds: int
+    reason: str
+    #: false: the framing of this direction is lost and it is relayed raw from now on
+    decoding: bool
+
+
 #: Who publishes each event, and the record its `data` carries from each.
 PAYLOADS: dict[Event, dict[Role, type]] = {
     Event.MAPPED: {"frontend": MappingJSON, "backend": DeviceMapped},
@@ -184,7 +228,11 @@ PAYLOADS: dict[Event, dict[Role, type]] = {
     Event.DISCONNECTED: {"frontend": FrontendDisconnect, "backend": DeviceDisconnect},
     Event.HANDSHAKE: {"frontend": NoData},
     Event.RECONNECTING: {"frontend": Reconnect},
-    Event.MESSAGE: {"frontend": TraceRecord, "backend": TraceRecord},
+    Event.MESSAGE: {"frontend": TraceRecord, "backend": TraceRecord, "tap": TraceRecord},
+    Event.ATTACHED: {"tap": TapSide},
+    Event.DETACHED: {"tap": TapSide},
+    Event.VIOLATION: {"tap": TapViolation},
+    Event.UNDECODABLE: {"tap": TapUndecodable},
 }
 
 

@@ -2,5 +2,6 @@
 did not start, relays both channels exactly, and reports what an observer sees."""
 
 from .framer import Framer, Unit
+from .tap import Endpoint, Tap, TapOptions
 
-__all__ = ["Framer", "Unit"]
+__all__ = ["Endpoint", "Framer", "Tap", "TapOptions", "Unit"]

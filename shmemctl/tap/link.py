@@ -1,0 +1,160 @@
+"""One channel of a relayed pair: a socket to each side and a thread per direction that
+forwards each unit the `Framer` cuts, exactly, then closes its copies of the fds.
+
+What a unit means (the observer, events, the SET_BACKEND_REQ_FD rewrite) is the tap's
+business: a link calls `Relay.forward` for each unit and only moves bytes and fds.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from ..channel import Channel
+from ..events import EventHub
+from ..session.observer import BACKEND, FRONTEND
+from ..wire.constants import ChannelKind
+from .framer import Framer, Unit
+
+log = logging.getLogger("tap")
+
+#: The most fds the kernel passes in one message (SCM_MAX_FD): room for all of them,
+#: so that no message a peer can send loses an fd to MSG_CTRUNC in the tap.
+_SCM_MAX_FD = 253
+_ANCBUF = socket.CMSG_SPACE(_SCM_MAX_FD * array.array("i").itemsize)
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)
+
+
+def receive(sock: socket.socket, n: int) -> tuple[bytes, list[int], bool]:
+    """Up to `n` bytes, the fds that came with them, and whether fds were cut off."""
+    data, ancdata, flags, _ = sock.recvmsg(n, _ANCBUF, _RECV_FLAGS)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % array.array("i").itemsize
+            fds.extend(array.array("i", payload[:usable]))
+    return data, fds, bool(flags & _CTRUNC)
+
+
+def send_exact(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """Send bytes that are not (known to be) a message, fds on their first byte."""
+    if fds:
+        rights = array.array("i", fds).tobytes()
+        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+    else:
+        sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
+def other(side: str) -> str:
+    return BACKEND if side == FRONTEND else FRONTEND
+
+
+class Relay(Protocol):
+    """What a link asks of the tap for each unit."""
+
+    def forward(self, link: Link, sender: str, unit: Unit) -> bool:
+        """Send `unit` on to the side that is not `sender`; False if that failed. The
+        unit's fds are closed by then, whatever happened."""
+        ...
+
+
+class Link:
+    """One channel between the two sides. Each socket's `Channel` only sends (the
+    protocol trace of each forwarded message comes from it); reading is the link's own,
+    raw, so that nothing the codec refuses is lost or closed before it is forwarded."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        kind: ChannelKind,
+        front: socket.socket,
+        back: socket.socket,
+        on_end: Callable[[Link, str, str], None],
+        trace: EventHub,
+    ) -> None:
+        self.relay = relay
+        self.kind = kind
+        self.on_end = on_end
+        # what the tap receives from each side on this channel: on the main channel the
+        # back-end replies, on the backend channel the front-end does
+        replies_from = {FRONTEND: kind is ChannelKind.BACKEND, BACKEND: kind is ChannelKind.MAIN}
+        #: per side, the Channel that sends to it
+        self.to = {
+            side: Channel(sock, kind, replies=replies_from[side])
+            for side, sock in ((FRONTEND, front), (BACKEND, back))
+        }
+        for channel in self.to.values():
+            # the one record of each forwarded message: the channel that sends it on
+            channel.trace, channel.trace_role = trace, "tap"
+        self.framers = {side: Framer(kind, replies=replies_from[side]) for side in self.to}
+        self._threads = [
+            threading.Thread(target=self._pump, args=(side,), daemon=True,
+                             name=f"tap-{kind.value}-from-{side}")
+            for side in self.to
+        ]  # fmt: skip
+        self._lock = threading.Lock()
+        self._running = len(self._threads)
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def shutdown(self) -> None:
+        """Wake both directions; each sees EOF or an error and ends."""
+        for channel in self.to.values():
+            channel.shutdown()
+
+    def join(self) -> None:
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+    def _pump(self, sender: str) -> None:
+        source = self.to[sender].sock
+        receiver = other(sender)
+        framer = self.framers[sender]
+        reason = f"{sender} closed the {self.kind.value} channel"
+        try:
+            while True:
+                try:
+                    data, fds, cut = receive(source, framer.wanted)
+                except OSError as exc:
+                    reason = f"reading from the {sender} failed: {exc.strerror or exc}"
+                    break
+                if cut:
+                    log.warning("%s sent more fds than the kernel passes; some are lost", sender)
+                unit = framer.end() if not data else framer.feed(data, fds)
+                if unit is not None and not self.relay.forward(self, sender, unit):
+                    reason = f"sending to the {receiver} failed"
+                    # as a direct connection would: the sender's writes fail from now on
+                    with contextlib.suppress(OSError):
+                        source.shutdown(socket.SHUT_RD)
+                    break
+                if not data:
+                    break
+        except Exception as exc:  # a bug must cost this connection, never the tap
+            reason = f"internal error: {exc!r}"
+            log.exception("relaying the %s channel from the %s", self.kind.value, sender)
+        finally:
+            framer.close()
+            # the receiver sees the end of the stream, as it would without the tap
+            with contextlib.suppress(OSError):
+                self.to[receiver].sock.shutdown(socket.SHUT_WR)
+            self._ended(sender, reason)
+
+    def _ended(self, sender: str, reason: str) -> None:
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if last:
+            for channel in self.to.values():
+                channel.close()
+        self.on_end(self, sender, reason)

@@ -1,0 +1,352 @@
+"""The tap: between a front-end and a back-end it did not start, it relays both channels
+exactly and reports what an observer sees (docs/protocol.md, as judged by
+`session.observer.Observer`).
+
+Threads: the caller's runs `run()` (accept or connect each side, then wait for the
+connection to end); each channel has one thread per direction (`Link`). The observer
+is fed under one lock, before the message is sent on, so a request is always seen
+before the reply it draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from ..channel import ChannelError, close_fds
+from ..daemon import Stopper, connect_unix, listen_unix
+from ..events import Event, EventHub
+from ..session.observer import BACKEND, FRONTEND, Observer, Violation
+from ..wire.constants import SHMEM_BIT, ChannelKind, FrontendReq
+from ..wire.messages import Message, ShmemConfig
+from .framer import Unit
+from .link import Link, other, send_exact
+
+log = logging.getLogger("tap")
+
+SIDES = (FRONTEND, BACKEND)
+MODES = ("listen", "connect")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How the tap reaches one side: it listens on `path`, or connects to it."""
+
+    mode: str
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        mode, sep, path = text.partition(":")
+        if not sep or mode not in MODES or not path:
+            raise ValueError(f"{text!r}: write listen:PATH or connect:PATH")
+        return cls(mode, path)
+
+    def __str__(self) -> str:
+        return f"{self.mode}:{self.path}"
+
+
+@dataclass(frozen=True)
+class TapOptions:
+    front: Endpoint
+    back: Endpoint
+    shmem_bit: int = SHMEM_BIT
+    #: seconds between attempts to connect to a side that is not there yet
+    retry: float = 0.5
+
+
+def direction(kind: ChannelKind, sender: str) -> str:
+    """One direction of one channel, for people: 'main from front-end'."""
+    return f"{kind.value} from {sender}"
+
+
+class _Connection:
+    """One front-end and one back-end, relayed: the main channel and every backend
+    channel the front-end hands over."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.over = threading.Event()
+        self.reason = ""
+        self._links: list[Link] = []
+        self._lock = threading.Lock()
+        self._closing = False
+
+    def add(self, link: Link) -> bool:
+        """Take a link in; False once the connection is going away."""
+        with self._lock:
+            if self._closing:
+                return False
+            self._links.append(link)
+            return True
+
+    def link_ended(self, link: Link, sender: str, reason: str) -> None:
+        if link.kind is ChannelKind.MAIN and not self.over.is_set():
+            self.reason = reason
+            self.over.set()
+        elif link.kind is ChannelKind.BACKEND:
+            log.info("a backend channel direction ended: %s", reason)
+
+    def end(self, reason: str) -> None:
+        if not self.over.is_set():
+            self.reason = reason
+            self.over.set()
+
+    def teardown(self) -> None:
+        """Close every side of every channel; return once no relay thread is left."""
+        with self._lock:
+            self._closing = True
+            links = list(self._links)
+        for link in links:
+            link.shutdown()
+        for link in links:
+            link.join()
+
+
+class Tap:
+    def __init__(self, options: TapOptions) -> None:
+        self.options = options
+        self.endpoints = {FRONTEND: options.front, BACKEND: options.back}
+        self.events = EventHub()
+        self.stopper = Stopper()
+        self.observer = Observer(shmem_bit=options.shmem_bit)
+        #: guards the observer and every count below
+        self.lock = threading.Lock()
+        self.violations: Counter[str] = Counter()
+        self.counters: dict[str, dict[str, dict[str, int]]] = {
+            kind.value: {
+                side: {"messages": 0, "bytes": 0, "fds": 0, "undecodable": 0} for side in SIDES
+            }
+            for kind in ChannelKind
+        }
+        #: directions of the current connection relayed raw, their framing lost
+        self.raw: set[str] = set()
+        self.attached = {side: False for side in SIDES}
+        self.connections = 0
+        self.state = "starting"
+        #: the last layout a GET_SHMEM_CONFIG reply carried, and on which connection
+        self.last_config: tuple[ShmemConfig, int] | None = None
+        self._listeners: dict[str, socket.socket] = {}
+        self._connection: _Connection | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def stop(self) -> None:
+        self.stopper.stop()
+        connection = self._connection
+        if connection is not None:
+            connection.end("the tap is stopping")
+
+    def run(self) -> None:
+        """Relay pairs until stopped. OSError if a socket to listen on cannot be made."""
+        try:
+            for side, endpoint in self.endpoints.items():
+                if endpoint.mode == "listen":
+                    self._listeners[side] = listen_unix(endpoint.path)
+                    log.info("listening on %s for the %s", endpoint.path, side)
+            while not self.stopper.stopped:
+                front = self._open(FRONTEND)
+                if front is None:
+                    continue
+                back = self._open(BACKEND)
+                if back is None:
+                    front.close()
+                    continue
+                self._serve(front, back)
+        finally:
+            self.state = "stopped"
+            for side, listener in self._listeners.items():
+                listener.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.endpoints[side].path)
+
+    def _open(self, side: str) -> socket.socket | None:
+        endpoint = self.endpoints[side]
+        listener = self._listeners.get(side)
+        if listener is not None:
+            self.state = f"waiting for the {side}"
+            if not self.stopper.wait_readable(listener, None):
+                return None
+            try:
+                sock, _ = listener.accept()
+            except OSError as exc:
+                log.warning("accepting the %s failed: %s", side, exc.strerror or exc)
+                return None
+            return sock
+        self.state = f"connecting to the {side}"
+        said = False
+        while not self.stopper.stopped:
+            try:
+                return connect_unix(endpoint.path)
+            except OSError as exc:
+                if not said:  # once per wait, not once per attempt
+                    why = exc.strerror or exc
+                    log.info("cannot connect to the %s at %s (%s); retrying every %gs",
+                             side, endpoint.path, why, self.options.retry)  # fmt: skip
+                    said = True
+            if self.stopper.wait(self.options.retry):
+                break
+        return None
+
+    def _serve(self, front: socket.socket, back: socket.socket) -> None:
+        self.connections += 1
+        connection = _Connection(self.connections)
+        self._connection = connection
+        with self.lock:
+            self.raw.clear()
+        for side in SIDES:
+            self.attached[side] = True
+            self._report(Event.ATTACHED, side, connection.number)
+            log.info("%s attached (connection %d)", side, connection.number)
+        self.state = "relaying"
+        main = Link(self, ChannelKind.MAIN, front, back, connection.link_ended, self.events)
+        connection.add(main)
+        main.start()
+        if self.stopper.stopped:
+            connection.end("the tap is stopping")
+        connection.over.wait()
+        connection.teardown()
+        with self.lock:
+            self.observer.disconnected()  # every mapping went with the connection
+        for side in SIDES:
+            self.attached[side] = False
+            self._report(Event.DETACHED, side, connection.number, connection.reason)
+        log.info("connection %d ended: %s", connection.number, connection.reason)
+        self._connection = None
+
+    def _report(self, event: Event, side: str, number: int, reason: str | None = None) -> None:
+        endpoint = self.endpoints[side]
+        data: dict[str, Any] = {"side": side, "socket": endpoint.path, "mode": endpoint.mode,
+                                "connection": number}  # fmt: skip
+        if reason is not None:
+            data["reason"] = reason
+        self.events.emit(event, data)
+
+    # ------------------------------------------------------------ relaying
+
+    def forward(self, link: Link, sender: str, unit: Unit) -> bool:
+        """Judge `unit`, then send it on exactly; close the tap's copies of its fds."""
+        receiver = other(sender)
+        send_fds = unit.fds
+        keep: tuple[int, ...] = ()
+        theirs: socket.socket | None = None
+        try:
+            if unit.message is not None:
+                self._observe(link, unit.message)
+                handed = self._backend_channel(link, unit)
+                if handed is not None:
+                    theirs, keep = handed, unit.fds
+                    send_fds = (theirs.fileno(),)
+            self._count(link.kind, sender, unit)
+            if unit.problem:
+                self._undecodable(link, sender, unit)
+            try:
+                if unit.framed:
+                    link.to[receiver].send(unit.data, send_fds)
+                else:
+                    send_exact(link.to[receiver].sock, unit.data, send_fds)
+            except (ChannelError, OSError) as exc:
+                log.info("%s: %s", direction(link.kind, sender), exc)
+                return False
+            return True
+        finally:
+            close_fds(fd for fd in unit.fds if fd not in keep)
+            if theirs is not None:
+                theirs.close()  # the back-end has its own copy now
+
+    def _observe(self, link: Link, message: Message) -> None:
+        with self.lock:
+            violations = self.observer.message(message)
+            self.violations.update(v.rule.label for v in violations)
+            config = self.observer.state.config
+            if config is not None and (self.last_config is None or self.last_config[0] != config):
+                self.last_config = (config, self.connections)
+        for violation in violations:
+            self._violation(link, message, violation)
+
+    def _violation(self, link: Link, message: Message, violation: Violation) -> None:
+        rule = violation.rule
+        log.warning("%s broke %s (%s: %s): %s", violation.by, rule.label, rule.passage,
+                    rule.text, violation.detail)  # fmt: skip
+        self.events.emit(
+            Event.VIOLATION,
+            {"by": violation.by, "rule": rule.label, "passage": rule.passage, "text": rule.text,
+             "detail": violation.detail, "channel": link.kind.value, "request": message.name},
+        )  # fmt: skip
+
+    def _count(self, kind: ChannelKind, sender: str, unit: Unit) -> None:
+        with self.lock:
+            counts = self.counters[kind.value][sender]
+            if unit.framed:
+                counts["messages"] += 1
+            counts["bytes"] += len(unit.data)
+            counts["fds"] += len(unit.fds)
+            if unit.problem:
+                counts["undecodable"] += 1
+
+    def _undecodable(self, link: Link, sender: str, unit: Unit) -> None:
+        decoding = link.framers[sender].decoding
+        where = direction(link.kind, sender)
+        if not decoding:
+            with self.lock:
+                if where in self.raw:
+                    return  # said once, when the framing was lost
+                self.raw.add(where)
+            log.warning("%s: %s; relaying its bytes and fds as they come", where, unit.problem)
+        else:
+            log.warning("%s: relayed as it came: %s", where, unit.problem)
+        self.events.emit(
+            Event.UNDECODABLE,
+            {"side": sender, "channel": link.kind.value, "request": unit.request,
+             "bytes": len(unit.data), "fds": len(unit.fds), "reason": unit.problem,
+             "decoding": decoding},
+        )  # fmt: skip
+
+    def _backend_channel(self, link: Link, unit: Unit) -> socket.socket | None:
+        """For a SET_BACKEND_REQ_FD with one Unix stream socket: the tap keeps that socket
+        and relays between it and one end of a pair of its own; the other end, returned,
+        is what the back-end gets instead. None for anything else (forwarded as it is)."""
+        message = unit.message
+        if (
+            link.kind is not ChannelKind.MAIN
+            or message is None
+            or message.is_reply
+            or message.request != FrontendReq.SET_BACKEND_REQ_FD
+            or len(unit.fds) != 1
+        ):
+            return None
+        connection = self._connection
+        if connection is None:
+            return None
+        fd = unit.fds[0]
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return None
+            handed = socket.socket(fileno=fd)
+        except OSError:
+            return None
+        if handed.family != socket.AF_UNIX or handed.type != socket.SOCK_STREAM:
+            handed.detach()  # not a channel the tap can relay: it goes on untouched
+            return None
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel = Link(self, ChannelKind.BACKEND, handed, mine, connection.link_ended, self.events)
+        if not connection.add(channel):  # the connection is ending: nothing left to relay
+            handed.detach()
+            mine.close()
+            theirs.close()
+            return None
+        channel.start()
+        log.info("relaying a backend channel")
+        return theirs
