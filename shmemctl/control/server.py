@@ -155,6 +155,14 @@ class ControlServer:
         threading.Thread(target=self._accept_loop, daemon=True, name="control-accept").start()
         log.info("control socket %s", self.path)
 
+    def __enter__(self) -> ControlServer:
+        """Serving from here to the end of the block: a daemon's lifetime."""
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:

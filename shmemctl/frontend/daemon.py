@@ -16,9 +16,5 @@ def serve(options: FrontendOptions, control_path: str, *, verbose: bool = False)
     setup_logging("frontend", verbose)
     fe = Frontend(options)
     fe.stopper.install_signals()
-    server = ControlServer(control_path, "frontend", fe.events, commands(fe))
-    try:
-        server.start()
+    with ControlServer(control_path, "frontend", fe.events, commands(fe)):
         fe.run()
-    finally:
-        server.close()

@@ -13,9 +13,5 @@ def serve(options: TapOptions, control_path: str, *, verbose: bool = False) -> N
     setup_logging("tap", verbose)
     tap = Tap(options)
     tap.install_signals()
-    server = ControlServer(control_path, "tap", tap.events, commands(tap))
-    try:
-        server.start()
+    with ControlServer(control_path, "tap", tap.events, commands(tap)):
         tap.run()
-    finally:
-        server.close()
