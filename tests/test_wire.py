@@ -295,12 +295,15 @@ def test_a_refused_header_is_dropped_with_its_payload_and_its_fds() -> None:
     assert msg is not None and msg.name == "SHMEM_UNMAP" and msg.fds == ()
 
 
-def test_a_refused_payload_hands_back_its_fds() -> None:
+@pytest.mark.parametrize("fds", [(9,), ()], ids=["with-an-fd", "without-fds"])
+def test_a_refused_payload_hands_back_its_fds_header_and_payload(fds: tuple[int, ...]) -> None:
     short = struct.pack("<III", BackendReq.SHMEM_MAP, 0x1, 8) + bytes(8)  # MMAP needs 40
     reader = MessageReader(ChannelKind.BACKEND, replies=False)
-    reader.feed(short, (9,))
+    reader.feed(short, fds)
     with pytest.raises(WireError) as info:
         reader.next_message()
     assert info.value.fault is WireFault.BAD_PAYLOAD_SIZE
-    assert info.value.fds == (9,) and info.value.payload == bytes(8)
+    assert info.value.fds == fds and info.value.payload == bytes(8)
+    header = info.value.header
+    assert header is not None and (header.request, header.size) == (BackendReq.SHMEM_MAP, 8)
     assert reader.pending_fds() == () and reader.wanted == 12

@@ -645,14 +645,13 @@ class MessageReader:
         self._header = None
         self._want()
         queued = self._fds
-        if not queued or queued[0][0] >= limit:
-            return decode_body(self.channel, header, payload)
         fds: list[int] = []
         while queued and queued[0][0] < limit:
             fds.extend(queued.popleft()[1])
         try:
             return decode_body(self.channel, header, payload, fds)
         except WireError as exc:
+            # what was refused, for whoever reports it (the trace, the tap)
             exc.fds, exc.header, exc.payload = tuple(fds), header, payload
             raise
 
