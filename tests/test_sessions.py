@@ -33,7 +33,12 @@ from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.shmem.mapping import Mapping
 from shmemctl.shmem.rules import Refusal, ShmemRefused
 from shmemctl.wire import BackendReq, ChannelKind, FrontendReq, MessageReader, ShmemMap
-from shmemctl.wire.constants import SHMEM_BIT, ProtocolFeature
+from shmemctl.wire.constants import (
+    SHMEM_BIT,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_F_VERSION_1,
+    ProtocolFeature,
+)
 from shmemctl.wire.messages import DeviceConfig, Message, Raw, ShmemConfig, VringState
 
 PF = ProtocolFeature
@@ -592,6 +597,14 @@ def test_observer_feature_rules() -> None:
         request(MAIN, FrontendReq.SET_PROTOCOL_FEATURES, int(PF.REPLY_ACK | PF.MQ))
     )
     assert [(v.rule, v.by) for v in found] == [(Rule.ACKS_ONLY_OFFERED, "front-end")]
+
+
+def test_observer_keeps_both_sides_features() -> None:
+    pair = observed_pair()
+    state, negotiated = pair.observer.state, pair.front.negotiated
+    offered = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES  # what GET_FEATURES answers
+    assert state.device_features == offered and state.features == negotiated.features
+    assert state.offered == negotiated.offered and state.acked == negotiated.protocol_features
 
 
 def test_observer_forgets_at_disconnect() -> None:

@@ -224,6 +224,7 @@ def test_each_topology_carries_a_working_pair(spawn, tmp_path, front_mode, back_
     ]
     assert seen["state"] == "relaying" and seen["violations"] == {}
     assert seen["negotiated"]["shmem"] and seen["negotiated"]["backend_channel"]
+    assert seen["negotiated"]["device_features"] == "0x140000000"  # VERSION_1, PROTOCOL_FEATURES
     assert {r["shmid"]: r["size"] for r in seen["regions"]} == {0: 8 * MiB, 2: 64 << 10}
     assert tap.execute("shmem-config")["sizes"] == {"0": 8 * MiB, "2": 64 << 10}
     assert seen["sides"]["front-end"]["mode"] == front_mode

@@ -38,8 +38,11 @@ class Violation(NamedTuple):
 
 @dataclass
 class PairState:
+    #: protocol features: what the back-end offered, what the front-end acked
     offered: int | None = None
     acked: int | None = None
+    #: virtio features: what the back-end offered (GET_FEATURES), what the front-end set
+    device_features: int | None = None
     features: int | None = None
     config: ShmemConfig | None = None
     backend_channel: bool = False
@@ -224,7 +227,11 @@ class Observer:
 
     def _main_reply(self, asked: Message, reply: Message) -> None:
         s = self.state
-        if asked.request == FrontendReq.GET_PROTOCOL_FEATURES and isinstance(reply.payload, int):
+        if asked.request == FrontendReq.GET_FEATURES and isinstance(reply.payload, int):
+            s.device_features = reply.payload
+        elif asked.request == FrontendReq.GET_PROTOCOL_FEATURES and isinstance(
+            reply.payload, int
+        ):
             s.offered = reply.payload
             if reply.payload & self.shmem_mask and reply.payload & ProtocolFeature.GPA_ADDRESSES:
                 self._flag(

@@ -13,6 +13,10 @@ from ..wire import ChannelKind, feature_names
 from .tap import SIDES, Tap
 
 
+def _hex(value: int | None) -> str | None:
+    return None if value is None else f"{value:#x}"
+
+
 def _features(mask: int | None, bit: int) -> list[str] | None:
     return None if mask is None else feature_names(mask, bit)
 
@@ -58,7 +62,8 @@ def status(tap: Tap) -> dict[str, Any]:
                 "offered": _features(offered, bit),
                 "acked": _features(acked, bit),
                 "protocol_features": _features(negotiated, bit),
-                "features": None if state.features is None else f"{state.features:#x}",
+                "device_features": _hex(state.device_features),
+                "features": _hex(state.features),
                 "shmem": observer.shmem,
                 "reply_ack": observer.reply_ack,
                 "backend_channel": state.backend_channel,
