@@ -607,6 +607,18 @@ def test_observer_keeps_both_sides_features() -> None:
     assert state.offered == negotiated.offered and state.acked == negotiated.protocol_features
 
 
+def test_observer_judges_nothing_on_a_channel_it_lost() -> None:
+    pair = observed_pair()
+    unasked = travel(Outgoing(MAIN, FrontendReq.GET_FEATURES, 1, reply=True))
+    assert [v.rule for v in pair.observer.message(unasked)] == [Rule.REPLY_OWED]
+    pair.observer.lost(MAIN)  # one direction's framing gone: who asked what is unknown
+    assert pair.observer.message(unasked) == [] and pair.observer.pending(MAIN) == []
+    # the backend channel is still followed, and a new connection is followed again
+    assert shmem(pair, BackendReq.SHMEM_MAP, ShmemMap(0, 0, PAGE_SIZE), 0) == []
+    pair.observer.disconnected()
+    assert [v.rule for v in pair.observer.message(unasked)] == [Rule.REPLY_OWED]
+
+
 def test_observer_forgets_at_disconnect() -> None:
     pair = observed_pair()
     assert shmem(pair, BackendReq.SHMEM_MAP, ShmemMap(0, 0, PAGE_SIZE), None, need_reply=True) == []

@@ -65,6 +65,8 @@ class Observer:
             ChannelKind.MAIN: deque(),
             ChannelKind.BACKEND: deque(),
         }
+        #: channels it can no longer follow (`lost`): nothing on them is judged
+        self.blind: set[ChannelKind] = set()
 
     # ------------------------------------------------------------ what it knows
 
@@ -92,6 +94,8 @@ class Observer:
     def message(self, msg: Message) -> list[Violation]:
         """One message as it travelled; returns the violations it showed (also kept)."""
         before = len(self.violations)
+        if msg.channel in self.blind:
+            return []
         if msg.is_reply:
             self._reply(msg)
         elif msg.channel is ChannelKind.MAIN:
@@ -105,7 +109,16 @@ class Observer:
         self._drop_all()
         for queue in self._pending.values():
             queue.clear()
+        self.blind.clear()
         self.state = PairState(resets=self.state.resets)
+
+    def lost(self, channel: ChannelKind) -> None:
+        """One direction of `channel` can no longer be followed (its framing is lost):
+        which requests it carries, and so which replies are owed, is unknown from now
+        on. Judging the other direction would accuse a side of what cannot be known, so
+        nothing on `channel` is judged again on this connection."""
+        self.blind.add(channel)
+        self._pending[channel].clear()
 
     def _flag(self, rule: Rule, by: str, detail: str) -> None:
         self.violations.append(Violation(rule, by, detail))

@@ -78,6 +78,8 @@ def status(tap: Tap) -> dict[str, Any]:
             "violations": dict(tap.violations),
             "counters": copy.deepcopy(tap.counters),
             "raw": sorted(tap.raw),
+            #: channels whose rules are no longer judged, one direction's framing lost
+            "unjudged": sorted(kind.value for kind in observer.blind),
         }
     answer["process"] = process_facts()
     return answer

@@ -304,6 +304,7 @@ class Tap:
                 if where in self.raw:
                     return  # said once, when the framing was lost
                 self.raw.add(where)
+                self.observer.lost(link.kind)
             log.warning("%s: %s; relaying its bytes and fds as they come", where, unit.problem)
         else:
             log.warning("%s: relayed as it came: %s", where, unit.problem)
