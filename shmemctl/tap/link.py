@@ -145,16 +145,18 @@ class Link:
             log.exception("relaying the %s channel from the %s", self.kind.value, sender)
         finally:
             framer.close()
+            # reported before the receiver sees the end: the receiver closing its side in
+            # answer must not be taken for the side that ended the connection
+            self.on_end(self, sender, reason)
             # the receiver sees the end of the stream, as it would without the tap
             with contextlib.suppress(OSError):
                 self.to[receiver].sock.shutdown(socket.SHUT_WR)
-            self._ended(sender, reason)
+            self._ended()
 
-    def _ended(self, sender: str, reason: str) -> None:
+    def _ended(self) -> None:
         with self._lock:
             self._running -= 1
             last = self._running == 0
         if last:
             for channel in self.to.values():
                 channel.close()
-        self.on_end(self, sender, reason)
