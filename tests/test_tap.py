@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import mmap
 import os
 import socket
 import sys
@@ -19,13 +20,15 @@ import pytest
 
 from shmemctl.channel import close_fds
 from shmemctl.events import Event
-from shmemctl.shmem.procmaps import Segment
+from shmemctl.shmem.mapping import Mapping
+from shmemctl.shmem.procmaps import MapsLine, Segment, read_maps
 from shmemctl.tap import Endpoint, Framer
 from shmemctl.tap.framer import RAW_CHUNK
+from shmemctl.tap.truth import AGREE, DISAGREE, UNKNOWN, Peer, Placement, check, compare
 from shmemctl.wire import BackendReq, ChannelKind, FrontendReq, ShmemMap, encode
 from shmemctl.wire.messages import encode_shmem_request, encode_u64_reply
 
-from .conftest import PATIENCE, MiB, Proc, fd_count, memfd, region_bases, segments, wait_until
+from .conftest import PAGE, PATIENCE, MiB, Proc, fd_count, memfd, region_bases, segments, wait_until
 from .test_events import fits, wait_event
 from .test_real_peers import Monitor
 
@@ -159,13 +162,14 @@ def start_pair(
     back_mode: str,
     *,
     be_args: tuple[str, ...] = (),
+    fe_args: tuple[str, ...] = (),
     before_tap: Callable[[Pair], None] | None = None,
 ) -> Pair:
     """backend_sim and a front-end with the tap between them, in the order each topology
     needs (whoever listens is up before whoever connects)."""
     front_sock, back_sock = str(tmp_path / "front.sock"), str(tmp_path / "back.sock")
     fe_ctl, be_ctl = str(tmp_path / "fe.ctl"), str(tmp_path / "be.ctl")
-    fe_args = ["--control", fe_ctl]
+    fe_all = ["--control", fe_ctl, *fe_args]
     be_all = ["--control", be_ctl, "--regions", REGIONS, "--reply-timeout", str(PATIENCE),
               *be_args]  # fmt: skip
     pair = Pair(tap=None, tap_ctl="")  # type: ignore[arg-type]
@@ -173,7 +177,7 @@ def start_pair(
         pair.be = spawn("backend_sim", "--listen", back_sock, *be_all)
         pair.be.wait_log("listening on")
     if front_mode == "connect":
-        pair.fe = spawn("frontend", "--listen", front_sock, *fe_args)
+        pair.fe = spawn("frontend", "--listen", front_sock, *fe_all)
         pair.fe.wait_log("listening on")
     pair.fe_ctl, pair.be_ctl = fe_ctl, be_ctl
     if before_tap is not None:
@@ -181,7 +185,7 @@ def start_pair(
     pair.tap, pair.tap_ctl = start_tap(spawn, tmp_path, f"{front_mode}:{front_sock}",
                                        f"{back_mode}:{back_sock}")  # fmt: skip
     if front_mode == "listen":
-        pair.fe = spawn("frontend", "--connect", front_sock, *fe_args)
+        pair.fe = spawn("frontend", "--connect", front_sock, *fe_all)
     if back_mode == "listen":
         pair.be = spawn("backend_sim", "--connect", back_sock, *be_all)
     assert pair.fe is not None
@@ -190,8 +194,9 @@ def start_pair(
 
 
 def plain(mapping: dict[str, Any]) -> dict[str, Any]:
-    """A mapping's JSON form without what only its holder knows (file, age)."""
-    return {k: v for k, v in mapping.items() if k not in ("file", "age")}
+    """A mapping's JSON form without what only its holder knows (file, age; the tap's
+    dev, ino and size of the file)."""
+    return {k: v for k, v in mapping.items() if k not in ("file", "age", "dev", "ino", "size")}
 
 
 def region_mappings(status: dict[str, Any], shmid: int) -> list[dict[str, Any]]:
@@ -218,8 +223,10 @@ def test_each_topology_carries_a_working_pair(spawn, tmp_path, front_mode, back_
     seen = tap.execute("status")
     own = front.execute("status")
     for shmid in (0, 2):
-        assert region_mappings(seen, shmid) == [plain(m) for m in region_mappings(own, shmid)]
-    assert region_mappings(seen, 0) == [
+        assert [plain(m) for m in region_mappings(seen, shmid)] == [
+            plain(m) for m in region_mappings(own, shmid)
+        ]
+    assert [plain(m) for m in region_mappings(seen, 0)] == [
         {"shmid": 0, "shm_offset": MiB, "len": MiB, "fd_offset": 0, "writable": True}
     ]
     assert seen["state"] == "relaying" and seen["violations"] == {}
@@ -492,3 +499,268 @@ def test_the_backend_channel_is_relayed_through_a_pair_of_the_taps_own(raw_peers
         given.close()
     finally:
         ours.close()
+
+
+# ------------------------------------------------------------------ the truth from /proc, in memory
+
+B0, B2 = 0x7F0000000000, 0x7F1000000000
+FILE = "/memfd:buffer (deleted)"
+
+
+def line(start: int, length: int, inode: int = 0, offset: int = 0, perms: str = "rw-s") -> MapsLine:
+    return MapsLine(start, start + length, perms, offset, inode, FILE if inode else "")
+
+
+def reserved(start: int, length: int) -> MapsLine:
+    return line(start, length, perms="---p")
+
+
+def held(shm_offset: int, length: int, ino: int, fd_offset: int = 0, writable: bool = True
+         ) -> Mapping:  # fmt: skip
+    return Mapping(0, shm_offset, length, fd_offset, writable, FILE, dev=1, ino=ino)
+
+
+#: a front-end's region 0 (16 pages at B0) holding inode 11 at page 2 and inode 12,
+#: read-only from its page 2, at page 4; region 2 (4 pages at B2) reserved and empty
+REGION0 = [reserved(B0, 2 * PAGE), line(B0 + 2 * PAGE, 2 * PAGE, 11),
+           line(B0 + 4 * PAGE, 2 * PAGE, 12, 2 * PAGE, "r--s"),
+           reserved(B0 + 6 * PAGE, 10 * PAGE)]  # fmt: skip
+SIZES = {0: 16 * PAGE, 2: 4 * PAGE}
+PICTURE = [held(2 * PAGE, 2 * PAGE, 11), held(4 * PAGE, 2 * PAGE, 12, 2 * PAGE, False)]
+
+
+def test_a_regions_base_is_where_its_mappings_files_sit_and_then_they_agree() -> None:
+    result = compare([*REGION0, reserved(B2, 4 * PAGE)], SIZES, PICTURE, {11, 12})
+    assert result.findings == [] and result.gone == {} and result.unchecked == []
+    assert result.placements == [
+        Placement(0, B0), Placement(2, None, "no mapping in the picture to infer it")
+    ]
+
+
+def test_a_file_mapped_twice_still_gives_one_base() -> None:
+    """Inode 11 at pages 2 and 8: each mapping alone could sit at two bases; together, one."""
+    maps = [*REGION0[:3], reserved(B0 + 6 * PAGE, 2 * PAGE), line(B0 + 8 * PAGE, 2 * PAGE, 11),
+            reserved(B0 + 10 * PAGE, 6 * PAGE)]  # fmt: skip
+    result = compare(maps, SIZES, [*PICTURE, held(8 * PAGE, 2 * PAGE, 11)], {11, 12})
+    assert (result.findings, result.placements[0]) == ([], Placement(0, B0))
+    # one mapping alone: both bases fit its file, the one that explains the maps is taken
+    alone = compare(maps, {0: 16 * PAGE}, [held(8 * PAGE, 2 * PAGE, 11)], set())
+    assert alone.placements == [Placement(0, B0)]
+    assert any("kernel has 0x2000+0x2000" in f for f in alone.findings)  # page 2: not pictured
+
+
+def test_mappings_at_no_one_base_are_a_finding() -> None:
+    moved = [*REGION0[:2], line(B2, 2 * PAGE, 12, 2 * PAGE, "r--s")]
+    result = compare(moved, SIZES, PICTURE, {11, 12})
+    assert result.placements[0] == Placement(0, None, "its mappings sit at no one base")
+    assert result.findings == [
+        f"region 0: its mappings sit at no one base (0x2000+0x2000 at {B0:#x}; "
+        f"0x4000+0x2000 at {B2 - 4 * PAGE:#x})"
+    ]
+
+
+def test_a_mapping_the_maps_do_not_show_is_gone_and_a_finding() -> None:
+    picture = [*PICTURE, held(8 * PAGE, PAGE, 13)]
+    result = compare(REGION0, SIZES, picture, {11, 12, 13})
+    why = "the front-end's maps show inode 13 nowhere at file offsets 0x0+0x1000"
+    assert result.gone == {(0, 8 * PAGE): why}
+    assert result.findings == [f"region 0 0x8000+0x1000: the picture has inode 13 mapped; {why}"]
+    assert result.placements[0] == Placement(0, B0)  # the others still place the region
+
+
+def test_a_different_access_or_a_file_outside_the_picture_is_a_finding() -> None:
+    writable = [REGION0[0], REGION0[1], line(B0 + 4 * PAGE, 2 * PAGE, 12, 2 * PAGE), REGION0[3]]
+    result = compare(writable, SIZES, PICTURE, {11, 12})
+    assert result.findings == [
+        "region 0: table has 0x4000+0x2000 ro inode 12 at file offset 0x2000, kernel does not",
+        "region 0: kernel has 0x4000+0x2000 rw inode 12 at file offset 0x2000, table does not",
+    ]
+    stray = line(B2, PAGE, 14)  # a file that came through the backend channel, unmapped since
+    result = compare([*REGION0, stray], SIZES, PICTURE, {11, 12, 14})
+    assert len(result.findings) == 1
+    assert result.findings[0].startswith(f"the front-end maps inode 14 ({FILE}) at {B2:#x}+0x1000")
+    assert compare([*REGION0, stray], SIZES, PICTURE, {11, 12}).findings == []  # not one of them
+
+
+def test_a_mapping_whose_file_is_unknown_cannot_be_checked() -> None:
+    result = compare(REGION0, SIZES, [*PICTURE, held(8 * PAGE, PAGE, 0)], {11, 12})
+    assert result.findings == [] and result.unchecked == [
+        "region 0 0x8000+0x1000: the tap never learnt its file"
+    ]
+
+
+def test_without_a_process_to_read_the_verdict_is_unknown_never_agree() -> None:
+    assert check(None, SIZES, PICTURE, {11}).verdict == UNKNOWN
+    with open("/proc/sys/kernel/pid_max") as f:
+        never = int(f.read()) + 1  # above pid_max: no process has it
+    gone = check(Peer(never, 0, 0, None), SIZES, PICTURE, {11})
+    assert (gone.verdict, gone.why) == (UNKNOWN, f"process {never} is gone")
+    unsure = check(Peer(os.getpid(), 0, 0, None), {}, [], set(), unsure="in flight")
+    assert (unsure.verdict, unsure.why) == (UNKNOWN, "in flight")
+    # this process, holding none of the picture: nothing to disagree with
+    assert check(Peer(os.getpid(), 0, 0, None), {}, [], set()).verdict == AGREE
+
+
+# ------------------------------------------------------------------ the truth from /proc, real
+
+
+def maps_line_at(pid: int, addr: int) -> tuple[str, int, str]:
+    """The device (as /proc prints it), inode and path of the line of /proc/PID/maps that
+    holds `addr`; the device column is read here, procmaps does not keep it."""
+    with open(f"/proc/{pid}/maps") as f:
+        for raw in f:
+            parts = raw.split(maxsplit=5)
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if start <= addr < end:
+                return parts[3], int(parts[4]), parts[5].strip() if len(parts) > 5 else ""
+    raise AssertionError(f"nothing at {addr:#x} in /proc/{pid}/maps")
+
+
+@pytest.mark.parametrize(("front_mode", "back_mode"), [("listen", "connect"),
+                                                    ("connect", "listen")])  # fmt: skip
+def test_status_names_both_peers_and_holds_the_front_ends_maps_to_the_picture(
+    spawn, tmp_path, front_mode, back_mode
+) -> None:
+    pair = start_pair(spawn, tmp_path, front_mode, back_mode)
+    assert pair.fe is not None and pair.be is not None
+    device, tap = pair.monitor("be"), pair.monitor("tap")
+    device.execute("map", shmid=0, shm_offset=MiB, len=MiB)
+    device.execute("map", shmid=0, shm_offset=3 * MiB, len=2 * MiB, fd_offset=0)
+    device.execute("map", shmid=2, shm_offset=0, len=64 << 10, ro=True)
+    status = tap.execute("status")
+
+    fe_side = status["sides"]["front-end"]["process"]
+    be_side = status["sides"]["back-end"]["process"]
+    assert (fe_side["pid"], be_side["pid"]) == (pair.fe.pid, pair.be.pid)
+    assert fe_side["uid"] == be_side["uid"] == os.getuid()
+    assert "frontend" in fe_side["cmdline"] and "backend_sim" in be_side["cmdline"]
+    assert fe_side["rss"] > 0 and be_side["fds"] > 0 and "error" not in fe_side
+
+    truth = status["truth"]
+    assert (truth["verdict"], truth["pid"], truth["findings"]) == (AGREE, pair.fe.pid, []), truth
+    bases = region_bases(pair.fe)
+    assert {r["shmid"]: r["base"] for r in truth["regions"]} == {0: bases[0], 2: bases[2]}
+    kernel = {line.start: line.inode for line in read_maps(pair.fe.pid)}
+    for shmid in (0, 2):
+        for m in region_mappings(status, shmid):
+            addr = bases[shmid] + m["shm_offset"]
+            assert (m["dev"], m["ino"], m["file"]) == maps_line_at(pair.fe.pid, addr)
+            assert kernel[addr] == m["ino"]  # procmaps reads the same
+            assert m["size"] == m["fd_offset"] + m["len"] and "gone" not in m
+
+
+def test_a_front_end_that_maps_over_a_mapping_disagrees_with_the_picture(spawn, tmp_path) -> None:
+    """skip-overlap-check: the front-end answers ok to a map over a mapping and maps it,
+    behind its own table's back. The picture keeps the first mapping whole (the second
+    should have been refused); the front-end's maps show the second over half of it."""
+    pair = start_pair(spawn, tmp_path, "listen", "connect",
+                      fe_args=("--fault", "skip-overlap-check"))  # fmt: skip
+    assert pair.fe is not None
+    device, tap = pair.monitor("be"), pair.monitor("tap")
+    device.execute("map", shmid=0, shm_offset=0, len=2 * MiB)
+    assert tap.execute("status")["truth"]["verdict"] == AGREE
+    device.execute("map", shmid=0, shm_offset=MiB, len=MiB)
+    status = tap.execute("status")
+    # the back-end asked for it, the front-end did not refuse it
+    assert status["violations"] == {"map-valid": 1, "refuses-invalid": 1}
+    base = region_bases(pair.fe)[0]
+    (first,) = region_mappings(status, 0)
+    _, over, _ = maps_line_at(pair.fe.pid, base + MiB)
+    truth = status["truth"]
+    assert truth["verdict"] == DISAGREE and truth["regions"][0]["base"] == base
+    assert truth["findings"] == [
+        f"region 0: table has 0x0+0x200000 rw inode {first['ino']} at file offset 0x0, "
+        "kernel does not",
+        f"region 0: kernel has 0x0+0x100000 rw inode {first['ino']} at file offset 0x0, "
+        "table does not",
+        f"region 0: kernel has 0x100000+0x100000 rw inode {over} at file offset 0x0, "
+        "table does not",
+    ]
+
+
+def test_the_picture_against_a_front_end_that_is_this_test(raw_peers) -> None:
+    """This process is the front-end: what it maps with its own mmap is what the tap
+    must find in /proc/PID/maps, whatever the picture says."""
+    front, back, tap, _proc = raw_peers
+    ours, handed = socket.socketpair()
+    buffer = memfd(2 * PAGE)
+    view: mmap.mmap | None = None
+    try:
+        request = encode(ChannelKind.MAIN, FrontendReq.SET_BACKEND_REQ_FD, None)
+        send_with(front, request, [handed.fileno()])
+        handed.close()
+        _, fds = recv_exactly(back, len(request))
+        given = socket.socket(fileno=fds[0])
+        m = ShmemMap(0, 0, 2 * PAGE, 0, 1)
+
+        def backend_says(req: BackendReq, fds: list[int]) -> None:
+            """A request that asks no answer: the picture takes it as it passes the tap,
+            so once it arrives here the status shows it."""
+            data = encode_shmem_request(req, m if fds else m._replace(flags=0), need_reply=False)
+            send_with(given, data, fds) if fds else given.sendall(data)
+            close_fds(recv_exactly(ours, len(data))[1])
+
+        backend_says(BackendReq.SHMEM_MAP, [buffer])
+        status = tap.execute("status")
+        assert status["sides"]["front-end"]["process"]["pid"] == os.getpid()
+        (mapping,) = region_mappings(status, 0)
+        st = os.fstat(buffer)
+        assert (mapping["dev"], mapping["ino"], mapping["size"]) == (
+            f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", st.st_ino, 2 * PAGE
+        )
+        assert mapping["file"] == os.readlink(f"/proc/self/fd/{buffer}")
+        # acknowledged (no answer was asked), but nothing here maps it: gone, and said
+        truth = status["truth"]
+        assert (truth["verdict"], truth["pid"]) == (DISAGREE, os.getpid())
+        assert f"inode {st.st_ino} nowhere" in mapping["gone"]
+
+        view = mmap.mmap(buffer, 2 * PAGE)
+        (at,) = [ln.start for ln in read_maps() if ln.inode == st.st_ino]
+        truth = tap.execute("status")["truth"]
+        assert (truth["verdict"], truth["regions"]) == (AGREE, [{"shmid": 0, "base": at}])
+
+        backend_says(BackendReq.SHMEM_UNMAP, [])  # out of the picture; still mapped here
+        truth = tap.execute("status")["truth"]
+        assert truth["verdict"] == DISAGREE
+        assert truth["findings"] == [
+            f"the front-end maps inode {st.st_ino} ({mapping['file']}) at {at:#x}+0x2000, file "
+            "offset 0x0, outside every region the picture places: a file that came through the "
+            "backend channel and is not in the picture there"
+        ]
+        view.close()
+        assert tap.execute("status")["truth"]["verdict"] == AGREE
+        given.close()
+    finally:
+        if view is not None:
+            view.close()
+        os.close(buffer)
+        ours.close()
+
+
+def test_a_map_the_codec_cannot_read_is_relayed_and_makes_no_mapping(raw_peers) -> None:
+    front, back, tap, proc = raw_peers
+    ours, handed = socket.socketpair()
+    buffer, other_buffer = memfd(PAGE), memfd(PAGE)
+    try:
+        request = encode(ChannelKind.MAIN, FrontendReq.SET_BACKEND_REQ_FD, None)
+        send_with(front, request, [handed.fileno()])
+        handed.close()
+        _, fds = recv_exactly(back, len(request))
+        given = socket.socket(fileno=fds[0])
+        m = ShmemMap(0, 0, PAGE, 0, 1)
+        whole = encode_shmem_request(BackendReq.SHMEM_MAP, m, need_reply=False)
+        short = whole[:8] + (len(whole) - 20).to_bytes(4, "little") + whole[12:-8]
+        for data, fd in ((short, buffer), (whole, other_buffer)):
+            send_with(given, data, [fd])
+            got, fds = recv_exactly(ours, len(data))
+            assert got == data and len(fds) == 1 and same_file(fds[0], fd)
+            close_fds(fds)
+        status = tap.execute("status")
+        assert status["state"] == "relaying"
+        (mapping,) = region_mappings(status, 0)  # the second map's file, not the first's
+        assert mapping["ino"] == os.fstat(other_buffer).st_ino
+        given.close()
+    finally:
+        close_fds([buffer, other_buffer])
+        ours.close()
+    assert proc.alive() and "internal error" not in proc.log()

@@ -1,5 +1,6 @@
 """The tap's control commands: status and the last layout. It is an observer: no
-command changes the pair."""
+command changes the pair. Status also holds the pair to /proc (`truth`): the peers'
+processes, and the front-end's maps against the picture, read when it is asked."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import Any
 
 from ..control import Command, ControlError, ErrorClass
 from ..daemon import process_facts
+from ..session.observer import FRONTEND
 from ..shmem.mapping import Mapping
-from ..wire import ChannelKind, feature_names
+from ..wire import BackendReq, ChannelKind, feature_names
 from .tap import SIDES, Tap
+from .truth import FileFacts, check, dev_text, peer_facts
 
 
 def _hex(value: int | None) -> str | None:
@@ -21,8 +24,31 @@ def _features(mask: int | None, bit: int) -> list[str] | None:
     return None if mask is None else feature_names(mask, bit)
 
 
-def _regions(sizes: dict[int, int], mappings: list[Mapping]) -> list[dict[str, Any]]:
-    """Per region, its size and the mappings in it, each in the one JSON form."""
+def _mapping(
+    m: Mapping, files: dict[tuple[int, int], FileFacts], gone: dict[tuple[int, int], str]
+) -> dict[str, Any]:
+    """The one JSON form, and beside it what the tap knows of the file (device as
+    /proc/PID/maps prints it, inode, size) and, if the front-end's maps no longer show
+    the mapping, why: the picture does not claim it."""
+    out: dict[str, Any] = dict(m.to_json())
+    if m.ino:
+        out["dev"], out["ino"] = dev_text(m.dev), m.ino
+        facts = files.get((m.dev, m.ino))
+        if facts is not None:
+            out["size"] = facts.size
+    why = gone.get((m.shmid, m.shm_offset))
+    if why:
+        out["gone"] = why
+    return out
+
+
+def _regions(
+    sizes: dict[int, int],
+    mappings: list[Mapping],
+    files: dict[tuple[int, int], FileFacts],
+    gone: dict[tuple[int, int], str],
+) -> list[dict[str, Any]]:
+    """Per region, its size and the mappings in it."""
     by_region: dict[int, list[Mapping]] = {}
     for m in mappings:
         by_region.setdefault(m.shmid, []).append(m)
@@ -32,7 +58,7 @@ def _regions(sizes: dict[int, int], mappings: list[Mapping]) -> list[dict[str, A
             "size": sizes.get(shmid),
             "count": len(by_region.get(shmid, [])),
             "mapped_bytes": sum(m.len for m in by_region.get(shmid, [])),
-            "mappings": [m.to_json() for m in by_region.get(shmid, [])],
+            "mappings": [_mapping(m, files, gone) for m in by_region.get(shmid, [])],
         }
         for shmid in sorted(set(sizes) | set(by_region))
     ]
@@ -45,6 +71,13 @@ def status(tap: Tap) -> dict[str, Any]:
         state = observer.state
         offered, acked = state.offered, state.acked
         negotiated = None if acked is None else acked & (offered if offered is not None else acked)
+        sizes = state.config.regions() if state.config else {}
+        mappings = observer.mappings()
+        peers = dict(tap.peers)
+        # under the lock, so that the maps are read against one picture: no answer can
+        # change it meanwhile (the front-end acts before it answers)
+        truth = check(peers[FRONTEND], sizes, mappings, {ino for _, ino in tap.files},
+                      unsure=_unsure(tap))  # fmt: skip
         answer: dict[str, Any] = {
             "role": "tap",
             "state": tap.state,
@@ -68,9 +101,7 @@ def status(tap: Tap) -> dict[str, Any]:
                 "reply_ack": observer.reply_ack,
                 "backend_channel": state.backend_channel,
             },
-            "regions": _regions(
-                state.config.regions() if state.config else {}, observer.mappings()
-            ),
+            "regions": _regions(sizes, mappings, tap.files, truth.comparison.gone),
             "resets": state.resets,
             "pending": {
                 kind.value: [m.name for m in observer.pending(kind)] for kind in ChannelKind
@@ -82,7 +113,25 @@ def status(tap: Tap) -> dict[str, Any]:
             "unjudged": sorted(kind.value for kind in observer.blind),
         }
     answer["process"] = process_facts()
+    for side in SIDES:
+        answer["sides"][side]["process"] = peer_facts(peers[side])
+    answer["truth"] = truth.to_json()
     return answer
+
+
+def _unsure(tap: Tap) -> str:
+    """Why the picture cannot be held to the front-end's maps right now; "" when it can.
+    Under the tap's lock."""
+    observer = tap.observer
+    if observer.blind:
+        lost = " and ".join(sorted(kind.value for kind in observer.blind))
+        return f"the picture no longer follows the {lost} channel (its framing was lost)"
+    shmem = (BackendReq.SHMEM_MAP, BackendReq.SHMEM_UNMAP)
+    waiting = sum(m.request in shmem for m in observer.pending(ChannelKind.BACKEND))
+    if waiting:
+        return (f"{waiting} SHMEM request(s) not answered yet: the front-end may have acted "
+                "on them already")  # fmt: skip
+    return ""
 
 
 def shmem_config(tap: Tap) -> dict[str, Any]:

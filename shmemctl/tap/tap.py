@@ -6,6 +6,11 @@ Threads: the caller's runs `run()` (accept or connect each side, then wait for t
 connection to end); each channel has one thread per direction (`Link`). The observer
 is fed under one lock, before the message is sent on, so a request is always seen
 before the reply it draws.
+
+The observer stays pure; what only the tap can learn from the kernel is added beside it:
+each peer's pid (SO_PEERCRED) and, for each SHMEM_MAP, what its fd is (`truth.FileFacts`),
+written onto the observer's `Mapping` under the lock once the front-end's answer made it
+part of the picture.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from typing import Any
 from ..channel import ChannelError, close_fds
 from ..daemon import Stopper, connect_unix, listen_unix
 from ..events import Event, EventHub
+from ..session.common import Owed, owed_by
 from ..session.observer import BACKEND, FRONTEND, Observer, Violation
-from ..wire.constants import SHMEM_BIT, ChannelKind, FrontendReq
-from ..wire.messages import Message, ShmemConfig
+from ..shmem.mapping import Mapping
+from ..wire.constants import SHMEM_BIT, BackendReq, ChannelKind, FrontendReq
+from ..wire.messages import Message, ShmemConfig, ShmemMap
 from .framer import Unit
 from .link import Link, other, send_exact
+from .truth import FileFacts, Peer, fd_facts, peer_of
 
 log = logging.getLogger("tap")
 
@@ -130,6 +138,15 @@ class Tap:
         #: directions of the current connection relayed raw, their framing lost
         self.raw: set[str] = set()
         self.attached = {side: False for side in SIDES}
+        #: who is on each side of the current connection, by SO_PEERCRED
+        self.peers: dict[str, Peer | None] = {side: None for side in SIDES}
+        #: every file a SHMEM_MAP carried on this connection, by (st_dev, st_ino), whatever
+        #: became of the request: a front-end that still maps one the picture does not
+        #: hold is a finding
+        self.files: dict[tuple[int, int], FileFacts] = {}
+        #: SHMEM_MAP requests owed an answer, by id(), with what their fd was: written
+        #: onto the mapping when the answer makes it part of the picture
+        self._facts: dict[int, tuple[Message, FileFacts]] = {}
         self.connections = 0
         self.state = "starting"
         #: the last layout a GET_SHMEM_CONFIG reply carried, and on which connection
@@ -206,6 +223,7 @@ class Tap:
         self._connection = connection
         with self.lock:
             self.raw.clear()
+            self.peers = {FRONTEND: peer_of(front), BACKEND: peer_of(back)}
         for side in SIDES:
             self.attached[side] = True
             self._report(Event.ATTACHED, side, connection.number)
@@ -220,6 +238,9 @@ class Tap:
         connection.teardown()
         with self.lock:
             self.observer.disconnected()  # every mapping went with the connection
+            self.files.clear()
+            self._facts.clear()
+            self.peers = {side: None for side in SIDES}
         for side in SIDES:
             self.attached[side] = False
             self._report(Event.DETACHED, side, connection.number, connection.reason)
@@ -244,7 +265,7 @@ class Tap:
         theirs: socket.socket | None = None
         try:
             if unit.message is not None:
-                self._observe(link, unit.message)
+                self._observe(link, unit.message, self._file_of(unit))
                 handed = self._backend_channel(link, unit)
                 if handed is not None:
                     theirs, keep = handed, unit.fds
@@ -266,15 +287,81 @@ class Tap:
             if theirs is not None:
                 theirs.close()  # the back-end has its own copy now
 
-    def _observe(self, link: Link, message: Message) -> None:
+    @staticmethod
+    def _file_of(unit: Unit) -> FileFacts | None:
+        """What the fd of a SHMEM_MAP request is (the fd stays the unit's)."""
+        message = unit.message
+        if (
+            message is None
+            or message.channel is not ChannelKind.BACKEND
+            or message.is_reply
+            or message.request != BackendReq.SHMEM_MAP
+            or len(unit.fds) != 1
+        ):
+            return None
+        return fd_facts(unit.fds[0])
+
+    def _observe(self, link: Link, message: Message, facts: FileFacts | None = None) -> None:
         with self.lock:
+            target = self._settles(message, facts)
+            before = self._mapping_for(target)
             violations = self.observer.message(message)
+            if target is not None:
+                self._stamp(message, target, before)
             self.violations.update(v.rule.label for v in violations)
             config = self.observer.state.config
             if config is not None and (self.last_config is None or self.last_config[0] != config):
                 self.last_config = (config, self.connections)
         for violation in violations:
             self._violation(link, message, violation)
+
+    # ------------------------------------------------------------ what an fd was
+
+    def _settles(self, message: Message, facts: FileFacts | None) -> Message | None:
+        """The SHMEM_MAP whose outcome feeding `message` may decide, when its fd is known:
+        the request itself (settled at once when it asks no answer) or, for an answer on
+        the backend channel, the oldest request owed one. Under the lock."""
+        if message.channel is not ChannelKind.BACKEND or message.channel in self.observer.blind:
+            return None
+        if not message.is_reply:
+            if facts is None or not isinstance(message.payload, ShmemMap):
+                return None  # not a map the codec could read: it makes no mapping
+            self.files[(facts.dev, facts.ino)] = facts
+            self._facts[id(message)] = (message, facts)
+            return message
+        if not self._facts:
+            return None  # no map of a known file waits: nothing to look up
+        owed = self.observer.pending(ChannelKind.BACKEND)
+        return owed[0] if owed else None
+
+    def _mapping_for(self, request: Message | None) -> Mapping | None:
+        if request is None or not isinstance(request.payload, ShmemMap):
+            return None
+        m = request.payload
+        return self.observer.state.mappings.get(m.shmid, {}).get(m.shm_offset)
+
+    def _stamp(self, message: Message, request: Message, before: Mapping | None) -> None:
+        """Once `message` was fed: if it made `request`'s mapping part of the picture, the
+        picture's `Mapping` gets the file's device, inode and name. Under the lock."""
+        entry = self._facts.get(id(request))
+        if entry is None or entry[0] is not request:
+            return  # another message under a reused id(): not one whose fd was seen
+        if message is request and owed_by(request, self.observer.reply_ack) is not Owed.NOTHING:
+            return  # its answer decides: kept until then
+        del self._facts[id(request)]
+        facts, m = entry[1], request.payload
+        after = self._mapping_for(request)
+        # only a new record, exactly what was asked: the observer has just accepted it
+        if (
+            not isinstance(m, ShmemMap)
+            or after is None
+            or after is before
+            or after != Mapping.granted(m)
+        ):
+            return
+        self.observer.state.mappings[m.shmid][m.shm_offset] = after._replace(
+            file=facts.file, dev=facts.dev, ino=facts.ino
+        )
 
     def _violation(self, link: Link, message: Message, violation: Violation) -> None:
         rule = violation.rule
@@ -305,6 +392,8 @@ class Tap:
                     return  # said once, when the framing was lost
                 self.raw.add(where)
                 self.observer.lost(link.kind)
+                if link.kind is ChannelKind.BACKEND:
+                    self._facts.clear()  # no answer will be matched to its request now
             log.warning("%s: %s; relaying its bytes and fds as they come", where, unit.problem)
         else:
             log.warning("%s: relayed as it came: %s", where, unit.problem)
