@@ -26,10 +26,10 @@ def pair(driven):
     buf = memfd(4 * MiB, b"hello from the back-end")
     # One mapping every refusal must leave exactly as it is.
     assert backend.map(ShmemMap(0, 0, MiB, 0), (buf,)) == "ok"
-    ino = os.fstat(buf).st_ino
+    st = os.fstat(buf)
     before = segments(fe.pid, bases[0], 8 * MiB)
     assert before == [
-        Segment(0, MiB, "rw", ino, 0),
+        Segment(0, MiB, "rw", st.st_ino, 0, st.st_dev),
         Segment(MiB, 8 * MiB, "none"),
     ]
     baseline = fd_count(fe.pid)

@@ -218,7 +218,8 @@ def test_each_topology_carries_a_working_pair(spawn, tmp_path, front_mode, back_
 
     base = region_bases(pair.fe)[0]
     assert Segment(MiB, 2 * MiB, "rw") in [
-        dataclasses.replace(s, inode=0, file_offset=0) for s in segments(pair.fe.pid, base, 8 * MiB)
+        dataclasses.replace(s, inode=0, file_offset=0, dev=0)
+        for s in segments(pair.fe.pid, base, 8 * MiB)
     ]
     seen = tap.execute("status")
     own = front.execute("status")
@@ -505,10 +506,12 @@ def test_the_backend_channel_is_relayed_through_a_pair_of_the_taps_own(raw_peers
 
 B0, B2 = 0x7F0000000000, 0x7F1000000000
 FILE = "/memfd:buffer (deleted)"
+DEV = os.makedev(0, 1)  # where memfds live
 
 
 def line(start: int, length: int, inode: int = 0, offset: int = 0, perms: str = "rw-s") -> MapsLine:
-    return MapsLine(start, start + length, perms, offset, inode, FILE if inode else "")
+    return MapsLine(start, start + length, perms, offset, inode, FILE if inode else "",
+                    DEV if inode else 0)  # fmt: skip
 
 
 def reserved(start: int, length: int) -> MapsLine:
@@ -517,7 +520,7 @@ def reserved(start: int, length: int) -> MapsLine:
 
 def held(shm_offset: int, length: int, ino: int, fd_offset: int = 0, writable: bool = True
          ) -> Mapping:  # fmt: skip
-    return Mapping(0, shm_offset, length, fd_offset, writable, FILE, dev=1, ino=ino)
+    return Mapping(0, shm_offset, length, fd_offset, writable, FILE, dev=DEV, ino=ino)
 
 
 #: a front-end's region 0 (16 pages at B0) holding inode 11 at page 2 and inode 12,
@@ -530,7 +533,7 @@ PICTURE = [held(2 * PAGE, 2 * PAGE, 11), held(4 * PAGE, 2 * PAGE, 12, 2 * PAGE, 
 
 
 def test_a_regions_base_is_where_its_mappings_files_sit_and_then_they_agree() -> None:
-    result = compare([*REGION0, reserved(B2, 4 * PAGE)], SIZES, PICTURE, {11, 12})
+    result = compare([*REGION0, reserved(B2, 4 * PAGE)], SIZES, PICTURE, {(DEV, 11), (DEV, 12)})
     assert result.findings == [] and result.gone == {} and result.unchecked == []
     assert result.placements == [
         Placement(0, B0), Placement(2, None, "no mapping in the picture to infer it")
@@ -541,7 +544,7 @@ def test_a_file_mapped_twice_still_gives_one_base() -> None:
     """Inode 11 at pages 2 and 8: each mapping alone could sit at two bases; together, one."""
     maps = [*REGION0[:3], reserved(B0 + 6 * PAGE, 2 * PAGE), line(B0 + 8 * PAGE, 2 * PAGE, 11),
             reserved(B0 + 10 * PAGE, 6 * PAGE)]  # fmt: skip
-    result = compare(maps, SIZES, [*PICTURE, held(8 * PAGE, 2 * PAGE, 11)], {11, 12})
+    result = compare(maps, SIZES, [*PICTURE, held(8 * PAGE, 2 * PAGE, 11)], {(DEV, 11), (DEV, 12)})
     assert (result.findings, result.placements[0]) == ([], Placement(0, B0))
     # one mapping alone: both bases fit its file, the one that explains the maps is taken
     alone = compare(maps, {0: 16 * PAGE}, [held(8 * PAGE, 2 * PAGE, 11)], set())
@@ -551,7 +554,7 @@ def test_a_file_mapped_twice_still_gives_one_base() -> None:
 
 def test_mappings_at_no_one_base_are_a_finding() -> None:
     moved = [*REGION0[:2], line(B2, 2 * PAGE, 12, 2 * PAGE, "r--s")]
-    result = compare(moved, SIZES, PICTURE, {11, 12})
+    result = compare(moved, SIZES, PICTURE, {(DEV, 11), (DEV, 12)})
     assert result.placements[0] == Placement(0, None, "its mappings sit at no one base")
     assert result.findings == [
         f"region 0: its mappings sit at no one base (0x2000+0x2000 at {B0:#x}; "
@@ -561,29 +564,35 @@ def test_mappings_at_no_one_base_are_a_finding() -> None:
 
 def test_a_mapping_the_maps_do_not_show_is_gone_and_a_finding() -> None:
     picture = [*PICTURE, held(8 * PAGE, PAGE, 13)]
-    result = compare(REGION0, SIZES, picture, {11, 12, 13})
-    why = "the front-end's maps show inode 13 nowhere at file offsets 0x0+0x1000"
+    result = compare(REGION0, SIZES, picture, {(DEV, 11), (DEV, 12), (DEV, 13)})
+    why = "the front-end's maps show file 00:01 inode 13 nowhere at file offsets 0x0+0x1000"
     assert result.gone == {(0, 8 * PAGE): why}
-    assert result.findings == [f"region 0 0x8000+0x1000: the picture has inode 13 mapped; {why}"]
+    has = "the picture has file 00:01 inode 13 mapped"
+    assert result.findings == [f"region 0 0x8000+0x1000: {has}; {why}"]
     assert result.placements[0] == Placement(0, B0)  # the others still place the region
 
 
 def test_a_different_access_or_a_file_outside_the_picture_is_a_finding() -> None:
     writable = [REGION0[0], REGION0[1], line(B0 + 4 * PAGE, 2 * PAGE, 12, 2 * PAGE), REGION0[3]]
-    result = compare(writable, SIZES, PICTURE, {11, 12})
+    result = compare(writable, SIZES, PICTURE, {(DEV, 11), (DEV, 12)})
     assert result.findings == [
-        "region 0: table has 0x4000+0x2000 ro inode 12 at file offset 0x2000, kernel does not",
-        "region 0: kernel has 0x4000+0x2000 rw inode 12 at file offset 0x2000, table does not",
+        "region 0: table has 0x4000+0x2000 ro file 00:01 inode 12 at file offset 0x2000, "
+        "kernel does not",
+        "region 0: kernel has 0x4000+0x2000 rw file 00:01 inode 12 at file offset 0x2000, "
+        "table does not",
     ]
     stray = line(B2, PAGE, 14)  # a file that came through the backend channel, unmapped since
-    result = compare([*REGION0, stray], SIZES, PICTURE, {11, 12, 14})
+    result = compare([*REGION0, stray], SIZES, PICTURE, {(DEV, 11), (DEV, 12), (DEV, 14)})
     assert len(result.findings) == 1
-    assert result.findings[0].startswith(f"the front-end maps inode 14 ({FILE}) at {B2:#x}+0x1000")
-    assert compare([*REGION0, stray], SIZES, PICTURE, {11, 12}).findings == []  # not one of them
+    assert result.findings[0].startswith(
+        f"the front-end maps file 00:01 inode 14 ({FILE}) at {B2:#x}+0x1000"
+    )
+    not_through = {(DEV, 11), (DEV, 12)}  # 14 did not come through the backend channel
+    assert compare([*REGION0, stray], SIZES, PICTURE, not_through).findings == []
 
 
 def test_a_mapping_whose_file_is_unknown_cannot_be_checked() -> None:
-    result = compare(REGION0, SIZES, [*PICTURE, held(8 * PAGE, PAGE, 0)], {11, 12})
+    result = compare(REGION0, SIZES, [*PICTURE, held(8 * PAGE, PAGE, 0)], {(DEV, 11), (DEV, 12)})
     assert result.findings == [] and result.unchecked == [
         "region 0 0x8000+0x1000: the tap never learnt its file"
     ]
@@ -606,7 +615,7 @@ def test_without_a_process_to_read_the_verdict_is_unknown_never_agree() -> None:
 
 def maps_line_at(pid: int, addr: int) -> tuple[str, int, str]:
     """The device (as /proc prints it), inode and path of the line of /proc/PID/maps that
-    holds `addr`; the device column is read here, procmaps does not keep it."""
+    holds `addr`, read here as /proc prints them, not through procmaps."""
     with open(f"/proc/{pid}/maps") as f:
         for raw in f:
             parts = raw.split(maxsplit=5)
@@ -665,16 +674,17 @@ def test_a_front_end_that_maps_over_a_mapping_disagrees_with_the_picture(spawn, 
     assert status["violations"] == {"map-valid": 1, "refuses-invalid": 1}
     base = region_bases(pair.fe)[0]
     (first,) = region_mappings(status, 0)
-    _, over, _ = maps_line_at(pair.fe.pid, base + MiB)
+    dev, over, _ = maps_line_at(pair.fe.pid, base + MiB)
+    assert first["dev"] == dev  # both memfds: the same device
     truth = status["truth"]
     assert truth["verdict"] == DISAGREE and truth["regions"][0]["base"] == base
     assert truth["findings"] == [
-        f"region 0: table has 0x0+0x200000 rw inode {first['ino']} at file offset 0x0, "
-        "kernel does not",
-        f"region 0: kernel has 0x0+0x100000 rw inode {first['ino']} at file offset 0x0, "
-        "table does not",
-        f"region 0: kernel has 0x100000+0x100000 rw inode {over} at file offset 0x0, "
-        "table does not",
+        f"region 0: table has 0x0+0x200000 rw file {dev} inode {first['ino']} at file offset "
+        "0x0, kernel does not",
+        f"region 0: kernel has 0x0+0x100000 rw file {dev} inode {first['ino']} at file offset "
+        "0x0, table does not",
+        f"region 0: kernel has 0x100000+0x100000 rw file {dev} inode {over} at file offset "
+        "0x0, table does not",
     ]
 
 
@@ -712,7 +722,7 @@ def test_the_picture_against_a_front_end_that_is_this_test(raw_peers) -> None:
         # acknowledged (no answer was asked), but nothing here maps it: gone, and said
         truth = status["truth"]
         assert (truth["verdict"], truth["pid"]) == (DISAGREE, os.getpid())
-        assert f"inode {st.st_ino} nowhere" in mapping["gone"]
+        assert f"file {mapping['dev']} inode {st.st_ino} nowhere" in mapping["gone"]
 
         view = mmap.mmap(buffer, 2 * PAGE)
         (at,) = [ln.start for ln in read_maps() if ln.inode == st.st_ino]
@@ -723,9 +733,9 @@ def test_the_picture_against_a_front_end_that_is_this_test(raw_peers) -> None:
         truth = tap.execute("status")["truth"]
         assert truth["verdict"] == DISAGREE
         assert truth["findings"] == [
-            f"the front-end maps inode {st.st_ino} ({mapping['file']}) at {at:#x}+0x2000, file "
-            "offset 0x0, outside every region the picture places: a file that came through the "
-            "backend channel and is not in the picture there"
+            f"the front-end maps file {mapping['dev']} inode {st.st_ino} ({mapping['file']}) at "
+            f"{at:#x}+0x2000, file offset 0x0, outside every region the picture places: a file "
+            "that came through the backend channel and is not in the picture there"
         ]
         view.close()
         assert tap.execute("status")["truth"]["verdict"] == AGREE

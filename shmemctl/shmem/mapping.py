@@ -10,9 +10,21 @@ exists (or is believed to) once it was granted.
 
 # No `from __future__ import annotations`: Python 3.11's TypedDict takes a NotRequired
 # key for a required one when its annotation is a string.
+import os
 from typing import NamedTuple, NotRequired, TypedDict
 
 from ..wire.messages import MMAP_FLAG_WRITE, ShmemMap
+
+
+def dev_text(dev: int) -> str:
+    """A device number as /proc/PID/maps prints it (`00:01`)."""
+    return f"{os.major(dev):02x}:{os.minor(dev):02x}"
+
+
+def dev_number(text: str) -> int:
+    """`dev_text` read back."""
+    major, _, minor = text.partition(":")
+    return os.makedev(int(major, 16), int(minor, 16))
 
 
 class RangeJSON(TypedDict):
@@ -30,6 +42,9 @@ class MappingJSON(RangeJSON):
     writable: bool
     #: the file behind it, as /proc names it (`memfd:NAME (deleted)`, a path)
     file: NotRequired[str]
+    #: the file's identity, as /proc/PID/maps shows it: device (`MAJOR:MINOR`) and inode
+    dev: NotRequired[str]
+    ino: NotRequired[int]
     #: seconds since it was mapped, as of the document that carries it
     age: NotRequired[float]
     #: backend_sim's: the buffer it mapped
@@ -92,6 +107,8 @@ class Mapping(NamedTuple):
         }  # fmt: skip
         if self.file:
             out["file"] = self.file
+        if self.ino:
+            out["dev"], out["ino"] = dev_text(self.dev), self.ino
         if now is not None and self.created:
             out["age"] = round(now - self.created, 3)
         if self.buffer:
@@ -106,6 +123,8 @@ class Mapping(NamedTuple):
         return cls(
             data["shmid"], data["shm_offset"], data["len"], data["fd_offset"], data["writable"],
             file=data.get("file", ""),
+            dev=dev_number(data["dev"]) if "dev" in data else 0,
+            ino=data.get("ino", 0),
             created=now - data["age"] if "age" in data else now,
             buffer=data.get("buffer", 0),
             confirmed=data.get("confirmed", True),

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..sizes import hex_range
-from .mapping import Mapping
+from .mapping import Mapping, dev_number, dev_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,8 @@ class MapsLine:
     offset: int
     inode: int
     path: str
+    #: the file's device (os.makedev of the MAJOR:MINOR column): with the inode, its identity
+    dev: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,7 @@ class Segment:
     access: str  # "none" (reservation), "ro" or "rw" (shared file mapping), or raw perms
     inode: int = 0
     file_offset: int = 0
+    dev: int = 0
 
 
 def read_maps(pid: int | str = "self") -> list[MapsLine]:
@@ -42,7 +45,10 @@ def read_maps(pid: int | str = "self") -> list[MapsLine]:
             parts = raw.split(maxsplit=5)
             start, end = (int(x, 16) for x in parts[0].split("-"))
             path = parts[5].rstrip("\n") if len(parts) > 5 else ""
-            lines.append(MapsLine(start, end, parts[1], int(parts[2], 16), int(parts[4]), path))
+            dev = dev_number(parts[3])
+            lines.append(
+                MapsLine(start, end, parts[1], int(parts[2], 16), int(parts[4]), path, dev)
+            )
     return lines
 
 
@@ -62,11 +68,13 @@ def _canonical(segments: Iterable[Segment]) -> list[Segment]:
         if out:
             prev = out[-1]
             contiguous_file = seg.access == "none" or (
-                prev.inode == seg.inode
+                (prev.dev, prev.inode) == (seg.dev, seg.inode)
                 and prev.file_offset + (prev.end - prev.start) == seg.file_offset
             )
             if prev.end == seg.start and prev.access == seg.access and contiguous_file:
-                out[-1] = Segment(prev.start, seg.end, prev.access, prev.inode, prev.file_offset)
+                out[-1] = Segment(
+                    prev.start, seg.end, prev.access, prev.inode, prev.file_offset, prev.dev
+                )
                 continue
         out.append(seg)
     return out
@@ -84,7 +92,8 @@ def kernel_segments(lines: Iterable[MapsLine], base: int, size: int) -> list[Seg
             segs.append(Segment(start - base, end - base, access))
         else:
             clip = start - line.start
-            segs.append(Segment(start - base, end - base, access, line.inode, line.offset + clip))
+            segs.append(Segment(start - base, end - base, access, line.inode,
+                                line.offset + clip, line.dev))  # fmt: skip
     return _canonical(segs)
 
 
@@ -96,7 +105,9 @@ def table_segments(size: int, mappings: Iterable[Mapping]) -> list[Segment]:
         if m.shm_offset > pos:
             segs.append(Segment(pos, m.shm_offset, "none"))
         access = "rw" if m.writable else "ro"
-        segs.append(Segment(m.shm_offset, m.shm_offset + m.len, access, m.ino, m.fd_offset))
+        segs.append(
+            Segment(m.shm_offset, m.shm_offset + m.len, access, m.ino, m.fd_offset, m.dev)
+        )
         pos = m.shm_offset + m.len
     if pos < size:
         segs.append(Segment(pos, size, "none"))
@@ -107,7 +118,11 @@ def describe(seg: Segment) -> str:
     where = hex_range(seg.start, seg.end - seg.start)
     if seg.access == "none":
         return f"{where} reserved"
-    return f"{where} {seg.access} inode {seg.inode} at file offset {seg.file_offset:#x}"
+    return (
+        f"{where} {seg.access} file {dev_text(seg.dev)} inode {seg.inode} "
+        f"at file offset {seg.file_offset:#x}"
+    )
+
 
 
 def disagreements(

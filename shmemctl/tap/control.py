@@ -13,7 +13,7 @@ from ..session.observer import FRONTEND
 from ..shmem.mapping import Mapping
 from ..wire import BackendReq, ChannelKind, feature_names
 from .tap import SIDES, Tap
-from .truth import FileFacts, check, dev_text, peer_facts
+from .truth import FileFacts, check, peer_facts
 
 
 def _hex(value: int | None) -> str | None:
@@ -31,11 +31,9 @@ def _mapping(
     /proc/PID/maps prints it, inode, size) and, if the front-end's maps no longer show
     the mapping, why: the picture does not claim it."""
     out: dict[str, Any] = dict(m.to_json())
-    if m.ino:
-        out["dev"], out["ino"] = dev_text(m.dev), m.ino
-        facts = files.get((m.dev, m.ino))
-        if facts is not None:
-            out["size"] = facts.size
+    facts = files.get((m.dev, m.ino)) if m.ino else None
+    if facts is not None:
+        out["size"] = facts.size
     why = gone.get((m.shmid, m.shm_offset))
     if why:
         out["gone"] = why
@@ -76,7 +74,7 @@ def status(tap: Tap) -> dict[str, Any]:
         peers = dict(tap.peers)
         # under the lock, so that the maps are read against one picture: no answer can
         # change it meanwhile (the front-end acts before it answers)
-        truth = check(peers[FRONTEND], sizes, mappings, {ino for _, ino in tap.files},
+        truth = check(peers[FRONTEND], sizes, mappings, set(tap.files),
                       unsure=_unsure(tap))  # fmt: skip
         answer: dict[str, Any] = {
             "role": "tap",

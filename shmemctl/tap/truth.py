@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import psutil
 
-from ..shmem.mapping import Mapping
+from ..shmem.mapping import Mapping, dev_text
 from ..shmem.procmaps import MapsLine, disagreements, read_maps
 from ..sizes import hex_range
 
@@ -58,11 +58,6 @@ def fd_facts(fd: int) -> FileFacts | None:
     except OSError:  # no /proc: the file is still known by device and inode
         name = ""
     return FileFacts(st.st_dev, st.st_ino, name, st.st_size)
-
-
-def dev_text(dev: int) -> str:
-    """A device number as /proc/PID/maps prints it (`00:01`)."""
-    return f"{os.major(dev):02x}:{os.minor(dev):02x}"
 
 
 # ------------------------------------------------------------------ who a peer is
@@ -171,7 +166,7 @@ def base_of(line: MapsLine, m: Mapping) -> int | None:
     """The region base at which `line` would hold (part of) `m`: where `m`'s fd_offset
     sits in the line's linear view of the file, less `m`'s shm_offset. None when the
     line holds another file, or none of the part of it `m` maps."""
-    if line.inode != m.ino:
+    if (line.dev, line.inode) != (m.dev, m.ino):
         return None
     length = line.end - line.start
     if line.offset >= m.fd_offset + m.len or m.fd_offset >= line.offset + length:
@@ -184,25 +179,25 @@ def compare(
     lines: list[MapsLine],
     sizes: MappingOf[int, int],
     mappings: Iterable[Mapping],
-    seen: Collection[int],
+    seen: Collection[tuple[int, int]],
 ) -> Comparison:
     """The front-end's maps (`lines`) against the picture: the layout (`sizes`), the
-    mappings it acknowledged, and the inodes of every file that came through the
-    backend channel on this connection (`seen`).
+    mappings it acknowledged, and the (device, inode) of every file that came through
+    the backend channel on this connection (`seen`).
 
     Each region's base is the one address at which every acknowledged mapping of it
     lies over its own file; the comparison then is `procmaps.disagreements` at that
-    base. Files are matched by inode: /proc/PID/maps' device column is not parsed."""
+    base. Files are matched by device and inode."""
     out = Comparison()
     by_region: dict[int, list[Mapping]] = {}
     for m in mappings:
         by_region.setdefault(m.shmid, []).append(m)
-    by_inode: dict[int, list[MapsLine]] = {}
+    by_file: dict[tuple[int, int], list[MapsLine]] = {}
     for line in lines:
         if line.inode:
-            by_inode.setdefault(line.inode, []).append(line)
+            by_file.setdefault((line.dev, line.inode), []).append(line)
     placed: list[tuple[int, int]] = []
-    unplaced: set[int] = set()  # inodes of mappings in regions with no base
+    unplaced: set[tuple[int, int]] = set()  # files of mappings in regions with no base
     for shmid in sorted(set(sizes) | set(by_region)):
         held = sorted(by_region.get(shmid, []), key=lambda m: m.shm_offset)
         if not held:
@@ -215,12 +210,14 @@ def compare(
             if not m.ino:
                 out.unchecked.append(f"{_where(m)}: the tap never learnt its file")
                 continue
-            found = {b for line in by_inode.get(m.ino, []) if (b := base_of(line, m)) is not None}
+            lines_of = by_file.get((m.dev, m.ino), [])
+            found = {b for line in lines_of if (b := base_of(line, m)) is not None}
             if not found:
-                why = (f"the front-end's maps show inode {m.ino} nowhere at file offsets "
+                file = f"file {dev_text(m.dev)} inode {m.ino}"
+                why = (f"the front-end's maps show {file} nowhere at file offsets "
                        f"{hex_range(m.fd_offset, m.len)}")  # fmt: skip
                 out.gone[(shmid, m.shm_offset)] = why
-                out.findings.append(f"{_where(m)}: the picture has inode {m.ino} mapped; {why}")
+                out.findings.append(f"{_where(m)}: the picture has {file} mapped; {why}")
                 continue
             present.append(m)
             candidates[m.shm_offset] = found
@@ -228,7 +225,7 @@ def compare(
         if common is None:
             why = "none of its mappings is in the front-end's maps to infer it"
             out.placements.append(Placement(shmid, None, why))
-            unplaced.update(m.ino for m in held)
+            unplaced.update((m.dev, m.ino) for m in held)
             continue
         if not common:
             spread = "; ".join(
@@ -238,7 +235,7 @@ def compare(
             )
             out.findings.append(f"region {shmid}: its mappings sit at no one base ({spread})")
             out.placements.append(Placement(shmid, None, "its mappings sit at no one base"))
-            unplaced.update(m.ino for m in held)
+            unplaced.update((m.dev, m.ino) for m in held)
             continue
         # without the layout, the region is taken to end where its last mapping does
         size = sizes.get(shmid) or max(m.end for m in held)
@@ -249,12 +246,14 @@ def compare(
         out.findings += found_at[base]
         placed.append((base, base + size))
     for line in lines:
-        if line.inode not in seen or line.inode in unplaced:
+        identity = (line.dev, line.inode)
+        if identity not in seen or identity in unplaced:
             continue
         if any(line.start < end and start < line.end for start, end in placed):
             continue  # inside a region: the comparison above has judged it
         out.findings.append(
-            f"the front-end maps inode {line.inode} ({line.path or 'unnamed'}) at "
+            f"the front-end maps file {dev_text(line.dev)} inode {line.inode} "
+            f"({line.path or 'unnamed'}) at "
             f"{hex_range(line.start, line.end - line.start)}, file offset {line.offset:#x}, "
             "outside every region the picture places: a file that came through the backend "
             "channel and is not in the picture there"
@@ -293,7 +292,7 @@ def check(
     peer: Peer | None,
     sizes: MappingOf[int, int],
     mappings: Iterable[Mapping],
-    seen: Collection[int],
+    seen: Collection[tuple[int, int]],
     *,
     unsure: str = "",
 ) -> Truth:
