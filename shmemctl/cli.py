@@ -203,21 +203,46 @@ class NoDaemon(click.ClickException):
     exit_code = EXIT_NO_DAEMON
 
 
+PAIR_ROLES = ("frontend", "backend")
+
+
+def kind_of(paths: rundir.PairPaths) -> str | None:
+    """What a run directory holds: "pair" (a front-end's or back-end's control socket),
+    "tap" (only a tap's), or None (no control socket at all). A pair's sockets win: a
+    name that has them is driven as a pair, as before taps existed."""
+    if any(paths.control(role).exists() for role in PAIR_ROLES):
+        return "pair"
+    if paths.control("tap").exists():
+        return "tap"
+    return None
+
+
 class Target:
-    """Which daemons a command talks to: a pair by name, or explicit control sockets."""
+    """Which daemons a command talks to: a pair by name, a tap by name, or explicit
+    control sockets."""
 
     def __init__(self, name: str, frontend: str | None, backend: str | None, as_json: bool):
         self.name = name
         self.explicit = frontend is not None or backend is not None
         paths = rundir.pair(name)
+        #: the tap's control socket when the name is a tap's: status, watch and trace
+        #: then ask it instead of a pair's daemons
+        self.tap = None if self.explicit or kind_of(paths) != "tap" else str(paths.control("tap"))
         self.sockets = {
             "frontend": frontend if self.explicit else str(paths.control("frontend")),
             "backend": backend if self.explicit else str(paths.control("backend")),
+            "tap": self.tap,
         }
         self.as_json = as_json
 
     def client(self, role: str, what: str) -> ControlClient:
         path = self.sockets[role]
+        if self.tap is not None and role != "tap":
+            # not "is the pair up?": nothing on a tap's name maps, resets or reads
+            raise click.ClickException(
+                f"{self.name} is a tap: it only watches its pair (status, watch, trace); "
+                f"{what} is for a pair's {role.replace('end', '-end')}"
+            )
         if path is None:
             other = "back-end" if role == "frontend" else "front-end"
             raise click.UsageError(
@@ -227,7 +252,13 @@ class Target:
         try:
             return ControlClient(path)
         except DaemonUnreachable as exc:
-            hint = "" if self.explicit else f"; is the pair up? (shmemctl up --name {self.name})"
+            if self.explicit:
+                hint = ""
+            elif self.tap is not None:
+                hint = (f"; is the tap running? (shmemctl tap --front ... --back ... "
+                        f"--name {self.name})")  # fmt: skip
+            else:
+                hint = f"; is the pair up? (shmemctl up --name {self.name})"
             raise NoDaemon(f"{exc}{hint}") from None
 
     def call(self, role: str, what: str, command: str, /, **arguments: Any) -> Any:
@@ -393,9 +424,18 @@ def read(target: Target, shmid: int, offset: int, length: int) -> None:
 @click.option("--max-mappings", default=20, show_default=True, help="Mappings listed per region.")
 @target_options
 def status(target: Target, max_mappings: int) -> None:
-    """Both sides: connection, features, regions, mappings, pids, memory; flags disagreements."""
-    from .render import render_status
+    """Both sides: connection, features, regions, mappings, pids, memory; flags disagreements.
+    On a tap's name: what the tap saw, its violations and its /proc verdict."""
+    from .render import render_status, render_tap_status
 
+    if target.tap is not None:
+        # the tap's answer is whole already (it lists every mapping): --max-mappings is
+        # the front-end's
+        view = target.call("tap", "status", "status")
+        target.out(view, render_tap_status(view))
+        if view.get("truth", {}).get("verdict") == "disagree":
+            sys.exit(EXIT_REFUSED)
+        return
     views: dict[str, Any] = {}
     for role in ("frontend", "backend"):
         if target.sockets[role] is None:
@@ -423,7 +463,12 @@ def _stream(target: Target, events: list[Event] | None, count: int | None) -> No
     from .render import render_event
 
     clients = []
-    for role in ("frontend", "backend"):
+    if target.tap is not None:
+        # one daemon: its not answering is the whole answer, with the tap's hint
+        client = target.client("tap", "watch")
+        client.subscribe(events)
+        clients.append(client)
+    for role in () if target.tap is not None else PAIR_ROLES:
         if target.sockets[role] is None:
             continue
         with contextlib.suppress(NoDaemon):
@@ -453,7 +498,13 @@ def _stream(target: Target, events: list[Event] | None, count: int | None) -> No
             if gone == len(clients):
                 raise NoDaemon("the daemons went away")
             continue
-        click.echo(json.dumps(event) if target.as_json else render_event(event))
+        if target.as_json:
+            click.echo(json.dumps(event))
+        elif event.get("event") == Event.VIOLATION:
+            # bold red on a terminal, plain text in a pipe (click drops the colour there)
+            click.secho(render_event(event), fg="red", bold=True)
+        else:
+            click.echo(render_event(event))
         seen += 1
 
 
@@ -461,7 +512,8 @@ def _stream(target: Target, events: list[Event] | None, count: int | None) -> No
 @click.option("--count", type=int, help="Stop after this many events.")
 @target_options
 def watch(target: Target, count: int | None) -> None:
-    """Live events of both daemons, one line each (JSON lines with --json)."""
+    """Live events of both daemons, or of the tap on a tap's name, one line each (JSON
+    lines with --json). A tap's violations stand out."""
     _stream(target, None, count)
 
 
@@ -469,8 +521,133 @@ def watch(target: Target, count: int | None) -> None:
 @click.option("--count", type=int, help="Stop after this many messages.")
 @target_options
 def trace(target: Target, count: int | None) -> None:
-    """Live decoded protocol messages of both channels, as each daemon sees them."""
+    """Live decoded protocol messages of both channels, as each daemon sees them (on a
+    tap's name: as the tap forwards them, fe->be or be->fe)."""
     _stream(target, [Event.MESSAGE], count)
+
+
+#: how long `ls` waits for any one daemon: a hung one is listed, not waited for
+LS_TIMEOUT = 5.0
+
+
+def _ask(path: Path, command: str, /, **arguments: Any) -> Any:
+    """One command on one control socket, for `ls`; DaemonUnreachable or ControlError."""
+    with ControlClient(str(path), timeout=LS_TIMEOUT) as client:
+        return client.execute(command, **arguments)
+
+
+def _why_not(exc: Exception) -> str:
+    return exc.desc if isinstance(exc, ControlError) else str(exc)
+
+
+def _pair_row(paths: rundir.PairPaths) -> dict[str, Any]:
+    """A pair for `ls`, from its two daemons' status; what one does not answer is None."""
+    views: dict[str, Any] = {}
+    errors: list[str] = []
+    for role in PAIR_ROLES:
+        try:
+            # mapping counts come with each region: no mapping needs listing
+            args = {"max_mappings": 0} if role == "frontend" else {}
+            views[role] = _ask(paths.control(role), "status", **args)
+        except (DaemonUnreachable, ControlError) as exc:
+            errors.append(f"{role.replace('end', '-end')}: {_why_not(exc)}")
+    fe, be = views.get("frontend"), views.get("backend")
+    row: dict[str, Any] = {
+        "kind": "pair",
+        "peers": {
+            "front-end": fe["process"]["pid"] if fe else None,
+            "back-end": be["process"]["pid"] if be else None,
+        },
+        "state": fe["state"] if fe else (be["state"] if be else "not answering"),
+        "mappings": sum(r["count"] for r in fe["regions"]) if fe else None,
+        "mapped_bytes": sum(r["mapped_bytes"] for r in fe["regions"]) if fe else None,
+        # a pair's daemons judge nobody: only a tap counts broken rules
+        "violations": None,
+        # the front-end's own check of its table against its /proc/PID/maps
+        "verdict": None if fe is None else ("disagree" if fe["disagreements"] else "agree"),
+    }
+    if errors:
+        row["error"] = "; ".join(errors)
+        if views:  # half a pair answers: say so where the state is read
+            silent = next(role for role in PAIR_ROLES if role not in views)
+            row["state"] += f" ({silent.replace('end', '-end')} not answering)"
+    return row
+
+
+def _tap_row(paths: rundir.PairPaths) -> dict[str, Any]:
+    try:
+        view = _ask(paths.control("tap"), "status")
+    except (DaemonUnreachable, ControlError) as exc:
+        return {"kind": "tap", "peers": {"front-end": None, "back-end": None},
+                "state": "not answering", "mappings": None, "mapped_bytes": None,
+                "violations": None, "verdict": None, "error": _why_not(exc)}  # fmt: skip
+    sides = view["sides"]
+    return {
+        "kind": "tap",
+        "peers": {side: (v.get("process") or {}).get("pid") for side, v in sides.items()},
+        "state": view["state"],
+        "mappings": sum(r["count"] for r in view["regions"]),
+        "mapped_bytes": sum(r["mapped_bytes"] for r in view["regions"]),
+        "violations": sum(view["violations"].values()),
+        "verdict": view["truth"]["verdict"],
+    }
+
+
+def _row(name: str) -> dict[str, Any] | None:
+    paths = rundir.pair(name)
+    kind = kind_of(paths)
+    if kind is None:
+        return None  # a directory a downed pair left: nothing runs there
+    return {"name": name, **(_tap_row(paths) if kind == "tap" else _pair_row(paths))}
+
+
+def _ls_table(rows: list[dict[str, Any]]) -> str:
+    def cell(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    header = ("NAME", "KIND", "PEERS", "STATE", "MAPPINGS", "MAPPED", "VIOLATIONS", "/PROC")
+    table = [header]
+    for r in rows:
+        peers = ",".join(cell(pid) for pid in r["peers"].values())
+        mapped = None if r["mapped_bytes"] is None else human_size(r["mapped_bytes"])
+        table.append((r["name"], r["kind"], peers, r["state"], cell(r["mappings"]), cell(mapped),
+                      cell(r["violations"]), cell(r["verdict"])))  # fmt: skip
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
+        for line in table
+    )
+
+
+def _is_name(text: str) -> bool:
+    """Whether a directory in the root could be a pair's or a tap's (anything else there
+    is not ours to list)."""
+    try:
+        rundir.check_name(text)
+    except ValueError:
+        return False
+    return True
+
+
+@main.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list instead of a table.")
+def ls_command(as_json: bool) -> None:
+    """Every pair and tap on this host (the run directory root), sorted by name: kind,
+    peers' pids, state, mappings, bytes mapped, violations, the /proc verdict."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = rundir.root()
+    names = sorted(d.name for d in (root.iterdir() if root.is_dir() else ())
+                   if d.is_dir() and _is_name(d.name))  # fmt: skip
+    # every name at once: one that hangs costs LS_TIMEOUT once, not once per name
+    with ThreadPoolExecutor(max_workers=min(16, len(names) or 1)) as pool:
+        rows = [r for r in pool.map(_row, names) if r is not None]
+    if as_json:
+        click.echo(json.dumps(rows))
+    elif rows:
+        click.echo(_ls_table(rows))
+    else:
+        click.echo(f"no pair or tap in {root}", err=True)
 
 
 @main.group()
