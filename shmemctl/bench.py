@@ -45,7 +45,7 @@ def _cells(quick: bool) -> list[tuple[str, int, int, int]]:
     return cells
 
 
-def run_pair_bench(quick: bool = False, timeout: float = 170.0) -> list[dict[str, Any]]:
+def run_pair_bench(quick: bool = False, timeout: float = 600.0) -> list[dict[str, Any]]:
     """Run every cell in one pair of daemons; return one result dict per cell."""
     cells = _cells(quick)
     with tempfile.TemporaryDirectory(prefix="shmemctl-bench-") as tmp:
