@@ -408,6 +408,25 @@ def raw_peers(spawn, tmp_path) -> Iterator[tuple[socket.socket, socket.socket, M
     back.close()
 
 
+def hand_over_backend_channel(
+    front: socket.socket, back: socket.socket
+) -> tuple[socket.socket, socket.socket]:
+    """As a front-end, send SET_BACKEND_REQ_FD with one end of a new socket pair; as the
+    back-end, take what arrives. (the front-end's end, the socket the back-end got)"""
+    ours, handed = socket.socketpair()
+    try:
+        request = encode(ChannelKind.MAIN, FrontendReq.SET_BACKEND_REQ_FD, None)
+        send_with(front, request, [handed.fileno()])
+        data, fds = recv_exactly(back, len(request))
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        handed.close()
+    assert data == request and len(fds) == 1
+    return ours, socket.socket(fileno=fds[0])
+
+
 def same_file(a: int, b: int) -> bool:
     sa, sb = os.fstat(a), os.fstat(b)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
@@ -478,14 +497,8 @@ def test_the_backend_channel_is_relayed_through_a_pair_of_the_taps_own(raw_peers
     """SET_BACKEND_REQ_FD is the one message the tap changes: the back-end gets its
     socket, and what it sends there reaches the socket the front-end handed over."""
     front, back, _tap, _proc = raw_peers
-    ours, handed = socket.socketpair()
+    ours, given = hand_over_backend_channel(front, back)
     try:
-        request = encode(ChannelKind.MAIN, FrontendReq.SET_BACKEND_REQ_FD, None)
-        send_with(front, request, [handed.fileno()])
-        handed.close()
-        data, fds = recv_exactly(back, len(request))
-        assert data == request and len(fds) == 1
-        given = socket.socket(fileno=fds[0])
         assert not same_file(given.fileno(), ours.fileno())
         m = ShmemMap(0, 0, MiB, 0, 1)
         unmap = encode_shmem_request(BackendReq.SHMEM_UNMAP, m._replace(flags=0), need_reply=True)
@@ -692,15 +705,10 @@ def test_the_picture_against_a_front_end_that_is_this_test(raw_peers) -> None:
     """This process is the front-end: what it maps with its own mmap is what the tap
     must find in /proc/PID/maps, whatever the picture says."""
     front, back, tap, _proc = raw_peers
-    ours, handed = socket.socketpair()
+    ours, given = hand_over_backend_channel(front, back)
     buffer = memfd(2 * PAGE)
     view: mmap.mmap | None = None
     try:
-        request = encode(ChannelKind.MAIN, FrontendReq.SET_BACKEND_REQ_FD, None)
-        send_with(front, request, [handed.fileno()])
-        handed.close()
-        _, fds = recv_exactly(back, len(request))
-        given = socket.socket(fileno=fds[0])
         m = ShmemMap(0, 0, 2 * PAGE, 0, 1)
 
         def backend_says(req: BackendReq, fds: list[int]) -> None:
@@ -749,14 +757,9 @@ def test_the_picture_against_a_front_end_that_is_this_test(raw_peers) -> None:
 
 def test_a_map_the_codec_cannot_read_is_relayed_and_makes_no_mapping(raw_peers) -> None:
     front, back, tap, proc = raw_peers
-    ours, handed = socket.socketpair()
+    ours, given = hand_over_backend_channel(front, back)
     buffer, other_buffer = memfd(PAGE), memfd(PAGE)
     try:
-        request = encode(ChannelKind.MAIN, FrontendReq.SET_BACKEND_REQ_FD, None)
-        send_with(front, request, [handed.fileno()])
-        handed.close()
-        _, fds = recv_exactly(back, len(request))
-        given = socket.socket(fileno=fds[0])
         m = ShmemMap(0, 0, PAGE, 0, 1)
         whole = encode_shmem_request(BackendReq.SHMEM_MAP, m, need_reply=False)
         short = whole[:8] + (len(whole) - 20).to_bytes(4, "little") + whole[12:-8]
