@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from shmemctl.shmem import Refusal, RegionTable, ShmemRefused, ShmemSetupError
 from shmemctl.shmem.index import IntervalIndex
+from shmemctl.shmem.mapping import Mapping
 from shmemctl.shmem.procmaps import disagreements, read_maps
 from shmemctl.wire import ShmemMap
 
@@ -205,3 +207,42 @@ def test_close_gives_the_address_space_back(buf) -> None:
     t.map(ShmemMap(0, 0, PAGE, 0), buf)
     t.close()
     assert not any(line.start <= base < line.end for line in read_maps())
+
+
+# ---------------------------------------------------------------- the one mapping record
+
+
+@given(
+    st.builds(
+        Mapping,
+        shmid=st.integers(0, 255),
+        shm_offset=st.integers(0, 2**64 - 1),
+        len=st.integers(1, 2**64 - 1),
+        fd_offset=st.integers(0, 2**64 - 1),
+        writable=st.booleans(),
+        file=st.text(max_size=20),
+        dev=st.builds(os.makedev, st.integers(0, 4095), st.integers(0, 2**20 - 1)),
+        ino=st.integers(0, 2**63),
+        created=st.floats(1.0, 2e9),
+        buffer=st.integers(0, 1000),
+        confirmed=st.booleans(),
+    )
+)
+def test_a_mapping_reads_back_from_its_json_form(m: Mapping) -> None:
+    now = 2.5e9
+    back = Mapping.from_json(json.loads(json.dumps(m.to_json(now))), now)
+    # what the form leaves out when it is not known comes back as "not known"
+    expected = m._replace(
+        dev=m.dev if m.ino else 0,
+        confirmed=m.confirmed if m.buffer else True,
+        created=pytest.approx(m.created, abs=1e-3),  # ages are kept to the millisecond
+    )
+    assert back == expected
+
+
+def test_a_mapping_is_granted_as_its_request_asks() -> None:
+    request = ShmemMap(2, 0x4000, 0x2000, 0x1000, 0)
+    m = Mapping.granted(request, dev=os.makedev(0, 1), ino=7, created=1.0)
+    assert (m.end, m.writable, m.ino, m.request()) == (0x6000, False, 7, request)
+    assert m.to_json() == {"shmid": 2, "shm_offset": 0x4000, "len": 0x2000, "fd_offset": 0x1000,
+                           "writable": False, "dev": "00:01", "ino": 7}  # fmt: skip
