@@ -820,13 +820,16 @@ def _tap_endpoint(_ctx: click.Context, _param: click.Parameter, value: str) -> A
               callback=_tap_endpoint, help="Where the back-end (the device) is met.")  # fmt: skip
 @click.option("--retry", default=0.5, show_default=True, type=click.FloatRange(min=0.01),
               help="Seconds between connects to a side that is not there yet.")  # fmt: skip
+@click.option("--reply-deadline", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds a request owed a reply may wait for it before that is reported "
+              "as a broken rule (answered-in-time); 0: never.")  # fmt: skip
 @options.shmem_bit
 @options.pair_name
 @options.control_path
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
 def tap(
-    front: Any, back: Any, retry: float, shmem_bit: int, name: str, control: str | None,
-    verbose: bool,
+    front: Any, back: Any, retry: float, reply_deadline: float, shmem_bit: int, name: str,
+    control: str | None, verbose: bool,
 ) -> None:  # fmt: skip
     """Sit between a front-end and a back-end it did not start: relay both channels
     exactly, and report what passes (features, layout, mappings, broken rules) on its
@@ -834,7 +837,8 @@ def tap(
     from .tap import TapOptions
     from .tap.daemon import serve
 
-    tap_options = TapOptions(front=front, back=back, shmem_bit=shmem_bit, retry=retry)
+    tap_options = TapOptions(front=front, back=back, shmem_bit=shmem_bit, retry=retry,
+                             reply_deadline=reply_deadline or None)  # fmt: skip
     try:
         serve(tap_options, options.resolve_control(control, name, "tap"), verbose=verbose)
     except OSError as exc:

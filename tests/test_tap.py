@@ -146,6 +146,10 @@ class Pair:
 
 def start_tap(spawn: Callable[..., Proc], tmp_path: Path, front: str, back: str,
               *extra: str) -> tuple[Proc, str]:  # fmt: skip
+    if "--reply-deadline" not in extra:
+        # a late reply on a busy machine must not be a finding of a test about something
+        # else: only the test of the deadline sets one
+        extra = (*extra, "--reply-deadline", "0")
     tap = spawn(sys.executable, "-m", "shmemctl", "tap", "--front", front, "--back", back,
                 "--name", "t", *extra, name="tap")  # fmt: skip
     tap.wait_log("control socket")
@@ -391,11 +395,15 @@ def recv_exactly(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-@pytest.fixture
-def raw_peers(spawn, tmp_path) -> Iterator[tuple[socket.socket, socket.socket, Monitor, Proc]]:
-    """The tap between two sockets of this test: (front-end's, back-end's, tap monitor)."""
+RawPeers = tuple[socket.socket, socket.socket, Monitor, Proc]
+
+
+def raw_pair(spawn: Callable[..., Proc], tmp_path: Path, *extra: str) -> RawPeers:
+    """The tap between two sockets of this test: (front-end's, back-end's, tap monitor,
+    the tap)."""
     front_path, back_path = str(tmp_path / "front.sock"), str(tmp_path / "back.sock")
-    proc, ctl = start_tap(spawn, tmp_path, f"listen:{front_path}", f"listen:{back_path}")
+    proc, ctl = start_tap(spawn, tmp_path, f"listen:{front_path}", f"listen:{back_path}",
+                          *extra)  # fmt: skip
     monitor = Monitor.of(proc, ctl, PATIENCE)
     monitor.execute("subscribe", events=[*Event])
     front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -403,9 +411,40 @@ def raw_peers(spawn, tmp_path) -> Iterator[tuple[socket.socket, socket.socket, M
     back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     back.connect(back_path)
     wait_event(monitor, Event.ATTACHED)
-    yield front, back, monitor, proc
-    front.close()
-    back.close()
+    return front, back, monitor, proc
+
+
+@pytest.fixture
+def raw_peers(spawn, tmp_path) -> Iterator[RawPeers]:
+    peers = raw_pair(spawn, tmp_path)
+    yield peers
+    peers[0].close()
+    peers[1].close()
+
+
+def test_a_request_left_unanswered_past_the_deadline_is_the_owers_violation(
+    spawn, tmp_path
+) -> None:
+    front, back, tap, _proc = raw_pair(spawn, tmp_path, "--reply-deadline", "0.2")
+    try:
+        asked = encode(ChannelKind.MAIN, FrontendReq.GET_FEATURES, None)
+        front.sendall(asked)
+        assert recv_exactly(back, len(asked))[0] == asked  # the back-end has it, and waits
+        violation = tap.events[wait_event(tap, Event.VIOLATION)]["data"]
+        assert (violation["by"], violation["rule"], violation["request"]) == (
+            "back-end", "answered-in-time", "GET_FEATURES"
+        )
+        assert violation["detail"] == "GET_FEATURES not answered within 0.2s"
+        # late is still an answer: it is the one owed, matched, and flagged no further
+        reply = encode_u64_reply(FrontendReq.GET_FEATURES, 1 << 32)
+        back.sendall(reply)
+        assert recv_exactly(front, len(reply))[0] == reply
+        status = tap.execute("status")
+        assert status["violations"] == {"answered-in-time": 1}
+        assert status["pending"]["main"] == []
+    finally:
+        front.close()
+        back.close()
 
 
 def hand_over_backend_channel(

@@ -82,6 +82,10 @@ class Observer:
         """Requests on `channel` still owed a reply, oldest first."""
         return list(self._pending[channel])
 
+    def owes(self, msg: Message) -> bool:
+        """Whether `msg` (this very message) is still owed a reply."""
+        return any(waiting is msg for waiting in self._pending[msg.channel])
+
     def mappings(self) -> list[Mapping]:
         return [
             m

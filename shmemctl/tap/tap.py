@@ -22,6 +22,7 @@ import signal
 import socket
 import stat
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from ..channel import ChannelError, close_fds
 from ..daemon import Stopper, connect_unix, listen_unix
 from ..events import Event, EventHub
-from ..session.common import Owed, owed_by
+from ..session.common import Owed, Rule, owed_by
 from ..session.observer import BACKEND, FRONTEND, Observer, Violation
 from ..shmem.mapping import Mapping
 from ..wire.constants import SHMEM_BIT, BackendReq, ChannelKind, FrontendReq
@@ -69,6 +70,9 @@ class TapOptions:
     shmem_bit: int = SHMEM_BIT
     #: seconds between attempts to connect to a side that is not there yet
     retry: float = 0.5
+    #: seconds a request owed a reply may wait for it before that is a violation
+    #: (ANSWERED_IN_TIME); None: no deadline
+    reply_deadline: float | None = 5.0
 
 
 def direction(kind: ChannelKind, sender: str) -> str:
@@ -147,6 +151,9 @@ class Tap:
         #: SHMEM_MAP requests owed an answer, by id(), with what their fd was: written
         #: onto the mapping when the answer makes it part of the picture
         self._facts: dict[int, tuple[Message, FileFacts]] = {}
+        #: requests owed a reply, by id, with when they passed (the message is kept, so
+        #: its id is not reused while it waits)
+        self._asked: dict[int, tuple[Message, float]] = {}
         self.connections = 0
         self.state = "starting"
         #: the last layout a GET_SHMEM_CONFIG reply carried, and on which connection
@@ -234,12 +241,16 @@ class Tap:
         main.start()
         if self.stopper.stopped:
             connection.end("the tap is stopping")
-        connection.over.wait()
+        deadline = self.options.reply_deadline
+        tick = None if deadline is None else min(0.1, deadline / 4)
+        while not connection.over.wait(tick):
+            self._overdue()
         connection.teardown()
         with self.lock:
             self.observer.disconnected()  # every mapping went with the connection
             self.files.clear()
             self._facts.clear()
+            self._asked.clear()
             self.peers = {side: None for side in SIDES}
         for side in SIDES:
             self.attached[side] = False
@@ -306,6 +317,8 @@ class Tap:
             target = self._settles(message, facts)
             before = self._mapping_for(target)
             violations = self.observer.message(message)
+            if self.options.reply_deadline is not None and self.observer.owes(message):
+                self._asked[id(message)] = (message, time.monotonic())
             if target is not None:
                 self._stamp(message, target, before)
             self.violations.update(v.rule.label for v in violations)
@@ -313,7 +326,27 @@ class Tap:
             if config is not None and (self.last_config is None or self.last_config[0] != config):
                 self.last_config = (config, self.connections)
         for violation in violations:
-            self._violation(link, message, violation)
+            self._violation(link.kind, message, violation)
+
+    def _overdue(self) -> None:
+        """Each request owed a reply that has waited past the deadline: a violation of
+        the side that owes it, once. The observer has no clock; the tap keeps the time."""
+        deadline = self.options.reply_deadline
+        assert deadline is not None
+        late: list[tuple[Message, Violation]] = []
+        now = time.monotonic()
+        with self.lock:
+            for key, (message, asked) in list(self._asked.items()):
+                if not self.observer.owes(message):
+                    del self._asked[key]  # answered, or nothing on its channel is followed
+                elif now - asked > deadline:
+                    del self._asked[key]
+                    owing = BACKEND if message.channel is ChannelKind.MAIN else FRONTEND
+                    detail = f"{message.name} not answered within {deadline:g}s"
+                    late.append((message, Violation(Rule.ANSWERED_IN_TIME, owing, detail)))
+                    self.violations[Rule.ANSWERED_IN_TIME.label] += 1
+        for message, violation in late:
+            self._violation(message.channel, message, violation)
 
     # ------------------------------------------------------------ what an fd was
 
@@ -363,14 +396,14 @@ class Tap:
             file=facts.file, dev=facts.dev, ino=facts.ino
         )
 
-    def _violation(self, link: Link, message: Message, violation: Violation) -> None:
+    def _violation(self, channel: ChannelKind, message: Message, violation: Violation) -> None:
         rule = violation.rule
         log.warning("%s broke %s (%s: %s): %s", violation.by, rule.label, rule.passage,
                     rule.text, violation.detail)  # fmt: skip
         self.events.emit(
             Event.VIOLATION,
             {"by": violation.by, "rule": rule.label, "passage": rule.passage, "text": rule.text,
-             "detail": violation.detail, "channel": link.kind.value, "request": message.name},
+             "detail": violation.detail, "channel": channel.value, "request": message.name},
         )  # fmt: skip
 
     def _count(self, kind: ChannelKind, sender: str, unit: Unit) -> None:
