@@ -30,7 +30,7 @@ from shmemctl.session import (
     owed,
 )
 from shmemctl.shmem.libc import PAGE_SIZE
-from shmemctl.shmem.mapping import Mapping
+from shmemctl.shmem.mapping import FileFacts, Mapping
 from shmemctl.shmem.rules import Refusal, ShmemRefused
 from shmemctl.wire import BackendReq, ChannelKind, FrontendReq, MessageReader, ShmemMap
 from shmemctl.wire.constants import (
@@ -480,6 +480,26 @@ def test_observer_keeps_the_mappings_the_answers_make() -> None:
     assert shmem(pair, BackendReq.SHMEM_UNMAP, a, 0) == []
     assert pair.observer.mappings() == [Mapping.granted(b)]
     assert pair.observer.pending(BACKEND) == []
+
+
+def test_observer_mappings_keep_the_file_their_fd_named() -> None:
+    """Whoever holds the fd says what it was; the mapping the request makes keeps it,
+    whether the answer comes later or none is asked."""
+    pair = observed_pair()
+    files = [FileFacts(1, 10 + i, f"/memfd:buf-{i} (deleted)", PAGE_SIZE) for i in range(3)]
+    maps = [ShmemMap(0, i * PAGE_SIZE, PAGE_SIZE) for i in range(3)]
+    asked = request(BACKEND, BackendReq.SHMEM_MAP, maps[0], need_reply=True, fds=(FAKE_FD,))
+    pair.observer.message(asked, files[0])
+    unasked = request(BACKEND, BackendReq.SHMEM_MAP, maps[1], need_reply=False, fds=(FAKE_FD,))
+    pair.observer.message(unasked, files[1])
+    refused = request(BACKEND, BackendReq.SHMEM_MAP, maps[2], need_reply=True, fds=(FAKE_FD,))
+    pair.observer.message(refused, files[2])
+    pair.observer.message(travel(Outgoing(BACKEND, BackendReq.SHMEM_MAP, 0, reply=True)))
+    pair.observer.message(travel(Outgoing(BACKEND, BackendReq.SHMEM_MAP, EEXIST, reply=True)))
+    assert pair.observer.mappings() == [
+        Mapping.granted(m, file=f.file, dev=f.dev, ino=f.ino)
+        for m, f in zip(maps[:2], files[:2], strict=True)
+    ]
 
 
 def each_step_of_section_5() -> Iterator[tuple[str, ShmemMap, BackendReq]]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..shmem.libc import PAGE_SIZE
-from ..shmem.mapping import Mapping
+from ..shmem.mapping import FileFacts, Mapping
 from ..shmem.rules import must_refuse
 from ..wire.constants import (
     LEGACY_SHMEM_BIT,
@@ -67,6 +67,9 @@ class Observer:
         }
         #: channels it can no longer follow (`lost`): nothing on them is judged
         self.blind: set[ChannelKind] = set()
+        #: what the file of each SHMEM_MAP still owed an answer is, by the request's id
+        #: (the request waits in `_pending`, so its id is not reused meanwhile)
+        self._files: dict[int, FileFacts] = {}
 
     # ------------------------------------------------------------ what it knows
 
@@ -95,8 +98,10 @@ class Observer:
 
     # ------------------------------------------------------------ feeding
 
-    def message(self, msg: Message) -> list[Violation]:
-        """One message as it travelled; returns the violations it showed (also kept)."""
+    def message(self, msg: Message, file: FileFacts | None = None) -> list[Violation]:
+        """One message as it travelled; returns the violations it showed (also kept).
+        `file`: for a SHMEM_MAP, what its fd was, learnt by whoever held the fd (the
+        observer does no I/O); the mapping the request makes keeps it."""
         before = len(self.violations)
         if msg.channel in self.blind:
             return []
@@ -105,7 +110,7 @@ class Observer:
         elif msg.channel is ChannelKind.MAIN:
             self._main_request(msg)
         else:
-            self._backend_request(msg)
+            self._backend_request(msg, file)
         return self.violations[before:]
 
     def disconnected(self) -> None:
@@ -113,6 +118,7 @@ class Observer:
         self._drop_all()
         for queue in self._pending.values():
             queue.clear()
+        self._files.clear()
         self.blind.clear()
         self.state = PairState(resets=self.state.resets)
 
@@ -123,6 +129,8 @@ class Observer:
         nothing on `channel` is judged again on this connection."""
         self.blind.add(channel)
         self._pending[channel].clear()
+        if channel is ChannelKind.BACKEND:
+            self._files.clear()
 
     def _flag(self, rule: Rule, by: str, detail: str) -> None:
         self.violations.append(Violation(rule, by, detail))
@@ -180,9 +188,11 @@ class Observer:
 
     # ------------------------------------------------------------ backend channel
 
-    def _backend_request(self, msg: Message) -> None:
+    def _backend_request(self, msg: Message, file: FileFacts | None) -> None:
         if owed_by(msg, self.reply_ack) is not Owed.NOTHING:
             self._pending[ChannelKind.BACKEND].append(msg)
+            if file is not None and msg.request == BackendReq.SHMEM_MAP:
+                self._files[id(msg)] = file
         if msg.request not in (BackendReq.SHMEM_MAP, BackendReq.SHMEM_UNMAP):
             return
         if not (self.shmem and self.reply_ack):
@@ -206,7 +216,7 @@ class Observer:
                 f"SHMEM_UNMAP {_where(m)}: a reset already dropped it",
             )
         if not msg.need_reply or not self.reply_ack:
-            self._settle(msg, None)  # no answer will come: it takes effect if it is valid
+            self._settle(msg, None, file)  # no answer will come: it takes effect if valid
 
     def must_refuse(self, m: ShmemMap, *, is_map: bool) -> str:
         """Why a front-end following the rules must refuse this request, from the layout
@@ -233,6 +243,7 @@ class Observer:
             self._flag(rule, by, f"a {msg.name} reply nobody is owed")
             return
         asked = queue.popleft()
+        file = self._files.pop(id(asked), None)
         if msg.request != asked.request:
             self._flag(
                 Rule.REPLY_MATCHES_REQUEST, by, f"{asked.name} answered by a {msg.name} reply"
@@ -240,7 +251,7 @@ class Observer:
         elif msg.channel is ChannelKind.MAIN:
             self._main_reply(asked, msg)
         else:
-            self._settle(asked, msg)
+            self._settle(asked, msg, file)
 
     def _main_reply(self, asked: Message, reply: Message) -> None:
         s = self.state
@@ -281,7 +292,7 @@ class Observer:
             self._flag(Rule.CONFIG_STABLE, BACKEND, f"was {before.regions()}, now {regions}")
         self.state.config = config
 
-    def _settle(self, asked: Message, reply: Message | None) -> None:
+    def _settle(self, asked: Message, reply: Message | None, file: FileFacts | None) -> None:
         """A SHMEM request's outcome: a reply's value, or None when none was asked (the
         front-end handles it in order; whether the kernel let it map is not on the wire)."""
         m = asked.payload
@@ -304,7 +315,11 @@ class Observer:
             return  # refused, rightly or for what only the front-end's kernel knows
         held = self.state.mappings.setdefault(m.shmid, {})
         if is_map:
-            held[m.shm_offset] = Mapping.granted(m)
+            held[m.shm_offset] = (
+                Mapping.granted(m)
+                if file is None
+                else Mapping.granted(m, file=file.file, dev=file.dev, ino=file.ino)
+            )
             self.state.dropped.discard((m.shmid, m.shm_offset, m.len))
         else:
             held.pop(m.shm_offset, None)

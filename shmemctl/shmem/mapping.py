@@ -27,6 +27,17 @@ def dev_number(text: str) -> int:
     return os.makedev(int(major, 16), int(minor, 16))
 
 
+class FileFacts(NamedTuple):
+    """What the file an fd named is, learnt while the fd was open (fstat, /proc/self/fd),
+    kept so the file can be found again once the fd is closed."""
+
+    dev: int
+    ino: int
+    #: the name /proc/self/fd gives it (`/memfd:NAME (deleted)`, a path)
+    file: str
+    size: int
+
+
 class RangeJSON(TypedDict):
     """A range of a region: what an UNMAP names."""
 
@@ -83,12 +94,12 @@ class Mapping(NamedTuple):
 
     @classmethod
     def granted(
-        cls, m: ShmemMap, *, dev: int = 0, ino: int = 0, created: float = 0.0,
+        cls, m: ShmemMap, *, file: str = "", dev: int = 0, ino: int = 0, created: float = 0.0,
         buffer: int = 0, confirmed: bool = True,
     ) -> "Mapping":  # fmt: skip
         """The mapping a SHMEM_MAP asked for, with what else its holder knows."""
         return cls(
-            m.shmid, m.shm_offset, m.len, m.fd_offset, bool(m.flags & MMAP_FLAG_WRITE), "",
+            m.shmid, m.shm_offset, m.len, m.fd_offset, bool(m.flags & MMAP_FLAG_WRITE), file,
             dev, ino, created, buffer, confirmed,
         )  # fmt: skip
 

@@ -10,10 +10,10 @@ from typing import Any
 from ..control import Command, ControlError, ErrorClass
 from ..daemon import process_facts
 from ..session.observer import FRONTEND
-from ..shmem.mapping import Mapping
+from ..shmem.mapping import FileFacts, Mapping
 from ..wire import BackendReq, ChannelKind, feature_names
 from .tap import SIDES, Tap
-from .truth import FileFacts, check, peer_facts
+from .truth import check, peer_facts
 
 
 def _hex(value: int | None) -> str | None:

@@ -7,10 +7,10 @@ connection to end); each channel has one thread per direction (`Link`). The obse
 is fed under one lock, before the message is sent on, so a request is always seen
 before the reply it draws.
 
-The observer stays pure; what only the tap can learn from the kernel is added beside it:
-each peer's pid (SO_PEERCRED) and, for each SHMEM_MAP, what its fd is (`truth.FileFacts`),
-written onto the observer's `Mapping` under the lock once the front-end's answer made it
-part of the picture.
+The observer stays pure; what only the tap can learn from the kernel it learns itself:
+each peer's pid (SO_PEERCRED) and, for each SHMEM_MAP, what its fd is (`FileFacts`),
+which it hands to the observer with the message, so the mapping the request makes keeps
+it.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from typing import Any
 from ..channel import ChannelError, close_fds
 from ..daemon import Stopper, connect_unix, listen_unix
 from ..events import Event, EventHub
-from ..session.common import Owed, Rule, owed_by
+from ..session.common import Rule
 from ..session.observer import BACKEND, FRONTEND, Observer, Violation
-from ..shmem.mapping import Mapping
+from ..shmem.mapping import FileFacts
 from ..wire.constants import SHMEM_BIT, BackendReq, ChannelKind, FrontendReq
 from ..wire.messages import Message, ShmemConfig, ShmemMap
 from .framer import Unit
 from .link import Link, other, send_exact
-from .truth import FileFacts, Peer, fd_facts, peer_of
+from .truth import Peer, fd_facts, peer_of
 
 log = logging.getLogger("tap")
 
@@ -148,9 +148,6 @@ class Tap:
         #: became of the request: a front-end that still maps one the picture does not
         #: hold is a finding
         self.files: dict[tuple[int, int], FileFacts] = {}
-        #: SHMEM_MAP requests owed an answer, by id(), with what their fd was: written
-        #: onto the mapping when the answer makes it part of the picture
-        self._facts: dict[int, tuple[Message, FileFacts]] = {}
         #: requests owed a reply, by id, with when they passed (the message is kept, so
         #: its id is not reused while it waits)
         self._asked: dict[int, tuple[Message, float]] = {}
@@ -249,7 +246,6 @@ class Tap:
         with self.lock:
             self.observer.disconnected()  # every mapping went with the connection
             self.files.clear()
-            self._facts.clear()
             self._asked.clear()
             self.peers = {side: None for side in SIDES}
         for side in SIDES:
@@ -300,13 +296,15 @@ class Tap:
 
     @staticmethod
     def _file_of(unit: Unit) -> FileFacts | None:
-        """What the fd of a SHMEM_MAP request is (the fd stays the unit's)."""
+        """What the fd of a SHMEM_MAP request is (the fd stays the unit's); None for a
+        request the codec could not read: it makes no mapping."""
         message = unit.message
         if (
             message is None
             or message.channel is not ChannelKind.BACKEND
             or message.is_reply
             or message.request != BackendReq.SHMEM_MAP
+            or not isinstance(message.payload, ShmemMap)
             or len(unit.fds) != 1
         ):
             return None
@@ -314,13 +312,11 @@ class Tap:
 
     def _observe(self, link: Link, message: Message, facts: FileFacts | None = None) -> None:
         with self.lock:
-            target = self._settles(message, facts)
-            before = self._mapping_for(target)
-            violations = self.observer.message(message)
+            if facts is not None and message.channel not in self.observer.blind:
+                self.files[(facts.dev, facts.ino)] = facts
+            violations = self.observer.message(message, facts)
             if self.options.reply_deadline is not None and self.observer.owes(message):
                 self._asked[id(message)] = (message, time.monotonic())
-            if target is not None:
-                self._stamp(message, target, before)
             self.violations.update(v.rule.label for v in violations)
             config = self.observer.state.config
             if config is not None and (self.last_config is None or self.last_config[0] != config):
@@ -347,54 +343,6 @@ class Tap:
                     self.violations[Rule.ANSWERED_IN_TIME.label] += 1
         for message, violation in late:
             self._violation(message.channel, message, violation)
-
-    # ------------------------------------------------------------ what an fd was
-
-    def _settles(self, message: Message, facts: FileFacts | None) -> Message | None:
-        """The SHMEM_MAP whose outcome feeding `message` may decide, when its fd is known:
-        the request itself (settled at once when it asks no answer) or, for an answer on
-        the backend channel, the oldest request owed one. Under the lock."""
-        if message.channel is not ChannelKind.BACKEND or message.channel in self.observer.blind:
-            return None
-        if not message.is_reply:
-            if facts is None or not isinstance(message.payload, ShmemMap):
-                return None  # not a map the codec could read: it makes no mapping
-            self.files[(facts.dev, facts.ino)] = facts
-            self._facts[id(message)] = (message, facts)
-            return message
-        if not self._facts:
-            return None  # no map of a known file waits: nothing to look up
-        owed = self.observer.pending(ChannelKind.BACKEND)
-        return owed[0] if owed else None
-
-    def _mapping_for(self, request: Message | None) -> Mapping | None:
-        if request is None or not isinstance(request.payload, ShmemMap):
-            return None
-        m = request.payload
-        return self.observer.state.mappings.get(m.shmid, {}).get(m.shm_offset)
-
-    def _stamp(self, message: Message, request: Message, before: Mapping | None) -> None:
-        """Once `message` was fed: if it made `request`'s mapping part of the picture, the
-        picture's `Mapping` gets the file's device, inode and name. Under the lock."""
-        entry = self._facts.get(id(request))
-        if entry is None or entry[0] is not request:
-            return  # another message under a reused id(): not one whose fd was seen
-        if message is request and owed_by(request, self.observer.reply_ack) is not Owed.NOTHING:
-            return  # its answer decides: kept until then
-        del self._facts[id(request)]
-        facts, m = entry[1], request.payload
-        after = self._mapping_for(request)
-        # only a new record, exactly what was asked: the observer has just accepted it
-        if (
-            not isinstance(m, ShmemMap)
-            or after is None
-            or after is before
-            or after != Mapping.granted(m)
-        ):
-            return
-        self.observer.state.mappings[m.shmid][m.shm_offset] = after._replace(
-            file=facts.file, dev=facts.dev, ino=facts.ino
-        )
 
     def _violation(self, channel: ChannelKind, message: Message, violation: Violation) -> None:
         rule = violation.rule
@@ -425,8 +373,6 @@ class Tap:
                     return  # said once, when the framing was lost
                 self.raw.add(where)
                 self.observer.lost(link.kind)
-                if link.kind is ChannelKind.BACKEND:
-                    self._facts.clear()  # no answer will be matched to its request now
             log.warning("%s: %s; relaying its bytes and fds as they come", where, unit.problem)
         else:
             log.warning("%s: relayed as it came: %s", where, unit.problem)

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import psutil
 
-from ..shmem.mapping import Mapping, dev_text
+from ..shmem.mapping import FileFacts, Mapping, dev_text
 from ..shmem.procmaps import MapsLine, disagreements, read_maps
 from ..sizes import hex_range
 
@@ -35,16 +35,6 @@ _UCRED = struct.Struct("3i")
 
 
 # ------------------------------------------------------------------ what an fd is
-
-
-class FileFacts(NamedTuple):
-    """What an fd was, kept so the file can be found again once the fd is closed."""
-
-    dev: int
-    ino: int
-    #: the name /proc/self/fd gives it (`/memfd:NAME (deleted)`, a path)
-    file: str
-    size: int
 
 
 def fd_facts(fd: int) -> FileFacts | None:
