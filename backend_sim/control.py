@@ -139,14 +139,13 @@ def batch(st: BackendState, maps: list) -> dict[str, Any]:
             f"the batch's buffers need {cost:#x} bytes in all, more than --max-buffer "
             f"({human_size(st.device.max_buffer)}) allows; send fewer or smaller maps",
         )
+    last = len(requests) - 1
     sent = 0
     try:
-        with _sending(st, f"batch item {len(requests) - 1}"):
-            for n, m in enumerate(requests[:-1]):
-                with _sending(st, f"batch item {n}"):
-                    st.device.map(m, need_reply=False)
-                sent += 1
-            result = st.device.map(requests[-1])
+        for n, m in enumerate(requests):  # only the last asks for the answer
+            with _sending(st, f"batch item {n}"):
+                result = st.device.map(m, need_reply=n == last)
+            sent += 1
     except ControlError as exc:
         if not sent:
             raise

@@ -70,13 +70,13 @@ def run_pair_bench(quick: bool = False, timeout: float = 600.0) -> list[dict[str
                     raise click.ClickException(f"bench step failed: {line.strip()}") from None
                 if len(results) == len(cells) or time.monotonic() > end:
                     break
-            if len(results) != len(cells) and time.monotonic() > end:
-                # not a failure of the pair: the machine is too busy for the time allowed
-                raise click.ClickException(
-                    f"bench ran out of time: {len(results)} of {len(cells)} cells in "
-                    f"{timeout:g}s; is the machine busy? (try again when it is idler)"
-                )
             if len(results) != len(cells):
+                if time.monotonic() > end:
+                    # not a failure of the pair: the machine is too busy for the time allowed
+                    raise click.ClickException(
+                        f"bench ran out of time: {len(results)} of {len(cells)} cells in "
+                        f"{timeout:g}s; is the machine busy? (try again when it is idler)"
+                    )
                 tail = paths.logfile("frontend").read_text()[-2000:]
                 raise click.ClickException(f"bench ended early after {len(results)} cells\n{tail}")
             return results

@@ -10,6 +10,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -103,6 +104,17 @@ def connect_unix(path: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process on the other end of a connected Unix socket, as
+    the kernel recorded them when it connected (SO_PEERCRED). OSError if it cannot."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
 
 
 def profiled(target: Callable[..., None], name: str) -> Callable[..., None]:

@@ -371,6 +371,17 @@ def test_a_batch_across_a_reset_is_settled_range_by_range(sim: Callable[..., Sim
     s.settled()
 
 
+def two_map_batch(s: Sim) -> tuple[ShmemMap, ShmemMap, Future[Any]]:
+    """A batch of two maps sent, both requests read and neither answered: the first asks
+    no answer, the last does."""
+    first, last = ShmemMap(0, 0x10000, 0x1000), ShmemMap(0, 0x20000, 0x1000)
+    maps = [{"shmid": m.shmid, "shm_offset": m.shm_offset, "len": m.len} for m in (first, last)]
+    pending = s.start("batch", maps=maps)
+    assert not s.request().need_reply
+    assert s.request().need_reply
+    return first, last, pending
+
+
 @pytest.mark.parametrize("then", ["reset", "reconnect"])
 def test_a_batch_left_unanswered_is_settled_on_its_own_connection_only(
     sim: Callable[..., Sim], then: str
@@ -380,11 +391,7 @@ def test_a_batch_left_unanswered_is_settled_on_its_own_connection_only(
     however much later it comes; after a hang-up they went with the connection, and the
     next one is sent no UNMAP of them (§5)."""
     s = sim()
-    first, last = ShmemMap(0, 0x10000, 0x1000), ShmemMap(0, 0x20000, 0x1000)
-    maps = [{"shmid": m.shmid, "shm_offset": m.shm_offset, "len": m.len} for m in (first, last)]
-    pending = s.start("batch", maps=maps)
-    assert not s.request().need_reply
-    assert s.request().need_reply
+    first, _last, pending = two_map_batch(s)
     s.backend.send(encode_u64_reply(BackendReq.SHMEM_UNMAP, 0))  # the answer to another request
     assert s.error_of(pending).error_class == ErrorClass.FAILED
     if then == "reset":
@@ -418,11 +425,7 @@ def test_a_batch_left_unanswered_keeps_its_earlier_maps_unconfirmed(
     read the earlier maps is unknown: the device lists them as unconfirmed, not as
     acknowledged, until a reset."""
     s = sim()
-    first, last = ShmemMap(0, 0x10000, 0x1000), ShmemMap(0, 0x20000, 0x1000)
-    maps = [{"shmid": m.shmid, "shm_offset": m.shm_offset, "len": m.len} for m in (first, last)]
-    pending = s.start("batch", maps=maps)
-    assert not s.request().need_reply
-    assert s.request().need_reply
+    first, last, pending = two_map_batch(s)
     if then == "hangup-backend":
         s.backend.close()  # unanswered; the main channel goes on
     else:

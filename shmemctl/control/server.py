@@ -10,13 +10,12 @@ import logging
 import os
 import queue
 import socket
-import struct
 import threading
 from collections.abc import Iterable
 from typing import Any
 
 from .. import __version__
-from ..daemon import listen_unix
+from ..daemon import listen_unix, peer_credentials
 from ..events import NAMES, TRACE, EventHub, known_names
 from .protocol import (
     MAX_LINE,
@@ -31,7 +30,6 @@ from .protocol import (
 
 log = logging.getLogger("control")
 
-_PEERCRED = struct.Struct("3i")
 #: How long a client that has stopped sending may take to read its last answers.
 _FLUSH_TIMEOUT = 30.0
 
@@ -186,9 +184,7 @@ class ControlServer:
                 sock, _ = self._listener.accept()
             except OSError:
                 return
-            pid, uid, _gid = _PEERCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-            )
+            pid, uid, _gid = peer_credentials(sock)
             if not peer_allowed(uid):
                 log.warning("control: refused pid %d of uid %d (not uid %d or root)", pid, uid,
                             os.getuid())  # fmt: skip

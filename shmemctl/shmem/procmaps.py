@@ -124,7 +124,6 @@ def describe(seg: Segment) -> str:
     )
 
 
-
 def disagreements(
     lines: list[MapsLine], shmid: int, base: int, size: int, mappings: Iterable[Mapping]
 ) -> list[str]:

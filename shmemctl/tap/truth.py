@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 from collections.abc import Collection, Iterable
 from collections.abc import Mapping as MappingOf
 from dataclasses import dataclass, field
@@ -25,13 +24,13 @@ from typing import Any, NamedTuple
 
 import psutil
 
+from ..daemon import peer_credentials
 from ..shmem.mapping import FileFacts, Mapping, dev_text
 from ..shmem.procmaps import MapsLine, disagreements, read_maps
 from ..sizes import hex_range
 
 AGREE, DISAGREE, UNKNOWN = "agree", "disagree", "unknown"
 
-_UCRED = struct.Struct("3i")
 
 
 # ------------------------------------------------------------------ what an fd is
@@ -67,9 +66,8 @@ class Peer(NamedTuple):
 def peer_of(sock: socket.socket) -> Peer | None:
     """SO_PEERCRED of a connected Unix socket; None when the kernel gives none."""
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        pid, uid, gid = _UCRED.unpack(raw)
-    except (OSError, struct.error):
+        pid, uid, gid = peer_credentials(sock)
+    except OSError:
         return None
     started = None
     if pid > 0:  # gone already, or not ours to read: `absent` says which later
