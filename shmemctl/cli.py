@@ -204,6 +204,8 @@ class NoDaemon(click.ClickException):
 
 
 PAIR_ROLES = ("frontend", "backend")
+#: a role as people read it
+SIDE = {"frontend": "front-end", "backend": "back-end"}
 
 
 def kind_of(paths: rundir.PairPaths) -> str | None:
@@ -241,12 +243,12 @@ class Target:
             # not "is the pair up?": nothing on a tap's name maps, resets or reads
             raise click.ClickException(
                 f"{self.name} is a tap: it only watches its pair (status, watch, trace); "
-                f"{what} is for a pair's {role.replace('end', '-end')}"
+                f"{what} is for a pair's {SIDE[role]}"
             )
         if path is None:
             other = "back-end" if role == "frontend" else "front-end"
             raise click.UsageError(
-                f"{what} is the {role.replace('end', '-end')}'s to do, and no --{role} socket "
+                f"{what} is the {SIDE[role]}'s to do, and no --{role} socket "
                 f"was given (only the {other}'s)"
             )
         try:
@@ -550,7 +552,7 @@ def _pair_row(paths: rundir.PairPaths) -> dict[str, Any]:
             args = {"max_mappings": 0} if role == "frontend" else {}
             views[role] = _ask(paths.control(role), "status", **args)
         except (DaemonUnreachable, ControlError) as exc:
-            errors.append(f"{role.replace('end', '-end')}: {_why_not(exc)}")
+            errors.append(f"{SIDE[role]}: {_why_not(exc)}")
     fe, be = views.get("frontend"), views.get("backend")
     row: dict[str, Any] = {
         "kind": "pair",
@@ -570,7 +572,7 @@ def _pair_row(paths: rundir.PairPaths) -> dict[str, Any]:
         row["error"] = "; ".join(errors)
         if views:  # half a pair answers: say so where the state is read
             silent = next(role for role in PAIR_ROLES if role not in views)
-            row["state"] += f" ({silent.replace('end', '-end')} not answering)"
+            row["state"] += f" ({SIDE[silent]} not answering)"
     return row
 
 
