@@ -521,11 +521,26 @@ def watch(target: Target, count: int | None) -> None:
 
 @main.command()
 @click.option("--count", type=int, help="Stop after this many messages.")
+@click.option("--replay", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="Print a tap's recording (tap --record) instead of live messages.")  # fmt: skip
 @target_options
-def trace(target: Target, count: int | None) -> None:
+def trace(target: Target, count: int | None, replay: str | None) -> None:
     """Live decoded protocol messages of both channels, as each daemon sees them (on a
-    tap's name: as the tap forwards them, fe->be or be->fe)."""
-    _stream(target, [Event.MESSAGE], count)
+    tap's name: as the tap forwards them, fe->be or be->fe); or a recording's, decoded
+    again from its bytes (--replay)."""
+    if replay is None:
+        _stream(target, [Event.MESSAGE], count)
+        return
+    from .render import render_event
+    from .tap.recording import RecordingError, replay_events
+
+    try:
+        for n, event in enumerate(replay_events(replay)):
+            if count is not None and n >= count:
+                break
+            click.echo(json.dumps(event) if target.as_json else render_event(event))
+    except (RecordingError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 #: how long `ls` waits for any one daemon: a hung one is listed, not waited for
@@ -771,11 +786,17 @@ def down(name: str) -> None:
 @click.option(
     "--require-shmem", is_flag=True, help="Fail, not skip, when the peer does not do SHMEM."
 )
+@click.option("--recording", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="Check the rules over a tap's recording (tap --record) instead of a live "
+              "peer: the same rules a tap judges live.")  # fmt: skip
+@click.option("--reply-deadline", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="With --recording: seconds a request owed a reply may have waited for it "
+              "(answered-in-time); 0: not judged.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for CI.")
 def conformance(
     frontend_sock: str | None, backend_sock: str | None, mode: str | None, wait: float,
     timeout: float, regions: str | None, no_offer_bit_21: bool, require_shmem: bool,
-    as_json: bool,
+    recording: str | None, reply_deadline: float, as_json: bool,
 ) -> None:  # fmt: skip
     """Check another implementation against the protocol (docs/protocol.md); exit 1 if a check fails
     or could not run (a peer that hangs up mid-suite fails it).
@@ -784,9 +805,19 @@ def conformance(
     back-end by connecting to it (the default with --backend)."""
     from .conformance import check_backend, check_frontend, parse_layout
 
-    if bool(frontend_sock) == bool(backend_sock):
-        raise click.UsageError("give exactly one of --frontend SOCKET or --backend SOCKET")
-    if frontend_sock:
+    if (frontend_sock is not None) + (backend_sock is not None) + (recording is not None) != 1:
+        raise click.UsageError(
+            "give exactly one of --frontend SOCKET, --backend SOCKET or --recording FILE"
+        )
+    if recording is not None:
+        from .conformance.recording import check_recording
+        from .tap.recording import RecordingError
+
+        try:
+            report = check_recording(recording, reply_deadline=reply_deadline or None)
+        except (RecordingError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+    elif frontend_sock:
         try:
             layout = parse_layout(regions)
         except ValueError as exc:
@@ -825,13 +856,17 @@ def _tap_endpoint(_ctx: click.Context, _param: click.Parameter, value: str) -> A
 @click.option("--reply-deadline", default=5.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds a request owed a reply may wait for it before that is reported "
               "as a broken rule (answered-in-time); 0: never.")  # fmt: skip
+@click.option("--record", metavar="FILE", type=click.Path(dir_okay=False, writable=True),
+              help="Append every message of both channels to FILE, one JSON line each (the "
+              "exact bytes, what each fd was, the decoded form): `shmemctl trace --replay "
+              "FILE` prints it, `shmemctl conformance --recording FILE` checks it.")  # fmt: skip
 @options.shmem_bit
 @options.pair_name
 @options.control_path
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
 def tap(
-    front: Any, back: Any, retry: float, reply_deadline: float, shmem_bit: int, name: str,
-    control: str | None, verbose: bool,
+    front: Any, back: Any, retry: float, reply_deadline: float, record: str | None,
+    shmem_bit: int, name: str, control: str | None, verbose: bool,
 ) -> None:  # fmt: skip
     """Sit between a front-end and a back-end it did not start: relay both channels
     exactly, and report what passes (features, layout, mappings, broken rules) on its
@@ -840,11 +875,12 @@ def tap(
     from .tap.daemon import serve
 
     tap_options = TapOptions(front=front, back=back, shmem_bit=shmem_bit, retry=retry,
-                             reply_deadline=reply_deadline or None)  # fmt: skip
+                             reply_deadline=reply_deadline or None, record=record)  # fmt: skip
     try:
         serve(tap_options, options.resolve_control(control, name, "tap"), verbose=verbose)
     except OSError as exc:
-        raise click.ClickException(str(exc.strerror or exc)) from None
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
 
 @main.command()

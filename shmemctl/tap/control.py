@@ -65,7 +65,8 @@ def _regions(
 def status(tap: Tap) -> dict[str, Any]:
     bit = tap.options.shmem_bit
     with tap.lock:
-        observer = tap.observer
+        watch = tap.watch
+        observer = watch.observer
         state = observer.state
         offered, acked = state.offered, state.acked
         negotiated = None if acked is None else acked & (offered if offered is not None else acked)
@@ -74,12 +75,12 @@ def status(tap: Tap) -> dict[str, Any]:
         peers = dict(tap.peers)
         # under the lock, so that the maps are read against one picture: no answer can
         # change it meanwhile (the front-end acts before it answers)
-        truth = check(peers[FRONTEND], sizes, mappings, set(tap.files),
+        truth = check(peers[FRONTEND], sizes, mappings, set(watch.files),
                       unsure=_unsure(tap))  # fmt: skip
         answer: dict[str, Any] = {
             "role": "tap",
             "state": tap.state,
-            "connection": tap.connections,
+            "connection": watch.connections,
             "sides": {
                 side: {
                     "socket": tap.endpoints[side].path,
@@ -99,14 +100,14 @@ def status(tap: Tap) -> dict[str, Any]:
                 "reply_ack": observer.reply_ack,
                 "backend_channel": state.backend_channel,
             },
-            "regions": _regions(sizes, mappings, tap.files, truth.comparison.gone),
+            "regions": _regions(sizes, mappings, watch.files, truth.comparison.gone),
             "resets": state.resets,
             "pending": {
                 kind.value: [m.name for m in observer.pending(kind)] for kind in ChannelKind
             },
-            "violations": dict(tap.violations),
+            "violations": dict(watch.violations),
             "counters": copy.deepcopy(tap.counters),
-            "raw": sorted(tap.raw),
+            "raw": sorted(watch.raw),
             #: channels whose rules are no longer judged, one direction's framing lost
             "unjudged": sorted(kind.value for kind in observer.blind),
         }
@@ -120,7 +121,7 @@ def status(tap: Tap) -> dict[str, Any]:
 def _unsure(tap: Tap) -> str:
     """Why the picture cannot be held to the front-end's maps right now; "" when it can.
     Under the tap's lock."""
-    observer = tap.observer
+    observer = tap.watch.observer
     if observer.blind:
         lost = " and ".join(sorted(kind.value for kind in observer.blind))
         return f"the picture no longer follows the {lost} channel (its framing was lost)"
@@ -133,7 +134,7 @@ def _unsure(tap: Tap) -> str:
 
 
 def shmem_config(tap: Tap) -> dict[str, Any]:
-    last = tap.last_config
+    last = tap.watch.last_config
     if last is None:
         raise ControlError(ErrorClass.REFUSED, "no GET_SHMEM_CONFIG reply has passed the tap yet")
     config, connection = last

@@ -23,21 +23,19 @@ import socket
 import stat
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from ..channel import ChannelError, close_fds
 from ..daemon import Stopper, connect_unix, listen_unix
 from ..events import Event, EventHub
-from ..session.common import Rule
-from ..session.observer import BACKEND, FRONTEND, Observer, Violation
-from ..shmem.mapping import FileFacts
-from ..wire.constants import SHMEM_BIT, BackendReq, ChannelKind, FrontendReq
-from ..wire.messages import Message, ShmemConfig, ShmemMap
+from ..session.observer import BACKEND, FRONTEND
+from ..wire.constants import SHMEM_BIT, ChannelKind, FrontendReq
 from .framer import Unit
 from .link import Link, other, send_exact
+from .recording import Recorder
 from .truth import Peer, fd_facts, peer_of
+from .watch import Finding, Watch, carries_map_file, direction
 
 log = logging.getLogger("tap")
 
@@ -73,11 +71,8 @@ class TapOptions:
     #: seconds a request owed a reply may wait for it before that is a violation
     #: (ANSWERED_IN_TIME); None: no deadline
     reply_deadline: float | None = 5.0
-
-
-def direction(kind: ChannelKind, sender: str) -> str:
-    """One direction of one channel, for people: 'main from front-end'."""
-    return f"{kind.value} from {sender}"
+    #: a file to append every relayed unit to, one JSON line each (`recording`)
+    record: str | None = None
 
 
 class _Connection:
@@ -89,6 +84,8 @@ class _Connection:
         self.over = threading.Event()
         self.reason = ""
         self._links: list[Link] = []
+        #: each link's number within the connection (0: main, then each backend channel)
+        self._numbers: dict[int, int] = {}
         self._lock = threading.Lock()
         self._closing = False
 
@@ -97,8 +94,12 @@ class _Connection:
         with self._lock:
             if self._closing:
                 return False
+            self._numbers[id(link)] = len(self._links)
             self._links.append(link)
             return True
+
+    def number_of(self, link: Link) -> int:
+        return self._numbers[id(link)]
 
     def link_ended(self, link: Link, sender: str, reason: str) -> None:
         if link.kind is ChannelKind.MAIN and not self.over.is_set():
@@ -129,32 +130,23 @@ class Tap:
         self.endpoints = {FRONTEND: options.front, BACKEND: options.back}
         self.events = EventHub()
         self.stopper = Stopper()
-        self.observer = Observer(shmem_bit=options.shmem_bit)
-        #: guards the observer and every count below
+        #: guards the watch and every count below
         self.lock = threading.Lock()
-        self.violations: Counter[str] = Counter()
+        self.watch = Watch(shmem_bit=options.shmem_bit, reply_deadline=options.reply_deadline)
         self.counters: dict[str, dict[str, dict[str, int]]] = {
             kind.value: {
                 side: {"messages": 0, "bytes": 0, "fds": 0, "undecodable": 0} for side in SIDES
             }
             for kind in ChannelKind
         }
-        #: directions of the current connection relayed raw, their framing lost
-        self.raw: set[str] = set()
         self.attached = {side: False for side in SIDES}
         #: who is on each side of the current connection, by SO_PEERCRED
         self.peers: dict[str, Peer | None] = {side: None for side in SIDES}
-        #: every file a SHMEM_MAP carried on this connection, by (st_dev, st_ino), whatever
-        #: became of the request: a front-end that still maps one the picture does not
-        #: hold is a finding
-        self.files: dict[tuple[int, int], FileFacts] = {}
-        #: requests owed a reply, by id, with when they passed (the message is kept, so
-        #: its id is not reused while it waits)
-        self._asked: dict[int, tuple[Message, float]] = {}
-        self.connections = 0
         self.state = "starting"
-        #: the last layout a GET_SHMEM_CONFIG reply carried, and on which connection
-        self.last_config: tuple[ShmemConfig, int] | None = None
+        self.recorder: Recorder | None = None
+        if options.record is not None:
+            self.recorder = Recorder(options.record, shmem_bit=options.shmem_bit,
+                                     front=str(options.front), back=str(options.back))  # fmt: skip
         self._listeners: dict[str, socket.socket] = {}
         self._connection: _Connection | None = None
 
@@ -188,6 +180,8 @@ class Tap:
                 self._serve(front, back)
         finally:
             self.state = "stopped"
+            if self.recorder is not None:
+                self.recorder.close()
             for side, listener in self._listeners.items():
                 listener.close()
                 with contextlib.suppress(FileNotFoundError):
@@ -222,12 +216,13 @@ class Tap:
         return None
 
     def _serve(self, front: socket.socket, back: socket.socket) -> None:
-        self.connections += 1
-        connection = _Connection(self.connections)
-        self._connection = connection
         with self.lock:
-            self.raw.clear()
+            number = self.watch.attached()
             self.peers = {FRONTEND: peer_of(front), BACKEND: peer_of(back)}
+            if self.recorder is not None:
+                self.recorder.attached(number)
+        connection = _Connection(number)
+        self._connection = connection
         for side in SIDES:
             self.attached[side] = True
             self._report(Event.ATTACHED, side, connection.number)
@@ -241,13 +236,16 @@ class Tap:
         deadline = self.options.reply_deadline
         tick = None if deadline is None else min(0.1, deadline / 4)
         while not connection.over.wait(tick):
-            self._overdue()
+            with self.lock:
+                late = self.watch.overdue(time.monotonic())
+            for finding in late:
+                self._violation(finding)
         connection.teardown()
         with self.lock:
-            self.observer.disconnected()  # every mapping went with the connection
-            self.files.clear()
-            self._asked.clear()
+            self.watch.detached()  # every mapping went with the connection
             self.peers = {side: None for side in SIDES}
+            if self.recorder is not None:
+                self.recorder.detached(number, connection.reason)
         for side in SIDES:
             self.attached[side] = False
             self._report(Event.DETACHED, side, connection.number, connection.reason)
@@ -271,15 +269,24 @@ class Tap:
         keep: tuple[int, ...] = ()
         theirs: socket.socket | None = None
         try:
-            if unit.message is not None:
-                self._observe(link, unit.message, self._file_of(unit))
-                handed = self._backend_channel(link, unit)
-                if handed is not None:
-                    theirs, keep = handed, unit.fds
-                    send_fds = (theirs.fileno(),)
-            self._count(link.kind, sender, unit)
-            if unit.problem:
+            facts = fd_facts(unit.fds[0]) if carries_map_file(unit) else None
+            with self.lock:
+                decoding = link.framers[sender].decoding
+                judged = self.watch.unit(link.kind, sender, unit, decoding=decoding,
+                                         now=time.monotonic(), facts=facts)  # fmt: skip
+                self._count(link.kind, sender, unit)
+                connection = self._connection
+                if self.recorder is not None and connection is not None:
+                    self.recorder.unit(connection.number, connection.number_of(link), link.kind,
+                                       sender, unit)  # fmt: skip
+            for finding in judged.findings:
+                self._violation(finding)
+            if judged.undecodable:
                 self._undecodable(link, sender, unit)
+            handed = self._backend_channel(link, unit)
+            if handed is not None:
+                theirs, keep = handed, unit.fds
+                send_fds = (theirs.fileno(),)
             try:
                 if unit.framed:
                     link.to[receiver].send(unit.data, send_fds)
@@ -294,88 +301,34 @@ class Tap:
             if theirs is not None:
                 theirs.close()  # the back-end has its own copy now
 
-    @staticmethod
-    def _file_of(unit: Unit) -> FileFacts | None:
-        """What the fd of a SHMEM_MAP request is (the fd stays the unit's); None for a
-        request the codec could not read: it makes no mapping."""
-        message = unit.message
-        if (
-            message is None
-            or message.channel is not ChannelKind.BACKEND
-            or message.is_reply
-            or message.request != BackendReq.SHMEM_MAP
-            or not isinstance(message.payload, ShmemMap)
-            or len(unit.fds) != 1
-        ):
-            return None
-        return fd_facts(unit.fds[0])
-
-    def _observe(self, link: Link, message: Message, facts: FileFacts | None = None) -> None:
-        with self.lock:
-            if facts is not None and message.channel not in self.observer.blind:
-                self.files[(facts.dev, facts.ino)] = facts
-            violations = self.observer.message(message, facts)
-            if self.options.reply_deadline is not None and self.observer.owes(message):
-                self._asked[id(message)] = (message, time.monotonic())
-            self.violations.update(v.rule.label for v in violations)
-            config = self.observer.state.config
-            if config is not None and (self.last_config is None or self.last_config[0] != config):
-                self.last_config = (config, self.connections)
-        for violation in violations:
-            self._violation(link.kind, message, violation)
-
-    def _overdue(self) -> None:
-        """Each request owed a reply that has waited past the deadline: a violation of
-        the side that owes it, once. The observer has no clock; the tap keeps the time."""
-        deadline = self.options.reply_deadline
-        assert deadline is not None
-        late: list[tuple[Message, Violation]] = []
-        now = time.monotonic()
-        with self.lock:
-            for key, (message, asked) in list(self._asked.items()):
-                if not self.observer.owes(message):
-                    del self._asked[key]  # answered, or nothing on its channel is followed
-                elif now - asked > deadline:
-                    del self._asked[key]
-                    owing = BACKEND if message.channel is ChannelKind.MAIN else FRONTEND
-                    detail = f"{message.name} not answered within {deadline:g}s"
-                    late.append((message, Violation(Rule.ANSWERED_IN_TIME, owing, detail)))
-                    self.violations[Rule.ANSWERED_IN_TIME.label] += 1
-        for message, violation in late:
-            self._violation(message.channel, message, violation)
-
-    def _violation(self, channel: ChannelKind, message: Message, violation: Violation) -> None:
-        rule = violation.rule
+    def _violation(self, finding: Finding) -> None:
+        violation, rule = finding.violation, finding.violation.rule
         log.warning("%s broke %s (%s: %s): %s", violation.by, rule.label, rule.passage,
                     rule.text, violation.detail)  # fmt: skip
         self.events.emit(
             Event.VIOLATION,
             {"by": violation.by, "rule": rule.label, "passage": rule.passage, "text": rule.text,
-             "detail": violation.detail, "channel": channel.value, "request": message.name},
+             "detail": violation.detail, "channel": finding.channel.value,
+             "request": finding.message.name},
         )  # fmt: skip
 
     def _count(self, kind: ChannelKind, sender: str, unit: Unit) -> None:
-        with self.lock:
-            counts = self.counters[kind.value][sender]
-            if unit.framed:
-                counts["messages"] += 1
-            counts["bytes"] += len(unit.data)
-            counts["fds"] += len(unit.fds)
-            if unit.problem:
-                counts["undecodable"] += 1
+        """Under the lock."""
+        counts = self.counters[kind.value][sender]
+        if unit.framed:
+            counts["messages"] += 1
+        counts["bytes"] += len(unit.data)
+        counts["fds"] += len(unit.fds)
+        if unit.problem:
+            counts["undecodable"] += 1
 
     def _undecodable(self, link: Link, sender: str, unit: Unit) -> None:
         decoding = link.framers[sender].decoding
         where = direction(link.kind, sender)
-        if not decoding:
-            with self.lock:
-                if where in self.raw:
-                    return  # said once, when the framing was lost
-                self.raw.add(where)
-                self.observer.lost(link.kind)
-            log.warning("%s: %s; relaying its bytes and fds as they come", where, unit.problem)
-        else:
+        if decoding:
             log.warning("%s: relayed as it came: %s", where, unit.problem)
+        else:
+            log.warning("%s: %s; relaying its bytes and fds as they come", where, unit.problem)
         self.events.emit(
             Event.UNDECODABLE,
             {"side": sender, "channel": link.kind.value, "request": unit.request,

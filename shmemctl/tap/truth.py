@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 from collections.abc import Collection, Iterable
 from collections.abc import Mapping as MappingOf
 from dataclasses import dataclass, field
@@ -38,6 +39,14 @@ AGREE, DISAGREE, UNKNOWN = "agree", "disagree", "unknown"
 
 def fd_facts(fd: int) -> FileFacts | None:
     """What `fd` is, without keeping it open; None when it cannot be told."""
+    described = describe_fd(fd)
+    return None if described is None else described[0]
+
+
+def describe_fd(fd: int) -> tuple[FileFacts, str] | None:
+    """What `fd` is and its kind (`memfd`, `file`, `socket`, `eventfd`, `pipe`,
+    `device`, `other`: what a recording says of each fd that passed); None when it
+    cannot be told."""
     try:
         st = os.fstat(fd)
     except OSError:
@@ -46,7 +55,23 @@ def fd_facts(fd: int) -> FileFacts | None:
         name = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:  # no /proc: the file is still known by device and inode
         name = ""
-    return FileFacts(st.st_dev, st.st_ino, name, st.st_size)
+    return FileFacts(st.st_dev, st.st_ino, name, st.st_size), _kind(st.st_mode, name)
+
+
+def _kind(mode: int, name: str) -> str:
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISFIFO(mode):
+        return "pipe"
+    if name.startswith("/memfd:"):
+        return "memfd"
+    if name.startswith("anon_inode:"):  # anon_inode:[eventfd], anon_inode:[timerfd] ...
+        return name.removeprefix("anon_inode:").strip("[]") or "other"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "other"
 
 
 # ------------------------------------------------------------------ who a peer is
