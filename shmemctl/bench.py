@@ -5,6 +5,12 @@ socket and hands backend_sim `bench` script lines, so every pair goes
 through the same BackendChannel, channel, codec and RegionTable as always.
 For batched modes a pair's latency is its batch's time divided by the batch
 size (one ack confirms the whole batch).
+
+With --tap the same cells run through `shmemctl tap` (the front-end connects to the
+tap, the tap to backend_sim) and without it, in alternating order, several times: the
+machine is noisy, so each figure is a median with its range, and the tap's cost is the
+ratio of the two. The tap's open fds and RSS are read from /proc before and after each
+run through it.
 """
 
 from __future__ import annotations
@@ -13,28 +19,39 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
 import timeit
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
+import psutil
 
-from .pair import PairError, launch
+from .pair import Launched, PairError, daemon_status, launch
 from .rundir import PairPaths
-from .sizes import human_size
+from .sizes import human_size, mib
 
 MODES = ("ack", "batch16", "batch64")
 LENS = (4096, 2 << 20)
 EXISTING = (0, 1000, 65_536)
 
 
-def _cells(quick: bool) -> list[tuple[str, int, int, int]]:
+#: below this share of the direct run's pairs/s, the tap costs more than it should
+TAP_TARGET = 0.6
+
+Cell = tuple[str, int, int, int]  # mode, len, existing, pairs
+
+
+def _cells(
+    quick: bool, existing_counts: Sequence[int] = EXISTING, lens: Sequence[int] = LENS
+) -> list[Cell]:
     cells = []
-    for existing in EXISTING:  # ascending: backend_sim only grows the existing mappings
-        for length in LENS:
+    for existing in existing_counts:  # ascending: backend_sim only grows the existing mappings
+        for length in lens:
             for mode in MODES:
                 pairs = (
                     (400 if mode == "ack" else 1024)
@@ -47,7 +64,18 @@ def _cells(quick: bool) -> list[tuple[str, int, int, int]]:
 
 def run_pair_bench(quick: bool = False, timeout: float = 600.0) -> list[dict[str, Any]]:
     """Run every cell in one pair of daemons; return one result dict per cell."""
-    cells = _cells(quick)
+    return run_cells(_cells(quick), timeout=timeout)
+
+
+#: called once the pair is connected (no results yet) and after each cell's result
+Watch = Callable[[Launched, PairPaths, list[dict[str, Any]]], None]
+
+
+def run_cells(
+    cells: Sequence[Cell], *, tap: bool = False, timeout: float = 600.0, watch: Watch | None = None
+) -> list[dict[str, Any]]:
+    """Run `cells` as backend_sim's script in one pair, through a tap if `tap`; one
+    result dict per cell."""
     with tempfile.TemporaryDirectory(prefix="shmemctl-bench-") as tmp:
         paths = PairPaths(Path(tmp))
         script = Path(tmp, "bench.txt")
@@ -55,11 +83,13 @@ def run_pair_bench(quick: bool = False, timeout: float = 600.0) -> list[dict[str
         # 512M: the 128M churn window with 65,536 existing 4K pages around it
         try:
             pair = launch(paths, backend_args=["--regions", "0=512M", "--script", str(script)],
-                          backend_stdout=subprocess.PIPE, timeout=60)  # fmt: skip
+                          backend_stdout=subprocess.PIPE, timeout=60, tap=tap)  # fmt: skip
         except PairError as exc:
             raise click.ClickException(str(exc)) from None
         try:
-            results = []
+            results: list[dict[str, Any]] = []
+            if watch is not None:
+                watch(pair, paths, results)
             assert pair.backend.stdout is not None
             end = time.monotonic() + timeout
             for line in pair.backend.stdout:
@@ -68,6 +98,8 @@ def run_pair_bench(quick: bool = False, timeout: float = 600.0) -> list[dict[str
                     results.append(json.loads(outcome))
                 except json.JSONDecodeError:
                     raise click.ClickException(f"bench step failed: {line.strip()}") from None
+                if watch is not None:
+                    watch(pair, paths, results)
                 if len(results) == len(cells) or time.monotonic() > end:
                     break
             if len(results) != len(cells):
@@ -82,6 +114,117 @@ def run_pair_bench(quick: bool = False, timeout: float = 600.0) -> list[dict[str
             return results
         finally:
             pair.stop()
+
+
+def tap_sample(pair: Launched, paths: PairPaths) -> dict[str, Any]:
+    """The tap's open fds (/proc/PID/fd), how many of them are a SHMEM_MAP's memfd on its
+    way through (at most one per direction while maps pass; none once they stopped),
+    its RSS, and how many maps it has forwarded so far (its own count)."""
+    assert pair.tap is not None
+    pid = pair.tap.pid
+    fd_dir = f"/proc/{pid}/fd"
+    fds = in_flight = 0
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except FileNotFoundError:  # closed since the listing: a passing fd
+            continue
+        fds += 1
+        in_flight += target.startswith("/memfd:")
+    rss = psutil.Process(pid).memory_info().rss
+    # read after /proc: the control connection is one more fd of the tap while it lasts
+    status = daemon_status(paths, "tap")
+    maps = None if status is None else status["counters"]["backend"]["back-end"]["fds"]
+    return {"fds": fds, "in_flight": in_flight, "rss": rss, "maps": maps}
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    """Median and range of one side's pairs/s; spread is the range over the median."""
+    median = statistics.median(values)
+    low, high = min(values), max(values)
+    spread = round((high - low) / median, 3) if median else None
+    return {"runs": values, "median": round(median, 1), "min": low, "max": high, "spread": spread}
+
+
+def run_tap_bench(
+    quick: bool = False, repeats: int | None = None, timeout: float = 600.0
+) -> dict[str, Any]:
+    """Each cell directly and through the tap, `repeats` times in alternating order (a
+    slow spell of the machine does not fall on one side only); per cell both figures'
+    median and range and the ratio tap / direct, and the tap's fds and RSS before and
+    after each run through it."""
+    if repeats is None:
+        repeats = 3 if quick else 5
+    cells = _cells(quick, existing_counts=(0,), lens=(4096,) if quick else LENS)
+    runs: dict[bool, list[list[dict[str, Any]]]] = {False: [], True: []}
+    process: list[dict[str, Any]] = []
+
+    def before_and_after(pair: Launched, paths: PairPaths, results: list[dict[str, Any]]) -> None:
+        if not results:
+            process.append({"before": tap_sample(pair, paths)})
+        elif len(results) == len(cells):
+            process[-1]["after"] = tap_sample(pair, paths)
+
+    for repeat in range(repeats):
+        for tap in (False, True) if repeat % 2 == 0 else (True, False):
+            watch = before_and_after if tap else None
+            runs[tap].append(run_cells(cells, tap=tap, timeout=timeout, watch=watch))
+    results = []
+    for i, (mode, length, _existing, _pairs) in enumerate(cells):
+        direct = [run[i]["pairs_per_s"] for run in runs[False]]
+        tapped = [run[i]["pairs_per_s"] for run in runs[True]]
+        # each tap run against the direct run of the same repeat, beside it in time
+        paired = [t / d for t, d in zip(tapped, direct, strict=True)]
+        direct_s, tapped_s = _spread(direct), _spread(tapped)
+        results.append({
+            "mode": mode, "len": length, "pairs": runs[False][0][i]["pairs"],
+            "direct": direct_s, "tap": tapped_s,
+            "ratio": round(tapped_s["median"] / direct_s["median"], 3),
+            "ratio_min": round(min(paired), 3), "ratio_max": round(max(paired), 3),
+        })  # fmt: skip
+    return {"results": results, "repeats": repeats, "target_ratio": TAP_TARGET,
+            "tap_process": process}  # fmt: skip
+
+
+def tap_bench(*, as_json: bool, quick: bool, repeats: int | None = None) -> None:
+    started = time.monotonic()
+    report = run_tap_bench(quick, repeats)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(render_tap_bench(report, time.monotonic() - started))
+
+
+def render_tap_bench(report: dict[str, Any], elapsed: float) -> str:
+    """The tap bench's report as a table, then the tap's fds and RSS per run."""
+
+    def figure(side: dict[str, Any]) -> str:
+        span = f"({side['min']:.0f}-{side['max']:.0f})"
+        return f"{side['median']:>8.0f} {span:<15}"
+
+    lines = [
+        f"{'mode':8} {'len':>5} {'direct':>8} {'(min-max)':<15} {'tap':>8} {'(min-max)':<15}"
+        " tap/direct (min-max)"
+    ]
+    for r in report["results"]:
+        below = "" if r["ratio"] >= TAP_TARGET else f"  below {TAP_TARGET:.0%}"
+        lines.append(
+            f"{r['mode']:8} {human_size(r['len']):>5} {figure(r['direct'])} {figure(r['tap'])}"
+            f" {r['ratio']:>10.0%} ({r['ratio_min']:.0%}-{r['ratio_max']:.0%}){below}"
+        )
+    for n, run in enumerate(report["tap_process"], 1):
+        before, after = run["before"], run["after"]
+        lines.append(
+            f"tap run {n}: fds {before['fds']} -> {after['fds']} over {after['maps']:,} maps "
+            f"(a map's fd in flight among them: {before['in_flight']} -> {after['in_flight']}), "
+            f"RSS {mib(before['rss'])} -> {mib(after['rss'])}"
+        )
+    lines.append(
+        f"({elapsed:.0f}s; pairs/s: median (min-max) of {report['repeats']} runs each, direct and "
+        "through the tap in alternating order; tap/direct: of the medians, and (min-max) of "
+        f"each tap run over the direct run beside it; target: tap >= {TAP_TARGET:.0%} of direct)"
+    )
+    return "\n".join(lines)
 
 
 def run_floor(source: Path, quick: bool) -> dict[tuple[str, int], float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -100,10 +101,15 @@ class Launched:
     backend: subprocess.Popen[str]
     frontend: subprocess.Popen[str]
     bases: dict[int, int]
+    #: `shmemctl tap` between the two, when launched with one
+    tap: subprocess.Popen[str] | None = None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM both (SIGKILL past `timeout`); the front-end first, as a VMM goes."""
-        for proc in (self.frontend, self.backend):
+        """SIGTERM each (SIGKILL past `timeout`); the front-end first, as a VMM goes, then
+        the tap, then the back-end."""
+        for proc in (self.frontend, self.tap, self.backend):
+            if proc is None:
+                continue
             if proc.poll() is None:
                 proc.terminate()
                 try:
@@ -121,6 +127,8 @@ def launch(
     detached: bool = False,
     backend_stdout: int = subprocess.DEVNULL,
     timeout: float = 20.0,
+    tap: bool = False,
+    tap_args: Sequence[str] = (),
 ) -> Launched:
     """The one way a pair is started: backend_sim listening on the pair's vhost socket,
     then the front-end connecting to it, each with its control socket in the pair's
@@ -129,7 +137,16 @@ def launch(
     pair's directory); otherwise their stderr goes to the same log files. Raises
     PairError, with the end of a log, if either exits or the pair is not connected in
     `timeout` seconds; nothing is left running then. The pair's directory must exist
-    (`PairPaths.ensure` makes a named pair's; a temporary one is the caller's)."""
+    (`PairPaths.ensure` makes a named pair's; a temporary one is the caller's).
+
+    With `tap`, `shmemctl tap` sits in the middle: it listens on `tap_socket(paths)` for
+    the front-end and connects to backend_sim on the vhost socket, with its control
+    socket (`paths.control("tap")`) and log in the pair's directory; it is waited for
+    through that control socket before the front-end starts. Not with `detached`:
+    `running`, `stop` and `clean` know a pair's two daemons only."""
+    if tap and detached:
+        raise ValueError("a pair with a tap is launched only for this process's own use")
+    front_sock = tap_socket(paths) if tap else paths.vhost
     argv = {
         "backend": [
             sys.executable,
@@ -147,19 +164,38 @@ def launch(
             "shmemctl",
             "frontend",
             "--connect",
-            str(paths.vhost),
+            str(front_sock),
             "--reconnect",
             "0.5",
             "--control",
             str(paths.control("frontend")),
             *frontend_args,
         ],
+        "tap": [
+            sys.executable,
+            "-m",
+            "shmemctl",
+            "tap",
+            "--front",
+            f"listen:{front_sock}",
+            "--back",
+            f"connect:{paths.vhost}",
+            "--control",
+            str(paths.control("tap")),
+            *tap_args,
+        ],
     }
+    # whoever listens is up before whoever connects to it: each role, and whose
+    # listening it waits for
+    order: list[tuple[str, Callable[[PairPaths], bool] | None]] = [("backend", None)]
+    if tap:
+        order.append(("tap", _listening))
+    order.append(("frontend", _tap_listening if tap else _listening))
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
-        for role in ROLES:  # the back-end listens first, then the front-end connects
-            if role == "frontend":
-                wait_for(paths, procs, lambda: _listening(paths), timeout, "listening")
+        for role, listening in order:
+            if listening is not None:
+                wait_for(paths, procs, functools.partial(listening, paths), timeout, "listening")
             with paths.logfile(role).open("a") as log:
                 procs[role] = subprocess.Popen(
                     argv[role],
@@ -182,7 +218,12 @@ def launch(
             clean(paths)
         raise
     bases = {r["shmid"]: r["base"] for r in status["regions"]}
-    return Launched(procs["backend"], procs["frontend"], bases)
+    return Launched(procs["backend"], procs["frontend"], bases, procs.get("tap"))
+
+
+def tap_socket(paths: PairPaths) -> Path:
+    """Where a launched tap listens for the front-end."""
+    return paths.dir / "tap.sock"
 
 
 def up(
@@ -261,6 +302,11 @@ def wait_for(
 def _listening(paths: PairPaths) -> bool:
     status = daemon_status(paths, "backend")
     return status is not None and status["state"] in ("listening", "connected")
+
+
+def _tap_listening(paths: PairPaths) -> bool:
+    status = daemon_status(paths, "tap")
+    return status is not None and status["state"] not in ("starting", "stopped")
 
 
 def _wait_connected(
