@@ -177,12 +177,25 @@ def tui(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Build and run this C floor (shmem_floor.c) too and print our ratio to it.",
 )
-def bench(as_json: bool, quick: bool, codec: bool, floor: Path | None) -> None:
+@click.option("--tap", is_flag=True,
+              help="Each cell directly and through `shmemctl tap`, several times: both "
+              "figures, their ratio, the tap's fds and RSS.")  # fmt: skip
+@click.option("--repeats", type=click.IntRange(min=1), metavar="N",
+              help="With --tap: runs of each side (default 3 with --quick, else 5).")  # fmt: skip
+def bench(
+    as_json: bool, quick: bool, codec: bool, floor: Path | None, tap: bool, repeats: int | None
+) -> None:
     """Measure map+unmap round trips between the real daemons."""
     from . import bench as bench_mod
 
+    if repeats is not None and not tap:
+        raise click.UsageError("--repeats is for --tap")
+    if tap and (codec or floor is not None):
+        raise click.UsageError("--tap is a run of its own: not with --codec or --floor")
     if codec:
         bench_mod.codec_bench(as_json)
+    elif tap:
+        bench_mod.tap_bench(as_json=as_json, quick=quick, repeats=repeats)
     else:
         bench_mod.pair_bench(as_json=as_json, quick=quick, floor=floor)
 
