@@ -119,7 +119,7 @@ def run_cells(
 def tap_sample(pair: Launched, paths: PairPaths) -> dict[str, Any]:
     """The tap's open fds (/proc/PID/fd), how many of them are a SHMEM_MAP's memfd on its
     way through (at most one per direction while maps pass; none once they stopped),
-    its RSS, and how many maps it has forwarded so far (its own count)."""
+    its RSS and CPU time so far, and how many maps it has forwarded (its own count)."""
     assert pair.tap is not None
     pid = pair.tap.pid
     fd_dir = f"/proc/{pid}/fd"
@@ -131,11 +131,15 @@ def tap_sample(pair: Launched, paths: PairPaths) -> dict[str, Any]:
             continue
         fds += 1
         in_flight += target.startswith("/memfd:")
-    rss = psutil.Process(pid).memory_info().rss
+    proc = psutil.Process(pid)
+    with proc.oneshot():
+        rss = proc.memory_info().rss
+        cpu = proc.cpu_times()
     # read after /proc: the control connection is one more fd of the tap while it lasts
     status = daemon_status(paths, "tap")
     maps = None if status is None else status["counters"]["backend"]["back-end"]["fds"]
-    return {"fds": fds, "in_flight": in_flight, "rss": rss, "maps": maps}
+    return {"fds": fds, "in_flight": in_flight, "rss": rss, "maps": maps,
+            "cpu_s": round(cpu.user + cpu.system, 3)}  # fmt: skip
 
 
 def _spread(values: list[float]) -> dict[str, Any]:
@@ -214,10 +218,12 @@ def render_tap_bench(report: dict[str, Any], elapsed: float) -> str:
         )
     for n, run in enumerate(report["tap_process"], 1):
         before, after = run["before"], run["after"]
+        maps = after["maps"] - before["maps"]
+        cpu_us = (after["cpu_s"] - before["cpu_s"]) / maps * 1e6 if maps else 0.0
         lines.append(
             f"tap run {n}: fds {before['fds']} -> {after['fds']} over {after['maps']:,} maps "
             f"(a map's fd in flight among them: {before['in_flight']} -> {after['in_flight']}), "
-            f"RSS {mib(before['rss'])} -> {mib(after['rss'])}"
+            f"RSS {mib(before['rss'])} -> {mib(after['rss'])}, CPU {cpu_us:.0f} us per map+unmap"
         )
     lines.append(
         f"({elapsed:.0f}s; pairs/s: median (min-max) of {report['repeats']} runs each, direct and "
