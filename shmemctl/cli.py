@@ -19,6 +19,7 @@ from . import options, rundir
 from .control import ControlClient, ControlError, DaemonUnreachable
 from .events import Event
 from .faults import FRONTEND, Fault
+from .inventory import PAIR_ROLES, SIDE, kind_of
 from .shmem.libc import PAGE_SIZE
 from .sizes import hex_range, human_size, parse_regions, parse_size
 
@@ -157,15 +158,24 @@ def demo(pause: float, tour: bool, scenario_name: str, name: str) -> None:
 def tui(
     name: str, frontend_ctl: str | None, backend_ctl: str | None, read_only: bool, refresh: float
 ) -> None:
-    """The live console: regions and mappings as a map, events, trace, actions."""
-    from tui.app import run_console
+    """The live console: regions and mappings as a map, events, trace, actions. On a
+    tap's name, the pair the tap watches, read-only. Without --name on a host with
+    several pairs and taps: a list of them first (enter opens one, escape comes back)."""
+    from tui.app import console_for, run_console, run_host
+
+    from .inventory import names
 
     if frontend_ctl or backend_ctl:
-        fe, be = frontend_ctl, backend_ctl
-    else:
-        paths = rundir.pair(name)
-        fe, be = str(paths.control("frontend")), str(paths.control("backend"))
-    run_console(fe, be, read_only=read_only, refresh=refresh)
+        run_console(frontend_ctl, backend_ctl, read_only=read_only, refresh=refresh)
+        return
+    named = click.get_current_context().get_parameter_source("name")
+    if named is click.core.ParameterSource.DEFAULT:
+        running = [n for n in names() if kind_of(rundir.pair(n)) is not None]
+        if len(running) > 1:
+            run_host(read_only=read_only, refresh=refresh)
+            return
+        name = running[0] if running else name
+    console_for(name, read_only=read_only, refresh=refresh).run()
 
 
 @main.command()
@@ -214,22 +224,6 @@ class NoDaemon(click.ClickException):
     """Nothing answers on a control socket: a distinct exit status for scripts."""
 
     exit_code = EXIT_NO_DAEMON
-
-
-PAIR_ROLES = ("frontend", "backend")
-#: a role as people read it
-SIDE = {"frontend": "front-end", "backend": "back-end"}
-
-
-def kind_of(paths: rundir.PairPaths) -> str | None:
-    """What a run directory holds: "pair" (a front-end's or back-end's control socket),
-    "tap" (only a tap's), or None (no control socket at all). A pair's sockets win: a
-    name that has them is driven as a pair, as before taps existed."""
-    if any(paths.control(role).exists() for role in PAIR_ROLES):
-        return "pair"
-    if paths.control("tap").exists():
-        return "tap"
-    return None
 
 
 class Target:
@@ -556,128 +550,20 @@ def trace(target: Target, count: int | None, replay: str | None) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-#: how long `ls` waits for any one daemon: a hung one is listed, not waited for
-LS_TIMEOUT = 5.0
-
-
-def _ask(path: Path, command: str, /, **arguments: Any) -> Any:
-    """One command on one control socket, for `ls`; DaemonUnreachable or ControlError."""
-    with ControlClient(str(path), timeout=LS_TIMEOUT) as client:
-        return client.execute(command, **arguments)
-
-
-def _why_not(exc: Exception) -> str:
-    return exc.desc if isinstance(exc, ControlError) else str(exc)
-
-
-def _pair_row(paths: rundir.PairPaths) -> dict[str, Any]:
-    """A pair for `ls`, from its two daemons' status; what one does not answer is None."""
-    views: dict[str, Any] = {}
-    errors: list[str] = []
-    for role in PAIR_ROLES:
-        try:
-            # mapping counts come with each region: no mapping needs listing
-            args = {"max_mappings": 0} if role == "frontend" else {}
-            views[role] = _ask(paths.control(role), "status", **args)
-        except (DaemonUnreachable, ControlError) as exc:
-            errors.append(f"{SIDE[role]}: {_why_not(exc)}")
-    fe, be = views.get("frontend"), views.get("backend")
-    row: dict[str, Any] = {
-        "kind": "pair",
-        "peers": {
-            "front-end": fe["process"]["pid"] if fe else None,
-            "back-end": be["process"]["pid"] if be else None,
-        },
-        "state": fe["state"] if fe else (be["state"] if be else "not answering"),
-        "mappings": sum(r["count"] for r in fe["regions"]) if fe else None,
-        "mapped_bytes": sum(r["mapped_bytes"] for r in fe["regions"]) if fe else None,
-        # a pair's daemons judge nobody: only a tap counts broken rules
-        "violations": None,
-        # the front-end's own check of its table against its /proc/PID/maps
-        "verdict": None if fe is None else ("disagree" if fe["disagreements"] else "agree"),
-    }
-    if errors:
-        row["error"] = "; ".join(errors)
-        if views:  # half a pair answers: say so where the state is read
-            silent = next(role for role in PAIR_ROLES if role not in views)
-            row["state"] += f" ({SIDE[silent]} not answering)"
-    return row
-
-
-def _tap_row(paths: rundir.PairPaths) -> dict[str, Any]:
-    try:
-        view = _ask(paths.control("tap"), "status")
-    except (DaemonUnreachable, ControlError) as exc:
-        return {"kind": "tap", "peers": {"front-end": None, "back-end": None},
-                "state": "not answering", "mappings": None, "mapped_bytes": None,
-                "violations": None, "verdict": None, "error": _why_not(exc)}  # fmt: skip
-    sides = view["sides"]
-    return {
-        "kind": "tap",
-        "peers": {side: (v.get("process") or {}).get("pid") for side, v in sides.items()},
-        "state": view["state"],
-        "mappings": sum(r["count"] for r in view["regions"]),
-        "mapped_bytes": sum(r["mapped_bytes"] for r in view["regions"]),
-        "violations": sum(view["violations"].values()),
-        "verdict": view["truth"]["verdict"],
-    }
-
-
-def _row(name: str) -> dict[str, Any] | None:
-    paths = rundir.pair(name)
-    kind = kind_of(paths)
-    if kind is None:
-        return None  # a directory a downed pair left: nothing runs there
-    return {"name": name, **(_tap_row(paths) if kind == "tap" else _pair_row(paths))}
-
-
-def _ls_table(rows: list[dict[str, Any]]) -> str:
-    def cell(value: Any) -> str:
-        return "-" if value is None else str(value)
-
-    header = ("NAME", "KIND", "PEERS", "STATE", "MAPPINGS", "MAPPED", "VIOLATIONS", "/PROC")
-    table = [header]
-    for r in rows:
-        peers = ",".join(cell(pid) for pid in r["peers"].values())
-        mapped = None if r["mapped_bytes"] is None else human_size(r["mapped_bytes"])
-        table.append((r["name"], r["kind"], peers, r["state"], cell(r["mappings"]), cell(mapped),
-                      cell(r["violations"]), cell(r["verdict"])))  # fmt: skip
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
-        for line in table
-    )
-
-
-def _is_name(text: str) -> bool:
-    """Whether a directory in the root could be a pair's or a tap's (anything else there
-    is not ours to list)."""
-    try:
-        rundir.check_name(text)
-    except ValueError:
-        return False
-    return True
-
-
 @main.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="One JSON list instead of a table.")
 def ls_command(as_json: bool) -> None:
     """Every pair and tap on this host (the run directory root), sorted by name: kind,
     peers' pids, state, mappings, bytes mapped, violations, the /proc verdict."""
-    from concurrent.futures import ThreadPoolExecutor
+    from .inventory import inventory, table
 
-    root = rundir.root()
-    names = sorted(d.name for d in (root.iterdir() if root.is_dir() else ())
-                   if d.is_dir() and _is_name(d.name))  # fmt: skip
-    # every name at once: one that hangs costs LS_TIMEOUT once, not once per name
-    with ThreadPoolExecutor(max_workers=min(16, len(names) or 1)) as pool:
-        rows = [r for r in pool.map(_row, names) if r is not None]
+    rows = inventory()
     if as_json:
         click.echo(json.dumps(rows))
     elif rows:
-        click.echo(_ls_table(rows))
+        click.echo(table(rows))
     else:
-        click.echo(f"no pair or tap in {root}", err=True)
+        click.echo(f"no pair or tap in {rundir.root()}", err=True)
 
 
 @main.group()

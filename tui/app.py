@@ -20,10 +20,13 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input
 
+from shmemctl import rundir
 from shmemctl.control import ControlError, DaemonUnreachable
+from shmemctl.inventory import kind_of
 from shmemctl.sizes import hex_range
 
 from .model import REGION_CHANGES, PairModel
+from .pairs import PairList
 from .screens import ConfigScreen, Confirm, HelpScreen, MapForm
 from .source import DaemonLink, call
 from .widgets import ConnectionHeader, EventLogView, MappingsTable, ProcessPanel, RegionMap
@@ -33,7 +36,7 @@ REFRESH_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 POLL_RATE = Binding.Group("poll the process panel slower / faster")
 
 
-class ShmemConsole(App[None]):
+class ShmemConsole(App[str | None]):
     # anchored here: a relative path would follow any subclass into its own folder
     CSS_PATH = Path(__file__).with_name("shmemctl.tcss")
     TITLE = "shmemctl"
@@ -58,15 +61,24 @@ class ShmemConsole(App[None]):
         frontend: str | None,
         backend: str | None,
         *,
+        tap: str | None = None,
         read_only: bool = False,
         refresh_seconds: float = 1.0,
+        name: str = "",
+        back: bool = False,
     ) -> None:
+        """A pair's console on its daemons' control sockets, or a tap's (`tap`: its
+        control socket; read-only, as the tap changes nothing). `back`: escape leaves
+        with "back" (the list of pairs opened this one)."""
         super().__init__()
-        self.sockets = {"frontend": frontend, "backend": backend}
+        self.sockets = {"frontend": frontend, "backend": backend, "tap": tap}
         self.roles = [r for r, path in self.sockets.items() if path]
-        self.read_only = read_only
+        self.read_only = read_only or tap is not None
         self.refresh_seconds = refresh_seconds
-        self.model = PairModel()
+        self.back = back
+        self.model = PairModel(("tap",)) if tap is not None else PairModel()
+        if name:
+            self.sub_title = f"tap {name}" if tap is not None else f"pair {name}"
         self.inbox: deque[tuple[str, str, Any]] = deque()
         self.links: dict[str, DaemonLink] = {}
         self.trace = False
@@ -130,22 +142,22 @@ class ShmemConsole(App[None]):
             side = self.model.sides[role]
             if kind == "status":
                 side.reachable, side.error = True, ""
-                if role == "frontend":
-                    self.model.load_frontend(payload)
-                else:
-                    self.model.load_backend(payload)
+                {"frontend": self.model.load_frontend, "backend": self.model.load_backend,
+                 "tap": self.model.load_tap}[role](payload)  # fmt: skip
                 regions = True
                 log.note(role, "connected to its control socket")
             elif kind == "poll":
                 self.model.poll_update(role, payload)
+                regions = regions or role == "tap"  # a tap's poll is its whole picture
             elif kind == "down":
                 was = side.reachable
                 side.reachable, side.error = False, payload[0]
                 side.retry_at = payload[1]
                 if was:
+                    again = "the tap (shmemctl tap)" if role == "tap" else "the pair (shmemctl up)"
                     self.notify(
-                        f"the {role} stopped answering: {payload[0]}. Start the pair again "
-                        "(shmemctl up) or check its log; retrying.",
+                        f"the {role} stopped answering: {payload[0]}. Start {again} again "
+                        "or check its log; retrying.",
                         severity="error",
                     )
             elif kind == "event":
@@ -328,6 +340,8 @@ class ShmemConsole(App[None]):
             box.value = ""
             box.display = False
             self.region_map.focus()
+        elif self.back:
+            self.exit("back")
 
     def action_sort(self) -> None:
         table = self.table
@@ -366,13 +380,36 @@ class ShmemConsole(App[None]):
         palette = Binding(self.COMMAND_PALETTE_BINDING, "command_palette")
         rows.append((self.get_key_display(palette), "every action, in the command palette"))
         rows.append(("tab", "move between the map, the table and the log"))
+        if self.back:
+            rows.append(("escape", "back to the list of pairs and taps"))
         return rows
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.help_rows()))
 
 
+def console_for(name: str, *, read_only: bool, refresh: float, back: bool = False) -> ShmemConsole:
+    """The console of the pair or tap called `name` in the run directory."""
+    paths = rundir.pair(name)
+    if kind_of(paths) == "tap":
+        return ShmemConsole(None, None, tap=str(paths.control("tap")), refresh_seconds=refresh,
+                            name=name, back=back)  # fmt: skip
+    return ShmemConsole(str(paths.control("frontend")), str(paths.control("backend")),
+                        read_only=read_only, refresh_seconds=refresh, name=name,
+                        back=back)  # fmt: skip
+
+
 def run_console(
     frontend: str | None, backend: str | None, *, read_only: bool, refresh: float
 ) -> None:
     ShmemConsole(frontend, backend, read_only=read_only, refresh_seconds=refresh).run()
+
+
+def run_host(*, read_only: bool, refresh: float) -> None:
+    """The list of every pair and tap; enter opens one, and escape there comes back."""
+    while True:
+        name = PairList(refresh_seconds=refresh).run()
+        if name is None:
+            return
+        if console_for(name, read_only=read_only, refresh=refresh, back=True).run() != "back":
+            return

@@ -169,8 +169,11 @@ class SideState:
 
 
 class PairModel:
-    def __init__(self) -> None:
-        self.sides = {"frontend": SideState("frontend"), "backend": SideState("backend")}
+    """`roles`: the daemons the console talks to: a pair's front-end and back-end, or
+    one tap (whose status holds the picture of a pair it only watches)."""
+
+    def __init__(self, roles: tuple[str, ...] = ("frontend", "backend")) -> None:
+        self.sides = {role: SideState(role) for role in roles}
         self.regions: dict[int, RegionView] = {}
         self.log = EventLog()
 
@@ -197,8 +200,31 @@ class PairModel:
             for shmid, size in status["regions"].items():
                 self.regions[int(shmid)] = RegionView(int(shmid), size)
 
+    def load_tap(self, status: dict[str, Any]) -> None:
+        """A tap's status: the picture of the pair it watches, whole each time (the tap
+        publishes no mapping events: the picture is read at the poll's pace). A region
+        sits at the base the tap inferred from the front-end's maps, 0 when none is
+        known; one whose size no layout reply gave is as long as its last mapping."""
+        self.sides["tap"].status = status
+        bases = {p["shmid"]: p["base"] for p in status["truth"]["regions"] if p.get("base")}
+        now = time.time()
+        regions = {}
+        for r in status["regions"]:
+            mappings = {m["shm_offset"]: Mapping.from_json(m, now) for m in r["mappings"]}
+            size = r["size"] or max((m.end for m in mappings.values()), default=PAGE_SIZE)
+            view = self.regions.get(r["shmid"]) or RegionView(r["shmid"], size)
+            view.size, view.base = size, bases.get(r["shmid"], 0)
+            view.mappings = mappings
+            view.changed()
+            regions[r["shmid"]] = view
+        self.regions = regions
+
     def poll_update(self, role: str, status: dict[str, Any]) -> None:
-        """A cheap periodic status (no mapping list): processes, counters, agreement."""
+        """A cheap periodic status (no mapping list): processes, counters, agreement.
+        A tap's is its whole status."""
+        if role == "tap":
+            self.load_tap(status)
+            return
         side = self.sides[role]
         if side.status is None:
             side.status = status
@@ -241,7 +267,7 @@ class PairModel:
 
 # ---------------------------------------------------------------- the event log
 
-SIDE_NAMES = {"frontend": "front-end", "backend": "back-end", "both": "both"}
+SIDE_NAMES = {"frontend": "front-end", "backend": "back-end", "both": "both", "tap": "tap"}
 #: How far apart (by the daemons' own clocks) two reports of one request may be.
 PAIR_WINDOW = 10.0
 
@@ -249,6 +275,9 @@ PAIR_WINDOW = 10.0
 def describe(name: str, data: dict[str, Any]) -> str:
     """An event in a line, the fields that matter first: what happened, to which range, how.
     Who said it and when come after (see LogEntry), so a narrow panel loses only those."""
+    if name == Event.VIOLATION:  # what a watcher is there for: first words say so
+        return (f"VIOLATION {data.get('by')} broke {data.get('rule')} ({data.get('passage')}): "
+                f"{data.get('detail')} [{data.get('channel')} {data.get('request')}]")  # fmt: skip
     if name == Event.MESSAGE:  # the protocol trace
         payload = data.get("payload")
         parts = (

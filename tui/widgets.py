@@ -298,7 +298,7 @@ class MappingsTable(DataTable):
 
 def _side_line(model: PairModel, role: str) -> Text:
     side = model.sides[role]
-    label = "front-end" if role == "frontend" else "back-end "
+    label = {"frontend": "front-end", "backend": "back-end ", "tap": "tap"}[role]
     if not side.reachable:
         wait = max(0, side.retry_at - time.time())
         return Text.assemble(
@@ -320,6 +320,53 @@ def _side_line(model: PairModel, role: str) -> Text:
     )  # fmt: skip
 
 
+def program(cmdline: list[str]) -> str:
+    """What a process runs, for people: the module of `python -m MODULE`, the script a
+    Python runs, else the executable's name."""
+    if not cmdline:
+        return "?"
+    exe = cmdline[0].rsplit("/", 1)[-1]
+    if exe.startswith("python"):
+        args = cmdline[1:]
+        if "-m" in args[:-1]:
+            return args[args.index("-m") + 1]
+        script = next((a for a in args if not a.startswith("-")), None)
+        if script:
+            return script.rsplit("/", 1)[-1]
+    return exe
+
+
+def _peer_name(facts: dict[str, Any] | None) -> str:
+    """A peer's pid and program, as a tap's status names it."""
+    if not facts:
+        return "not attached"
+    error = f" ({facts['error']})" if "error" in facts else ""
+    return f"pid {facts.get('pid')} {program(facts.get('cmdline') or [])}{error}"
+
+
+def _tap_lines(model: PairModel) -> list[Text]:
+    """A tapped pair: who is on each side, then the tap itself."""
+    side = model.sides["tap"]
+    if not side.reachable:
+        return [_side_line(model, "tap")]
+    st = side.status or {}
+    sides = st.get("sides", {})
+    peers = []
+    for name, label in (("front-end", "front-end"), ("back-end", "back-end")):
+        facts = sides.get(name, {}).get("process") if sides.get(name, {}).get("attached") else None
+        peers += [(f"{label} ", "bold"), (_peer_name(facts), "green" if facts else "yellow")]
+        if name == "front-end":
+            peers.append(("  ⇄ tap ⇄  ", "dim"))
+    neg = st.get("negotiated", {})
+    features = ",".join(neg.get("protocol_features") or []) or "none seen"
+    tap = Text.assemble(
+        ("tap ", "bold"), f"pid {st.get('process', {}).get('pid', '?')} ",
+        (f"{st.get('state', '?')} (connection {st.get('connection', 0)})", "cyan"),
+        f"  SHMEM bit {st.get('shmem_bit', '?')}  ", (features, "dim"),
+    )  # fmt: skip
+    return [Text.assemble(*peers), tap]
+
+
 class ConnectionHeader(Static):
     def __init__(self, model: PairModel, roles: list[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -327,8 +374,12 @@ class ConnectionHeader(Static):
         self.roles = roles
 
     def update_view(self, refresh_seconds: float, read_only: bool) -> None:
-        lines = [_side_line(self.model, role) for role in self.roles]
-        mode = "read-only  " if read_only else ""
+        if self.roles == ["tap"]:
+            lines = _tap_lines(self.model)
+            mode = "read-only: a tap only watches the pair  "
+        else:
+            lines = [_side_line(self.model, role) for role in self.roles]
+            mode = "read-only  " if read_only else ""
         lines.append(Text(f"{mode}polling every {refresh_seconds:g}s", style="dim"))
         joined = Text("\n", no_wrap=True, overflow="ellipsis").join(lines)
         joined.no_wrap, joined.overflow = True, "ellipsis"  # one line per side, however narrow
@@ -341,6 +392,9 @@ class ProcessPanel(Static):
         self.model = model
 
     def update_view(self) -> None:
+        if "tap" in self.model.sides:
+            self.update(_tap_panel(self.model))
+            return
         out = Text(no_wrap=True, overflow="ellipsis")
         for role, side in self.model.sides.items():
             p = (side.status or {}).get("process") if side.reachable else None
@@ -362,7 +416,48 @@ class ProcessPanel(Static):
         self.update(out)
 
 
+def _tap_panel(model: PairModel) -> Text:
+    """Both peers' and the tap's processes, what is mapped, the /proc verdict and the
+    broken rules, as the tap's status says."""
+    out = Text(no_wrap=True, overflow="ellipsis")
+    side = model.sides["tap"]
+    st = (side.status or {}) if side.reachable else {}
+    for name, facts in (
+        ("front-end", st.get("sides", {}).get("front-end", {}).get("process")),
+        ("back-end", st.get("sides", {}).get("back-end", {}).get("process")),
+        ("tap", st.get("process")),
+    ):
+        if not facts or facts.get("rss") is None:
+            why = (facts or {}).get("error", "")
+            out.append(f"{name:9} —{f' {why}' if why else ''}\n", style="dim")
+            continue
+        out.append(f"{name:9} {mib(facts['rss']):>6} {facts['fds']:3} fds\n")
+    mapped = sum(r.mapped_bytes for r in model.regions.values())
+    out.append(f"mapped    {human_size(mapped)} in {model.mapping_count}\n")
+    truth = st.get("truth", {})
+    verdict = truth.get("verdict")
+    if verdict == "agree":
+        out.append("✓ picture = front-end's /proc/PID/maps\n", "green")
+    elif verdict == "disagree":
+        findings = truth.get("findings", [])
+        out.append(f"⚠ picture ≠ /proc maps: {len(findings)}\n", "bold red")
+        for line in findings[:3]:
+            out.append(f"  {line}\n", "red")
+    elif verdict:
+        out.append(f"? /proc unknown: {truth.get('why', '')}\n", "yellow")
+    broken = st.get("violations", {})
+    if broken:
+        total = sum(broken.values())
+        out.append(f"⚠ {total} broken rules: ", VIOLATION)
+        out.append(", ".join(f"{rule} {n}" for rule, n in sorted(broken.items())), "bold red")
+    elif st:
+        out.append("no broken rule seen", "green")
+    return out
+
+
 REFUSED = Style(color="red")
+#: a broken rule: the one entry that must not scroll by unnoticed among thousands
+VIOLATION = Style(color="white", bgcolor="red", bold=True)
 SIDE = Style(color="cyan")
 DIFFERS = Style(color="yellow", bold=True)
 STAMP = Style(dim=True)
@@ -374,7 +469,10 @@ def entry_lines(entry: LogEntry, width: int) -> list[Strip]:
     when; broken between words, lines after the first indented so that one entry does
     not read as several. (A hand-made wrap: Rich's costs several times as much, and a
     burst brings hundreds of entries per tick.)"""
-    style = REFUSED if entry.text.startswith("refused") else None
+    style = (
+        VIOLATION if entry.text.startswith("VIOLATION")
+        else REFUSED if entry.text.startswith("refused") else None
+    )  # fmt: skip
     who = DIFFERS if entry.differs else SIDE
     stamp = time.strftime("%H:%M:%S", time.localtime(entry.timestamp))
     words = [(1, word, style) for word in entry.text.split()]
