@@ -14,13 +14,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
 
 from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, close_fds
+from shmemctl.control import ControlClient, DaemonUnreachable
 from shmemctl.daemon import listen_unix
+from shmemctl.pair import Launched, launch
+from shmemctl.rundir import DEFAULT_NAME, PairPaths
 from shmemctl.shmem.procmaps import Segment, kernel_segments, read_maps
 from shmemctl.wire import BackendReq, ChannelKind, ShmemMap, encode_shmem_request
 from shmemctl.wire.messages import describe_reply as describe
@@ -34,9 +38,10 @@ settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
 
-#: The last-resort deadline of every wait in the suite. Tests wait on conditions (a log
-#: line, a reply, /proc, a process exit), never on time; this only bounds how long a test
-#: that is going to fail takes to say so, so it is generous: the machine may be busy.
+#: The last-resort deadline of every wait in the suite. Tests wait on conditions (a
+#: daemon's status, a reply, /proc, a process exit), never on time; this only bounds how
+#: long a test that is going to fail takes to say so, so it is generous: the machine may
+#: be busy.
 PATIENCE = 60.0
 
 
@@ -53,15 +58,46 @@ def wait_until(
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
+def _option(args: list[str], flag: str) -> str | None:
+    """The value of `flag` on a command line (the last one wins, as for click)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(f"{flag}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _role(args: list[str]) -> str | None:
+    """The role of the shmemctl daemon `args` starts (its control socket is ROLE.ctl);
+    None for any other program."""
+    if args[1:3] == ["-m", "backend_sim"]:
+        return "backend"
+    if args[1:3] == ["-m", "shmemctl"] and args[3:4] in (["frontend"], ["tap"]):
+        return args[3]
+    return None
+
+
 class Proc:
-    """A daemon started as a real process; stdout and stderr go to files we can poll."""
+    """A daemon started as a real process; stdout and stderr go to files we can poll,
+    and what it is doing is asked of its control socket."""
 
     def __init__(self, args: list[str], workdir: Path, name: str) -> None:
         self.name = name
         self.out_path = workdir / f"{name}.out"
         self.err_path = workdir / f"{name}.err"
         # Each test's daemons get a run directory of their own.
-        env = {**os.environ, "SHMEMCTL_RUN_DIR": str(workdir / "run")}
+        run_dir = workdir / "run"
+        env = {**os.environ, "SHMEMCTL_RUN_DIR": str(run_dir)}
+        #: its control socket: --control, else ROLE.ctl in the run directory of its --name
+        self.role = _role(args)
+        self.control: Path | None = None
+        if self.role is not None:
+            control = _option(args, "--control")
+            pair = PairPaths(run_dir / (_option(args, "--name") or DEFAULT_NAME))
+            self.control = workdir / control if control else pair.control(self.role)
+        self._client: ControlClient | None = None
         self.popen = subprocess.Popen(
             args,
             stdout=self.out_path.open("w"),
@@ -92,6 +128,88 @@ class Proc:
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- {self.name} log ---\n{self.log()}") from None
 
+    def status(self) -> dict[str, Any] | None:
+        """The daemon's status (a front-end's without mapping lists), or None while its
+        control socket does not answer: not made yet, or the daemon is going away. One
+        connection is kept for the daemon's life: a client's socket that the daemon
+        closes some time after each request would make its fd count drift."""
+        if self.control is None:
+            raise AssertionError(f"{self.name} has no control socket")
+        brief = {"max_mappings": 0} if self.role == "frontend" else {}
+        try:
+            if self._client is None:
+                self._client = ControlClient(str(self.control), timeout=PATIENCE)
+            return self._client.execute("status", **brief)
+        except DaemonUnreachable:
+            self._disconnect()
+            return None
+
+    def _disconnect(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def wait_status(
+        self,
+        predicate: Callable[[dict[str, Any]], object] = lambda _: True,
+        what: str = "its control socket to answer",
+        timeout: float = PATIENCE,
+    ) -> dict[str, Any]:
+        """Poll the control socket until the status satisfies `predicate`; that status.
+        Fails at once, with the daemon's log, if it exits meanwhile."""
+        last: dict[str, Any] | None = None
+
+        def reached() -> dict[str, Any] | None:
+            nonlocal last
+            if self.popen.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited {self.popen.returncode} while waiting for {what}"
+                )
+            last = self.status()
+            return last if last is not None and predicate(last) else None
+
+        try:
+            return wait_until(reached, timeout, f"{what} ({self.name})")  # type: ignore[return-value]
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}\n--- {self.name}'s last status ---\n{last}\n"
+                f"--- {self.name} log ---\n{self.log()}"
+            ) from None
+
+    def wait_state(self, *states: str, timeout: float = PATIENCE) -> dict[str, Any]:
+        """Until the status's state is one of `states`."""
+        return self.wait_status(
+            lambda s: s["state"] in states, f"state {' or '.join(states)}", timeout
+        )
+
+    def wait_connected(
+        self, shmem: bool | None = True, *, connection: int = 1, timeout: float = PATIENCE
+    ) -> dict[str, Any]:
+        """A front-end: the handshake of its `connection`-th connection (or a later one)
+        is done, with SHMEM negotiated or not as `shmem` says (None: either)."""
+        return self.wait_status(
+            lambda s: (
+                s["state"] == "connected"
+                and s["counters"]["connections"] >= connection
+                and (shmem is None or s["negotiated"]["shmem"] is shmem)
+            ),
+            f"connection {connection} to be made"
+            + ("" if shmem is None else f" with SHMEM {'on' if shmem else 'off'}"),
+            timeout,
+        )
+
+    def wait_dropped(self, timeout: float = PATIENCE) -> dict[str, Any]:
+        """A front-end that was connected: the connection is over and every mapping went
+        with it (the regions stay reserved, empty)."""
+        return self.wait_status(
+            lambda s: (
+                s["state"] in ("disconnected", "reconnecting")
+                and all(r["count"] == 0 for r in s["regions"])
+            ),
+            "the connection and its mappings to be dropped",
+            timeout,
+        )
+
     def wait_lines(self, n: int, timeout: float = PATIENCE) -> list[str]:
         def enough() -> bool:
             if len(self.stdout_lines()) >= n:
@@ -110,6 +228,7 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = PATIENCE) -> int:
+        self._disconnect()
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
             try:
@@ -152,9 +271,10 @@ def need(binary: str) -> str:
 
 
 def region_bases(frontend: Proc) -> dict[int, int]:
-    """Where the front-end reserved each region, from its log."""
-    found = re.findall(r"region (\d+): \S+ reserved at (0x[0-9a-f]+)", frontend.log())
-    return {int(shmid): int(addr, 16) for shmid, addr in found}
+    """Where the front-end reserved each region, from its status."""
+    status = frontend.status()
+    assert status is not None, f"{frontend.name} does not answer on its control socket"
+    return {r["shmid"]: r["base"] for r in status["regions"]}
 
 
 def recv_lines(sock: socket.socket, n: int = 1) -> list[bytes]:
@@ -221,6 +341,11 @@ class DrivenBackend:
             "front-end never opened a backend channel with SHMEM"
         )
 
+    def wait_hung_up(self) -> None:
+        """Until the front-end has closed the main channel: it gave up on this back-end."""
+        self.thread.join(PATIENCE)
+        assert not self.thread.is_alive(), "the front-end never hung up"
+
     @property
     def channel(self) -> Channel:
         assert self.endpoint.backend_channel is not None
@@ -260,9 +385,27 @@ def driven(
         backend = DrivenBackend(path, regions if regions is not None else {0: 8 * MiB, 2: 64 << 10})
         made.append(backend)
         fe = spawn("frontend", "--connect", path, *fe_args)
-        fe.wait_log(r"connected: SHMEM")
+        fe.wait_connected(shmem=None)
         return backend, fe
 
     yield start
     for backend in made:
         backend.close()
+
+
+@pytest.fixture
+def launched_pair(tmp_path: Path) -> Iterator[Callable[..., tuple[PairPaths, Launched]]]:
+    """A pair started by shmemctl.pair.launch, the one way a pair is started, as the
+    test's default pair (run/default: `shmemctl` with SHMEMCTL_RUN_DIR=run finds it);
+    keyword arguments go to `launch`. Stopped at the end."""
+    made: list[Launched] = []
+
+    def start(**options: Any) -> tuple[PairPaths, Launched]:
+        paths = PairPaths(tmp_path / "run" / DEFAULT_NAME)
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        made.append(launch(paths, **{"timeout": PATIENCE, **options}))
+        return paths, made[-1]
+
+    yield start
+    for pair in made:
+        pair.stop()

@@ -40,7 +40,7 @@ def start_pair(spawn, tmp_path, script: str = DEMO, *fe_args: str):
     sock = str(tmp_path / "vhost.sock")
     (tmp_path / "script.txt").write_text(script)
     be = spawn("backend_sim", "--listen", sock, "--regions", "0=8M,2=64K", "--script", "script.txt")
-    be.wait_log("listening on")
+    be.wait_state("listening")
     fe = spawn("frontend", "--connect", sock, *fe_args)
     return be, fe, sock
 
@@ -70,7 +70,7 @@ def test_script_results_and_proc_maps_agree(spawn, tmp_path) -> None:
 def test_disconnect_drops_everything_and_reconnect_starts_over(spawn, tmp_path) -> None:
     sock = str(tmp_path / "vhost.sock")
     fe = spawn("frontend", "--connect", sock, "--reconnect", "0.2")
-    fe.wait_log("retrying in")
+    fe.wait_state("reconnecting")
     baseline = fd_count(fe.pid)
     (tmp_path / "script.txt").write_text("map 0 0 1M\nmap 2 0 64K ro\n")
     args = ("--listen", sock, "--regions", "0=8M,2=64K", "--script", "script.txt")
@@ -80,7 +80,8 @@ def test_disconnect_drops_everything_and_reconnect_starts_over(spawn, tmp_path) 
     assert fd_count(fe.pid) > baseline  # the two channels
 
     be.stop(9)  # kill -9 mid-session
-    fe.wait_log("dropped 2 mappings")
+    fe.wait_dropped()
+    assert "dropped 2 mappings" in fe.log()  # said before the state changes
     assert segments(fe.pid, bases[0], 8 * MiB) == [Segment(0, 8 * MiB, "none")]
     assert segments(fe.pid, bases[2], 64 << 10) == [Segment(0, 64 << 10, "none")]
     wait_until(lambda: fd_count(fe.pid) == baseline, what="fds back to baseline")
@@ -91,7 +92,7 @@ def test_disconnect_drops_everything_and_reconnect_starts_over(spawn, tmp_path) 
     assert be2.wait_lines(2) == ["map 0 0 1M: ok", "map 2 0 64K ro: ok"]
     # backend_sim maps as soon as it may, which can be before the front-end's SET_FEATURES
     # (the last step of its handshake) is acked: the second "connected" may come after.
-    wait_until(lambda: fe.log().count("connected: SHMEM on") == 2, what="the second handshake")
+    fe.wait_connected(connection=2)
     assert region_bases(fe) == bases  # same layout: reservations kept across peers
     assert segments(fe.pid, bases[0], 8 * MiB)[0].access == "rw"
 
@@ -100,7 +101,8 @@ def test_without_reconnect_it_stays_up_disconnected_until_stopped(spawn, tmp_pat
     be, fe, _ = start_pair(spawn, tmp_path, "map 0 0 64K\n")
     assert be.wait_lines(1) == ["map 0 0 64K: ok"]
     be.stop()
-    fe.wait_log("staying up disconnected")
+    fe.wait_state("disconnected")
+    fe.wait_log("staying up disconnected")  # said once the state has changed
     # still up after saying so: it answers on its control socket, disconnected
     with ControlClient(str(tmp_path / "run" / "default" / "frontend.ctl")) as c:
         assert c.execute("status", max_mappings=0)["state"] == "disconnected"
@@ -135,7 +137,7 @@ def test_reset_drops_every_mapping_and_the_backend_forgets(spawn, tmp_path) -> N
     # the acks come from this process, as busy as pytest is: a generous reply timeout
     be = spawn("backend_sim", "--listen", sock, "--regions", "0=8M,2=64K", "--script", "script.txt",
                "--reply-timeout", str(PATIENCE))  # fmt: skip
-    be.wait_log("listening on")
+    be.wait_state("listening")
     fe = Frontend(FrontendOptions(connect=sock))
     runner = threading.Thread(target=fe.run, daemon=True)
     runner.start()
@@ -149,6 +151,8 @@ def test_reset_drops_every_mapping_and_the_backend_forgets(spawn, tmp_path) -> N
                 Segment(0, region.size, "none")
             ]
         assert fe.regions.count == 0
+        be.wait_status(lambda s: s["mapped"] == [], "the device to forget its mappings")
+        # said once the mappings are forgotten
         be.wait_log(r"forgot 2 mappings \(RESET_DEVICE from the front-end\)")
         assert fe.state == "connected"  # a reset is not a disconnect
     finally:
