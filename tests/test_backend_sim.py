@@ -70,7 +70,7 @@ def backend_sim(spawn, tmp_path):
             (tmp_path / "script.txt").write_text(script)
             argv += ["--script", "script.txt"]
         be = spawn("backend_sim", *argv)
-        be.wait_log("listening on")
+        be.wait_state("listening")
         return be, HandFrontend(sock)
 
     return start

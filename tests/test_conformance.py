@@ -144,7 +144,7 @@ def run_against_backend(spawn, tmp_path, *faults: str, extra: tuple[str, ...] = 
     for fault in faults:
         args += ["--fault", fault]
     be = spawn("backend_sim", *args)
-    be.wait_log("listening on")
+    be.wait_state("listening")
     return complete(check_backend(sock, wait=WAIT, timeout=TIMEOUT, **options))
 
 
@@ -222,7 +222,7 @@ def test_a_frontend_that_dies_mid_handshake_fails_the_suite(spawn, tmp_path) -> 
 #: socket. `frontend PATH`: handshakes, then exits at the first SHMEM request, unanswered.
 #: `backend PATH`: answers the two getters (offering SHMEM), then exits at anything else.
 HALF_A_PEER = """
-import socket, sys
+import os, socket, sys
 from shmemctl.channel import Channel
 from shmemctl.wire import ChannelKind, FrontendReq as F, encode
 from shmemctl.wire.constants import ProtocolFeature as PF
@@ -250,10 +250,11 @@ if role == "frontend":
     ask(F.SET_FEATURES, FEATURES, reply=True)
     request = Channel(ours, BACKEND, replies=False).recv()
 else:
+    # made under another name and moved into place: once the path exists, it listens
     listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path)
+    listener.bind(path + ".new")
     listener.listen(1)
-    print("listening", file=sys.stderr, flush=True)
+    os.rename(path + ".new", path)
     main = Channel(listener.accept()[0], MAIN, replies=False)
     answers = {F.GET_FEATURES: FEATURES, F.GET_PROTOCOL_FEATURES: int(WANTED)}
     while (request := main.recv()).request in answers:
@@ -284,7 +285,7 @@ def test_a_frontend_that_hangs_up_at_its_first_map_fails_the_suite(spawn, tmp_pa
 def test_a_backend_that_hangs_up_mid_handshake_fails_the_suite(spawn, tmp_path) -> None:
     sock = str(tmp_path / "device.sock")
     peer = spawn(sys.executable, "-c", HALF_A_PEER, "backend", sock, name="peer")
-    peer.wait_log("listening")
+    wait_until(lambda: os.path.exists(sock), what="the peer's socket")
     report = complete(check_backend(sock, wait=WAIT, timeout=TIMEOUT))
     assert "hanging up at SET_PROTOCOL_FEATURES" in peer.log()
     gone = "the back-end hung up after it answered GET_FEATURES, during SET_PROTOCOL_FEATURES"
@@ -362,7 +363,7 @@ def test_the_command_line_speaks_json_and_exits_1_on_failure(spawn, tmp_path) ->
     sock = str(tmp_path / "device.sock")
     be = spawn("backend_sim", "--listen", sock, "--fault", "offer-bit-21",
                "--control", str(tmp_path / "be.ctl"))  # fmt: skip
-    be.wait_log("listening on")
+    be.wait_state("listening")
     done = subprocess.run(
         [sys.executable, "-m", "shmemctl", "conformance", "--backend", sock, "--wait", "0.5",
          "--json"], capture_output=True, text=True, timeout=60,

@@ -191,7 +191,7 @@ def test_a_client_of_another_uid_is_refused(spawn, tmp_path) -> None:
     path = os.path.join(door, "ctl", "frontend.ctl")
     fe = spawn("frontend", "--connect", str(tmp_path / "nobody-there.sock"), "--reconnect", "5",
                "--control", path)  # fmt: skip
-    fe.wait_log("control socket")
+    fe.wait_status()
     os.chmod(door, 0o755)
     os.chmod(os.path.dirname(path), 0o755)
     os.chmod(path, 0o666)

@@ -142,11 +142,11 @@ def test_a_pair_publishes_what_the_registry_says_and_nothing_else(spawn, tmp_pat
     be1_ctl, be2_ctl, fe_ctl = (str(tmp_path / n) for n in ("be1.ctl", "be2.ctl", "fe.ctl"))
     be1 = spawn("backend_sim", "--listen", sock, "--control", be1_ctl, "--regions", "0=8M",
                 "--reply-timeout", str(PATIENCE), name="be1")  # fmt: skip
-    be1.wait_log("listening on")
+    be1.wait_state("listening")
     back1 = Monitor.of(be1, be1_ctl, PATIENCE)
     back1.execute("subscribe", events=every)
     fe = spawn("frontend", "--connect", sock, "--reconnect", "0.05", "--control", fe_ctl)
-    fe.wait_log("connected: SHMEM on")
+    fe.wait_connected()
     front = Monitor.of(fe, fe_ctl, PATIENCE)
     front.execute("subscribe", events=every)
 

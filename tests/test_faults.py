@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,15 +24,16 @@ def test_kill_9_of_the_frontend_mid_stream(spawn, tmp_path) -> None:
     sock = str(tmp_path / "vhost.sock")
     be = spawn("backend_sim", "--listen", sock, "--regions", "0=64M", "--scenario", "blobs",
                "--scenario-rate", "100")  # fmt: skip
-    be.wait_log("listening on")
+    be.wait_state("listening")
     baseline = fd_count(be.pid)
     fe = spawn("frontend", "--connect", sock, "--control", str(tmp_path / "fe1.ctl"), name="fe1")
     wait_until(lambda: fd_count(be.pid) > baseline + 5, what="buffers mapped")
     fe.stop(signal.SIGKILL)
-    be.wait_log("front-end disconnected|dropping the front-end")
+    be.wait_status(lambda s: s["state"] != "connected", "the front-end to be gone")
+    assert re.search("front-end disconnected|dropping the front-end", be.log())
     wait_until(lambda: fd_count(be.pid) <= baseline, what="backend_sim's fds back to baseline")
     fe2 = spawn("frontend", "--connect", sock, "--control", str(tmp_path / "fe2.ctl"), name="fe2")
-    fe2.wait_log("connected: SHMEM on")
+    fe2.wait_connected()
 
     def mapping_again() -> bool:
         with ControlClient(str(tmp_path / "fe2.ctl")) as c:

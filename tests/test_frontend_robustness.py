@@ -23,7 +23,6 @@ from .conftest import (
     memfd,
     region_bases,
     segments,
-    wait_until,
 )
 
 
@@ -37,8 +36,10 @@ def test_garbage_on_the_backend_channel_drops_the_connection_only(driven) -> Non
         backend.send_raw(b"\xde\xad\xbe\xef" * 3 + b"garbage", (buf,))
     finally:
         os.close(buf)
-    fe.wait_log(r"backend channel: bad version bits")
-    fe.wait_log("dropped 1 mappings")
+    fe.wait_dropped()
+    # both said before the state changes
+    assert "backend channel: bad version bits" in fe.log()
+    assert "dropped 1 mappings" in fe.log()
     assert segments(fe.pid, bases[0], 8 * MiB) == [Segment(0, 8 * MiB, "none")]
     assert fe.alive()
 
@@ -66,7 +67,10 @@ def test_a_back_end_that_never_answers_the_handshake(spawn, tmp_path) -> None:
     finally:
         peer.close()
         listener.close()
-    wait_until(lambda: (fe.alive() and "retrying" in fe.log()) or "connection ended" in fe.log())
+    fe.wait_status(
+        lambda s: s["state"] == "reconnecting" and s["counters"]["connections"] >= 2,
+        "a retry after the second connection",
+    )
     assert "Traceback" not in fe.log()
 
 
@@ -74,8 +78,11 @@ def test_a_layout_that_is_not_page_multiples_fails_setup_cleanly(spawn, tmp_path
     backend = DrivenBackend(str(tmp_path / "vhost.sock"), {0: PAGE + 512})
     try:
         fe = spawn("frontend", "--connect", str(tmp_path / "vhost.sock"))
-        fe.wait_log("region 0 size 0x1200 is not a multiple of the page size 0x1000")
-        fe.wait_log("staying up disconnected")
+        backend.wait_hung_up()
+        fe.wait_state("disconnected")  # past the hang-up: the end of that connection
+        # said before the state changes
+        assert "region 0 size 0x1200 is not a multiple of the page size 0x1000" in fe.log()
+        fe.wait_log("staying up disconnected")  # said once the state has changed
         baseline_fds = fd_count(fe.pid)
         assert fe.alive() and baseline_fds < 10
         assert "Traceback" not in fe.log()

@@ -150,7 +150,7 @@ def test_qemu_realizes_a_vhost_user_device_against_backend_sim(
     sock, control, qmp = (str(tmp_path / name) for name in ("vhost.sock", "be.ctl", "qmp.sock"))
     be = spawn("backend_sim", "--listen", sock, "--control", control, "--regions", "0=8M", "-v",
                *device.backend_args)  # fmt: skip
-    be.wait_log("listening on")
+    be.wait_state("listening")
     be_monitor = Monitor.of(be, control)
     be_monitor.execute("subscribe", events=[TRACE])
     vm = spawn(
@@ -224,7 +224,7 @@ def test_front_end_handshakes_with_qemu_storage_daemon(spawn, tmp_path) -> None:
     )  # fmt: skip
     wait_until(lambda: os.path.exists(sock), 15, "qemu-storage-daemon's socket")
     fe = spawn("frontend", "--connect", sock, "--control", control)
-    fe.wait_log("connected: SHMEM off", timeout=15)
+    fe.wait_connected(shmem=False, timeout=15)
     log = fe.log()
     assert "does not offer SHMEM (protocol feature bit 22)" in log
     assert "acked MQ,REPLY_ACK,BACKEND_REQ,BACKEND_SEND_FD" in log

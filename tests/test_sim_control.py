@@ -21,6 +21,8 @@ from backend_sim.control import BackendState, batch
 from backend_sim.device import SimDevice
 from shmemctl.channel import Channel, close_fds
 from shmemctl.control import ControlClient, ControlError, ErrorClass
+from shmemctl.pair import Launched
+from shmemctl.rundir import PairPaths
 from shmemctl.wire import BackendReq, FrontendReq, Message, ShmemMap
 from shmemctl.wire.messages import encode_u64_reply
 
@@ -115,7 +117,7 @@ def sim(spawn: Callable[..., Proc], tmp_path: Path) -> Iterator[Callable[..., Si
     def start(*args: str) -> Sim:
         sock = str(tmp_path / "vhost.sock")
         proc = spawn("backend_sim", "--listen", sock, "--regions", "0=8M,2=64K", *args)
-        proc.wait_log("listening on")
+        proc.wait_state("listening")
         made.append(Sim(proc, sock, str(tmp_path / "run/default/backend.ctl")))
         return made[-1]
 
@@ -259,7 +261,7 @@ def test_hostile_lines_get_a_clear_error_on_both_daemons(
     backend.wait_ready()
     sock = str(tmp_path / "sim.sock")
     be = spawn("backend_sim", "--listen", sock, "--control", str(tmp_path / "be.ctl"))
-    be.wait_log("listening on")
+    be.wait_state("listening")
     for ctl in (tmp_path / "run/default/frontend.ctl", tmp_path / "be.ctl"):
         answer = _raw_answer(str(ctl), line)
         assert answer["error"]["class"] == ErrorClass.BAD_REQUEST, answer
@@ -476,18 +478,14 @@ def test_a_refusal_without_errno_says_so_and_gives_the_devices_own_reading(
 
 
 def test_the_dax_file_is_closed_once_nothing_maps_it(
-    spawn: Callable[..., Proc], tmp_path: Path
+    launched_pair: Callable[..., tuple[PairPaths, Launched]],
 ) -> None:
     """Stopping the dax scenario leaves its windows mapped (stopping is not a reset), so
     the file stays open while they live; the reset that drops them closes it."""
-    sock = str(tmp_path / "vhost.sock")
-    be = spawn("backend_sim", "--listen", sock, "--regions", "0=16M")
-    be.wait_log("listening on")
-    fe = spawn("frontend", "--connect", sock)
-    fe.wait_log("connected: SHMEM")
-    run = tmp_path / "run/default"
-    with ControlClient(str(run / "backend.ctl")) as sim_ctl, ControlClient(
-        str(run / "frontend.ctl")
+    run, pair = launched_pair(backend_args=["--regions", "0=16M"])
+    be = pair.backend
+    with ControlClient(str(run.control("backend"))) as sim_ctl, ControlClient(
+        str(run.control("frontend"))
     ) as fe_ctl:
         wait_until(lambda: sim_ctl.execute("status")["ready"], what="backend_sim ready")
         for cycle in range(3):
