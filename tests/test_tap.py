@@ -152,11 +152,9 @@ def start_tap(spawn: Callable[..., Proc], tmp_path: Path, front: str, back: str,
         extra = (*extra, "--reply-deadline", "0")
     tap = spawn(sys.executable, "-m", "shmemctl", "tap", "--front", front, "--back", back,
                 "--name", "t", *extra, name="tap")  # fmt: skip
-    tap.wait_log("control socket")
-    for mode_path in (front, back):
-        if mode_path.startswith("listen:"):
-            tap.wait_log(f"listening on {mode_path[7:]}")
-    return tap, str(tmp_path / "run" / "t" / "tap.ctl")
+    # its sockets to listen on are made before it waits for, or connects to, a side
+    tap.wait_status(lambda s: s["state"] != "starting", "its sockets made")
+    return tap, str(tap.control)
 
 
 def start_pair(
@@ -179,7 +177,7 @@ def start_pair(
     pair = Pair(tap=None, tap_ctl="")  # type: ignore[arg-type]
     if back_mode == "connect":
         pair.be = spawn("backend_sim", "--listen", back_sock, *be_all)
-        pair.be.wait_log("listening on")
+        pair.be.wait_state("listening")
     if front_mode == "connect":
         pair.fe = spawn("frontend", "--listen", front_sock, *fe_all)
         pair.fe.wait_log("listening on")
@@ -193,7 +191,7 @@ def start_pair(
     if back_mode == "listen":
         pair.be = spawn("backend_sim", "--connect", back_sock, *be_all)
     assert pair.fe is not None
-    pair.fe.wait_log("connected: SHMEM on")
+    pair.fe.wait_connected()
     return pair
 
 
@@ -343,7 +341,7 @@ def test_a_front_end_that_leaves_takes_the_device_with_it_and_the_next_one_is_re
 
     fe2 = spawn("frontend", "--connect", str(tmp_path / "front.sock"), "--control",
                 str(tmp_path / "fe2.ctl"), name="fe2")  # fmt: skip
-    fe2.wait_log("connected: SHMEM on")
+    fe2.wait_connected()
     again = wait_event(tap, Event.ATTACHED, gone)
     assert tap.events[again]["data"]["connection"] == 2
     device.execute("map", shmid=0, shm_offset=0, len=MiB)
@@ -359,14 +357,14 @@ def test_the_tap_keeps_no_fd_once_a_connection_is_over(spawn, tmp_path) -> None:
     dev, front_sock = str(tmp_path / "dev.sock"), str(tmp_path / "front.sock")
     be = spawn("backend_sim", "--listen", dev, "--control", str(tmp_path / "be.ctl"),
                "--regions", REGIONS)  # fmt: skip
-    be.wait_log("listening on")
+    be.wait_state("listening")
     proc, ctl = start_tap(spawn, tmp_path, f"listen:{front_sock}", f"connect:{dev}")
     tap, device = Monitor.of(proc, ctl, PATIENCE), Monitor.of(be, str(tmp_path / "be.ctl"))
     idle = fd_count(proc.pid)  # listener, control socket and this client: nothing relayed yet
     for round_ in (1, 2):
         fe = spawn("frontend", "--connect", front_sock, "--control",
                    str(tmp_path / f"fe{round_}.ctl"), name=f"fe{round_}")  # fmt: skip
-        fe.wait_log("connected: SHMEM on")
+        fe.wait_connected()
         for i in range(4):
             device.execute("map", shmid=0, shm_offset=i * MiB, len=MiB)
         device.execute("unmap", shmid=0, shm_offset=0, len=MiB)

@@ -34,24 +34,20 @@ def mirrored(records: list[dict[str, Any]], direction: str) -> list[tuple]:
 def test_backend_sim_traces_each_message_of_a_handshake_once(spawn, tmp_path) -> None:
     sock, be_ctl = str(tmp_path / "vhost.sock"), str(tmp_path / "be.ctl")
     be = spawn("backend_sim", "--listen", sock, "--control", be_ctl, "--regions", "0=8M", "-v")
-    be.wait_log("listening on")
+    be.wait_state("listening")
     monitor = Monitor.of(be, be_ctl)
     monitor.execute("subscribe", events=[TRACE])
     fe = spawn("frontend", "--connect", sock)
-    fe.wait_log("connected: SHMEM on")
+    fe.wait_connected()
     records = traced(monitor, "backend")
     assert received_on_main(records) == logged_on_main(be.log())
     config = [(r["direction"], r["reply"]) for r in records if r["request"] == "GET_SHMEM_CONFIG"]
     assert config == [("in", False), ("out", True)], "the front-end asked once, we answered once"
 
 
-def test_both_daemons_trace_what_they_exchange_exactly_once(spawn, tmp_path) -> None:
-    sock, fe_ctl, be_ctl = (str(tmp_path / n) for n in ("vhost.sock", "fe.ctl", "be.ctl"))
-    be = spawn("backend_sim", "--listen", sock, "--control", be_ctl, "--regions", "0=8M")
-    be.wait_log("listening on")
-    fe = spawn("frontend", "--connect", sock, "--control", fe_ctl)
-    fe.wait_log("connected: SHMEM on")
-    monitors = {"frontend": Monitor.of(fe, fe_ctl), "backend": Monitor.of(be, be_ctl)}
+def test_both_daemons_trace_what_they_exchange_exactly_once(launched_pair) -> None:
+    paths, _ = launched_pair(backend_args=["--regions", "0=8M"])
+    monitors = {role: Monitor(str(paths.control(role))) for role in ("frontend", "backend")}
     for monitor in monitors.values():
         monitor.execute("subscribe", events=[TRACE])
     front, back = monitors["frontend"], monitors["backend"]

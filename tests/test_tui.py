@@ -361,19 +361,18 @@ def test_a_map_is_one_line_in_the_log_when_both_sides_agree(sh) -> None:
     run(go)
 
 
-def test_two_sides_that_differ_are_two_lines(tmp_path, spawn) -> None:
+def test_two_sides_that_differ_are_two_lines(tmp_path, launched_pair) -> None:
     """A front-end that answers 0 to what it refuses: the back-end believes a map the
     front-end never made, and the log shows both reports, marked."""
-    run_dir = tmp_path / "run" / "default"
-    sock, fe_ctl, be_ctl = (str(run_dir / n) for n in ("vhost.sock", "frontend.ctl", "backend.ctl"))
-    be = spawn("backend_sim", "--listen", sock, "--regions", "0=8M", "--control", be_ctl)
-    be.wait_log("listening on", DEADLINE)
-    fe = spawn("frontend", "--connect", sock, "--control", fe_ctl, "--fault", "reply-ok-always")
-    fe.wait_log("connected: SHMEM", DEADLINE)
+    paths, _ = launched_pair(
+        backend_args=["--regions", "0=8M"],
+        frontend_args=["--fault", "reply-ok-always"],
+        timeout=DEADLINE,
+    )
     shell = Shell(str(tmp_path / "run"))
 
     async def go() -> None:
-        app = ShmemConsole(fe_ctl, be_ctl)
+        app = ShmemConsole(str(paths.control("frontend")), str(paths.control("backend")))
         async with app.run_test(size=(100, 32)) as pilot:
             await until(pilot, lambda: app.model.regions, "regions")
             assert shell("map", "0", "0", "64K").returncode == 0
