@@ -39,7 +39,15 @@ from shmemctl.wire.constants import (
     VIRTIO_F_VERSION_1,
     ProtocolFeature,
 )
-from shmemctl.wire.messages import DeviceConfig, Message, Raw, ShmemConfig, VringState
+from shmemctl.wire.messages import (
+    DeviceConfig,
+    MemoryRegion,
+    Message,
+    Raw,
+    ShmemConfig,
+    SingleMemoryRegion,
+    VringState,
+)
 
 PF = ProtocolFeature
 MAIN, BACKEND = ChannelKind.MAIN, ChannelKind.BACKEND
@@ -567,6 +575,43 @@ def test_observer_a_reset_drops_every_mapping_and_an_unmap_after_it_is_flagged()
         Rule.MAP_VALID,
         Rule.NO_UNMAP_AFTER_RESET,
     ]
+
+
+def announce(observer: Observer, *, need_reply: bool = True, in_flight: bool = False) -> list:
+    """The front-end tells the back-end of new guest memory (QEMU's ADD_MEM_REG after a
+    map); the rules it broke."""
+    region = SingleMemoryRegion(MemoryRegion(0x1_0000_0000, PAGE_SIZE, 0x7F00_0000_0000, 0))
+    msg = request(MAIN, FrontendReq.ADD_MEM_REG, region, need_reply=need_reply, fds=(FAKE_FD,))
+    return [v.rule for v in observer.message(msg, answers_in_flight=in_flight)]
+
+
+def test_observer_a_question_before_the_answer_to_a_map_is_the_front_ends_violation() -> None:
+    pair = observed_pair()
+    observer = pair.observer
+    m = ShmemMap(0, 0, PAGE_SIZE)
+    observer.message(request(BACKEND, BackendReq.SHMEM_MAP, m, need_reply=True, fds=(FAKE_FD,)))
+    assert announce(observer) == [Rule.REPLY_BEFORE_FOLLOW_UP]
+    detail = observer.violations[-1].detail
+    assert detail == (
+        "ADD_MEM_REG asks for an answer while the front-end owes one to SHMEM_MAP "
+        "shmid 0 [0x0, 0x1000)"
+    )
+    assert observer.violations[-1].by == "front-end"
+    # the answer may be on its way on the other channel: not held against it
+    assert announce(observer, in_flight=True) == []
+    # a notice that asks for nothing cannot wait on the back-end
+    assert announce(observer, need_reply=False) == []
+
+
+def test_observer_answer_first_then_ask_is_the_order_qemu_keeps() -> None:
+    pair = observed_pair()
+    m = ShmemMap(0, 0, PAGE_SIZE)
+    assert shmem(pair, BackendReq.SHMEM_MAP, m, 0) == []
+    assert announce(pair.observer) == []
+    # a map sent without NEED_REPLY (a batch) is owed nothing: nothing to wait for
+    pair.observer.message(request(BACKEND, BackendReq.SHMEM_MAP, m._replace(shm_offset=PAGE_SIZE),
+                                  fds=(FAKE_FD,)))  # fmt: skip
+    assert announce(pair.observer) == []
 
 
 def test_observer_flags_shmem_before_it_was_negotiated() -> None:

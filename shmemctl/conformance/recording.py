@@ -55,7 +55,8 @@ def check_recording(path: str | Path, *, reply_deadline: float | None) -> Report
                 messages += unit.framed
                 facts = record.file_facts()
                 judged = watch.unit(record.channel, record.sender, unit, now=record.time,
-                                    decoding=record.decoding, facts=facts)  # fmt: skip
+                                    decoding=record.decoding, facts=facts,
+                                    answers_in_flight=record.answers_in_flight)  # fmt: skip
                 found(record, judged.findings)
                 if unit.problem:
                     undecodable.append(f"line {record.line}: from the {record.sender} on "

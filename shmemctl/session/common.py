@@ -107,6 +107,11 @@ class Rule(enum.Enum):
     MAP_VALID = ("§5", "a back-end sends only SHMEM requests a front-end can honour")
     REFUSES_INVALID = ("§5", "a front-end refuses a SHMEM request the rules refuse")
     NO_UNMAP_AFTER_RESET = ("§5", "a reset drops every mapping; none is unmapped after it")
+    REPLY_BEFORE_FOLLOW_UP = (
+        "§5",
+        "the front-end answers a SHMEM request before it asks the back-end anything that "
+        "needs an answer (a back-end waiting for the answer would never read the question)",
+    )
     #: judged by a watcher with a clock (the tap), never by the sans-I/O sessions
     ANSWERED_IN_TIME = ("§5", "a request owed a reply gets it, within the watcher's deadline")
 

@@ -98,10 +98,16 @@ class Observer:
 
     # ------------------------------------------------------------ feeding
 
-    def message(self, msg: Message, file: FileFacts | None = None) -> list[Violation]:
+    def message(
+        self, msg: Message, file: FileFacts | None = None, *, answers_in_flight: bool = False
+    ) -> list[Violation]:
         """One message as it travelled; returns the violations it showed (also kept).
         `file`: for a SHMEM_MAP, what its fd was, learnt by whoever held the fd (the
-        observer does no I/O); the mapping the request makes keeps it."""
+        observer does no I/O); the mapping the request makes keeps it.
+        `answers_in_flight`: for a front-end's request on the main channel, that the
+        front-end may already have sent answers the observer has not been fed yet (the
+        two channels are separate streams: only their reader can tell); then asking
+        before answering is not held against it."""
         before = len(self.violations)
         if msg.channel in self.blind:
             return []
@@ -109,6 +115,8 @@ class Observer:
             self._reply(msg)
         elif msg.channel is ChannelKind.MAIN:
             self._main_request(msg)
+            if not answers_in_flight and self.owes(msg):
+                self._asked_before_answering(msg)
         else:
             self._backend_request(msg, file)
         return self.violations[before:]
@@ -176,6 +184,17 @@ class Observer:
                 self._reset()
         if owed_by(msg, self.reply_ack) is not Owed.NOTHING:  # by the new features
             self._pending[ChannelKind.MAIN].append(msg)
+
+    def _asked_before_answering(self, msg: Message) -> None:
+        shmem = (BackendReq.SHMEM_MAP, BackendReq.SHMEM_UNMAP)
+        unanswered = [m for m in self._pending[ChannelKind.BACKEND] if m.request in shmem]
+        if unanswered and ChannelKind.BACKEND not in self.blind:
+            owed = ", ".join(
+                f"{m.name} {_where(m.payload)}" if isinstance(m.payload, ShmemMap) else m.name
+                for m in unanswered
+            )
+            detail = f"{msg.name} asks for an answer while the front-end owes one to {owed}"
+            self._flag(Rule.REPLY_BEFORE_FOLLOW_UP, FRONTEND, detail)
 
     def _reset(self) -> None:
         self.state.resets += 1

@@ -88,6 +88,11 @@ class Framer:
         return self._reader.wanted if self.decoding else RAW_CHUNK
 
     @property
+    def holding(self) -> bool:
+        """Whether part of a message has arrived and waits for the rest."""
+        return bool(self._data or self._fds)
+
+    @property
     def held_fds(self) -> tuple[int, ...]:
         """fds of a message not complete yet (still this framer's)."""
         return tuple(self._fds)

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import logging
+import select
 import socket
+import struct
+import termios
 import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -55,6 +59,12 @@ def send_exact(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> Non
 
 def other(side: str) -> str:
     return BACKEND if side == FRONTEND else FRONTEND
+
+
+def unread(sock: socket.socket) -> int:
+    """Bytes the kernel holds for `sock` that nobody has read yet (FIONREAD)."""
+    got = fcntl.ioctl(sock.fileno(), termios.FIONREAD, struct.pack("i", 0))
+    return int(struct.unpack("i", got)[0])
 
 
 class Relay(Protocol):
@@ -102,6 +112,13 @@ class Link:
         ]  # fmt: skip
         self._lock = threading.Lock()
         self._running = len(self._threads)
+        #: held by the direction's thread from a read until the unit it completes is
+        #: judged and sent: who holds none is between units (`may_carry_unseen`). Only
+        #: the front-end's answers on a backend channel need it: whether one may be on its
+        #: way decides whether a request on the main channel came before it.
+        self._reading: dict[str, threading.Lock] = (
+            {FRONTEND: threading.Lock()} if kind is ChannelKind.BACKEND else {}
+        )
 
     def start(self) -> None:
         for thread in self._threads:
@@ -117,41 +134,66 @@ class Link:
             if thread is not threading.current_thread():
                 thread.join()
 
+    def may_carry_unseen(self, sender: str) -> bool:
+        """Whether `sender` may have sent on this channel something the tap has not yet
+        judged: bytes still in the socket, part of a message, or a unit between its read
+        and its judgement. True when that cannot be told (an unguarded direction, a
+        socket gone)."""
+        lock = self._reading.get(sender)
+        if lock is None or not lock.acquire(blocking=False):
+            return True
+        try:
+            return self.framers[sender].holding or unread(self.to[sender].sock) > 0
+        except OSError:
+            return True
+        finally:
+            lock.release()
+
     def _pump(self, sender: str) -> None:
-        source = self.to[sender].sock
-        receiver = other(sender)
-        framer = self.framers[sender]
+        lock = self._reading.get(sender)
+        reading = lock or contextlib.nullcontext()
+        poller = select.poll()
+        poller.register(self.to[sender].sock, select.POLLIN)
         reason = f"{sender} closed the {self.kind.value} channel"
         try:
             while True:
-                try:
-                    data, fds, cut = receive(source, framer.wanted)
-                except OSError as exc:
-                    reason = f"reading from the {sender} failed: {exc.strerror or exc}"
-                    break
-                if cut:
-                    log.warning("%s sent more fds than the kernel passes; some are lost", sender)
-                unit = framer.end() if not data else framer.feed(data, fds)
-                if unit is not None and not self.relay.forward(self, sender, unit):
-                    reason = f"sending to the {receiver} failed"
-                    # as a direct connection would: the sender's writes fail from now on
-                    with contextlib.suppress(OSError):
-                        source.shutdown(socket.SHUT_RD)
-                    break
-                if not data:
+                if lock is not None:
+                    poller.poll()  # waited for outside the guard: held only with a unit in hand
+                with reading:
+                    reason, go_on = self._step(sender, reason)
+                if not go_on:
                     break
         except Exception as exc:  # a bug must cost this connection, never the tap
             reason = f"internal error: {exc!r}"
             log.exception("relaying the %s channel from the %s", self.kind.value, sender)
         finally:
-            framer.close()
+            self.framers[sender].close()
             # reported before the receiver sees the end: the receiver closing its side in
             # answer must not be taken for the side that ended the connection
             self.on_end(self, sender, reason)
             # the receiver sees the end of the stream, as it would without the tap
             with contextlib.suppress(OSError):
-                self.to[receiver].sock.shutdown(socket.SHUT_WR)
+                self.to[other(sender)].sock.shutdown(socket.SHUT_WR)
             self._ended()
+
+    def _step(self, sender: str, reason: str) -> tuple[str, bool]:
+        """Read once and forward the unit that completes, if any: (why it ended, whether
+        to go on)."""
+        source = self.to[sender].sock
+        framer = self.framers[sender]
+        try:
+            data, fds, cut = receive(source, framer.wanted)
+        except OSError as exc:
+            return f"reading from the {sender} failed: {exc.strerror or exc}", False
+        if cut:
+            log.warning("%s sent more fds than the kernel passes; some are lost", sender)
+        unit = framer.end() if not data else framer.feed(data, fds)
+        if unit is not None and not self.relay.forward(self, sender, unit):
+            # as a direct connection would: the sender's writes fail from now on
+            with contextlib.suppress(OSError):
+                source.shutdown(socket.SHUT_RD)
+            return f"sending to the {other(sender)} failed", False
+        return reason, bool(data)
 
     def _ended(self) -> None:
         with self._lock:

@@ -13,6 +13,9 @@ One JSON object per line, in the order the tap relayed (and judged) what it reco
   was (`{"kind": "memfd", "dev": "00:01", "ino": 7, "size": 4096, "file": "/memfd:..."}`),
   the decoded form for people and other tools. `link` tells a connection's channels
   apart (0: main; 1, 2, ...: each backend channel in the order it was handed over).
+  `"answers_in_flight": true` marks a front-end's request the tap judged knowing an
+  answer of the front-end's might be on its way on a backend channel
+  (`Observer.message`), so that judging the file again judges it alike.
 
 `replay` reads a recording back and frames each recorded unit again with the tap's own
 framer, so what it yields is decoded by the codec, not taken on trust from `decoded`.
@@ -87,23 +90,34 @@ class Recorder:
         self._write({"type": "detached", "time": time.time(), "connection": connection,
                      "reason": reason})  # fmt: skip
 
-    def unit(self, connection: int, link: int, kind: ChannelKind, sender: str, unit: Unit) -> None:
-        """One unit as it is about to be sent on; its fds are still open."""
-        self._write(
-            {
-                "type": "message",
-                "time": time.time(),
-                "connection": connection,
-                "link": link,
-                "channel": kind.value,
-                "from": sender,
-                "data": base64.b64encode(unit.data).decode("ascii"),
-                "fds": [fd_json(fd) for fd in unit.fds],
-                "decoded": None if unit.message is None else summarize(unit.message),
-                "problem": unit.problem,
-                "framed": unit.framed,
-            }
-        )
+    def unit(
+        self,
+        connection: int,
+        link: int,
+        kind: ChannelKind,
+        sender: str,
+        unit: Unit,
+        *,
+        answers_in_flight: bool = False,
+    ) -> None:
+        """One unit as it is about to be sent on; its fds are still open.
+        `answers_in_flight`: what the tap knew when it judged it (`Observer.message`)."""
+        record: dict[str, Any] = {
+            "type": "message",
+            "time": time.time(),
+            "connection": connection,
+            "link": link,
+            "channel": kind.value,
+            "from": sender,
+            "data": base64.b64encode(unit.data).decode("ascii"),
+            "fds": [fd_json(fd) for fd in unit.fds],
+            "decoded": None if unit.message is None else summarize(unit.message),
+            "problem": unit.problem,
+            "framed": unit.framed,
+        }
+        if answers_in_flight:
+            record["answers_in_flight"] = True
+        self._write(record)
 
     def close(self) -> None:
         with self._lock:
@@ -140,6 +154,9 @@ class Recorded(NamedTuple):
     reason: str = ""
     #: whether the framing of the message's direction still held after it
     decoding: bool = True
+    #: the tap could not rule out that the front-end had answered already (see
+    #: `Observer.message`)
+    answers_in_flight: bool = False
 
     def file_facts(self) -> FileFacts | None:
         """What the one fd of this message was, as a FileFacts; None without exactly one
@@ -279,8 +296,10 @@ def _message(
             units.append(unit)
     if not data and (end := framer.end()) is not None:
         units.append(end)
+    in_flight = record.get("answers_in_flight", False) is True
     return Recorded(number, "message", when, connection, shmem_bit, channel, sender,
-                    tuple(units), files, decoding=framer.decoding)  # fmt: skip
+                    tuple(units), files, decoding=framer.decoding,
+                    answers_in_flight=in_flight)  # fmt: skip
 
 
 def trace_record(unit: Unit, channel: ChannelKind, sender: str) -> dict[str, Any]:

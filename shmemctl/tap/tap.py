@@ -101,6 +101,13 @@ class _Connection:
     def number_of(self, link: Link) -> int:
         return self._numbers[id(link)]
 
+    def answers_in_flight(self) -> bool:
+        """Whether the front-end may have answered on a backend channel what the tap has
+        not judged yet."""
+        with self._lock:
+            links = [link for link in self._links if link.kind is ChannelKind.BACKEND]
+        return any(link.may_carry_unseen(FRONTEND) for link in links)
+
     def link_ended(self, link: Link, sender: str, reason: str) -> None:
         if link.kind is ChannelKind.MAIN and not self.over.is_set():
             self.reason = reason
@@ -270,15 +277,26 @@ class Tap:
         theirs: socket.socket | None = None
         try:
             facts = fd_facts(unit.fds[0]) if carries_map_file(unit) else None
+            connection = self._connection
+            # asked before the lock: what the backend channel's thread has in hand it
+            # judges under the lock, before this unit then, or after it and in flight now
+            in_flight = (
+                connection is not None
+                and link.kind is ChannelKind.MAIN
+                and sender == FRONTEND
+                and unit.message is not None
+                and not unit.message.is_reply
+                and connection.answers_in_flight()
+            )
             with self.lock:
                 decoding = link.framers[sender].decoding
                 judged = self.watch.unit(link.kind, sender, unit, decoding=decoding,
-                                         now=time.monotonic(), facts=facts)  # fmt: skip
+                                         now=time.monotonic(), facts=facts,
+                                         answers_in_flight=in_flight)  # fmt: skip
                 self._count(link.kind, sender, unit)
-                connection = self._connection
                 if self.recorder is not None and connection is not None:
                     self.recorder.unit(connection.number, connection.number_of(link), link.kind,
-                                       sender, unit)  # fmt: skip
+                                       sender, unit, answers_in_flight=in_flight)  # fmt: skip
             for finding in judged.findings:
                 self._violation(finding)
             if judged.undecodable:

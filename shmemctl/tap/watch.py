@@ -101,14 +101,16 @@ class Watch:
         decoding: bool,
         now: float,
         facts: FileFacts | None = None,
+        answers_in_flight: bool = False,
     ) -> Judged:
         """One unit from `sender` on a channel of `kind`, at `now`. `decoding`: whether
         that direction's framing still holds after it; `facts`: what its fd is, for a
-        SHMEM_MAP (taken only for one)."""
+        SHMEM_MAP (taken only for one); `answers_in_flight`: see `Observer.message`."""
         findings: list[Finding] = []
         message = unit.message
         if message is not None:
-            findings = self._message(message, facts if carries_map_file(unit) else None, now)
+            file = facts if carries_map_file(unit) else None
+            findings = self._message(message, file, now, answers_in_flight)
         news = bool(unit.problem)
         if unit.problem and not decoding:
             where = direction(kind, sender)
@@ -136,11 +138,13 @@ class Watch:
                 self.violations[Rule.ANSWERED_IN_TIME.label] += 1
         return late
 
-    def _message(self, message: Message, facts: FileFacts | None, now: float) -> list[Finding]:
+    def _message(
+        self, message: Message, facts: FileFacts | None, now: float, answers_in_flight: bool
+    ) -> list[Finding]:
         observer = self.observer
         if facts is not None and message.channel not in observer.blind:
             self.files[(facts.dev, facts.ino)] = facts
-        violations = observer.message(message, facts)
+        violations = observer.message(message, facts, answers_in_flight=answers_in_flight)
         if self.reply_deadline is not None and observer.owes(message):
             self._asked[id(message)] = (message, now)
         self.violations.update(v.rule.label for v in violations)
