@@ -187,6 +187,18 @@ def render_tap_status(view: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def trace_arrow(data: dict[str, Any]) -> str:
+    """Which way a traced message went: out of (->) or into (<-) the daemon that traced
+    it; for a tap, from which side to which (fe->be, be->fe)."""
+    if data.get("role") == "tap":
+        # everything the tap traces is what it sends on: which way it went is which
+        # side asks on that channel (the front-end on main, the back-end on backend)
+        asker_is_front = data.get("channel") == "main"
+        from_front = asker_is_front != bool(data.get("reply"))
+        return "fe->be" if from_front else "be->fe"
+    return "->" if data.get("direction") == "out" else "<-"
+
+
 def render_event(event: dict[str, Any]) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(event["timestamp"]))
     stamp += f".{int(event['timestamp'] * 1000) % 1000:03d}"
@@ -194,13 +206,7 @@ def render_event(event: dict[str, Any]) -> str:
     source = event.get("source", "")
     name = event["event"]
     if name == Event.MESSAGE:
-        arrow = "->" if data.get("direction") == "out" else "<-"
-        if data.get("role") == "tap":
-            # everything the tap traces is what it sends on: which way it went is which
-            # side asks on that channel (the front-end on main, the back-end on backend)
-            asker_is_front = data.get("channel") == "main"
-            from_front = asker_is_front != bool(data.get("reply"))
-            arrow = "fe->be" if from_front else "be->fe"
+        arrow = trace_arrow(data)
         flags = "reply" if data.get("reply") else ("need_reply" if data.get("need_reply") else "")
         payload = data.get("payload")
         fds = f" fds={data['fds']}" if data.get("fds") else ""

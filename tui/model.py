@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shmemctl.events import DROPS_ALL, OUTCOMES, STATES, Event
+from shmemctl.render import trace_arrow
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.shmem.mapping import Mapping
 from shmemctl.shmem.rules import must_refuse
@@ -281,7 +282,7 @@ def describe(name: str, data: dict[str, Any]) -> str:
     if name == Event.MESSAGE:  # the protocol trace
         payload = data.get("payload")
         parts = (
-            "->" if data.get("direction") == "out" else "<-",
+            trace_arrow(data),
             data.get("channel"),
             data.get("request"),
             "reply" if data.get("reply") else ("need_reply" if data.get("need_reply") else ""),
