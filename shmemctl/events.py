@@ -51,7 +51,9 @@ class Event(StrEnum):
     DISCONNECTED = "disconnected"
     #: front-end: it has a back-end's socket and begins the handshake
     HANDSHAKE = "handshake"
-    #: front-end: its connect failed and it tries again after `retry_in` seconds (--reconnect)
+    #: front-end: its connect failed and it tries again after `retry_in` seconds (--reconnect);
+    #: tap: a side it connects to is not there, and it tries again every `retry_in` seconds
+    #: (once per wait, not per attempt)
     RECONNECTING = "reconnecting"
     #: both, to whoever names it: one message sent or received, by its channel (the trace)
     MESSAGE = "message"
@@ -193,6 +195,16 @@ class TapSide(TypedDict):
     reason: NotRequired[str]  # detached only: why
 
 
+class TapReconnect(TypedDict):
+    """`reconnecting` from the tap: a side it connects to is not there yet."""
+
+    side: str  # "front-end" or "back-end"
+    socket: str
+    mode: str  # "connect"
+    retry_in: float  # seconds between attempts (--retry)
+    reason: str  # why the connect failed
+
+
 class TapViolation(TypedDict):
     """`violation` from the tap: a rule one side broke, as the observer judged it."""
 
@@ -227,7 +239,7 @@ PAYLOADS: dict[Event, dict[Role, type]] = {
     Event.CONNECTED: {"frontend": NoData, "backend": NoData},
     Event.DISCONNECTED: {"frontend": FrontendDisconnect, "backend": DeviceDisconnect},
     Event.HANDSHAKE: {"frontend": NoData},
-    Event.RECONNECTING: {"frontend": Reconnect},
+    Event.RECONNECTING: {"frontend": Reconnect, "tap": TapReconnect},
     Event.MESSAGE: {"frontend": TraceRecord, "backend": TraceRecord, "tap": TraceRecord},
     Event.ATTACHED: {"tap": TapSide},
     Event.DETACHED: {"tap": TapSide},

@@ -229,6 +229,11 @@ def render_event(event: dict[str, Any]) -> str:
             f"{stamp} {source:8} {name:9} {data.get('side')} ({data.get('mode')} "
             f"{data.get('socket')}), connection {data.get('connection')}{why}"
         )
+    if name == Event.RECONNECTING and "side" in data:  # a tap's side that is not there yet
+        return (
+            f"{stamp} {source:8} {name} the {data.get('side')} is not at {data.get('socket')} "
+            f"({data.get('reason')}); trying every {data.get('retry_in')}s"
+        )
     if name == Event.UNDECODABLE:
         request = data.get("request")
         lost = "" if data.get("decoding", True) else "; the framing is lost: relayed raw from now"

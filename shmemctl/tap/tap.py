@@ -214,9 +214,14 @@ class Tap:
                 return connect_unix(endpoint.path)
             except OSError as exc:
                 if not said:  # once per wait, not once per attempt
-                    why = exc.strerror or exc
+                    why = str(exc.strerror or exc)
                     log.info("cannot connect to the %s at %s (%s); retrying every %gs",
                              side, endpoint.path, why, self.options.retry)  # fmt: skip
+                    self.events.emit(
+                        Event.RECONNECTING,
+                        {"side": side, "socket": endpoint.path, "mode": endpoint.mode,
+                         "retry_in": self.options.retry, "reason": why},
+                    )  # fmt: skip
                     said = True
             if self.stopper.wait(self.options.retry):
                 break
