@@ -58,6 +58,8 @@ def status(fe: Frontend, max_mappings: int = DEFAULT_LIST) -> dict[str, Any]:
         "state": fe.state,
         "socket": fe.options.connect or fe.options.listen,
         "mode": "connect" if fe.options.connect else "listen",
+        #: with --listen: the socket is there and takes a back-end (whatever the state)
+        "listening": fe.listening,
         "shmem_bit": bit,
         "reconnect": fe.options.reconnect,
         "negotiated": {

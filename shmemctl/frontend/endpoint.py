@@ -90,6 +90,11 @@ class Frontend:
     def negotiated(self) -> Negotiated:
         return self.session.negotiated
 
+    @property
+    def listening(self) -> bool:
+        """Whether its --listen socket is there to take a back-end."""
+        return self._listener is not None
+
     # ------------------------------------------------------------ lifecycle
 
     def run(self) -> None:
@@ -224,6 +229,7 @@ class Frontend:
             self.regions = None
         if self._listener is not None:
             self._listener.close()
+            self._listener = None
             with contextlib.suppress(OSError):
                 os.unlink(self.options.listen or "")
 
