@@ -321,7 +321,7 @@ def test_our_front_end_and_qemu_storage_daemon_through_the_tap(spawn, tmp_path) 
                           "--retry", "0.05")  # fmt: skip
     tap = watch(proc, ctl, Event.MESSAGE, Event.VIOLATION, Event.UNDECODABLE)
     back_sock.symlink_to(blk)
-    wait_until(lambda: front.execute("status")["state"] == "connected", what="the handshake")
+    fe.wait_connected(shmem=False)
 
     own = front.execute("status")
     status = tap.execute("status")
@@ -354,7 +354,7 @@ def test_our_front_end_and_qemu_storage_daemon_through_the_tap(spawn, tmp_path) 
 
 #: Scenario actions a second: slow enough that an answer is compared before the next
 #: request passes, mostly; a request that overtakes a comparison costs only that one
-SCENARIO_RATE = "5"
+SCENARIO_RATE = 5.0
 STEPS = 8
 
 
@@ -417,15 +417,14 @@ def test_at_each_step_of_a_scenario_the_tap_and_both_daemons_agree(
     """backend_sim runs a scenario on its own (its control socket has no step command):
     after each answer the device reports, the tap and both daemons hold the same
     mappings, and the tap's /proc verdict is the front-end's own."""
-    watched: dict[str, Monitor] = {}
-
-    def watch_device(pair: Pair) -> None:  # before the tap: no answer can be missed
-        assert pair.be is not None
-        watched["be"] = watch(pair.be, pair.be_ctl, *sorted(OUTCOMES))
-
-    runs = ("--scenario", scenario, "--scenario-rate", SCENARIO_RATE)
-    pair = start_pair(spawn, tmp_path, "connect", "connect", be_args=runs, before_tap=watch_device)
-    device, front, tap = watched["be"], pair.monitor("fe"), pair.monitor("tap")
+    pair = start_pair(spawn, tmp_path, "connect", "connect")
+    assert pair.be is not None
+    device = watch(pair.be, pair.be_ctl, *sorted(OUTCOMES))  # before the first answer
+    front, tap = pair.monitor("fe"), pair.monitor("tap")
+    # Started once the handshake is over, not with --scenario: that one maps as soon as
+    # the backend channel is open, and the front-end's SET_FEATURES, asked while it owes
+    # that map's answer, is then reply-before-follow-up.
+    device.execute("scenario-start", name=scenario, rate=SCENARIO_RATE, seed=7)
     compared, unmapped, n = 0, False, 0
     while compared < STEPS or not unmapped:
         n += 1
@@ -528,15 +527,15 @@ def faulty_pair(spawn: Callable[..., Proc], tmp_path: Path, case: Faulty) -> tup
     proc, ctl = start_tap(spawn, tmp_path, f"listen:{front}", f"listen:{back}", *case.tap)
     tap = watch(proc, ctl, Event.VIOLATION, Event.UNDECODABLE)
     pair = Pair(proc, ctl, fe_ctl=str(tmp_path / "fe.ctl"), be_ctl=str(tmp_path / "be.ctl"))
-    pair.fe = spawn("frontend", "--connect", front, "--control", pair.fe_ctl, *case.fe)
+    pair.fe = fe = spawn("frontend", "--connect", front, "--control", pair.fe_ctl, *case.fe)
     # the case's options after these: the last of an option given twice is the one taken
     pair.be = spawn("backend_sim", "--connect", back, "--control", pair.be_ctl, "--regions",
                     REGIONS, "--reply-timeout", str(PATIENCE), *case.be)  # fmt: skip
     if case.act is not None:
-        front_end = pair.monitor("fe")
-        wait_until(lambda: front_end.execute("status")["state"] == "connected",
-                   what="the handshake")  # fmt: skip
-        case.act(front_end, pair.monitor("be"))
+        # not before: a front-end that still asks for answers in its handshake while it
+        # owes one to a SHMEM request is in the wrong (reply-before-follow-up)
+        fe.wait_connected(shmem=None)
+        case.act(pair.monitor("fe"), pair.monitor("be"))
     return pair, tap
 
 
@@ -684,8 +683,8 @@ def test_an_fd_too_many_is_a_violation(spawn, tmp_path, case) -> None:
     """Both go through the handshake or the map without a wait: once the front-end is
     connected and the act is over, the tap judged what passed."""
     pair, tap = faulty_pair(spawn, tmp_path, case)
-    front = pair.monitor("fe")
-    wait_until(lambda: front.execute("status")["state"] == "connected", what="the handshake")
+    assert pair.fe is not None
+    pair.fe.wait_connected()
     tap.execute("status")  # a fence
     assert (case.side, case.rules[0]) in violations(tap)
 
@@ -706,9 +705,10 @@ def test_a_front_end_that_maps_an_unaligned_length_refuses_nothing_it_must(spawn
     try:
         proc, ctl = start_tap(spawn, tmp_path, f"listen:{front}", f"connect:{back}")
         tap = watch(proc, ctl, Event.VIOLATION, Event.UNDECODABLE)
-        spawn("frontend", "--connect", front, "--control", str(tmp_path / "fe.ctl"),
-              "--fault", "skip-alignment-check")  # fmt: skip
+        fe = spawn("frontend", "--connect", front, "--control", str(tmp_path / "fe.ctl"),
+                   "--fault", "skip-alignment-check")  # fmt: skip
         device.wait_ready()
+        fe.wait_connected()  # its handshake over: nothing more it asks an answer to
         # the answer passed the tap after the tap judged the request and the answer
         assert device.map(ShmemMap(0, 0, PAGE + 512, 0, 1), (buffer,)) == "ok"
         tap.execute("status")  # a fence
