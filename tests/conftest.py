@@ -182,6 +182,10 @@ class Proc:
             lambda s: s["state"] in states, f"state {' or '.join(states)}", timeout
         )
 
+    def wait_listening(self, timeout: float = PATIENCE) -> dict[str, Any]:
+        """A front-end started with --listen: its socket is there to take a back-end."""
+        return self.wait_status(lambda s: s["listening"], "its socket to listen on", timeout)
+
     def wait_connected(
         self, shmem: bool | None = True, *, connection: int = 1, timeout: float = PATIENCE
     ) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def test_eight_clients_hammer_status_while_10000_cycles_run(spawn, tmp_path) -> 
     # its script (the cycles) starts: no pause in the script to give them a head start.
     sock = str(tmp_path / "vhost.sock")
     fe = spawn("frontend", "--listen", sock, "--control", str(tmp_path / "fe.ctl"))
-    fe.wait_log("listening on")
+    fe.wait_listening()
     statuses: list[int] = []
     problems: list[object] = []
     done = threading.Event()

@@ -120,7 +120,7 @@ def test_first_connect_failure_says_what_to_do(spawn, tmp_path) -> None:
 def test_sigterm_stops_a_listening_front_end_cleanly(spawn, tmp_path) -> None:
     sock = tmp_path / "fe.sock"
     fe = spawn("frontend", "--listen", str(sock))
-    fe.wait_log("listening on")
+    fe.wait_listening()
     (tmp_path / "script.txt").write_text("map 0 0 64K\n")
     be = spawn("backend_sim", "--connect", str(sock), "--script", "script.txt")
     assert be.wait_lines(1) == ["map 0 0 64K: ok"]

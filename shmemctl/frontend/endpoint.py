@@ -161,6 +161,9 @@ class Frontend:
         main.set_send_timeout(self.options.send_timeout)
         main.trace, main.trace_role = self.events, "frontend"
         self._main = main
+        # the state first: a new connection's count must never sit beside the state of
+        # the last one ("disconnected" would read as this one over already)
+        self._set_state(Event.HANDSHAKE)
         self.counters["connections"] += 1
         reason = "back-end closed the connection"
         try:
@@ -274,7 +277,6 @@ class Frontend:
         return None
 
     def _handshake(self, main: Channel) -> None:
-        self._set_state(Event.HANDSHAKE)
         session = self.session
         steps = session.handshake() if self.faults is None else self.faults.handshake(session)
         neg = self._drive(steps)
