@@ -601,6 +601,29 @@ def test_observer_a_question_before_the_answer_to_a_map_is_the_front_ends_violat
     assert announce(observer, in_flight=True) == []
     # a notice that asks for nothing cannot wait on the back-end
     assert announce(observer, need_reply=False) == []
+    # nor is the rest of a handshake a consequence of the map (the device maps as soon as
+    # the backend channel is open, while the front-end still sets its features)
+    ask = request(MAIN, FrontendReq.SET_FEATURES, 1 << 32, need_reply=True)
+    assert observer.message(ask) == []
+
+
+def test_observer_counts_every_fd_a_message_carried() -> None:
+    pair = observed_pair()
+    observer = pair.observer
+    two = (FAKE_FD, FAKE_FD + 1)
+    found = observer.message(request(MAIN, FrontendReq.SET_BACKEND_REQ_FD, fds=two))
+    assert [v.rule for v in found] == [Rule.BACKEND_CHANNEL_FD]
+    m = ShmemMap(0, 0, PAGE_SIZE)
+    found = observer.message(request(BACKEND, BackendReq.SHMEM_MAP, m, need_reply=True, fds=two))
+    assert [(v.rule, v.detail) for v in found] == [
+        (Rule.MAP_VALID, "SHMEM_MAP shmid 0 [0x0, 0x1000): carries 2 fds; a SHMEM_MAP carries "
+                         "exactly one")]  # fmt: skip
+    ok = travel(Outgoing(BACKEND, BackendReq.SHMEM_MAP, 0, reply=True))
+    assert [v.rule for v in observer.message(ok)] == [Rule.REFUSES_INVALID]
+    assert observer.mappings() == []
+    found = observer.message(request(BACKEND, BackendReq.SHMEM_UNMAP, m, fds=(FAKE_FD,)))
+    assert [(v.rule, v.detail.split(": ", 1)[1]) for v in found] == [
+        (Rule.MAP_VALID, "carries 1 fds; a SHMEM_UNMAP carries none")]  # fmt: skip
 
 
 def test_observer_answer_first_then_ask_is_the_order_qemu_keeps() -> None:

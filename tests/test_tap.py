@@ -553,6 +553,38 @@ def test_the_backend_channel_is_relayed_through_a_pair_of_the_taps_own(raw_peers
         ours.close()
 
 
+def test_a_backend_channel_handed_over_with_an_fd_too_many_is_still_relayed(raw_peers) -> None:
+    """The channel is the first fd, the one a back-end takes: the tap relays it, passes
+    the fd too many on as it came, and reports the broken rule."""
+    front, back, tap, _proc = raw_peers
+    ours, handed = socket.socketpair()
+    extra = memfd(PAGE)
+    given: socket.socket | None = None
+    try:
+        request = encode(ChannelKind.MAIN, FrontendReq.SET_BACKEND_REQ_FD, None)
+        send_with(front, request, [handed.fileno(), extra])
+        data, fds = recv_exactly(back, len(request))
+        assert data == request and len(fds) == 2
+        given = socket.socket(fileno=fds[0])
+        assert not same_file(given.fileno(), handed.fileno())  # the tap's own
+        assert same_file(fds[1], extra)  # the one too many, untouched
+        os.close(fds[1])
+        unmap = encode_shmem_request(BackendReq.SHMEM_UNMAP, ShmemMap(0, 0, MiB, 0, 0),
+                                     need_reply=False)  # fmt: skip
+        given.sendall(unmap)
+        assert recv_exactly(ours, len(unmap))[0] == unmap
+        # judged as it passed (nothing was negotiated first either: no SET_PROTOCOL_FEATURES
+        # before the channel, no SHMEM before the unmap)
+        found = tap.execute("status")["violations"]
+        assert found == {"backend-channel-fd": 1, "protocol-features-first": 1,
+                         "shmem-negotiated": 1}  # fmt: skip
+    finally:
+        for sock in (ours, handed, given):
+            if sock is not None:
+                sock.close()
+        os.close(extra)
+
+
 # ------------------------------------------------------------------ the truth from /proc, in memory
 
 B0, B2 = 0x7F0000000000, 0x7F1000000000

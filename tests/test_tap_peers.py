@@ -677,8 +677,6 @@ def test_a_front_end_that_did_not_make_a_map_the_wire_says_it_made_disagrees(
     fault(Broken, FRONT_END, "backend-fd-twice", rules=("backend-channel-fd",)),
     fault(Broken, BACK_END, "map-two-fds", rules=("map-valid",), act=map_one),
 ])  # fmt: skip
-@pytest.mark.xfail(strict=True, reason="the observer counts a message's fds without its "
-                   "surplus_fds: an fd more than a message may carry goes unjudged")  # fmt: skip
 def test_an_fd_too_many_is_a_violation(spawn, tmp_path, case) -> None:
     """Both go through the handshake or the map without a wait: once the front-end is
     connected and the act is over, the tap judged what passed."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..session.common import Rule
 from ..tap.recording import Recorded, replay
-from ..tap.watch import Finding, Watch
+from ..tap.watch import Finding, Watch, carries_map_file
 from .report import Report
 
 #: the check of what could not be decoded (not a rule of the session layer)
@@ -53,7 +53,7 @@ def check_recording(path: str | Path, *, reply_deadline: float | None) -> Report
             assert record.channel is not None and record.sender is not None
             for unit in record.units:
                 messages += unit.framed
-                facts = record.file_facts()
+                facts = record.file_facts() if carries_map_file(unit) else None
                 judged = watch.unit(record.channel, record.sender, unit, now=record.time,
                                     decoding=record.decoding, facts=facts,
                                     answers_in_flight=record.answers_in_flight)  # fmt: skip

@@ -109,8 +109,8 @@ class Rule(enum.Enum):
     NO_UNMAP_AFTER_RESET = ("§5", "a reset drops every mapping; none is unmapped after it")
     REPLY_BEFORE_FOLLOW_UP = (
         "§5",
-        "the front-end answers a SHMEM request before it asks the back-end anything that "
-        "needs an answer (a back-end waiting for the answer would never read the question)",
+        "the front-end answers a SHMEM request before it sends the memory table update the "
+        "mapping causes, asking for an answer (a back-end waiting would never read it)",
     )
     #: judged by a watcher with a clock (the tap), never by the sans-I/O sessions
     ANSWERED_IN_TIME = ("§5", "a request owed a reply gets it, within the watcher's deadline")

@@ -27,6 +27,15 @@ from .common import Owed, Rule, owed_by
 
 FRONTEND = "front-end"
 BACKEND = "back-end"
+#: as a plain int: judged on every message, and an IntFlag's & costs several times more
+_REPLY_ACK = int(ProtocolFeature.REPLY_ACK)
+#: what a front-end sends the back-end because a mapping changed guest memory (QEMU's
+#: memory listener): asked before the map is answered, a back-end waiting for that
+#: answer never reads it. Anything else the front-end asks meanwhile (the rest of its
+#: handshake while the device maps already) is not a consequence of the map.
+_FOLLOW_UPS = frozenset(
+    {FrontendReq.SET_MEM_TABLE, FrontendReq.ADD_MEM_REG, FrontendReq.REM_MEM_REG}
+)
 
 
 class Violation(NamedTuple):
@@ -45,6 +54,8 @@ class PairState:
     device_features: int | None = None
     features: int | None = None
     config: ShmemConfig | None = None
+    #: the config's region sizes by shmid, read once (every SHMEM request is judged by them)
+    sizes: dict[int, int] = field(default_factory=dict)
     backend_channel: bool = False
     #: shmid -> {shm_offset: Mapping}, as the front-end's answers say they are
     mappings: dict[int, dict[int, Mapping]] = field(default_factory=dict)
@@ -70,12 +81,16 @@ class Observer:
         #: what the file of each SHMEM_MAP still owed an answer is, by the request's id
         #: (the request waits in `_pending`, so its id is not reused meanwhile)
         self._files: dict[int, FileFacts] = {}
+        #: why each SHMEM request still owed an answer must be refused ("" when it need
+        #: not), judged when it was sent: in strict order, what was held then is what the
+        #: front-end holds when it answers
+        self._refusals: dict[int, str] = {}
 
     # ------------------------------------------------------------ what it knows
 
     @property
     def reply_ack(self) -> bool:
-        return bool((self.state.acked or 0) & ProtocolFeature.REPLY_ACK)
+        return bool((self.state.acked or 0) & _REPLY_ACK)
 
     @property
     def shmem(self) -> bool:
@@ -106,8 +121,8 @@ class Observer:
         observer does no I/O); the mapping the request makes keeps it.
         `answers_in_flight`: for a front-end's request on the main channel, that the
         front-end may already have sent answers the observer has not been fed yet (the
-        two channels are separate streams: only their reader can tell); then asking
-        before answering is not held against it."""
+        two channels are separate streams: only their reader can tell); then a memory
+        table update before an answer is not held against it."""
         before = len(self.violations)
         if msg.channel in self.blind:
             return []
@@ -115,7 +130,7 @@ class Observer:
             self._reply(msg)
         elif msg.channel is ChannelKind.MAIN:
             self._main_request(msg)
-            if not answers_in_flight and self.owes(msg):
+            if msg.request in _FOLLOW_UPS and not answers_in_flight and self.owes(msg):
                 self._asked_before_answering(msg)
         else:
             self._backend_request(msg, file)
@@ -127,6 +142,7 @@ class Observer:
         for queue in self._pending.values():
             queue.clear()
         self._files.clear()
+        self._refusals.clear()
         self.blind.clear()
         self.state = PairState(resets=self.state.resets)
 
@@ -169,11 +185,12 @@ class Observer:
                         FRONTEND,
                         "SET_BACKEND_REQ_FD before any SET_PROTOCOL_FEATURES",
                     )
-                if len(msg.fds) != 1:
+                carried = len(msg.fds) + len(msg.surplus_fds)
+                if carried != 1:
                     self._flag(
                         Rule.BACKEND_CHANNEL_FD,
                         FRONTEND,
-                        f"SET_BACKEND_REQ_FD with {len(msg.fds)} fds",
+                        f"SET_BACKEND_REQ_FD with {carried} fds",
                     )
                 s.backend_channel = True
             case FrontendReq.SET_FEATURES:
@@ -197,6 +214,7 @@ class Observer:
             self._flag(Rule.REPLY_BEFORE_FOLLOW_UP, FRONTEND, detail)
 
     def _reset(self) -> None:
+        self._refusals.clear()  # judged against mappings the reset dropped: judged anew
         self.state.resets += 1
         self._drop_all()
 
@@ -208,7 +226,8 @@ class Observer:
     # ------------------------------------------------------------ backend channel
 
     def _backend_request(self, msg: Message, file: FileFacts | None) -> None:
-        if owed_by(msg, self.reply_ack) is not Owed.NOTHING:
+        owed = owed_by(msg, self.reply_ack) is not Owed.NOTHING
+        if owed:
             self._pending[ChannelKind.BACKEND].append(msg)
             if file is not None and msg.request == BackendReq.SHMEM_MAP:
                 self._files[id(msg)] = file
@@ -223,7 +242,10 @@ class Observer:
         m = msg.payload
         if not isinstance(m, ShmemMap):
             return
-        why = self.must_refuse(m, is_map=msg.request == BackendReq.SHMEM_MAP)
+        is_map = msg.request == BackendReq.SHMEM_MAP
+        why = _fd_count_problem(msg, is_map) or self.must_refuse(m, is_map=is_map)
+        if owed:
+            self._refusals[id(msg)] = why
         if why:
             self._flag(Rule.MAP_VALID, BACKEND, f"{msg.name} {_where(m)}: {why}")
         if msg.request == BackendReq.SHMEM_UNMAP and (m.shmid, m.shm_offset, m.len) in (
@@ -235,7 +257,7 @@ class Observer:
                 f"SHMEM_UNMAP {_where(m)}: a reset already dropped it",
             )
         if not msg.need_reply or not self.reply_ack:
-            self._settle(msg, None, file)  # no answer will come: it takes effect if valid
+            self._settle(msg, None, file, why)  # no answer will come: it takes effect if valid
 
     def must_refuse(self, m: ShmemMap, *, is_map: bool) -> str:
         """Why a front-end following the rules must refuse this request, from the layout
@@ -245,7 +267,7 @@ class Observer:
             return ""  # the layout was never seen: nothing to judge by
         held = self.state.mappings.get(m.shmid, {}).values()
         return must_refuse(
-            config.regions(), [(h.shm_offset, h.len) for h in held], m, is_map=is_map
+            self.state.sizes, [(h.shm_offset, h.len) for h in held], m, is_map=is_map
         )
 
     # ------------------------------------------------------------ replies
@@ -263,6 +285,7 @@ class Observer:
             return
         asked = queue.popleft()
         file = self._files.pop(id(asked), None)
+        refusal = self._refusals.pop(id(asked), None)
         if msg.request != asked.request:
             self._flag(
                 Rule.REPLY_MATCHES_REQUEST, by, f"{asked.name} answered by a {msg.name} reply"
@@ -270,7 +293,7 @@ class Observer:
         elif msg.channel is ChannelKind.MAIN:
             self._main_reply(asked, msg)
         else:
-            self._settle(asked, msg, file)
+            self._settle(asked, msg, file, refusal)
 
     def _main_reply(self, asked: Message, reply: Message) -> None:
         s = self.state
@@ -307,13 +330,21 @@ class Observer:
                 f"nregions {config.nregions}, {len(regions)} sizes non-zero",
             )
         before = self.state.config
-        if before is not None and before.regions() != regions:
-            self._flag(Rule.CONFIG_STABLE, BACKEND, f"was {before.regions()}, now {regions}")
+        if before is not None and self.state.sizes != regions:
+            self._flag(Rule.CONFIG_STABLE, BACKEND, f"was {self.state.sizes}, now {regions}")
         self.state.config = config
+        self.state.sizes = regions
 
-    def _settle(self, asked: Message, reply: Message | None, file: FileFacts | None) -> None:
+    def _settle(
+        self,
+        asked: Message,
+        reply: Message | None,
+        file: FileFacts | None,
+        refusal: str | None = None,
+    ) -> None:
         """A SHMEM request's outcome: a reply's value, or None when none was asked (the
-        front-end handles it in order; whether the kernel let it map is not on the wire)."""
+        front-end handles it in order; whether the kernel let it map is not on the wire).
+        `refusal`: why it must be refused, as judged when it was sent (None: judge now)."""
         m = asked.payload
         if not isinstance(m, ShmemMap) or asked.request not in (
             BackendReq.SHMEM_MAP,
@@ -322,7 +353,7 @@ class Observer:
             return
         is_map = asked.request == BackendReq.SHMEM_MAP
         value = reply.payload if reply is not None else None
-        why = self.must_refuse(m, is_map=is_map)
+        why = self.must_refuse(m, is_map=is_map) if refusal is None else refusal
         if why and value == 0:
             self._flag(
                 Rule.REFUSES_INVALID,
@@ -342,6 +373,15 @@ class Observer:
             self.state.dropped.discard((m.shmid, m.shm_offset, m.len))
         else:
             held.pop(m.shm_offset, None)
+
+
+def _fd_count_problem(msg: Message, is_map: bool) -> str:
+    """Step 2 (§6.5): a SHMEM_MAP carries exactly one fd, a SHMEM_UNMAP none."""
+    carried = len(msg.fds) + len(msg.surplus_fds)
+    wanted = 1 if is_map else 0
+    if carried == wanted:
+        return ""
+    return f"carries {carried} fds; a {msg.name} carries {'exactly one' if is_map else 'none'}"
 
 
 def _where(m: ShmemMap) -> str:

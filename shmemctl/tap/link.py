@@ -155,14 +155,18 @@ class Link:
         poller = select.poll()
         poller.register(self.to[sender].sock, select.POLLIN)
         reason = f"{sender} closed the {self.kind.value} channel"
+        framer = self.framers[sender]
         try:
-            while True:
+            go_on = True
+            while go_on:
                 if lock is not None:
                     poller.poll()  # waited for outside the guard: held only with a unit in hand
                 with reading:
+                    # the rest of a message that has begun is read under the guard too: one
+                    # wait per message, not per read
                     reason, go_on = self._step(sender, reason)
-                if not go_on:
-                    break
+                    while go_on and framer.holding:
+                        reason, go_on = self._step(sender, reason)
         except Exception as exc:  # a bug must cost this connection, never the tap
             reason = f"internal error: {exc!r}"
             log.exception("relaying the %s channel from the %s", self.kind.value, sender)

@@ -308,8 +308,10 @@ class Tap:
                 self._undecodable(link, sender, unit)
             handed = self._backend_channel(link, unit)
             if handed is not None:
-                theirs, keep = handed, unit.fds
-                send_fds = (theirs.fileno(),)
+                # the channel is the first fd (what a back-end takes); any more, wrongly
+                # sent, go on as they came
+                theirs, keep = handed, unit.fds[:1]
+                send_fds = (theirs.fileno(), *unit.fds[1:])
             try:
                 if unit.framed:
                     link.to[receiver].send(unit.data, send_fds)
@@ -360,16 +362,17 @@ class Tap:
         )  # fmt: skip
 
     def _backend_channel(self, link: Link, unit: Unit) -> socket.socket | None:
-        """For a SET_BACKEND_REQ_FD with one Unix stream socket: the tap keeps that socket
-        and relays between it and one end of a pair of its own; the other end, returned,
-        is what the back-end gets instead. None for anything else (forwarded as it is)."""
+        """For a SET_BACKEND_REQ_FD whose first fd is a Unix stream socket: the tap keeps
+        that socket and relays between it and one end of a pair of its own; the other
+        end, returned, is what the back-end gets in its place. None for anything else
+        (forwarded as it is)."""
         message = unit.message
         if (
             link.kind is not ChannelKind.MAIN
             or message is None
             or message.is_reply
             or message.request != FrontendReq.SET_BACKEND_REQ_FD
-            or len(unit.fds) != 1
+            or not unit.fds
         ):
             return None
         connection = self._connection

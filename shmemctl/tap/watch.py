@@ -104,13 +104,13 @@ class Watch:
         answers_in_flight: bool = False,
     ) -> Judged:
         """One unit from `sender` on a channel of `kind`, at `now`. `decoding`: whether
-        that direction's framing still holds after it; `facts`: what its fd is, for a
-        SHMEM_MAP (taken only for one); `answers_in_flight`: see `Observer.message`."""
+        that direction's framing still holds after it; `facts`: what its fd is, given
+        only for a SHMEM_MAP that `carries_map_file`; `answers_in_flight`: see
+        `Observer.message`."""
         findings: list[Finding] = []
         message = unit.message
         if message is not None:
-            file = facts if carries_map_file(unit) else None
-            findings = self._message(message, file, now, answers_in_flight)
+            findings = self._message(message, facts, now, answers_in_flight)
         news = bool(unit.problem)
         if unit.problem and not decoding:
             where = direction(kind, sender)
@@ -149,6 +149,6 @@ class Watch:
             self._asked[id(message)] = (message, now)
         self.violations.update(v.rule.label for v in violations)
         config = observer.state.config
-        if config is not None and (self.last_config is None or self.last_config[0] != config):
+        if config is not None and (self.last_config is None or self.last_config[0] is not config):
             self.last_config = (config, self.connections)
         return [Finding(message.channel, message, v) for v in violations]
