@@ -32,12 +32,14 @@ log = logging.getLogger("tap")
 _SCM_MAX_FD = 253
 _ANCBUF = socket.CMSG_SPACE(_SCM_MAX_FD * array.array("i").itemsize)
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_NOWAIT_FLAGS = _RECV_FLAGS | int(socket.MSG_DONTWAIT)
 _CTRUNC = int(socket.MSG_CTRUNC)
 
 
-def receive(sock: socket.socket, n: int) -> tuple[bytes, list[int], bool]:
-    """Up to `n` bytes, the fds that came with them, and whether fds were cut off."""
-    data, ancdata, flags, _ = sock.recvmsg(n, _ANCBUF, _RECV_FLAGS)
+def receive(sock: socket.socket, n: int, wait: bool = True) -> tuple[bytes, list[int], bool]:
+    """Up to `n` bytes, the fds that came with them, and whether fds were cut off.
+    Without `wait`, BlockingIOError when nothing is there."""
+    data, ancdata, flags, _ = sock.recvmsg(n, _ANCBUF, _RECV_FLAGS if wait else _NOWAIT_FLAGS)
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -159,14 +161,17 @@ class Link:
         try:
             go_on = True
             while go_on:
-                if lock is not None:
-                    poller.poll()  # waited for outside the guard: held only with a unit in hand
                 with reading:
-                    # the rest of a message that has begun is read under the guard too: one
-                    # wait per message, not per read
-                    reason, go_on = self._step(sender, reason)
-                    while go_on and framer.holding:
-                        reason, go_on = self._step(sender, reason)
+                    # guarded, a read that would wait is not made under the guard (the
+                    # poll below waits outside it); the rest of a message that has begun
+                    # is read under it too
+                    step = self._step(sender, reason, wait=lock is None)
+                    while step is not None and step[1] and framer.holding:
+                        step = self._step(sender, step[0])
+                if step is None:
+                    poller.poll()
+                    continue
+                reason, go_on = step
         except Exception as exc:  # a bug must cost this connection, never the tap
             reason = f"internal error: {exc!r}"
             log.exception("relaying the %s channel from the %s", self.kind.value, sender)
@@ -180,13 +185,15 @@ class Link:
                 self.to[other(sender)].sock.shutdown(socket.SHUT_WR)
             self._ended()
 
-    def _step(self, sender: str, reason: str) -> tuple[str, bool]:
+    def _step(self, sender: str, reason: str, wait: bool = True) -> tuple[str, bool] | None:
         """Read once and forward the unit that completes, if any: (why it ended, whether
-        to go on)."""
+        to go on); None, without `wait`, when nothing was there to read."""
         source = self.to[sender].sock
         framer = self.framers[sender]
         try:
-            data, fds, cut = receive(source, framer.wanted)
+            data, fds, cut = receive(source, framer.wanted, wait)
+        except BlockingIOError:
+            return None
         except OSError as exc:
             return f"reading from the {sender} failed: {exc.strerror or exc}", False
         if cut:
