@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import psutil
+
 from shmemctl.backend import (
     AnswerLost,
     BackendChannel,
@@ -22,6 +24,7 @@ from shmemctl.backend import (
     SendGuard,
 )
 from shmemctl.channel import ChannelError, ChannelTimeout
+from shmemctl.daemon import peer_credentials
 from shmemctl.events import Event
 from shmemctl.faults import Fault
 from shmemctl.session import Outgoing
@@ -590,6 +593,17 @@ def parse_script(lines: Iterable[str]) -> list[Step]:
     return steps
 
 
+def _cpu_seconds(proc: psutil.Process | None) -> float:
+    """User and system CPU time of `proc` so far; 0 when it cannot be read."""
+    if proc is None:
+        return 0.0
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return times.user + times.system
+
+
 class ScriptRunner:
     """Runs a checked script against the front-end; one result line per step."""
 
@@ -598,8 +612,12 @@ class ScriptRunner:
         self.out = out
         self._bench_filled = 0
         self._bench_buffer: Buffer | None = None
+        self._churn_base = self.CHURN
 
     def run(self, steps: list[Step]) -> None:
+        most = max((s.args["existing"] for s in steps if s.verb == "bench"), default=0)
+        below = (most + 1) // 2 * PAGE_SIZE  # the existing mappings below the window
+        self._churn_base = max(self.CHURN, -(-below // self.CHURN) * self.CHURN)
         for step in steps:
             try:
                 result = getattr(self, f"_do_{step.verb}")(**step.args)
@@ -628,28 +646,36 @@ class ScriptRunner:
 
     # ------------------------------------------------------------ bench
 
-    #: The bench maps and unmaps inside [CHURN_BASE, 2 * CHURN_BASE) of region 0 (room for
-    #: 64 mappings of 2 MiB); the existing 4 KiB mappings alternate below and above it, so
-    #: every churn request lands in the middle of the front-end's index, its worst case.
-    CHURN_BASE = 128 << 20
+    #: The bench maps and unmaps inside a window of CHURN bytes of region 0 (room for 64
+    #: mappings of 2 MiB) at `_churn_base`; the existing 4 KiB mappings alternate below and
+    #: above it, so every churn request lands in the middle of the front-end's index, its
+    #: worst case. The window starts at 128 MiB, or higher when a script's largest
+    #: EXISTING needs more room below it.
+    CHURN = 128 << 20
 
     def _existing_offset(self, i: int) -> tuple[int, int]:
         """(shm_offset, fd_offset) of the i-th existing mapping: contiguous runs of one
         buffer, so the kernel can merge them and the VMA count stays small."""
         page = i // 2
+        base = self._churn_base
         if i % 2 == 0:
             return page * PAGE_SIZE, page * PAGE_SIZE
-        return 2 * self.CHURN_BASE + page * PAGE_SIZE, self.CHURN_BASE + page * PAGE_SIZE
+        return base + self.CHURN + page * PAGE_SIZE, base + page * PAGE_SIZE
 
     def _fill(self, existing: int) -> None:
         """Grow the existing 4 KiB mappings of region 0 to `existing`, 64 per ack."""
         if existing < self._bench_filled:
             raise ScriptError("bench lines must not lower EXISTING")
-        if existing * PAGE_SIZE > 2 * self.CHURN_BASE:
-            raise ScriptError(f"bench EXISTING is at most {2 * self.CHURN_BASE // PAGE_SIZE}")
+        needed = self._churn_base + self.CHURN + (existing + 1) // 2 * PAGE_SIZE
+        size = self.device.endpoint.device.regions.get(0, 0)
+        if needed > size:
+            raise ScriptError(
+                f"bench EXISTING {existing} needs region 0 of {needed:#x} bytes at least "
+                f"(it is {size:#x}): start backend_sim with a larger --regions 0=SIZE"
+            )
         if self._bench_buffer is None:
             self._bench_buffer = self.device.new_buffer(
-                2 * self.CHURN_BASE, tagged=False, pinned=True
+                2 * self._churn_base, tagged=False, pinned=True
             )
         buf = self._bench_buffer
         for i in range(self._bench_filled, existing):
@@ -663,23 +689,27 @@ class ScriptRunner:
 
     def _do_bench(self, mode: str, length: int, existing: int, pairs: int) -> str:
         self._fill(existing)
-        base = self.CHURN_BASE
+        base = self._churn_base
         batch = 1 if mode == "ack" else int(mode.removeprefix("batch"))
         buf = self.device.new_buffer(length, tagged=False, pinned=True)
         maps = [ShmemMap(0, base + k * length, length, 0) for k in range(batch)]
         samples: list[float] = []
         groups = max(1, pairs // batch)
         clock = time.perf_counter_ns
+        peer = self._bench_peer()
         # Untimed warm-up first: caches, branch predictors and the kernel's
         # slab and VMA caches, so the first cell of a run is not penalised.
         for warmup in (True, False):
             if not warmup:
                 samples.clear()
                 start = clock()
+                cpu, peer_cpu = time.process_time(), _cpu_seconds(peer)
             self._bench_groups(
                 maps, buf.fd, batch, max(1, groups // 10) if warmup else groups, samples
             )
         elapsed = (clock() - start) / 1e9
+        cpu = time.process_time() - cpu
+        peer_cpu = _cpu_seconds(peer) - peer_cpu
         buf.close()
         self.device.buffers.pop(buf.id, None)
         samples.sort()
@@ -691,9 +721,25 @@ class ScriptRunner:
             "pairs_per_s": round(groups * batch / elapsed, 1),
             "p50_us": round(samples[len(samples) // 2] / 1000, 2),
             "p99_us": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000, 2),
+            # CPU per pair while timed: this process's, and the peer's on the backend
+            # channel (the front-end, or a tap between); none when the peer is unknown
+            "cpu_us": round(cpu / (groups * batch) * 1e6, 1),
+            "peer_cpu_us": None if peer is None else round(peer_cpu / (groups * batch) * 1e6, 1),
         }
         log.debug("bench %s at %s: %s", mode, hex_range(base, length), result)
         return json.dumps(result)
+
+    def _bench_peer(self) -> psutil.Process | None:
+        """The process on the other end of the backend channel (SO_PEERCRED), if it can be
+        read."""
+        channel = self.device.endpoint.backend_channel
+        if channel is None:
+            return None
+        try:
+            pid, _, _ = peer_credentials(channel.channel.sock)
+            return psutil.Process(pid) if pid > 0 else None
+        except (OSError, psutil.Error):
+            return None
 
     def _bench_groups(
         self, maps: list[ShmemMap], fd: int, batch: int, groups: int, samples: list[float]

@@ -31,6 +31,7 @@ from typing import Any
 import click
 import psutil
 
+from .channel import DEFAULT_BUSY_POLL
 from .pair import Launched, PairError, daemon_status, launch
 from .rundir import PairPaths
 from .sizes import human_size, mib
@@ -62,9 +63,24 @@ def _cells(
     return cells
 
 
-def run_pair_bench(quick: bool = False, timeout: float = 600.0) -> list[dict[str, Any]]:
+def run_pair_bench(
+    quick: bool = False, timeout: float = 600.0, existing: Sequence[int] = EXISTING
+) -> list[dict[str, Any]]:
     """Run every cell in one pair of daemons; return one result dict per cell."""
-    return run_cells(_cells(quick), timeout=timeout)
+    return run_cells(_cells(quick, sorted(existing)), timeout=timeout)
+
+
+#: backend_sim's bench churns in a window of this size above the existing mappings' lower
+#: half (backend_sim.device.ScriptRunner)
+_CHURN = 128 << 20
+
+
+def _region_for(most: int) -> int:
+    """Region 0's size for a bench whose largest EXISTING is `most`: at least 512 MiB,
+    more when the existing 4 KiB mappings need it."""
+    half = (most + 1) // 2 * 4096
+    base = max(_CHURN, -(-half // _CHURN) * _CHURN)
+    return max(512 << 20, base + _CHURN + half)
 
 
 #: called once the pair is connected (no results yet) and after each cell's result
@@ -80,10 +96,16 @@ def run_cells(
         paths = PairPaths(Path(tmp))
         script = Path(tmp, "bench.txt")
         script.write_text("".join(f"bench {m} {n} {e} {p}\n" for m, n, e, p in cells))
-        # 512M: the 128M churn window with 65,536 existing 4K pages around it
+        # the 128M churn window with the existing 4K pages around it
+        most = max((existing for _m, _n, existing, _p in cells), default=0)
+        regions = f"0={_region_for(most)}"
+        # the front-end's default limits stop at 131,072 mappings a region
+        limits = ["--max-mappings", str(most + 1024), "--max-mappings-per-region",
+                  str(most + 1024)] if most + 1024 > 131_072 else []  # fmt: skip
         try:
-            pair = launch(paths, backend_args=["--regions", "0=512M", "--script", str(script)],
-                          backend_stdout=subprocess.PIPE, timeout=60, tap=tap)  # fmt: skip
+            pair = launch(paths, backend_args=["--regions", regions, "--script", str(script)],
+                          frontend_args=limits, backend_stdout=subprocess.PIPE, timeout=60,
+                          tap=tap)  # fmt: skip
         except PairError as exc:
             raise click.ClickException(str(exc)) from None
         try:
@@ -237,12 +259,18 @@ def render_tap_bench(report: dict[str, Any], elapsed: float) -> str:
     return "\n".join(lines)
 
 
-def run_floor(source: Path, quick: bool) -> dict[tuple[str, int], float]:
-    """Build and run the C floor for the same modes; pairs/s by (mode, len)."""
+#: how our daemons wait for an answer: they poll this long before they sleep, and the C
+#: floor's -B spins as long, so that the two are compared alike
+SPIN_US = round(DEFAULT_BUSY_POLL * 1e6)
+
+
+def run_floor(source: Path, quick: bool) -> dict[tuple[str, int], dict[str, float]]:
+    """Build and run the C floor for the same modes, blocking and spinning SPIN_US before
+    it sleeps (as our daemons do); {(mode, len): {"blocking": pairs/s, "spinning": ...}}."""
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise click.ClickException("no C compiler to build the floor (apt-get install gcc)")
-    out: dict[tuple[str, int], float] = {}
+    out: dict[tuple[str, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         binary = os.path.join(tmp, "shmem_floor")
         subprocess.run([cc, "-O2", "-o", binary, str(source)], check=True)
@@ -250,52 +278,66 @@ def run_floor(source: Path, quick: bool) -> dict[tuple[str, int], float]:
             arg = "ack" if mode == "ack" else f"batch:{mode.removeprefix('batch')}"
             for length in LENS:
                 n = "5000" if quick else "40000"
-                proc = subprocess.run(
-                    [binary, "-m", arg, "-l", str(length), "-n", n, "-r", "3"],
-                    capture_output=True, text=True, check=True,
-                )  # fmt: skip
-                m = re.search(r"MEDIAN.*pairs/s=\s*(\d+)", proc.stdout)
-                if m:
-                    out[(mode, length)] = float(m[1])
+                for kind, wait in (("blocking", []), ("spinning", ["-B", str(SPIN_US)])):
+                    proc = subprocess.run(
+                        [binary, "-m", arg, "-l", str(length), "-n", n, "-r", "3", *wait],
+                        capture_output=True, text=True, check=True,
+                    )  # fmt: skip
+                    m = re.search(r"MEDIAN.*pairs/s=\s*(\d+)", proc.stdout)
+                    if m:
+                        out.setdefault((mode, length), {})[kind] = float(m[1])
     return out
 
 
-def pair_bench(*, as_json: bool, quick: bool, floor: Path | None = None) -> None:
+def pair_bench(
+    *, as_json: bool, quick: bool, floor: Path | None = None, existing: Sequence[int] = EXISTING
+) -> None:
     started = time.monotonic()
-    results = run_pair_bench(quick)
+    results = run_pair_bench(quick, existing=existing)
     floors = run_floor(floor, quick) if floor else {}
     base = {(r["mode"], r["len"]): r["pairs_per_s"] for r in results if r["existing"] == 0}
     for r in results:
-        r["cost_vs_empty"] = round(1 - r["pairs_per_s"] / base[(r["mode"], r["len"])], 3)
-        f = floors.get((r["mode"], r["len"]))
-        if f:
-            r["floor_pairs_per_s"] = f
-            r["floor_ratio"] = round(f / r["pairs_per_s"], 2)
+        empty = base.get((r["mode"], r["len"]))
+        r["cost_vs_empty"] = None if not empty else round(1 - r["pairs_per_s"] / empty, 3)
+        for kind, f in floors.get((r["mode"], r["len"]), {}).items():
+            # how many times our time per pair is the floor's
+            r[f"floor_{kind}_pairs_per_s"] = f
+            r[f"floor_{kind}_ratio"] = round(f / r["pairs_per_s"], 2)
     if as_json:
-        click.echo(json.dumps({"results": results}))
+        click.echo(json.dumps({"results": results, "spin_us": SPIN_US}))
         return
+    click.echo(render_pair_bench(results, bool(floors), time.monotonic() - started))
+
+
+def render_pair_bench(results: list[dict[str, Any]], floors: bool, elapsed: float) -> str:
     header = (
         f"{'mode':8} {'len':>5} {'existing':>8} {'pairs/s':>9} {'p50 us':>8} {'p99 us':>8}"
-        f" {'cost':>7}"
+        f" {'cost':>7} {'fe cpu':>7} {'be cpu':>7}"
     )
     if floors:
-        header += f" {'floor/us':>8}"
-    # cost: how much slower than the same mode and length with no existing mappings
-    click.echo(header)
+        header += f" {'x spin':>7} {'x block':>7}"
+    lines = [header]
     for r in results:
+        cost = "" if r["cost_vs_empty"] is None else f"{r['cost_vs_empty']:+.1%}"
+        peer = "-" if r.get("peer_cpu_us") is None else f"{r['peer_cpu_us']:.0f}"
         line = (
             f"{r['mode']:8} {human_size(r['len']):>5} {r['existing']:>8} {r['pairs_per_s']:>9.0f} "
-            f"{r['p50_us']:>8.1f} {r['p99_us']:>8.1f} {r['cost_vs_empty']:>+7.1%}"
+            f"{r['p50_us']:>8.1f} {r['p99_us']:>8.1f} {cost:>7} {peer:>7} "
+            f"{r.get('cpu_us', 0):>7.0f}"
         )
-        if "floor_ratio" in r:
-            line += f" {r['floor_ratio']:>7.2f}x"
-        click.echo(line)
-    click.echo(
-        f"({time.monotonic() - started:.0f}s; cost = slowdown against the same cell with no "
-        "existing mappings; batched latency = batch time / batch size"
-        + ("; floor/us = the C floor's pairs/s over ours" if floors else "")
+        for kind in ("spinning", "blocking") if floors else ():
+            ratio = r.get(f"floor_{kind}_ratio")
+            line += f" {ratio:>6.2f}x" if ratio else f" {'-':>7}"
+        lines.append(line)
+    lines.append(
+        f"({elapsed:.0f}s; cost = slowdown against the same cell with no existing mappings; "
+        "batched latency = batch time / batch size; fe cpu, be cpu = each daemon's CPU "
+        "microseconds per map+unmap while timed"
+        + (f"; x spin, x block = our time per pair over the C floor's, spinning {SPIN_US} us "
+           "before it sleeps as our daemons do, and blocking" if floors else "")
         + ")"
-    )
+    )  # fmt: skip
+    return "\n".join(lines)
 
 
 def codec_bench(as_json: bool) -> None:

@@ -178,6 +178,19 @@ def tui(
     console_for(name, read_only=read_only, refresh=refresh).run()
 
 
+def _counts(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    """N,N,...: counts of mappings, each at least 0 and at most 1,048,576."""
+    if value is None:
+        return None
+    try:
+        counts = tuple(sorted({int(part) for part in value.split(",")}))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: write counts like 0,65536,262144") from None
+    if counts[0] < 0 or counts[-1] > 1 << 20:
+        raise click.BadParameter(f"{value!r}: each count is from 0 to 1048576")
+    return counts
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--quick", is_flag=True, help="Fewer pairs per cell: a smoke run, noisy figures.")
@@ -192,14 +205,20 @@ def tui(
               "figures, their ratio, the tap's fds and RSS.")  # fmt: skip
 @click.option("--repeats", type=click.IntRange(min=1), metavar="N",
               help="With --tap: runs of each side (default 3 with --quick, else 5).")  # fmt: skip
+@click.option("--existing", metavar="N,N,...", callback=_counts,
+              help="Mappings already in place around the churn, one set of cells each "
+              "[default: 0,1000,65536; 262144 shows the index at its largest].")  # fmt: skip
 def bench(
-    as_json: bool, quick: bool, codec: bool, floor: Path | None, tap: bool, repeats: int | None
-) -> None:
+    as_json: bool, quick: bool, codec: bool, floor: Path | None, tap: bool, repeats: int | None,
+    existing: tuple[int, ...] | None,
+) -> None:  # fmt: skip
     """Measure map+unmap round trips between the real daemons."""
     from . import bench as bench_mod
 
     if repeats is not None and not tap:
         raise click.UsageError("--repeats is for --tap")
+    if existing is not None and (tap or codec):
+        raise click.UsageError("--existing is for the pair bench (not with --tap or --codec)")
     if tap and (codec or floor is not None):
         raise click.UsageError("--tap is a run of its own: not with --codec or --floor")
     if codec:
@@ -207,7 +226,8 @@ def bench(
     elif tap:
         bench_mod.tap_bench(as_json=as_json, quick=quick, repeats=repeats)
     else:
-        bench_mod.pair_bench(as_json=as_json, quick=quick, floor=floor)
+        bench_mod.pair_bench(as_json=as_json, quick=quick, floor=floor,
+                             existing=existing or bench_mod.EXISTING)  # fmt: skip
 
 
 if __name__ == "__main__":
