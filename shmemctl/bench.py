@@ -318,7 +318,7 @@ def render_pair_bench(results: list[dict[str, Any]], floors: bool, elapsed: floa
         header += f" {'x spin':>7} {'x block':>7}"
     lines = [header]
     for r in results:
-        cost = "" if r["cost_vs_empty"] is None else f"{r['cost_vs_empty']:+.1%}"
+        cost = "" if r.get("cost_vs_empty") is None else f"{r['cost_vs_empty']:+.1%}"
         peer = "-" if r.get("peer_cpu_us") is None else f"{r['peer_cpu_us']:.0f}"
         line = (
             f"{r['mode']:8} {human_size(r['len']):>5} {r['existing']:>8} {r['pairs_per_s']:>9.0f} "

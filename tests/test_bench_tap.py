@@ -1,4 +1,4 @@
-"""`shmemctl bench --tap` in its quickest form: real daemons with and without a real tap
+"""`shmemctl bench` in its quickest forms: real daemons, with and without a real tap
 between them. The figures are the machine's; only their shape is checked, never their
 size."""
 
@@ -8,7 +8,14 @@ import json
 
 import pytest
 
-from shmemctl.bench import MODES, render_tap_bench, tap_bench
+from shmemctl.bench import (
+    MODES,
+    _region_for,
+    render_pair_bench,
+    render_tap_bench,
+    run_cells,
+    tap_bench,
+)
 
 
 def test_the_tap_bench_prints_both_figures_their_ratio_and_the_taps_fds(capsys) -> None:
@@ -41,3 +48,21 @@ def test_the_tap_bench_prints_both_figures_their_ratio_and_the_taps_fds(capsys) 
         assert f"{r['tap']['median']:.0f}" in text
         assert f"{r['ratio']:.0%}" in text
     assert f"fds {before['fds']} -> {after['fds']} over {after['maps']:,} maps" in text
+
+
+def test_the_pair_bench_says_what_each_daemon_spent(capsys) -> None:
+    results = run_cells([("ack", 4096, 0, 50), ("batch64", 4096, 128, 128)])
+    for r in results:
+        # both sides worked for every pair: neither figure can be nothing
+        assert r["cpu_us"] > 0 and r["peer_cpu_us"] > 0
+    text = render_pair_bench(results, floors=False, elapsed=1.0)
+    assert "fe cpu  be cpu" in text.splitlines()[0]
+    row = text.splitlines()[2].split()
+    assert row[:3] == ["batch64", "4K", "128"]
+    assert row[-2:] == [f"{results[1]['peer_cpu_us']:.0f}", f"{results[1]['cpu_us']:.0f}"]
+
+
+@pytest.mark.parametrize(("most", "size"), [(0, 512 << 20), (65_536, 512 << 20),
+                                             (262_144, (512 + 128 + 512) << 20)])  # fmt: skip
+def test_region_zero_grows_with_the_mappings_a_bench_keeps_in_place(most, size) -> None:
+    assert _region_for(most) == size
