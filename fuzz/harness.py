@@ -8,13 +8,16 @@ sequences against real mmaps), the front-end daemon and backend_sim (each a real
 process, fed hostile message sequences over real sockets); `control-frontend` and
 `control-backend` (hostile lines on the control socket of a real pair); and
 `sim-control` (backend_sim's control commands while the harness, as its front-end,
-answers the SHMEM requests they cause badly). After every example the invariants
+answers the SHMEM requests they cause badly); and `tap` (a real `shmemctl tap` with
+the harness as both of its peers, hostile either way on every channel, held to
+relaying exactly what was sent: TapTarget). After every example the invariants
 are checked: nothing but the layer's own error (never "internal error"), the daemon
 alive, every complete control line answered, its fds and buffers back to their
 baseline, and its tables in agreement with the kernel and with its peer.
 
-An input is one hostile message or one control line; an example carries many (the
-inputs of examples that fail are not counted). A failure prints hypothesis's shrunk
+An input is one hostile message or one control line (for the tap, one pair of
+connections with all its steps); an example carries many (the inputs of examples
+that fail are not counted). A failure prints hypothesis's shrunk
 example and the offending input with the daemon's answer (for the daemons, what led
 there too); the same --seed reproduces the run; --keep-going goes on past a failure
 to collect distinct ones, --no-shrink reports them as found, which is much quicker.
@@ -23,6 +26,7 @@ to collect distinct ones, --no-shrink reports them as found, which is much quick
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import errno
 import fcntl
@@ -33,6 +37,7 @@ import random
 import re
 import select
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -42,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +59,11 @@ from shmemctl.channel import Channel, ChannelError, close_fds
 from shmemctl.control import ControlClient
 from shmemctl.control.protocol import MAX_LINE
 from shmemctl.daemon import listen_unix
+from shmemctl.session.observer import BACKEND, FRONTEND
 from shmemctl.shmem import RegionTable, ShmemRefused
 from shmemctl.shmem.procmaps import disagreements, read_maps
 from shmemctl.sizes import parse_regions
+from shmemctl.tap.framer import Framer, Unit
 from shmemctl.wire import (
     BackendReq,
     ChannelKind,
@@ -68,7 +76,17 @@ from shmemctl.wire import (
     encode_u64_reply,
 )
 from shmemctl.wire.constants import VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1
-from shmemctl.wire.messages import encode_shmem_request, spec_of
+from shmemctl.wire.messages import (
+    DeviceConfig,
+    MemoryRegion,
+    MemoryTable,
+    ShmemConfig,
+    SingleMemoryRegion,
+    VringAddr,
+    VringState,
+    encode_shmem_request,
+    spec_of,
+)
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
@@ -304,6 +322,15 @@ backend_messages = st.lists(
 )
 
 
+def _backend_request_bytes(req: int, flags: int, fields: tuple | None, raw: bytes) -> bytes:
+    """The bytes of a `plausible`, `hostile` or `garbage` backend-channel message."""
+    if req < 0 or fields is None:
+        return raw
+    shmid, off, length, fd_off, mflags = fields
+    return encode_shmem_request(req, ShmemMap(shmid, off, length, fd_off, mflags),
+                                need_reply=flags == 0x9)  # fmt: skip
+
+
 class FrontendTarget:
     """A real front-end process that reconnects to us after every example."""
 
@@ -337,12 +364,7 @@ class FrontendTarget:
         try:
             for req, flags, fields, nfds, raw in messages:
                 fds = ((self.buffer,) * nfds) if nfds < 8 else (a.fileno(),) * nfds
-                if req < 0:
-                    data = raw
-                else:
-                    shmid, off, length, fd_off, mflags = fields
-                    data = encode_shmem_request(req, ShmemMap(shmid, off, length, fd_off, mflags),
-                                                need_reply=flags == 0x9)  # fmt: skip
+                data = _backend_request_bytes(req, flags, fields, raw)
                 try:
                     ch.send(data, fds)
                     sent += 1
@@ -387,14 +409,18 @@ class FrontendTarget:
         os.close(self.buffer)
 
 
-main_messages = st.lists(
-    st.tuples(
-        st.integers(0, 50), st.sampled_from([0x1, 0x9, 0x5, 0x0, 0x21, 0xD]),
-        st.one_of(st.binary(max_size=64), st.sampled_from([b"\0" * 8, b"\0" * 40, b"\0" * 2056])),
-        st.integers(0, 4), st.booleans(),
-    ),
-    min_size=1, max_size=10,
+#: (id, flags, payload, fds, whether the header announces 7 bytes more than sent)
+main_message = st.tuples(
+    st.integers(0, 50), st.sampled_from([0x1, 0x9, 0x5, 0x0, 0x21, 0xD]),
+    st.one_of(st.binary(max_size=64), st.sampled_from([b"\0" * 8, b"\0" * 40, b"\0" * 2056])),
+    st.integers(0, 4), st.booleans(),
 )  # fmt: skip
+main_messages = st.lists(main_message, min_size=1, max_size=10)
+
+
+def _main_request_bytes(req: int, flags: int, payload: bytes, lie: bool) -> bytes:
+    """The bytes of a `main_message`."""
+    return struct.pack("<III", req, flags, len(payload) + (7 if lie else 0)) + payload
 
 
 class BackendTarget:
@@ -419,9 +445,8 @@ class BackendTarget:
         sent = 0
         try:
             for req, flags, payload, nfds, lie in messages:
-                size = len(payload) + (7 if lie else 0)  # sometimes announce more than sent
                 try:
-                    ch.send(struct.pack("<III", req, flags, size) + payload, tuple(extra[:nfds]))
+                    ch.send(_main_request_bytes(req, flags, payload, lie), tuple(extra[:nfds]))
                     sent += 1
                     _drain(ch)
                 except Exception:
@@ -2136,10 +2161,940 @@ class SimControlTarget:
             fe.connect()
 
 
+# ------------------------------------------------------------------ the tap
+#
+# One real `shmemctl tap` listening on both sides, and the harness as both of its peers
+# over real Unix sockets. An input is one pair of connections: steps from either side
+# on the main channel and on the backend channels the front-end hands over, then an
+# ending (one side hangs up, or every channel is shut in turn). What each side sent is
+# held to what the other received: the same bytes in order, each fd the same file
+# where the tap must attach it. Where that is, the tap's own framer says, fed here the
+# bytes that were sent: a unit's fds ride on its first byte; once the framing is lost,
+# on the first byte of whatever the tap read, which is never after they were sent.
+
+TAP_NAME = "fuzz-tap"
+FD_KINDS = ("memfd", "pipe", "eventfd", "socket")
+#: 253 is SCM_MAX_FD, the most fds one sendmsg carries
+FD_COUNTS = (0, 1, 1, 2, 3, 8, 32, 253)
+HANGUPS = ("close", "shut-wr", "shut-rdwr")
+TAP_RULES = {
+    1: "the tap alive and answering, no internal error",
+    2: "forwarded exactly",
+    3: "no fd kept",
+    4: "status sane",
+}
+_NO_FD = ("memfd", 0)
+#: what the model framer is fed for the fds sent: marks, never real fd numbers
+_MARK = 1 << 40
+_READ = 1 << 16
+SCM_MAX_FD = 253
+_ANCILLARY = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
+
+
+def _vring(v: int) -> VringState:
+    return VringState(v % 4, 1 << (v % 15))
+
+
+def _region(v: int, i: int = 0) -> MemoryRegion:
+    return MemoryRegion(i << 32, PAGE * (1 + v % 8), 0x7F00_0000_0000 + (i << 32), 0)
+
+
+def _device_config(v: int) -> DeviceConfig:
+    return DeviceConfig(0, v % 64, 0, bytes(v % 64))
+
+
+#: what a front-end asks on the main channel: the id, and from a number its payload and
+#: the fds it carries by nature (kind, count)
+_FRONT_REQUESTS: tuple[tuple[FrontendReq, Callable[[int], tuple[Any, tuple[str, int]]]], ...] = (
+    (FrontendReq.GET_FEATURES, lambda v: (None, _NO_FD)),
+    (FrontendReq.SET_FEATURES, lambda v: (v, _NO_FD)),
+    (FrontendReq.SET_OWNER, lambda v: (None, _NO_FD)),
+    (FrontendReq.GET_PROTOCOL_FEATURES, lambda v: (None, _NO_FD)),
+    (FrontendReq.SET_PROTOCOL_FEATURES, lambda v: (v, _NO_FD)),
+    (FrontendReq.SET_VRING_NUM, lambda v: (_vring(v), _NO_FD)),
+    (FrontendReq.SET_VRING_ADDR,
+     lambda v: (VringAddr(v % 4, 0, v, v ^ PAGE, v ^ 2 * PAGE, 0), _NO_FD)),
+    (FrontendReq.SET_VRING_KICK, lambda v: (v % 4, ("eventfd", 1))),
+    (FrontendReq.SET_VRING_CALL, lambda v: (v % 4, ("eventfd", 1))),
+    (FrontendReq.SET_MEM_TABLE,
+     lambda v: (MemoryTable(tuple(_region(v, i) for i in range(1 + v % 4))), ("memfd", 1 + v % 4))),
+    (FrontendReq.ADD_MEM_REG, lambda v: (SingleMemoryRegion(_region(v)), ("memfd", 1))),
+    (FrontendReq.GET_SHMEM_CONFIG, lambda v: (None, _NO_FD)),
+    (FrontendReq.RESET_DEVICE, lambda v: (None, _NO_FD)),
+    (FrontendReq.SET_STATUS, lambda v: (v & 0xFF, _NO_FD)),
+    (FrontendReq.GET_STATUS, lambda v: (None, _NO_FD)),
+    (FrontendReq.GET_CONFIG, lambda v: (_device_config(v), _NO_FD)),
+    (FrontendReq.GET_VRING_BASE, lambda v: (_vring(v), _NO_FD)),
+)  # fmt: skip
+#: what a back-end answers on it (an int: a u64 reply)
+_BACK_REPLIES: tuple[tuple[FrontendReq, Callable[[int], Any]], ...] = (
+    (FrontendReq.GET_FEATURES, lambda v: v),
+    (FrontendReq.GET_PROTOCOL_FEATURES, lambda v: v),
+    (FrontendReq.SET_FEATURES, lambda v: 0),
+    (FrontendReq.GET_STATUS, lambda v: v & 0xFF),
+    (FrontendReq.GET_MAX_MEM_SLOTS, lambda v: 1 + v % 509),
+    (FrontendReq.GET_SHMEM_CONFIG, lambda v: ShmemConfig.from_regions({v % 256: PAGE << v % 12})),
+    (FrontendReq.GET_VRING_BASE, _vring),
+    (FrontendReq.GET_CONFIG, _device_config),
+)
+_BACKEND_IDS = (BackendReq.SHMEM_MAP, BackendReq.SHMEM_UNMAP, BackendReq.CONFIG_CHANGE_MSG)
+
+
+def _valid_message(kind: ChannelKind, sender: str, index: int, v: int,
+                   need: bool) -> tuple[str, bytes, tuple[str, int]]:  # fmt: skip
+    """A well-formed message `sender` may send on a channel of `kind`: its name, its
+    bytes and the fds it carries by nature."""
+    v &= U64
+    if kind is ChannelKind.MAIN and sender == FRONTEND:
+        req, build = _FRONT_REQUESTS[index % len(_FRONT_REQUESTS)]
+        payload, fds = build(v)
+        return req.name, encode(kind, req, payload, need_reply=need), fds
+    if kind is ChannelKind.MAIN:
+        req, answer = _BACK_REPLIES[index % len(_BACK_REPLIES)]
+        value = answer(v)
+        data = (encode_u64_reply(req, value) if isinstance(value, int)
+                else encode(kind, req, value, reply=True))  # fmt: skip
+        return f"{req.name} reply", data, _NO_FD
+    breq = _BACKEND_IDS[index % len(_BACKEND_IDS)]
+    if sender == FRONTEND:
+        return f"{breq.name} reply", encode_u64_reply(breq, v), _NO_FD
+    if breq is BackendReq.CONFIG_CHANGE_MSG:
+        return breq.name, encode(kind, breq, None, need_reply=need), _NO_FD
+    m = ShmemMap(v % 3, (v >> 2) % 16 * PAGE, (1 + (v >> 6) % 4) * PAGE, 0, (v >> 8) & 1)
+    fds = ("memfd", 1) if breq is BackendReq.SHMEM_MAP else _NO_FD
+    return breq.name, encode_shmem_request(breq, m, need_reply=need), fds
+
+
+@dataclass
+class _SentFd:
+    fd: int
+    ident: tuple[int, int]  # st_dev, st_ino
+    #: for one end of a socket pair: the other end, which the harness keeps
+    partner: socket.socket | None = None
+    #: the socket of a SET_BACKEND_REQ_FD step: the channel the steps play on
+    handover: bool = False
+    pos: int = -1
+
+
+def _make_fds(kind: str, count: int, fds: list[int],
+              socks: list[socket.socket]) -> list[_SentFd]:  # fmt: skip
+    """`count` new fds of `kind` ("mixed": each kind in turn) to send; each fd made, and
+    the other end of each pipe and socket pair, goes to `fds` or `socks` to be closed
+    once the input is over (an inode is not reused while its file is open)."""
+    made = []
+    for i in range(count):
+        what = FD_KINDS[i % len(FD_KINDS)] if kind == "mixed" else kind
+        partner = None
+        if what == "memfd":
+            fd = os.memfd_create("fuzz-tap", os.MFD_CLOEXEC)
+            fds.append(fd)
+        elif what == "pipe":
+            ends = os.pipe2(os.O_CLOEXEC)
+            fds.extend(ends)
+            fd = ends[i % 2]
+        elif what == "eventfd":
+            fd = os.eventfd(0, os.EFD_CLOEXEC)
+            fds.append(fd)
+        else:
+            sent, partner = socket.socketpair()
+            partner.setblocking(False)
+            socks += [sent, partner]
+            fd = sent.fileno()
+        st_ = os.fstat(fd)
+        made.append(_SentFd(fd, (st_.st_dev, st_.st_ino), partner))
+    return made
+
+
+class _Flow:
+    """One direction of one channel: what the harness sent, what arrived at the other
+    end, and where the tap's framer, fed the same bytes here (`model`), cuts units.
+
+    The model says what the tap must have passed on by now (`forwarded`: every complete
+    unit) and where each fd must arrive (`window`): on the first byte of its unit, or,
+    past a lost framing, anywhere from the end of the unit that lost it to the byte it
+    was sent with. A flow the tap does not relay (a backend channel handed over as it
+    is, its framing lost) is the kernel's: everything at once, each fd where it was sent."""
+
+    def __init__(self, name: str, kind: ChannelKind, side: str, sender: socket.socket,
+                 receiver: socket.socket, relayed: bool, findings: list[str]) -> None:  # fmt: skip
+        self.name = name
+        self.kind = kind
+        self.side = side
+        self.sender = sender
+        self.receiver = receiver
+        self.relayed = relayed
+        self.findings = findings
+        # as the tap's link reads them: on the main channel the back-end replies, on a
+        # backend channel the front-end does
+        replies = (kind is ChannelKind.BACKEND) == (side == FRONTEND)
+        self.model = Framer(kind, replies=replies) if relayed else None
+        self.sent = bytearray()
+        self.fds: list[_SentFd] = []
+        self.forwarded = 0
+        self.expect: dict[int, tuple[int, int]] = {}
+        #: fds the tap must replace by a socket of its own (a SET_BACKEND_REQ_FD's)
+        self.replaced: set[int] = set()
+        #: where the model lost the framing (the end of the unit that lost it)
+        self.raw_from: int | None = None
+        #: the model's units (end, framed, with a problem); and the message it held when
+        #: the stream ended in a way the tap may not pass on (a close it reads as a reset,
+        #: not an end; a channel the tap drops with the connection)
+        self.units: list[tuple[int, bool, bool]] = []
+        self.maybe: list[tuple[int, bool, bool]] = []
+        self.clean = True  # only well-formed messages, each sent whole, so far
+        self.got = bytearray()
+        self.got_fds = 0
+        self.eof = False
+        self.can_send = True
+        self.can_receive = True
+        #: the sender ended the stream while the tap relayed it: all of it must arrive
+        self.exact = False
+        self.ended = False
+        #: a unit with more fds than one sendmsg carries: (its first byte, its fds)
+        self.overfull: tuple[int, int] | None = None
+
+    @property
+    def direction(self) -> str:
+        """As the tap's status names it."""
+        return f"{self.kind.value} from {self.side}"
+
+    def finding(self, rule: int, text: str) -> None:
+        self.findings.append(f"rule {rule} ({TAP_RULES[rule]}): {self.name}: {text}")
+
+    # -------------------------------------------------------------- sent
+
+    def record(self, data: bytes, fds: list[_SentFd], label: str, whole: bool) -> None:
+        """`data` was sent with `fds` on its first byte (`whole`: a well-formed message,
+        in one piece); the model is fed the same."""
+        start, first = len(self.sent), len(self.fds)
+        for sent in fds:
+            sent.pos = start
+        self.sent += data
+        self.fds += fds
+        if self.model is None:
+            self.expect.update({i: (start, start) for i in range(first, len(self.fds))})
+            self.forwarded = len(self.sent)
+            return
+        before = len(self.units)
+        offset = 0
+        try:
+            while offset < len(data):
+                n = min(self.model.wanted, len(data) - offset)
+                marks = [_MARK + i for i in range(first, len(self.fds))] if offset == 0 else []
+                unit = self.model.feed(data[offset : offset + n], marks)
+                offset += n
+                if unit is not None:
+                    self._cut(unit, start + offset)
+        except Exception as exc:  # the tap's framer, fed the same, fails the same
+            self.finding(1, f"the tap's framer fails on {label} (bytes {start}..): {exc!r}")
+            return
+        self.clean = self.clean and whole
+        if self.clean and (
+            self.units[before:] != [(len(self.sent), True, False)]
+            or any(self.expect.get(i) != (start, start) for i in range(first, len(self.fds)))
+        ):  # fmt: skip
+            self.finding(2, f"the tap's framer does not cut the well-formed {label} sent with "
+                         f"byte {start} as one unit with its {len(fds)} fds: "
+                         f"{self.units[before:]}")  # fmt: skip
+
+    def _cut(self, unit: Unit, end: int, *, sure: bool = True) -> None:
+        begin = end - len(unit.data)
+        if len(unit.fds) > SCM_MAX_FD and self.overfull is None:
+            self.overfull = (begin, len(unit.fds))
+        for mark in unit.fds:
+            i = mark - _MARK
+            self.expect[i] = (begin, begin) if self.raw_from is None else (
+                self.raw_from, self.fds[i].pos)  # fmt: skip
+        msg = unit.message
+        if (
+            msg is not None
+            and self.kind is ChannelKind.MAIN
+            and not msg.is_reply
+            and msg.request == FrontendReq.SET_BACKEND_REQ_FD
+            and unit.fds
+            and self.fds[unit.fds[0] - _MARK].partner is not None  # the first: a socket pair's
+        ):
+            self.replaced.add(unit.fds[0] - _MARK)
+        (self.units if sure else self.maybe).append((end, unit.framed, bool(unit.problem)))
+        if sure:
+            self.forwarded = end
+            if self.raw_from is None and self.model is not None and not self.model.decoding:
+                self.raw_from = end
+
+    def end(self, *, sure: bool) -> None:
+        """The sender ended its stream: the model gives up the message it held, which the
+        tap passes on unless `sure` is False (a close, which it may see as a reset)."""
+        self.can_send = False
+        self.ended = True
+        if self.model is None:
+            self.exact = True  # the kernel's: everything sent arrives
+            return
+        try:
+            unit = self.model.end()
+        except Exception as exc:  # the tap's framer, fed the same, fails the same
+            self.finding(1, f"the tap's framer fails at the end of the stream: {exc!r}")
+            return
+        if unit is not None:
+            self._cut(unit, len(self.sent), sure=sure)
+        self.exact = sure
+
+    # -------------------------------------------------------------- received
+
+    def window(self, j: int) -> tuple[int, int]:
+        """The first and last byte fd `j` may arrive with (one the model holds: where
+        its unit will start, after the last complete one)."""
+        return self.expect.get(j, (self.forwarded, self.forwarded))
+
+    def read_size(self) -> int:
+        """How much to read so that the next fd's byte is known: up to its window, then
+        through it, then its last byte alone."""
+        if self.got_fds >= len(self.fds):
+            return _READ
+        x = len(self.got)
+        first, last = self.window(self.got_fds)
+        if x < first:
+            return first - x
+        if x < last:
+            return last - x
+        return 1 if x == last else _READ
+
+    def arrived(self, data: bytes,
+                fds: list[int]) -> list[tuple[_SentFd, socket.socket, bool]]:  # fmt: skip
+        """What one read brought; the backend channels among its fds: what was sent, the
+        socket that arrived, whether the tap relays it."""
+        x, n = len(self.got), len(data)
+        if self.sent[x : x + n] != data:
+            at = next((i for i in range(n) if self.sent[x + i : x + i + 1] != data[i : i + 1]), 0)
+            self.finding(2, f"byte {x + at} arrived as {data[at : at + 16]!r}..., "
+                         f"sent as {bytes(self.sent[x + at : x + at + 16])!r}... "
+                         f"({len(self.sent)} bytes sent)")  # fmt: skip
+        self.got += data
+        channels = []
+        for fd in fds:
+            j = self.got_fds
+            self.got_fds += 1
+            kept = self._fd(j, fd, x, n)
+            if kept is not None:
+                channels.append(kept)
+            else:
+                os.close(fd)
+        if self.got_fds < len(self.fds) and self.window(self.got_fds)[1] < len(self.got):
+            sent = self.fds[self.got_fds]
+            self.finding(2, f"fd #{self.got_fds} (sent with byte {sent.pos}) did not arrive "
+                         f"with byte {self.window(self.got_fds)[1]}, where its unit starts; "
+                         f"{len(self.got)} bytes arrived")  # fmt: skip
+            self.got_fds = len(self.fds)  # said once
+        return channels
+
+    def _fd(self, j: int, fd: int, x: int,
+            n: int) -> tuple[_SentFd, socket.socket, bool] | None:  # fmt: skip
+        if j >= len(self.fds):
+            self.finding(2, f"an fd nobody sent arrived with bytes {x}..{x + n - 1} "
+                         f"({len(self.fds)} fds were sent)")  # fmt: skip
+            return None
+        sent = self.fds[j]
+        first, last = self.window(j)
+        if not first <= x <= x + n - 1 <= last:
+            where = f"byte {first}" if first == last else f"bytes {first}..{last}"
+            self.finding(2, f"fd #{j} (sent with byte {sent.pos}) arrived with bytes "
+                         f"{x}..{x + n - 1}, not with {where}")  # fmt: skip
+        st_ = os.fstat(fd)
+        same = (st_.st_dev, st_.st_ino) == sent.ident
+        if j in self.replaced:
+            if same or not stat.S_ISSOCK(st_.st_mode):
+                self.finding(2, f"the socket of SET_BACKEND_REQ_FD (fd #{j}) arrived "
+                             f"{'as it was sent' if same else 'as no socket'}: the tap "
+                             "must hand over one of its own")  # fmt: skip
+                return None
+            return sent, socket.socket(fileno=fd), True
+        if not same:
+            self.finding(2, f"fd #{j} (sent with byte {sent.pos}) arrived as another file: "
+                         f"dev/ino {st_.st_dev}/{st_.st_ino}, sent {sent.ident[0]}/"
+                         f"{sent.ident[1]}")  # fmt: skip
+            return None
+        return (sent, socket.socket(fileno=fd), False) if sent.handover else None
+
+    def check_end(self) -> None:
+        """Once nothing more can arrive (at a receiver still there to see it)."""
+        if not self.can_receive:
+            return
+        if len(self.got) < self.forwarded:
+            self.finding(2, f"{self.forwarded - len(self.got)} bytes of complete messages never "
+                         f"arrived ({len(self.got)} of {len(self.sent)} sent)")  # fmt: skip
+        elif self.exact and (len(self.got), self.got_fds) != (len(self.sent), len(self.fds)):
+            self.finding(2, f"the {self.side} ended the stream; {len(self.got)} of "
+                         f"{len(self.sent)} bytes and {self.got_fds} of {len(self.fds)} fds "
+                         "arrived")  # fmt: skip
+
+
+def _seen_ended(flows: list[_Flow]) -> bool:
+    """Whether each of `flows` has arrived at its end, or has no receiver left."""
+    return all(f.eof or not f.can_receive for f in flows)
+
+
+def _ancillary_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+    return fds
+
+
+class _TapInput:
+    """One pair of connections through the tap, the harness at both ends."""
+
+    def __init__(self, front: socket.socket, back: socket.socket) -> None:
+        self.findings: list[str] = []
+        self.trace: list[str] = []
+        self.socks = [front, back]
+        self.fds: list[int] = []
+        self.main = {
+            FRONTEND: _Flow("main from front-end", ChannelKind.MAIN, FRONTEND, front, back, True,
+                            self.findings),
+            BACKEND: _Flow("main from back-end", ChannelKind.MAIN, BACKEND, back, front, True,
+                           self.findings),
+        }  # fmt: skip
+        self.flows = list(self.main.values())
+        self.channels: list[dict[str, _Flow]] = []
+        #: the backend channel the steps play on: the last one handed over, until it hangs up
+        self.current: dict[str, _Flow] | None = None
+        for sock in self.socks:
+            sock.setblocking(False)
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        close_fds(self.fds)
+
+    def first_finding(self) -> str:
+        """What went wrong first; for a unit the tap cannot send on in one sendmsg, that
+        (what else went wrong follows from it)."""
+        for flow in self.flows:
+            if flow.overfull is not None:
+                at, n = flow.overfull
+                return (
+                    f"rule 2 ({TAP_RULES[2]}): a unit carries more fds than the {SCM_MAX_FD} "
+                    "one sendmsg passes (the fds of several sends in one message): the tap "
+                    f"cannot send it on\n  {flow.name}: the unit at byte {at} carries {n} fds"
+                    "\n  " + "\n  ".join(self.findings[:3])
+                )
+        return self.findings[0]
+
+    # -------------------------------------------------------------- steps
+
+    def step(self, step: tuple) -> None:
+        what = step[0]
+        if what == "sync":
+            self.sync()
+            return
+        if what == "backend-channel":
+            self.hand_over(step[1])
+            return
+        if what == "hangup":
+            self.hang_up_channel(step[1], step[2])
+            return
+        whole = False
+        if what in ("valid", "cut"):
+            _, kind, side, (index, value, need), *rest = step
+            label, data, natural = _valid_message(kind, side, index, value, need)
+            whole = what == "valid"
+            if what == "cut":
+                data = data[: 1 + rest[0] % (len(data) - 1)]
+                label += f" cut to {len(data)} bytes"
+        elif what == "raw":
+            _, kind, side, data, _fds = step
+            label, natural = f"{len(data)} raw bytes", _NO_FD
+        elif what == "hostile-main":
+            _, side, (req, flags, payload, nfds, lie), _fds = step
+            kind, natural = ChannelKind.MAIN, ("memfd", nfds)
+            data = _main_request_bytes(req, flags, payload, lie)
+            label = f"id {req} flags {flags:#x} with {len(payload)} bytes{' (lies)' if lie else ''}"
+        else:  # hostile-shmem
+            _, side, (req, flags, fields, nfds, raw), _fds = step
+            kind, natural = ChannelKind.BACKEND, ("memfd", nfds)
+            data = _backend_request_bytes(req, flags, fields, raw)
+            label = f"{len(data)} raw bytes" if req < 0 else f"id {req} flags {flags:#x} {fields}"
+        flow = self.main[side] if kind is ChannelKind.MAIN else (self.current or {}).get(side)
+        if flow is None or not flow.can_send:
+            self.trace.append(f"  (no {kind.value} channel to send {label} on from the {side})")
+            return
+        fd_kind, count = step[-1] or natural
+        self.send(flow, data, _make_fds(fd_kind, count, self.fds, self.socks), label, whole)
+
+    def send(self, flow: _Flow, data: bytes, fds: list[_SentFd], label: str,
+             whole: bool = False) -> None:  # fmt: skip
+        """Send without blocking (reading all the while: the tap may be waiting for us to
+        read before it reads more); fds on the first byte."""
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f.fd for f in fds]))]
+        done = 0
+        deadline = time.monotonic() + PATIENCE
+        while done < len(data):
+            try:
+                if done == 0 and fds:
+                    done += flow.sender.sendmsg([data], rights)
+                else:
+                    done += flow.sender.send(data[done:])
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    flow.finding(2, f"the tap stopped reading: {done} of {len(data)} bytes of "
+                                 f"{label} sent in {PATIENCE:g}s")  # fmt: skip
+                    break
+                self._poll(100, flow.sender)
+                self.pump()
+            except OSError as exc:
+                if exc.errno == errno.ETOOMANYREFS and done == 0:  # our fds in flight: not sent
+                    self.trace.append(f"  ({label}: too many fds in flight; not sent)")
+                    return
+                flow.finding(2, f"the tap hung up on the {flow.side} ({exc.strerror}) while "
+                             f"it sent {label}")  # fmt: skip
+                flow.can_send = False
+                break
+        at = len(flow.sent)
+        if done:
+            flow.record(data[:done], fds, label, whole and done == len(data))
+        kinds = sorted({_fd_kind(f.fd) for f in fds})
+        with_fds = f" + {len(fds)} fds ({', '.join(kinds)})" if fds else ""
+        self.trace.append(f"  {flow.name}: {label}, bytes {at}..{at + len(data) - 1}{with_fds}")
+        self.pump()
+
+    def hand_over(self, need: bool) -> None:
+        """SET_BACKEND_REQ_FD with one end of a socket pair; once the back-end has what
+        arrives, the steps play on that channel."""
+        flow = self.main[FRONTEND]
+        if not flow.can_send:
+            return
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.socks.append(ours)
+        st_ = os.fstat(theirs.fileno())
+        sent = _SentFd(theirs.fileno(), (st_.st_dev, st_.st_ino), ours, handover=True)
+        data = encode(ChannelKind.MAIN, FrontendReq.SET_BACKEND_REQ_FD, None, need_reply=need)
+        with theirs:  # as a front-end does: else a channel handed over as it is never ends
+            self.send(flow, data, [sent], "SET_BACKEND_REQ_FD", whole=True)
+        self.wait(lambda: flow.eof or len(flow.got) >= flow.forwarded)
+
+    def _channel(self, sent: _SentFd, back_end: socket.socket, relayed: bool) -> None:
+        front_end = sent.partner
+        assert front_end is not None
+        back_end.setblocking(False)
+        self.socks.append(back_end)
+        n = len(self.channels) + 1
+        channel = {
+            side: _Flow(f"backend channel {n} from {side}", ChannelKind.BACKEND, side,
+                        *((front_end, back_end) if side == FRONTEND else (back_end, front_end)),
+                        relayed, self.findings)
+            for side in (FRONTEND, BACKEND)
+        }  # fmt: skip
+        self.channels.append(channel)
+        self.flows += channel.values()
+        if sent.handover or relayed:
+            self.current = channel
+        how = "relayed by the tap" if relayed else "handed over as it was sent"
+        self.trace.append(f"  backend channel {n}: {how}")
+
+    def hang_up_channel(self, side: str, how: str) -> None:
+        channel = self.current
+        if channel is None:
+            return
+        self.sync()
+        self.current = None  # no more steps on it
+        out, back_in = channel[side], channel[BACKEND if side == FRONTEND else FRONTEND]
+        self.trace.append(f"  {out.name}: {how}")
+        self._hang_up(out, back_in, how)
+        back_in.can_send = False
+        self.wait(lambda: out.eof or not out.can_receive)
+        if out.can_receive and not out.eof:
+            out.finding(2, f"the {side} hung up ({how}); the other side never saw the end")
+
+    def _hang_up(self, out: _Flow, back_in: _Flow, how: str) -> None:
+        if how == "close":
+            out.sender.close()
+        else:
+            out.sender.shutdown(socket.SHUT_WR if how == "shut-wr" else socket.SHUT_RDWR)
+        out.end(sure=how != "close")
+        if how != "shut-wr":
+            back_in.can_receive = False
+
+    def finish(self, how: str, side: str) -> None:
+        """The ending: `how` of `side` on the main channel (the tap then drops every
+        channel); or, "graceful", each side of each backend channel, then `side` on
+        the main channel, shut for writing in turn. Then whatever is left arrives."""
+        self.sync()
+        if self.findings:
+            return
+        other = BACKEND if side == FRONTEND else FRONTEND
+        if how == "graceful":
+            for channel in self.channels:
+                for flow in channel.values():
+                    if not flow.ended:
+                        self.trace.append(f"  {flow.name}: shut-wr")
+                        flow.sender.shutdown(socket.SHUT_WR)
+                        flow.end(sure=True)
+                self.wait(partial(_seen_ended, list(channel.values())))
+            how = "shut-wr"
+        self.trace.append(f"  {self.main[side].name}: {how}")
+        self._hang_up(self.main[side], self.main[other], how)
+        for flow in self.flows:
+            if flow.relayed and not flow.ended:  # the tap ends it: a message it held may go on
+                flow.end(sure=False)
+        self.wait(lambda: all(self._over(f) for f in self.flows))
+        for flow in self.flows:
+            if not self._over(flow):
+                flow.finding(2, f"never saw the end ({len(flow.got)} of {len(flow.sent)} "
+                             "bytes arrived)")  # fmt: skip
+            flow.check_end()
+
+    @staticmethod
+    def _over(flow: _Flow) -> bool:
+        """Nothing more will arrive: the tap dropped the channel, or (one it does not
+        relay) all of it is here."""
+        if not flow.can_receive or flow.eof:
+            return True
+        return not flow.relayed and len(flow.got) == len(flow.sent)
+
+    # -------------------------------------------------------------- receiving
+
+    def sync(self) -> None:
+        """Wait until everything the model cut into units has arrived."""
+        flows = [f for f in self.flows if f.can_receive]
+        self.wait(lambda: all(f.eof or len(f.got) >= f.forwarded for f in flows))
+        for flow in flows:
+            if len(flow.got) < flow.forwarded:
+                why = "the tap hung up" if flow.eof else f"nothing more in {PATIENCE:g}s"
+                flow.finding(2, f"{flow.forwarded - len(flow.got)} bytes of complete messages "
+                             f"not passed on ({len(flow.got)} of {len(flow.sent)} arrived; "
+                             f"{why})")  # fmt: skip
+
+    def wait(self, done: Callable[[], bool], seconds: float = PATIENCE) -> bool:
+        deadline = time.monotonic() + seconds
+        while True:
+            self.pump()
+            if done():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._poll(int(min(left, 0.1) * 1000) + 1)
+
+    def _poll(self, ms: int, sending: socket.socket | None = None) -> None:
+        """Wait at most `ms` for something to arrive, or for `sending` to take more."""
+        poller = select.poll()
+        if sending is not None:
+            poller.register(sending, select.POLLOUT)
+        for flow in self.flows:
+            if flow.can_receive and not flow.eof:
+                poller.register(flow.receiver, select.POLLIN)
+        poller.poll(ms)
+
+    def pump(self) -> None:
+        """Read what has arrived, everywhere."""
+        for flow in list(self.flows):
+            while flow.can_receive and not flow.eof:
+                try:
+                    data, anc, flags, _ = flow.receiver.recvmsg(
+                        flow.read_size(), _ANCILLARY, socket.MSG_CMSG_CLOEXEC
+                    )
+                except BlockingIOError:
+                    break
+                except OSError:  # ECONNRESET: the tap closed with our bytes unread
+                    flow.eof = True
+                    break
+                fds = _ancillary_fds(anc)
+                if flags & socket.MSG_CTRUNC:
+                    flow.finding(2, "more fds arrived at once than SCM_RIGHTS passes")
+                if not data:
+                    close_fds(fds)
+                    flow.eof = True
+                    break
+                for sent, sock, relayed in flow.arrived(data, fds):
+                    self._channel(sent, sock, relayed)
+
+
+def _fd_kind(fd: int) -> str:
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+    if target.startswith("/memfd:"):
+        return "memfd"
+    kind, _, rest = target.partition(":")
+    return rest.strip("[]") if kind == "anon_inode" else kind
+
+
+def _fd_targets(pid: int) -> list[str]:
+    """What a process's fds are (for a leak: which ones)."""
+    found = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            found.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+    return sorted(found)
+
+
+_tap_side = st.sampled_from([FRONTEND, BACKEND])
+_tap_kind = st.sampled_from([ChannelKind.MAIN, ChannelKind.MAIN, ChannelKind.BACKEND])
+#: None: the fds the message carries by nature
+_tap_fds = st.one_of(
+    st.none(),
+    st.none(),
+    st.tuples(st.sampled_from([*FD_KINDS, "mixed"]), st.sampled_from(FD_COUNTS)),
+)
+_tap_valid = st.tuples(
+    st.integers(0, 63), st.one_of(st.integers(0, 1 << 20), st.sampled_from(ODD_VALUES)),
+    st.booleans(),
+)  # fmt: skip
+_tap_message = st.tuples(st.just("valid"), _tap_kind, _tap_side, _tap_valid, _tap_fds)
+_tap_handover = st.tuples(st.just("backend-channel"), st.booleans())
+tap_steps = st.lists(
+    st.one_of(
+        _tap_message, _tap_message, _tap_message, _tap_message, _tap_handover, _tap_handover,
+        st.tuples(st.just("cut"), _tap_kind, _tap_side, _tap_valid, st.integers(0, 5000),
+                  _tap_fds),
+        st.tuples(st.just("raw"), _tap_kind, _tap_side,
+                  st.one_of(headers, st.binary(min_size=1, max_size=100)), _tap_fds),
+        st.tuples(st.just("hostile-main"), _tap_side, main_message, _tap_fds),
+        st.tuples(st.just("hostile-shmem"), _tap_side, st.one_of(plausible, hostile, garbage),
+                  _tap_fds),
+        st.tuples(st.just("hangup"), _tap_side, st.sampled_from(HANGUPS)),
+        st.tuples(st.just("sync")),
+    ),
+    max_size=24,
+)  # fmt: skip
+tap_case = st.tuples(tap_steps, st.tuples(st.sampled_from(["graceful", "graceful", *HANGUPS]),
+                                          _tap_side))  # fmt: skip
+
+
+class TapTarget:
+    """A real `shmemctl tap` listening on both sides; the harness is both of its peers.
+
+    Per input, the rules (TAP_RULES): 1. the tap alive and answering on its control
+    socket, its log without "internal error" or a traceback; 2. what each side sent
+    arrived at the other as `_Flow` says: the same bytes in order (across a hang-up, at
+    least every complete message sent before it; all of it from a side that shut its
+    writing), each fd the same file where the tap must attach it, but a
+    SET_BACKEND_REQ_FD's socket, which must be one of the tap's own that relays;
+    3. once both sides closed, its fds and threads back to their baseline; 4. its status
+    then: idle, one connection more, and its counts within what was sent and what
+    arrived."""
+
+    def __init__(self, workdir: Path, extra: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.extra = extra
+        self.front_path = str(workdir / "tap-front.sock")
+        self.back_path = str(workdir / "tap-back.sock")
+        run = workdir / "tap-run"
+        self.env = {**os.environ, "SHMEMCTL_RUN_DIR": str(run)}
+        self.ctl_path = str(run / TAP_NAME / "tap.ctl")
+        self.log = workdir / "tap.log"
+        self.proc: subprocess.Popen | None = None
+        self.ctl: RawControl | None = None
+        self.base: tuple[int, int] = (0, 0)  # fds, threads
+        self.base_fds: list[str] = []
+        self.last: dict[str, Any] = {}  # the status after the last input
+        self.log_seen = 0
+        self.clean = False
+
+    def start(self) -> None:
+        for path in (self.front_path, self.back_path, self.ctl_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shmemctl", "tap", "--front", f"listen:{self.front_path}",
+             "--back", f"listen:{self.back_path}", "--name", TAP_NAME,
+             "--reply-deadline", "0.2", *self.extra],
+            env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "a"),  # noqa: SIM115
+        )  # fmt: skip
+        paths = (self.front_path, self.back_path, self.ctl_path)
+        if not _wait(lambda: all(os.path.exists(p) for p in paths), 15):
+            raise RuntimeError(f"the tap did not start:\n{_log_tail(self.log)}")
+        self.ctl = RawControl(self.ctl_path)
+        self.last = self._idle(None)
+        pid = self.proc.pid
+        _wait(lambda: _fd_count(pid) == _fd_count(pid), 2)
+        self.base = (_fd_count(pid), _tasks(pid))
+        self.base_fds = _fd_targets(pid)
+        self.log_seen = self.log.stat().st_size
+        self.clean = True
+
+    def stop(self) -> None:
+        if self.ctl is not None:
+            self.ctl.close()
+            self.ctl = None
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def recover(self) -> None:
+        self.stop()
+        self.start()
+
+    def _ready(self) -> None:
+        if self.clean:
+            return
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.last = self._idle(None)
+                pid = self.proc.pid
+                _settle(lambda: _fd_count(pid) <= self.base[0], lambda: "fds above baseline")
+                self.log_seen = self.log.stat().st_size
+                self.clean = True
+                return
+            except (AssertionError, OSError):
+                pass
+        self.recover()
+
+    # -------------------------------------------------------------- one input
+
+    def session(self, case: tuple) -> int:
+        steps, (ending, side) = case
+        self._ready()
+        self.clean = False
+        number = self.last["connection"] + 1
+        play = _TapInput(_connect_unix(self.front_path), _connect_unix(self.back_path))
+        try:
+            for step in steps:
+                play.step(step)
+                if play.findings:
+                    break
+            else:
+                play.finish(ending, side)
+        finally:
+            play.close()
+        try:
+            if play.findings:
+                raise AssertionError(play.first_finding())
+            self._end_check(number, play)
+        except AssertionError as exc:  # which rule, the input, and what happened
+            raise AssertionError(
+                f"{exc}\n  input: {len(steps)} steps, then {ending} by the {side}\n"
+                "  what happened, last first:\n" + "\n".join(reversed(play.trace[-40:]))
+            ) from None
+        self.clean = True
+        return 1
+
+    def _alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"rule 1 ({TAP_RULES[1]}): the tap died (exit "
+                                 f"{self.proc.returncode}):\n{_log_tail(self.log)}")  # fmt: skip
+
+    def _status(self) -> dict[str, Any]:
+        assert self.ctl is not None
+        self._alive()
+        try:
+            answer = self.ctl.ask("status")
+            _check_answer(answer, b'{"execute":"status"}', "tap")
+        except AssertionError as exc:
+            raise AssertionError(f"rule 1 ({TAP_RULES[1]}): {exc}") from None
+        if "error" in answer:
+            raise AssertionError(f"rule 1 ({TAP_RULES[1]}): status failed: {answer['error']}")
+        status: dict[str, Any] = answer["return"]
+        return status
+
+    def _idle(self, number: int | None) -> dict[str, Any]:
+        """The status once the tap waits for the next front-end (after connection
+        `number`, if given)."""
+        seen: list[dict[str, Any]] = []
+
+        def idle() -> bool:
+            seen[:] = [self._status()]
+            s = seen[0]
+            return s["state"] == "waiting for the front-end" and (
+                number is None or s["connection"] == number)  # fmt: skip
+
+        _settle(idle, lambda: f"rule 4 ({TAP_RULES[4]}): not idle after connection {number}: "
+                f"state {seen[0]['state']!r}, connection {seen[0]['connection']}")  # fmt: skip
+        return seen[0]
+
+    def _end_check(self, number: int, play: _TapInput) -> None:
+        assert self.proc is not None
+        pid = self.proc.pid
+        self._alive()
+        status = self._idle(number)
+        with open(self.log, "rb") as log:
+            log.seek(self.log_seen)
+            new = log.read()
+        self.log_seen += len(new)
+        text = new.decode(errors="replace")
+        bad = next((ln for ln in text.splitlines() if "internal error" in ln or "Traceback" in ln),
+                   None)  # fmt: skip
+        if bad is not None:
+            start = text.find(bad)
+            raise AssertionError(f"rule 1 ({TAP_RULES[1]}): the tap's log says {bad.strip()!r}"
+                                 f"\n{text[start : start + 3000]}")  # fmt: skip
+        _settle(
+            lambda: _fd_count(pid) <= self.base[0] and _tasks(pid) <= self.base[1],
+            lambda: (
+                f"rule 3 ({TAP_RULES[3]}): {_fd_count(pid)} fds (baseline {self.base[0]}), "
+                f"{_tasks(pid)} threads (baseline {self.base[1]}) once both sides closed; "
+                f"fds beyond the baseline's: {_beyond(_fd_targets(pid), self.base_fds)}"
+            ),
+        )
+        problems = _count_problems(self.last, status, play)
+        if problems:
+            raise AssertionError(f"rule 4 ({TAP_RULES[4]}): " + "; ".join(problems))
+        self.last = status
+
+
+def _beyond(now: list[str], base: list[str]) -> list[str]:
+    extra = list(now)
+    for target in base:
+        if target in extra:
+            extra.remove(target)
+    return extra
+
+
+def _count_problems(before: dict[str, Any], after: dict[str, Any], play: _TapInput) -> list[str]:
+    """What is wrong with the counts of the status after an input, given the one before
+    and what the input sent and what arrived."""
+    problems = []
+    if any(side["attached"] for side in after["sides"].values()):
+        problems.append(f"a side still attached when idle: {after['sides']}")
+    for rule, count in before["violations"].items():
+        if after["violations"].get(rule, 0) < count:
+            problems.append(f"violations of {rule} went down: {count} -> {after['violations']}")
+    for kind in ChannelKind:
+        for side in (FRONTEND, BACKEND):
+            flows = [f for f in play.flows if f.kind is kind and f.side == side and f.relayed]
+            old, new = before["counters"][kind.value][side], after["counters"][kind.value][side]
+            delta = {key: new[key] - old[key] for key in new}
+
+            def units(f: _Flow, index: int, arrived: bool) -> int:
+                done = [u for u in f.units if u[index] and (not arrived or u[0] <= len(f.got))]
+                return len(done) + (0 if arrived else sum(1 for u in f.maybe if u[index]))
+
+            bounds = {
+                "bytes": (sum(len(f.got) for f in flows), sum(len(f.sent) for f in flows)),
+                "fds": (sum(f.got_fds for f in flows), sum(len(f.fds) for f in flows)),
+                "messages": (sum(units(f, 1, True) for f in flows),
+                             sum(units(f, 1, False) for f in flows)),
+                "undecodable": (sum(units(f, 2, True) for f in flows),
+                                sum(units(f, 2, False) for f in flows)),
+            }  # fmt: skip
+            for key, (low, high) in bounds.items():
+                if not low <= delta[key] <= high:
+                    problems.append(
+                        f"{kind.value} from {side}: {key} counted {delta[key]}, "
+                        f"not within {low}..{high} (what arrived..what was sent)"
+                    )
+    lost = {f.direction for f in play.flows
+            if f.relayed and f.raw_from is not None and f.raw_from <= len(f.got)}  # fmt: skip
+    may = {f.direction for f in play.flows if f.relayed and f.raw_from is not None}
+    if not lost <= set(after["raw"]) <= may:
+        problems.append(f"relayed raw: {after['raw']}; the framing was lost on {sorted(lost)}"
+                        f" (and perhaps {sorted(may - lost)})")  # fmt: skip
+    return problems
+
+
 # ------------------------------------------------------------------ entry
 
 TARGETS = ("codec", "engine", "frontend", "backend", "control-frontend", "control-backend",
-           "sim-control")  # fmt: skip
+           "sim-control", "tap")  # fmt: skip
 #: Examples per hypothesis run for the targets that drive daemons with long examples:
 #: small, so that --seconds is kept to closely.
 DAEMON_CHUNK = 25
@@ -2186,6 +3141,12 @@ def run_target(target: str, examples: int, seconds: float, seed_value: int,
             sim.start()
             return _run(target, sim.session, sim_case, examples, seconds, seed_value,
                         recover=sim.recover, chunk_size=DAEMON_CHUNK, **budget)  # fmt: skip
+        if target == "tap":
+            tap = TapTarget(tmp, daemon_args)
+            stack.callback(tap.stop)
+            tap.start()
+            return _run(target, tap.session, tap_case, examples, seconds, seed_value,
+                        recover=tap.recover, chunk_size=DAEMON_CHUNK, **budget)  # fmt: skip
     raise ValueError(f"no target {target!r}; there are: {', '.join(TARGETS)}")
 
 

@@ -25,6 +25,8 @@ BUDGET = {
     "control-frontend": 8,
     "control-backend": 8,
     "sim-control": 8,
+    # an example is one pair of connections through the tap, with its steps and ending
+    "tap": 60,
 }
 
 
