@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -148,6 +149,9 @@ class SimDevice:
         #: what the device believes the front-end holds (`confirmed` False when the
         #: front-end's answer never came or made no sense: it may or may not exist)
         self.mapped: dict[tuple[int, int], Mapping] = {}
+        #: how many believed mappings use each buffer: whether a buffer is still in use
+        #: is asked after every map and unmap, and must not cost a pass over them all
+        self._uses: Counter[int] = Counter()
         self.generation = 0
         self._in_flight: _InFlight | None = None
         #: maps sent without NEED_REPLY since the last answer, with their generation
@@ -168,9 +172,8 @@ class SimDevice:
 
     def free_unmapped_buffers(self) -> None:
         with self.lock:
-            in_use = {b.buffer for b in self.mapped.values()}
             for buffer_id, buffer in list(self.buffers.items()):
-                if buffer_id not in in_use and not buffer.pins:
+                if not self._uses[buffer_id] and not buffer.pins:
                     self.buffers.pop(buffer_id).close()
 
     def release_buffer(self, buffer: Buffer) -> None:
@@ -184,6 +187,7 @@ class SimDevice:
         with self.lock:
             dropped = list(self.mapped.values())
             self.mapped.clear()
+            self._uses.clear()
             self.generation += 1
             flight = self._in_flight
             if flight is not None and not flight.answered_before_reset:
@@ -321,6 +325,8 @@ class SimDevice:
             if result in (0, None):
                 with self.lock:
                     gone = self.mapped.pop((m.shmid, m.shm_offset), None)
+                    if gone is not None:
+                        self._uses[gone.buffer] -= 1
         if gone is not None:
             self.free_unmapped_buffers()
         self._report(Event.UNMAPPED, m, result, 0)
@@ -455,9 +461,12 @@ class SimDevice:
             if generation != self.generation:
                 return
             replaced = self.mapped.get((m.shmid, m.shm_offset))
+            if replaced is not None:
+                self._uses[replaced.buffer] -= 1
             self.mapped[(m.shmid, m.shm_offset)] = Mapping.granted(
                 m, created=time.time(), buffer=buffer.id, confirmed=confirmed
             )
+            self._uses[buffer.id] += 1
         if replaced is not None:  # a front-end acked a map over one: the old one is gone
             self.free_unmapped_buffers()
 
