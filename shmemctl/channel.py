@@ -56,6 +56,28 @@ def close_fds(fds: Iterable[int]) -> None:
             os.close(fd)
 
 
+#: The most fds the kernel passes in one sendmsg (SCM_MAX_FD).
+SCM_MAX_FD = 253
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    """Send `data` whole, `fds` riding on its first byte; more fds than one sendmsg
+    passes ride on as many first bytes as they need (a relay forwarding what arrived in
+    several reads does so), each call at most SCM_MAX_FD. OSError as sendmsg raises it."""
+    at = 0
+    for first in range(0, len(fds), SCM_MAX_FD):
+        rights = array.array("i", fds[first : first + SCM_MAX_FD]).tobytes()
+        # the last group of fds takes the rest of the data with it
+        end = len(data) if first + SCM_MAX_FD >= len(fds) else at + 1
+        sent = sock.sendmsg([data[at:end]], [(_SOL_SOCKET, _SCM_RIGHTS, rights)])
+        at += sent
+        if at < end:
+            sock.sendall(memoryview(data)[at:end])
+            at = end
+    if at < len(data):
+        sock.sendall(memoryview(data)[at:])
+
+
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
@@ -118,13 +140,7 @@ class Channel:
         if self.trace is not None and self.trace.wants(TRACE):
             self._trace_sent(data, fds)
         try:
-            if fds:
-                rights = array.array("i", fds).tobytes()
-                sent = self.sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, rights)])
-            else:
-                sent = self.sock.send(data)
-            if sent < len(data):
-                self.sock.sendall(memoryview(data)[sent:])
+            send_with_fds(self.sock, data, fds)
         except (BlockingIOError, TimeoutError) as exc:
             raise ChannelError("peer stopped reading: send timed out") from exc
         except OSError as exc:

@@ -585,6 +585,36 @@ def test_a_backend_channel_handed_over_with_an_fd_too_many_is_still_relayed(raw_
         os.close(extra)
 
 
+def test_more_fds_than_one_sendmsg_passes_are_forwarded_over_as_many_bytes(raw_peers) -> None:
+    """A message that came in two reads brings up to twice SCM_MAX_FD fds; the tap sends
+    them on as it got them, a sendmsg per 253, instead of failing the connection."""
+    front, back, tap, proc = raw_peers
+    asked = encode(ChannelKind.MAIN, FrontendReq.GET_FEATURES, None)
+    buffer = memfd(PAGE)
+    got: list[int] = []
+    try:
+        send_with(front, asked[:1], [buffer] * 200)
+        send_with(front, asked[1:], [buffer] * 200)
+        data = b""
+        back.settimeout(PATIENCE)
+        while len(data) < len(asked):
+            chunk, ancdata, _, _ = back.recvmsg(len(asked) - len(data), socket.CMSG_SPACE(253 * 4))
+            assert chunk, f"the back-end got EOF after {data!r}"
+            data += chunk
+            for _level, _kind, payload in ancdata:
+                got.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        assert data == asked
+        assert len(got) == 400 and all(same_file(fd, buffer) for fd in got)
+        reply = encode_u64_reply(FrontendReq.GET_FEATURES, 1 << 32)
+        back.sendall(reply)
+        assert recv_exactly(front, len(reply))[0] == reply  # the pair carries on
+        assert tap.execute("status")["state"] == "relaying"
+    finally:
+        close_fds(got)
+        os.close(buffer)
+    assert proc.alive()
+
+
 # ------------------------------------------------------------------ the truth from /proc, in memory
 
 B0, B2 = 0x7F0000000000, 0x7F1000000000

@@ -264,7 +264,7 @@ def message_line(**change: object) -> str:
         ([good_start(), message_line(channel="side")], "line 2: channel must be main or backend"),
         ([good_start(), message_line(data="@@@")], "line 2: data must be the bytes in base64"),
         ([good_start(), message_line(**{"from": "guest"})], "line 2: from must be front-end"),
-        ([good_start(), message_line(fds=[{}] * 300)], "line 2: 300 fds; a message carries"),
+        ([good_start(), message_line(fds=[{}] * 4000)], "line 2: 4000 fds on 12 bytes; at most"),
         ([good_start(), message_line(fds=[{"kind": "memfd", "dev": "zz", "ino": 1, "size": 0,
                                            "file": ""}])], "dev 'zz' must read like 00:01"),
         ([good_start(), message_line(time="soon")], "line 2: 'time' must be int or float"),

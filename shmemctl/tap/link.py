@@ -16,10 +16,10 @@ import socket
 import struct
 import termios
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Protocol
 
-from ..channel import Channel
+from ..channel import SCM_MAX_FD, Channel
 from ..events import EventHub
 from ..session.observer import BACKEND, FRONTEND
 from ..wire.constants import ChannelKind
@@ -27,10 +27,9 @@ from .framer import Framer, Unit
 
 log = logging.getLogger("tap")
 
-#: The most fds the kernel passes in one message (SCM_MAX_FD): room for all of them,
-#: so that no message a peer can send loses an fd to MSG_CTRUNC in the tap.
-_SCM_MAX_FD = 253
-_ANCBUF = socket.CMSG_SPACE(_SCM_MAX_FD * array.array("i").itemsize)
+#: Room for the most fds the kernel passes in one message, so that no message a peer
+#: can send loses an fd to MSG_CTRUNC in the tap.
+_ANCBUF = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _NOWAIT_FLAGS = _RECV_FLAGS | int(socket.MSG_DONTWAIT)
 _CTRUNC = int(socket.MSG_CTRUNC)
@@ -46,17 +45,6 @@ def receive(sock: socket.socket, n: int, wait: bool = True) -> tuple[bytes, list
             usable = len(payload) - len(payload) % array.array("i").itemsize
             fds.extend(array.array("i", payload[:usable]))
     return data, fds, bool(flags & _CTRUNC)
-
-
-def send_exact(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
-    """Send bytes that are not (known to be) a message, fds on their first byte."""
-    if fds:
-        rights = array.array("i", fds).tobytes()
-        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-    else:
-        sent = sock.send(data)
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
 
 
 def other(side: str) -> str:

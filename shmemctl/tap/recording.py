@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO, TypedDict
 
+from ..channel import SCM_MAX_FD
 from ..session.observer import BACKEND, FRONTEND
 from ..shmem.mapping import FileFacts, dev_number, dev_text
 from ..wire.constants import MAX_PAYLOAD, ChannelKind, request_name
@@ -46,8 +47,6 @@ VERSION = 1
 #: form. A longer line is not a recording's: refused before it is read whole.
 MAX_LINE = 4 * (RAW_CHUNK + MAX_PAYLOAD) + 64 * 1024
 
-#: At most this many fds in one recorded unit (SCM_RIGHTS passes at most 253).
-MAX_FDS = 253
 
 
 class FdJSON(TypedDict):
@@ -179,10 +178,14 @@ def _field(record: dict[str, Any], key: str, kind: type | tuple[type, ...], wher
     return value
 
 
-def _fds(record: dict[str, Any], where: str) -> tuple[FdJSON, ...]:
+def _fds(record: dict[str, Any], where: str, size: int) -> tuple[FdJSON, ...]:
+    """The fds of a unit of `size` bytes: each read that brought some of its bytes brings
+    at most SCM_MAX_FD fds, and a read brings a byte at least."""
     fds = _field(record, "fds", list, where)
-    if len(fds) > MAX_FDS:
-        raise RecordingError(f"{where}: {len(fds)} fds; a message carries at most {MAX_FDS}")
+    most = SCM_MAX_FD * max(1, size)
+    if len(fds) > most:
+        raise RecordingError(f"{where}: {len(fds)} fds on {size} bytes; at most {SCM_MAX_FD} "
+                             f"fds come with each byte read, so at most {most}")  # fmt: skip
     out = []
     for n, fd in enumerate(fds):
         at = f"{where}, fd {n}"
@@ -278,7 +281,7 @@ def _message(
         data = base64.b64decode(_field(record, "data", str, where), validate=True)
     except binascii.Error:
         raise RecordingError(f"{where}: data must be the bytes in base64") from None
-    files = _fds(record, where)
+    files = _fds(record, where, len(data))
     key = (connection, link, sender)
     framer = framers.get(key)
     if framer is None or framer.channel is not channel:

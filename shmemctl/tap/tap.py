@@ -26,13 +26,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..channel import ChannelError, close_fds
+from ..channel import ChannelError, close_fds, send_with_fds
 from ..daemon import Stopper, connect_unix, listen_unix
 from ..events import Event, EventHub
 from ..session.observer import BACKEND, FRONTEND
 from ..wire.constants import SHMEM_BIT, ChannelKind, FrontendReq
 from .framer import Unit
-from .link import Link, other, send_exact
+from .link import Link, other
 from .recording import Recorder
 from .truth import Peer, fd_facts, peer_of
 from .watch import Finding, Watch, carries_map_file, direction
@@ -316,7 +316,7 @@ class Tap:
                 if unit.framed:
                     link.to[receiver].send(unit.data, send_fds)
                 else:
-                    send_exact(link.to[receiver].sock, unit.data, send_fds)
+                    send_with_fds(link.to[receiver].sock, unit.data, send_fds)
             except (ChannelError, OSError) as exc:
                 log.info("%s: %s", direction(link.kind, sender), exc)
                 return False
