@@ -331,6 +331,18 @@ def _backend_request_bytes(req: int, flags: int, fields: tuple | None, raw: byte
                                 need_reply=flags == 0x9)  # fmt: skip
 
 
+def _end(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a daemon of the harness, SIGKILL past 10 s; gone either way."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class FrontendTarget:
     """A real front-end process that reconnects to us after every example."""
 
@@ -1139,15 +1151,7 @@ class PairTarget:
             client.close()
         self.clients = {}
         for role in ("frontend", "backend"):
-            proc = self.procs.pop(role, None)
-            if proc is None:
-                continue
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _end(self.procs.pop(role, None))
 
     def recover(self) -> None:
         self.stop()
@@ -1956,14 +1960,8 @@ class SimControlTarget:
         if self.ctl is not None:
             self.ctl.close()
             self.ctl = None
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+        _end(self.proc)
+        self.proc = None
 
     def recover(self) -> None:
         self.stop()
@@ -2907,14 +2905,8 @@ class TapTarget:
         if self.ctl is not None:
             self.ctl.close()
             self.ctl = None
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+        _end(self.proc)
+        self.proc = None
 
     def recover(self) -> None:
         self.stop()
