@@ -802,6 +802,46 @@ def tap(
         raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
 
+def _listen_address(_ctx: click.Context, _param: click.Parameter, value: str) -> Any:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r}: write HOST:PORT, e.g. 127.0.0.1:9464 or :9464")
+    return host or "0.0.0.0", int(port)
+
+
+@main.command()
+@click.option("--listen", "address", default="127.0.0.1:9464", show_default=True,
+              metavar="HOST:PORT", callback=_listen_address,
+              help="Where to serve /metrics for Prometheus to scrape.")  # fmt: skip
+@click.option("--once", is_flag=True, help="Print one scrape's exposition and exit.")
+def metrics(address: tuple[str, int], once: bool) -> None:
+    """Every pair and tap in the run directory, in Prometheus' exposition format: state,
+    regions (size, mappings, bytes mapped), the front-end's counters, the tap's broken
+    rules, the /proc verdict, each process's RSS and fds. Each scrape asks the control
+    sockets afresh."""
+    import signal
+
+    from prometheus_client import generate_latest, start_http_server
+
+    from .metrics import registry
+
+    if once:
+        click.echo(generate_latest(registry()).decode(), nl=False)
+        return
+    host, port = address
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry())
+    except OSError as exc:
+        why = exc.strerror or exc
+        raise click.ClickException(f"cannot listen on {host}:{port}: {why}") from None
+    click.echo(f"serving http://{host}:{port}/metrics for {rundir.root()}", err=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
+
+
 @main.command()
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str) -> None:

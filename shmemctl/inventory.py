@@ -31,7 +31,7 @@ def kind_of(paths: rundir.PairPaths) -> str | None:
 LS_TIMEOUT = 5.0
 
 
-def _ask(path: Path, command: str, /, **arguments: Any) -> Any:
+def ask(path: Path, command: str, /, **arguments: Any) -> Any:
     """One command on one control socket, for a row; DaemonUnreachable or ControlError."""
     with ControlClient(str(path), timeout=LS_TIMEOUT) as client:
         return client.execute(command, **arguments)
@@ -49,7 +49,7 @@ def _pair_row(paths: rundir.PairPaths) -> dict[str, Any]:
         try:
             # mapping counts come with each region: no mapping needs listing
             args = {"max_mappings": 0} if role == "frontend" else {}
-            views[role] = _ask(paths.control(role), "status", **args)
+            views[role] = ask(paths.control(role), "status", **args)
         except (DaemonUnreachable, ControlError) as exc:
             errors.append(f"{SIDE[role]}: {_why_not(exc)}")
     fe, be = views.get("frontend"), views.get("backend")
@@ -77,7 +77,7 @@ def _pair_row(paths: rundir.PairPaths) -> dict[str, Any]:
 
 def _tap_row(paths: rundir.PairPaths) -> dict[str, Any]:
     try:
-        view = _ask(paths.control("tap"), "status")
+        view = ask(paths.control("tap"), "status")
     except (DaemonUnreachable, ControlError) as exc:
         return {"kind": "tap", "peers": {"front-end": None, "back-end": None},
                 "state": "not answering", "mappings": None, "mapped_bytes": None,
