@@ -22,10 +22,16 @@ from .faults import FRONTEND, Fault
 from .inventory import PAIR_ROLES, SIDE, kind_of
 from .shmem.libc import PAGE_SIZE
 from .sizes import hex_range, human_size, parse_regions, parse_size
+from .wire.constants import LEGACY_SHMEM_BIT, SHMEM_BIT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="shmemctl")
+@click.version_option(
+    package_name="shmemctl",
+    prog_name="shmemctl",
+    message=f"%(prog)s %(version)s (vhost-user SHMEM at protocol feature bit {SHMEM_BIT}, "
+    f"{LEGACY_SHMEM_BIT} with --shmem-bit {LEGACY_SHMEM_BIT})",
+)
 def main() -> None:
     """Drive both sides of the vhost-user VIRTIO Shared Memory extension."""
 

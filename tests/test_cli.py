@@ -45,6 +45,13 @@ def test_usage_errors_say_what_would_be_right() -> None:
     assert "write a number of bytes like 4096, 0x1000, 64K, 8M or 1G" in result.output
 
 
+def test_version_says_the_protocol_bit_too() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.startswith("shmemctl 0.")
+    assert "SHMEM at protocol feature bit 22" in result.output
+
+
 def test_backend_sim_usage_errors() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "backend_sim", "--regions", "0=8M"],
