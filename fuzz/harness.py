@@ -1902,7 +1902,33 @@ def _observed(req: int, m: ShmemMap, need: bool) -> tuple[int, tuple, bool]:
     return (req, (m.shmid, m.shm_offset, m.len, m.fd_offset, m.writable), need)
 
 
-class SimControlTarget:
+class _DaemonTarget:
+    """A target that runs one daemon of ours (`proc`) and talks to its control socket
+    (`ctl`); `start` makes both, `stop` ends them, `recover` is the two."""
+
+    proc: subprocess.Popen[bytes] | None
+    ctl: RawControl | None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def session(self, case: tuple) -> int:
+        """Play one case against the daemon; the messages it took."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.ctl is not None:
+            self.ctl.close()
+            self.ctl = None
+        _end(self.proc)
+        self.proc = None
+
+    def recover(self) -> None:
+        self.stop()
+        self.start()
+
+
+class SimControlTarget(_DaemonTarget):
     """A real backend_sim whose front-end is the harness (HostileFrontend), driven on its
     control socket.
 
@@ -1957,15 +1983,7 @@ class SimControlTarget:
         if self.fe is not None:
             self.fe.close()
             self.fe = None
-        if self.ctl is not None:
-            self.ctl.close()
-            self.ctl = None
-        _end(self.proc)
-        self.proc = None
-
-    def recover(self) -> None:
-        self.stop()
-        self.start()
+        super().stop()
 
     def _status(self) -> dict[str, Any]:
         assert self.ctl is not None
@@ -2848,7 +2866,7 @@ tap_case = st.tuples(tap_steps, st.tuples(st.sampled_from(["graceful", "graceful
                                           _tap_side))  # fmt: skip
 
 
-class TapTarget:
+class TapTarget(_DaemonTarget):
     """A real `shmemctl tap` listening on both sides; the harness is both of its peers.
 
     Per input, the rules (TAP_RULES): 1. the tap alive and answering on its control
@@ -2900,17 +2918,6 @@ class TapTarget:
         self.base_fds = _fd_targets(pid)
         self.log_seen = self.log.stat().st_size
         self.clean = True
-
-    def stop(self) -> None:
-        if self.ctl is not None:
-            self.ctl.close()
-            self.ctl = None
-        _end(self.proc)
-        self.proc = None
-
-    def recover(self) -> None:
-        self.stop()
-        self.start()
 
     def _ready(self) -> None:
         if self.clean:
@@ -3114,18 +3121,14 @@ def run_target(target: str, examples: int, seconds: float, seed_value: int,
             return _run(target, pair.session, control_case(role), examples, seconds,
                         seed_value, recover=pair.recover, chunk_size=DAEMON_CHUNK,
                         **budget)  # fmt: skip
-        if target == "sim-control":
-            sim = SimControlTarget(tmp, daemon_args)
-            stack.callback(sim.stop)
-            sim.start()
-            return _run(target, sim.session, sim_case, examples, seconds, seed_value,
-                        recover=sim.recover, chunk_size=DAEMON_CHUNK, **budget)  # fmt: skip
-        if target == "tap":
-            tap = TapTarget(tmp, daemon_args)
-            stack.callback(tap.stop)
-            tap.start()
-            return _run(target, tap.session, tap_case, examples, seconds, seed_value,
-                        recover=tap.recover, chunk_size=DAEMON_CHUNK, **budget)  # fmt: skip
+        if target in ("sim-control", "tap"):
+            daemon, case = ((SimControlTarget(tmp, daemon_args), sim_case)
+                            if target == "sim-control"
+                            else (TapTarget(tmp, daemon_args), tap_case))  # fmt: skip
+            stack.callback(daemon.stop)
+            daemon.start()
+            return _run(target, daemon.session, case, examples, seconds, seed_value,
+                        recover=daemon.recover, chunk_size=DAEMON_CHUNK, **budget)  # fmt: skip
     raise ValueError(f"no target {target!r}; there are: {', '.join(TARGETS)}")
 
 
