@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar, cast
 
-from ..shmem.rules import Refusal, ShmemRefused
+from ..shmem.rules import Refusal, ShmemRefused, check_fd_count
 from ..wire.constants import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
@@ -227,10 +227,8 @@ class FrontendSession:
                 Refusal.NOT_NEGOTIATED,
                 f"SHMEM (protocol feature bit {self.shmem_bit}) was not negotiated",
             )
-        if msg.request == BackendReq.SHMEM_MAP and len(msg.fds) != 1:
-            raise ShmemRefused(
-                Refusal.BAD_FD_COUNT, f"SHMEM_MAP carries {len(msg.fds)} fds; it needs exactly one"
-            )
+        if msg.request == BackendReq.SHMEM_MAP:
+            check_fd_count(len(msg.fds) + len(msg.surplus_fds))
         assert isinstance(msg.payload, ShmemMap)  # the codec decodes SHMEM payloads so
         return msg.payload
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from ..shmem.libc import PAGE_SIZE
 from ..shmem.mapping import FileFacts, Mapping
-from ..shmem.rules import must_refuse
+from ..shmem.rules import ShmemRefused, check_fd_count, must_refuse
 from ..wire.constants import (
     LEGACY_SHMEM_BIT,
     SHMEM_BIT,
@@ -243,7 +243,7 @@ class Observer:
         if not isinstance(m, ShmemMap):
             return
         is_map = msg.request == BackendReq.SHMEM_MAP
-        why = _fd_count_problem(msg, is_map) or self.must_refuse(m, is_map=is_map)
+        why = (_fd_count_problem(msg) if is_map else "") or self.must_refuse(m, is_map=is_map)
         if owed:
             self._refusals[id(msg)] = why
         if why:
@@ -375,13 +375,13 @@ class Observer:
             held.pop(m.shm_offset, None)
 
 
-def _fd_count_problem(msg: Message, is_map: bool) -> str:
-    """Step 2 (§6.5): a SHMEM_MAP carries exactly one fd, a SHMEM_UNMAP none."""
-    carried = len(msg.fds) + len(msg.surplus_fds)
-    wanted = 1 if is_map else 0
-    if carried == wanted:
-        return ""
-    return f"carries {carried} fds; a {msg.name} carries {'exactly one' if is_map else 'none'}"
+def _fd_count_problem(msg: Message) -> str:
+    """Why a SHMEM_MAP's fds alone make it one to refuse (step 2); "" when they do not."""
+    try:
+        check_fd_count(len(msg.fds) + len(msg.surplus_fds))
+    except ShmemRefused as exc:
+        return exc.detail
+    return ""
 
 
 def _where(m: ShmemMap) -> str:

@@ -59,6 +59,15 @@ class ShmemRefused(Exception):
         return errno.errorcode.get(self.errno, str(self.errno))
 
 
+def check_fd_count(carried: int) -> None:
+    """Step 2 (§6.5): a SHMEM_MAP carries exactly one fd. (A SHMEM_UNMAP that brings one
+    is still served: the stray fd is closed as surplus.)"""
+    if carried != 1:
+        raise ShmemRefused(
+            Refusal.BAD_FD_COUNT, f"SHMEM_MAP carries {carried} fds; it needs exactly one"
+        )
+
+
 def check_flags(m: ShmemMap) -> None:
     """Step 4: only bit 0 (read-write) is defined."""
     if m.flags & ~MMAP_FLAG_WRITE:
