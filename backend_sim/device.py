@@ -24,6 +24,7 @@ from shmemctl.backend import (
     PeerProtocolError,
     SendGuard,
 )
+from shmemctl.bench import CHURN, bench_span, churn_base
 from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.daemon import peer_credentials
 from shmemctl.events import Event
@@ -621,12 +622,11 @@ class ScriptRunner:
         self.out = out
         self._bench_filled = 0
         self._bench_buffer: Buffer | None = None
-        self._churn_base = self.CHURN
+        self._churn_base = CHURN
 
     def run(self, steps: list[Step]) -> None:
         most = max((s.args["existing"] for s in steps if s.verb == "bench"), default=0)
-        below = (most + 1) // 2 * PAGE_SIZE  # the existing mappings below the window
-        self._churn_base = max(self.CHURN, -(-below // self.CHURN) * self.CHURN)
+        self._churn_base = churn_base(most)
         for step in steps:
             try:
                 result = getattr(self, f"_do_{step.verb}")(**step.args)
@@ -655,12 +655,9 @@ class ScriptRunner:
 
     # ------------------------------------------------------------ bench
 
-    #: The bench maps and unmaps inside a window of CHURN bytes of region 0 (room for 64
-    #: mappings of 2 MiB) at `_churn_base`; the existing 4 KiB mappings alternate below and
-    #: above it, so every churn request lands in the middle of the front-end's index, its
-    #: worst case. The window starts at 128 MiB, or higher when a script's largest
-    #: EXISTING needs more room below it.
-    CHURN = 128 << 20
+    # The bench maps and unmaps inside a window of region 0 (shmemctl.bench.CHURN, at
+    # `_churn_base`); the existing 4 KiB mappings alternate below and above it, so every
+    # churn request lands in the middle of the front-end's index, its worst case.
 
     def _existing_offset(self, i: int) -> tuple[int, int]:
         """(shm_offset, fd_offset) of the i-th existing mapping: contiguous runs of one
@@ -669,13 +666,13 @@ class ScriptRunner:
         base = self._churn_base
         if i % 2 == 0:
             return page * PAGE_SIZE, page * PAGE_SIZE
-        return base + self.CHURN + page * PAGE_SIZE, base + page * PAGE_SIZE
+        return base + CHURN + page * PAGE_SIZE, base + page * PAGE_SIZE
 
     def _fill(self, existing: int) -> None:
         """Grow the existing 4 KiB mappings of region 0 to `existing`, 64 per ack."""
         if existing < self._bench_filled:
             raise ScriptError("bench lines must not lower EXISTING")
-        needed = self._churn_base + self.CHURN + (existing + 1) // 2 * PAGE_SIZE
+        needed = bench_span(self._churn_base, existing)
         size = self.device.endpoint.device.regions.get(0, 0)
         if needed > size:
             raise ScriptError(

@@ -25,6 +25,7 @@ to collect distinct ones, --no-shrink reports them as found, which is much quick
 
 from __future__ import annotations
 
+import abc
 import argparse
 import array
 import contextlib
@@ -63,7 +64,7 @@ from shmemctl.session.observer import BACKEND, FRONTEND
 from shmemctl.shmem import RegionTable, ShmemRefused
 from shmemctl.shmem.procmaps import disagreements, read_maps
 from shmemctl.sizes import parse_regions
-from shmemctl.tap.framer import Framer, Unit
+from shmemctl.tap.framer import Framer, Unit, replies_from
 from shmemctl.wire import (
     BackendReq,
     ChannelKind,
@@ -1902,19 +1903,20 @@ def _observed(req: int, m: ShmemMap, need: bool) -> tuple[int, tuple, bool]:
     return (req, (m.shmid, m.shm_offset, m.len, m.fd_offset, m.writable), need)
 
 
-class _DaemonTarget:
+class _DaemonTarget(abc.ABC):
     """A target that runs one daemon of ours (`proc`) and talks to its control socket
     (`ctl`); `start` makes both, `stop` ends them, `recover` is the two."""
 
     proc: subprocess.Popen[bytes] | None
     ctl: RawControl | None
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Start the daemon and connect to its control socket."""
 
+    @abc.abstractmethod
     def session(self, case: tuple) -> int:
         """Play one case against the daemon; the messages it took."""
-        raise NotImplementedError
 
     def stop(self) -> None:
         if self.ctl is not None:
@@ -2339,10 +2341,8 @@ class _Flow:
         self.receiver = receiver
         self.relayed = relayed
         self.findings = findings
-        # as the tap's link reads them: on the main channel the back-end replies, on a
-        # backend channel the front-end does
-        replies = (kind is ChannelKind.BACKEND) == (side == FRONTEND)
-        self.model = Framer(kind, replies=replies) if relayed else None
+        # as the tap's link reads them
+        self.model = Framer(kind, replies=replies_from(kind, side)) if relayed else None
         self.sent = bytearray()
         self.fds: list[_SentFd] = []
         self.forwarded = 0

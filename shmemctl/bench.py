@@ -34,6 +34,7 @@ import psutil
 from .channel import DEFAULT_BUSY_POLL
 from .pair import Launched, PairError, daemon_status, launch
 from .rundir import PairPaths
+from .shmem.libc import PAGE_SIZE
 from .sizes import human_size, mib
 
 MODES = ("ack", "batch16", "batch64")
@@ -70,17 +71,28 @@ def run_pair_bench(
     return run_cells(_cells(quick, sorted(existing)), timeout=timeout)
 
 
-#: backend_sim's bench churns in a window of this size above the existing mappings' lower
-#: half (backend_sim.device.ScriptRunner)
-_CHURN = 128 << 20
+#: backend_sim's bench maps and unmaps inside a window of this size (room for 64 mappings of
+#: 2 MiB), with the existing 4 KiB mappings alternating below and above it
+CHURN = 128 << 20
+
+
+def churn_base(most: int) -> int:
+    """Where the churn window starts for a script whose largest EXISTING is `most`: at
+    128 MiB, or higher so that the lower half of the existing mappings fits below it."""
+    below = (most + 1) // 2 * PAGE_SIZE
+    return max(CHURN, -(-below // CHURN) * CHURN)
+
+
+def bench_span(base: int, existing: int) -> int:
+    """The bytes of region 0 a bench with its window at `base` and `existing` mappings
+    in place uses: below the window, the window, and the upper half above it."""
+    return base + CHURN + (existing + 1) // 2 * PAGE_SIZE
 
 
 def _region_for(most: int) -> int:
     """Region 0's size for a bench whose largest EXISTING is `most`: at least 512 MiB,
     more when the existing 4 KiB mappings need it."""
-    half = (most + 1) // 2 * 4096
-    base = max(_CHURN, -(-half // _CHURN) * _CHURN)
-    return max(512 << 20, base + _CHURN + half)
+    return max(512 << 20, bench_span(churn_base(most), most))
 
 
 #: called once the pair is connected (no results yet) and after each cell's result

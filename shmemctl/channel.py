@@ -83,7 +83,8 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+def fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds SCM_RIGHTS brought in a recvmsg's ancillary data."""
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
@@ -191,7 +192,7 @@ class Channel:
             else:
                 got = self._poll_briefly(n) if self.busy_poll else None
                 data, ancdata, msg_flags, _ = got or self.sock.recvmsg(n, _ANCBUF, _RECV_FLAGS)
-                fds = _fds_from(ancdata) if ancdata else []
+                fds = fds_from(ancdata) if ancdata else []
         except BlockingIOError:
             what = "the rest of a message" if inside else "a message"
             raise ChannelTimeout(f"{what} did not arrive within {self._recv_timeout:g}s") from None

@@ -3,13 +3,16 @@ as `shmemctl ls` prints them and the console lists them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import rundir
 from .control import ControlClient, ControlError, DaemonUnreachable
 from .sizes import human_size
+
+T = TypeVar("T")
 
 PAIR_ROLES = ("frontend", "backend")
 #: a role as people read it
@@ -31,10 +34,17 @@ def kind_of(paths: rundir.PairPaths) -> str | None:
 LS_TIMEOUT = 5.0
 
 
-def ask(path: Path, command: str, /, **arguments: Any) -> Any:
-    """One command on one control socket, for a row; DaemonUnreachable or ControlError."""
-    with ControlClient(str(path), timeout=LS_TIMEOUT) as client:
-        return client.execute(command, **arguments)
+def brief(role: str) -> dict[str, int]:
+    """The arguments of a summary `status`: a front-end's without its mapping lists (each
+    region still counts its mappings and bytes)."""
+    return {"max_mappings": 0} if role == "frontend" else {}
+
+
+def status(path: Path, role: str, *, timeout: float = LS_TIMEOUT) -> dict[str, Any]:
+    """A daemon's summary status; DaemonUnreachable or ControlError."""
+    with ControlClient(str(path), timeout=timeout) as client:
+        answer: dict[str, Any] = client.execute("status", **brief(role))
+        return answer
 
 
 def _why_not(exc: Exception) -> str:
@@ -47,9 +57,7 @@ def _pair_row(paths: rundir.PairPaths) -> dict[str, Any]:
     errors: list[str] = []
     for role in PAIR_ROLES:
         try:
-            # mapping counts come with each region: no mapping needs listing
-            args = {"max_mappings": 0} if role == "frontend" else {}
-            views[role] = ask(paths.control(role), "status", **args)
+            views[role] = status(paths.control(role), role)
         except (DaemonUnreachable, ControlError) as exc:
             errors.append(f"{SIDE[role]}: {_why_not(exc)}")
     fe, be = views.get("frontend"), views.get("backend")
@@ -77,7 +85,7 @@ def _pair_row(paths: rundir.PairPaths) -> dict[str, Any]:
 
 def _tap_row(paths: rundir.PairPaths) -> dict[str, Any]:
     try:
-        view = ask(paths.control("tap"), "status")
+        view = status(paths.control("tap"), "tap")
     except (DaemonUnreachable, ControlError) as exc:
         return {"kind": "tap", "peers": {"front-end": None, "back-end": None},
                 "state": "not answering", "mappings": None, "mapped_bytes": None,
@@ -143,9 +151,14 @@ def names() -> list[str]:
                   if d.is_dir() and _is_name(d.name))  # fmt: skip
 
 
+def each_name(ask: Callable[[str], T]) -> list[tuple[str, T]]:
+    """`ask(name)` for every name in the run directory root, sorted by name: all at once,
+    so that a daemon that hangs costs one timeout, not one per name."""
+    found = names()
+    with ThreadPoolExecutor(max_workers=min(16, len(found) or 1)) as pool:
+        return list(zip(found, pool.map(ask, found), strict=True))
+
+
 def inventory() -> list[dict[str, Any]]:
     """A row for each pair and tap that has a control socket, sorted by name."""
-    found = names()
-    # every name at once: one that hangs costs LS_TIMEOUT once, not once per name
-    with ThreadPoolExecutor(max_workers=min(16, len(found) or 1)) as pool:
-        return [r for r in pool.map(row, found) if r is not None]
+    return [r for _, r in each_name(row) if r is not None]

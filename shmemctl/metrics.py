@@ -3,23 +3,21 @@
 Nothing is kept between scrapes: each scrape asks every control socket in the run
 directory for its status (the front-end without its mapping lists) and turns the
 answers into metric families, so what a scrape says is what the daemons said at that
-moment. A daemon that does not answer is `shmemctl_up 0`, never an error of the
-endpoint. Counters are the daemons' own counts since they started.
+moment. A daemon that does not answer within two seconds is `shmemctl_up 0`, never an
+error of the endpoint. Counters are the daemons' own counts since they started.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import rundir
-from .control import ControlError, DaemonUnreachable
-from .inventory import PAIR_ROLES, ask, kind_of, names
+from .inventory import PAIR_ROLES, each_name, kind_of
+from .pair import daemon_status
 
 #: the front-end's counters, as counter families (name, help)
 _FRONTEND_COUNTERS = {
@@ -33,16 +31,6 @@ _FRONTEND_COUNTERS = {
 _CONNECTED = frozenset({"connected", "relaying"})
 
 
-def _status(path: Path, role: str) -> dict[str, Any] | None:
-    """A daemon's status, or None when its control socket does not answer in time."""
-    brief = {"max_mappings": 0} if role == "frontend" else {}
-    try:
-        answer: dict[str, Any] = ask(path, "status", **brief)
-    except (DaemonUnreachable, ControlError, OSError):
-        return None
-    return answer
-
-
 def _ask(name: str) -> list[tuple[str, dict[str, Any] | None]]:
     """(role, status or None) of each daemon under `name`: a pair's two, or a tap."""
     paths = rundir.pair(name)
@@ -50,7 +38,7 @@ def _ask(name: str) -> list[tuple[str, dict[str, Any] | None]]:
     if kind is None:
         return []
     roles = PAIR_ROLES if kind == "pair" else ("tap",)
-    return [(role, _status(paths.control(role), role)) for role in roles]
+    return [(role, daemon_status(paths, role)) for role in roles]
 
 
 class _Families:
@@ -145,12 +133,8 @@ class HostCollector(Collector):
     """Every pair and tap in the run directory root, asked at each scrape."""
 
     def collect(self) -> Iterator[Metric]:
-        found = names()
-        # every name at once: a daemon that hangs costs one ask's timeout, not one per name
-        with ThreadPoolExecutor(max_workers=min(16, len(found) or 1)) as pool:
-            answers = list(pool.map(_ask, found))
         families = _Families()
-        for name, daemons in zip(found, answers, strict=True):
+        for name, daemons in each_name(_ask):
             for role, status in daemons:
                 families.daemon(name, role, status)
         yield from families.all()

@@ -16,7 +16,8 @@ from typing import Any
 
 import psutil
 
-from .control import ControlClient, ControlError, DaemonUnreachable
+from .control import ControlError, DaemonUnreachable
+from .inventory import status
 from .rundir import PairPaths
 
 ROLES = ("backend", "frontend")
@@ -262,12 +263,8 @@ def up(
 def daemon_status(paths: PairPaths, role: str) -> dict[str, Any] | None:
     """A daemon's status (no mapping lists), or None while its control socket does not
     answer."""
-    brief = {"max_mappings": 0} if role == "frontend" else {}
-    with (
-        contextlib.suppress(DaemonUnreachable, ControlError, OSError),
-        ControlClient(str(paths.control(role)), timeout=2) as daemon,
-    ):
-        return daemon.execute("status", **brief)
+    with contextlib.suppress(DaemonUnreachable, ControlError, OSError):
+        return status(paths.control(role), role, timeout=2)
     return None
 
 

@@ -172,8 +172,7 @@ def render_tap_status(view: dict[str, Any]) -> str:
     violations = view["violations"]
     if violations:
         total = sum(violations.values())
-        listed = ", ".join(f"{rule} {n}" for rule, n in sorted(violations.items()))
-        out.append(f"  VIOLATIONS: {total} ({listed})")
+        out.append(f"  VIOLATIONS: {total} ({per_rule(violations)})")
     else:
         out.append("  violations: none")
     out += _truth_lines(view["truth"])
@@ -185,6 +184,11 @@ def render_tap_status(view: dict[str, Any]) -> str:
     for kind, names in waiting.items():
         out.append(f"  owed an answer on the {kind} channel: {', '.join(names)}")
     return "\n".join(out)
+
+
+def per_rule(violations: dict[str, int]) -> str:
+    """A tap's broken rules with their counts, by rule: `map-valid 2, reply-owed 1`."""
+    return ", ".join(f"{rule} {n}" for rule, n in sorted(violations.items()))
 
 
 def trace_arrow(data: dict[str, Any]) -> str:

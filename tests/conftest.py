@@ -23,6 +23,7 @@ from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, close_fds
 from shmemctl.control import ControlClient, DaemonUnreachable
 from shmemctl.daemon import listen_unix
+from shmemctl.inventory import brief
 from shmemctl.pair import Launched, launch
 from shmemctl.rundir import DEFAULT_NAME, PairPaths
 from shmemctl.shmem.procmaps import Segment, kernel_segments, read_maps
@@ -135,11 +136,11 @@ class Proc:
         closes some time after each request would make its fd count drift."""
         if self.control is None:
             raise AssertionError(f"{self.name} has no control socket")
-        brief = {"max_mappings": 0} if self.role == "frontend" else {}
+        assert self.role is not None
         try:
             if self._client is None:
                 self._client = ControlClient(str(self.control), timeout=PATIENCE)
-            return self._client.execute("status", **brief)
+            return self._client.execute("status", **brief(self.role))
         except DaemonUnreachable:
             self._disconnect()
             return None

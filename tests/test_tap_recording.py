@@ -21,13 +21,13 @@ from shmemctl.session.common import Rule
 from shmemctl.session.observer import BACKEND, FRONTEND
 from shmemctl.shmem.mapping import dev_text
 from shmemctl.tap import Framer
+from shmemctl.tap.framer import replies_from
 from shmemctl.tap.recording import (
     MAX_LINE,
     Recorder,
     RecordingError,
     replay,
     replay_events,
-    replies_from,
 )
 from shmemctl.wire import BackendReq, ChannelKind, FrontendReq, ShmemMap, encode
 from shmemctl.wire.constants import ProtocolFeature

@@ -22,7 +22,7 @@ from textual.widgets import DataTable, Footer, Input
 
 from shmemctl import rundir
 from shmemctl.control import ControlError, DaemonUnreachable
-from shmemctl.inventory import kind_of
+from shmemctl.inventory import brief, kind_of
 from shmemctl.sizes import hex_range
 
 from .model import REGION_CHANGES, PairModel
@@ -182,9 +182,9 @@ class ShmemConsole(App[str | None]):
         for role in self.roles:
             if not self.model.sides[role].reachable:
                 continue
-            args = {"max_mappings": 0} if role == "frontend" else {}
             try:
-                self._sink(role, "poll", call(self.sockets[role], "status", **args))  # type: ignore[arg-type]
+                answer = call(self.sockets[role], "status", **brief(role))  # type: ignore[arg-type]
+                self._sink(role, "poll", answer)
             except (ControlError, DaemonUnreachable, OSError):
                 pass  # the link notices a daemon that went away, and reports it
             except Exception as exc:  # never a crash: say it and carry on

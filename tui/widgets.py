@@ -19,6 +19,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import DataTable, Static
 
+from shmemctl.render import per_rule
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.shmem.mapping import Mapping
 from shmemctl.sizes import hex_range, human_size, mib
@@ -352,9 +353,9 @@ def _tap_lines(model: PairModel) -> list[Text]:
     st = side.status or {}
     sides = st.get("sides", {})
     peers = []
-    for name, label in (("front-end", "front-end"), ("back-end", "back-end")):
+    for name in ("front-end", "back-end"):
         facts = sides.get(name, {}).get("process") if sides.get(name, {}).get("attached") else None
-        peers += [(f"{label} ", "bold"), (_peer_name(facts), "green" if facts else "yellow")]
+        peers += [(f"{name} ", "bold"), (_peer_name(facts), "green" if facts else "yellow")]
         if name == "front-end":
             peers.append(("  ⇄ tap ⇄  ", "dim"))
     neg = st.get("negotiated", {})
@@ -397,23 +398,38 @@ class ProcessPanel(Static):
             return
         out = Text(no_wrap=True, overflow="ellipsis")
         for role, side in self.model.sides.items():
-            p = (side.status or {}).get("process") if side.reachable else None
-            name = "front-end" if role == "frontend" else "back-end"
-            if p is None:
-                out.append(f"{name:9} —\n", style="dim")
-                continue
-            out.append(f"{name:9} {mib(p['rss']):>6} {p['fds']:3} fds\n")
-        mapped = sum(r.mapped_bytes for r in self.model.regions.values())
-        out.append(f"mapped    {human_size(mapped)} in {self.model.mapping_count}\n")
+            facts = (side.status or {}).get("process") if side.reachable else None
+            _process_line(out, "front-end" if role == "frontend" else "back-end", facts)
+        _mapped_line(out, self.model)
         fe = self.model.sides["frontend"]
         problems = (fe.status or {}).get("disagreements", []) if fe.reachable else []
         if problems:
-            out.append(f"⚠ table ≠ /proc maps: {len(problems)}\n", "bold red")
-            for line in problems[:3]:
-                out.append(f"  {line}\n", "red")
+            _findings(out, "table", problems)
         elif fe.reachable and self.model.regions:
             out.append("✓ table = /proc/PID/maps", "green")
         self.update(out)
+
+
+def _process_line(out: Text, name: str, facts: dict[str, Any] | None) -> None:
+    """A process's RSS and fds, or a dash (and why, when its status says)."""
+    if not facts or facts.get("rss") is None:
+        why = (facts or {}).get("error", "")
+        out.append(f"{name:9} —{f' {why}' if why else ''}\n", style="dim")
+        return
+    out.append(f"{name:9} {mib(facts['rss']):>6} {facts['fds']:3} fds\n")
+
+
+def _mapped_line(out: Text, model: PairModel) -> None:
+    mapped = sum(r.mapped_bytes for r in model.regions.values())
+    out.append(f"mapped    {human_size(mapped)} in {model.mapping_count}\n")
+
+
+def _findings(out: Text, what: str, lines: list[str]) -> None:
+    """`what` (the front-end's table, the tap's picture) disagrees with /proc: how often,
+    and the first few lines of it."""
+    out.append(f"⚠ {what} ≠ /proc maps: {len(lines)}\n", "bold red")
+    for line in lines[:3]:
+        out.append(f"  {line}\n", "red")
 
 
 def _tap_panel(model: PairModel) -> Text:
@@ -422,34 +438,23 @@ def _tap_panel(model: PairModel) -> Text:
     out = Text(no_wrap=True, overflow="ellipsis")
     side = model.sides["tap"]
     st = (side.status or {}) if side.reachable else {}
-    for name, facts in (
-        ("front-end", st.get("sides", {}).get("front-end", {}).get("process")),
-        ("back-end", st.get("sides", {}).get("back-end", {}).get("process")),
-        ("tap", st.get("process")),
-    ):
-        if not facts or facts.get("rss") is None:
-            why = (facts or {}).get("error", "")
-            out.append(f"{name:9} —{f' {why}' if why else ''}\n", style="dim")
-            continue
-        out.append(f"{name:9} {mib(facts['rss']):>6} {facts['fds']:3} fds\n")
-    mapped = sum(r.mapped_bytes for r in model.regions.values())
-    out.append(f"mapped    {human_size(mapped)} in {model.mapping_count}\n")
+    for name in ("front-end", "back-end"):
+        _process_line(out, name, st.get("sides", {}).get(name, {}).get("process"))
+    _process_line(out, "tap", st.get("process"))
+    _mapped_line(out, model)
     truth = st.get("truth", {})
     verdict = truth.get("verdict")
     if verdict == "agree":
         out.append("✓ picture = front-end's /proc/PID/maps\n", "green")
     elif verdict == "disagree":
-        findings = truth.get("findings", [])
-        out.append(f"⚠ picture ≠ /proc maps: {len(findings)}\n", "bold red")
-        for line in findings[:3]:
-            out.append(f"  {line}\n", "red")
+        _findings(out, "picture", truth.get("findings", []))
     elif verdict:
         out.append(f"? /proc unknown: {truth.get('why', '')}\n", "yellow")
     broken = st.get("violations", {})
     if broken:
         total = sum(broken.values())
         out.append(f"⚠ {total} broken rules: ", VIOLATION)
-        out.append(", ".join(f"{rule} {n}" for rule, n in sorted(broken.items())), "bold red")
+        out.append(per_rule(broken), "bold red")
     elif st:
         out.append("no broken rule seen", "green")
     return out

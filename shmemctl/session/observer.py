@@ -33,7 +33,7 @@ _REPLY_ACK = int(ProtocolFeature.REPLY_ACK)
 #: memory listener): asked before the map is answered, a back-end waiting for that
 #: answer never reads it. Anything else the front-end asks meanwhile (the rest of its
 #: handshake while the device maps already) is not a consequence of the map.
-_FOLLOW_UPS = frozenset(
+FOLLOW_UPS = frozenset(
     {FrontendReq.SET_MEM_TABLE, FrontendReq.ADD_MEM_REG, FrontendReq.REM_MEM_REG}
 )
 
@@ -130,7 +130,7 @@ class Observer:
             self._reply(msg)
         elif msg.channel is ChannelKind.MAIN:
             self._main_request(msg)
-            if msg.request in _FOLLOW_UPS and not answers_in_flight and self.owes(msg):
+            if msg.request in FOLLOW_UPS and not answers_in_flight and self.owes(msg):
                 self._asked_before_answering(msg)
         else:
             self._backend_request(msg, file)

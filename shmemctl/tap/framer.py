@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from ..channel import close_fds
+from ..session.observer import BACKEND, FRONTEND
 from ..wire.constants import HEADER_SIZE, BackendReq, ChannelKind, FrontendReq
 from ..wire.messages import (
     Header,
@@ -58,6 +59,13 @@ class Unit(NamedTuple):
     request: int | None = None
     #: False for raw bytes past a lost framing, or the start of a message cut short
     framed: bool = True
+
+
+def replies_from(kind: ChannelKind, sender: str) -> bool:
+    """Whether `sender` is the side that answers on a channel of `kind` (the back-end on
+    the main channel, the front-end on a backend channel): what a framer of that
+    direction reads is replies."""
+    return sender == (BACKEND if kind is ChannelKind.MAIN else FRONTEND)
 
 
 def known_request(channel: ChannelKind, request: int) -> bool:

@@ -19,11 +19,11 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from ..channel import SCM_MAX_FD, Channel
+from ..channel import SCM_MAX_FD, Channel, fds_from
 from ..events import EventHub
 from ..session.observer import BACKEND, FRONTEND
 from ..wire.constants import ChannelKind
-from .framer import Framer, Unit
+from .framer import Framer, Unit, replies_from
 
 log = logging.getLogger("tap")
 
@@ -39,12 +39,7 @@ def receive(sock: socket.socket, n: int, wait: bool = True) -> tuple[bytes, list
     """Up to `n` bytes, the fds that came with them, and whether fds were cut off.
     Without `wait`, BlockingIOError when nothing is there."""
     data, ancdata, flags, _ = sock.recvmsg(n, _ANCBUF, _RECV_FLAGS if wait else _NOWAIT_FLAGS)
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % array.array("i").itemsize
-            fds.extend(array.array("i", payload[:usable]))
-    return data, fds, bool(flags & _CTRUNC)
+    return data, fds_from(ancdata), bool(flags & _CTRUNC)
 
 
 def other(side: str) -> str:
@@ -83,18 +78,16 @@ class Link:
         self.relay = relay
         self.kind = kind
         self.on_end = on_end
-        # what the tap receives from each side on this channel: on the main channel the
-        # back-end replies, on the backend channel the front-end does
-        replies_from = {FRONTEND: kind is ChannelKind.BACKEND, BACKEND: kind is ChannelKind.MAIN}
-        #: per side, the Channel that sends to it
+        #: per side, the Channel that sends to it (and would read what that side sends:
+        #: replies where that side answers on this channel)
         self.to = {
-            side: Channel(sock, kind, replies=replies_from[side])
+            side: Channel(sock, kind, replies=replies_from(kind, side))
             for side, sock in ((FRONTEND, front), (BACKEND, back))
         }
         for channel in self.to.values():
             # the one record of each forwarded message: the channel that sends it on
             channel.trace, channel.trace_role = trace, "tap"
-        self.framers = {side: Framer(kind, replies=replies_from[side]) for side in self.to}
+        self.framers = {side: Framer(kind, replies=replies_from(kind, side)) for side in self.to}
         self._threads = [
             threading.Thread(target=self._pump, args=(side,), daemon=True,
                              name=f"tap-{kind.value}-from-{side}")
@@ -141,49 +134,46 @@ class Link:
 
     def _pump(self, sender: str) -> None:
         lock = self._reading.get(sender)
-        reading = lock or contextlib.nullcontext()
         poller = select.poll()
         poller.register(self.to[sender].sock, select.POLLIN)
-        reason = f"{sender} closed the {self.kind.value} channel"
         framer = self.framers[sender]
+        ended = ""
         try:
-            go_on = True
-            while go_on:
-                with reading:
-                    # guarded, a read that would wait is not made under the guard (the
-                    # poll below waits outside it); the rest of a message that has begun
-                    # is read under it too
-                    step = self._step(sender, reason, wait=lock is None)
-                    while step is not None and step[1] and framer.holding:
-                        step = self._step(sender, step[0])
-                if step is None:
+            while not ended:
+                try:
+                    # guarded, a read that would wait is not made under the guard (the poll
+                    # below waits outside it); the rest of a message that has begun is read
+                    # under it too
+                    with lock or contextlib.nullcontext():
+                        ended = self._step(sender, wait=lock is None)
+                        while not ended and framer.holding:
+                            ended = self._step(sender)
+                except BlockingIOError:
                     poller.poll()
-                    continue
-                reason, go_on = step
         except Exception as exc:  # a bug must cost this connection, never the tap
-            reason = f"internal error: {exc!r}"
+            ended = f"internal error: {exc!r}"
             log.exception("relaying the %s channel from the %s", self.kind.value, sender)
         finally:
-            self.framers[sender].close()
+            framer.close()
             # reported before the receiver sees the end: the receiver closing its side in
             # answer must not be taken for the side that ended the connection
-            self.on_end(self, sender, reason)
+            self.on_end(self, sender, ended)
             # the receiver sees the end of the stream, as it would without the tap
             with contextlib.suppress(OSError):
                 self.to[other(sender)].sock.shutdown(socket.SHUT_WR)
             self._ended()
 
-    def _step(self, sender: str, reason: str, wait: bool = True) -> tuple[str, bool] | None:
-        """Read once and forward the unit that completes, if any: (why it ended, whether
-        to go on); None, without `wait`, when nothing was there to read."""
+    def _step(self, sender: str, wait: bool = True) -> str:
+        """Read once and forward the unit that completes, if any; why this direction
+        ended, or "" to go on. Without `wait`, BlockingIOError when nothing is there."""
         source = self.to[sender].sock
         framer = self.framers[sender]
         try:
             data, fds, cut = receive(source, framer.wanted, wait)
         except BlockingIOError:
-            return None
+            raise
         except OSError as exc:
-            return f"reading from the {sender} failed: {exc.strerror or exc}", False
+            return f"reading from the {sender} failed: {exc.strerror or exc}"
         if cut:
             log.warning("%s sent more fds than the kernel passes; some are lost", sender)
         unit = framer.end() if not data else framer.feed(data, fds)
@@ -191,8 +181,8 @@ class Link:
             # as a direct connection would: the sender's writes fail from now on
             with contextlib.suppress(OSError):
                 source.shutdown(socket.SHUT_RD)
-            return f"sending to the {other(sender)} failed", False
-        return reason, bool(data)
+            return f"sending to the {other(sender)} failed"
+        return "" if data else f"{sender} closed the {self.kind.value} channel"
 
     def _ended(self) -> None:
         with self._lock:

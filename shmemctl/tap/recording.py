@@ -37,7 +37,7 @@ from ..session.observer import BACKEND, FRONTEND
 from ..shmem.mapping import FileFacts, dev_number, dev_text
 from ..wire.constants import MAX_PAYLOAD, ChannelKind, request_name
 from ..wire.messages import summarize
-from .framer import RAW_CHUNK, Framer, Unit
+from .framer import RAW_CHUNK, Framer, Unit, replies_from
 from .truth import describe_fd
 
 VERSION = 1
@@ -46,7 +46,6 @@ VERSION = 1
 #: ceiling, or one raw chunk once framing is lost, in base64, with its fds and decoded
 #: form. A longer line is not a recording's: refused before it is read whole.
 MAX_LINE = 4 * (RAW_CHUNK + MAX_PAYLOAD) + 64 * 1024
-
 
 
 class FdJSON(TypedDict):
@@ -64,12 +63,6 @@ def fd_json(fd: int) -> FdJSON:
     facts, kind = described
     return {"kind": kind, "dev": dev_text(facts.dev), "ino": facts.ino, "size": facts.size,
             "file": facts.file}  # fmt: skip
-
-
-def replies_from(kind: ChannelKind, sender: str) -> bool:
-    """Whether `sender` is the side that answers on a channel of `kind` (the back-end on
-    the main channel, the front-end on a backend channel)."""
-    return sender == (BACKEND if kind is ChannelKind.MAIN else FRONTEND)
 
 
 class Recorder:

@@ -29,7 +29,7 @@ from typing import Any
 from ..channel import ChannelError, close_fds, send_with_fds
 from ..daemon import Stopper, connect_unix, listen_unix
 from ..events import Event, EventHub
-from ..session.observer import BACKEND, FRONTEND
+from ..session.observer import BACKEND, FOLLOW_UPS, FRONTEND
 from ..wire.constants import SHMEM_BIT, ChannelKind, FrontendReq
 from .framer import Unit
 from .link import Link, other
@@ -283,14 +283,15 @@ class Tap:
         try:
             facts = fd_facts(unit.fds[0]) if carries_map_file(unit) else None
             connection = self._connection
-            # asked before the lock: what the backend channel's thread has in hand it
-            # judges under the lock, before this unit then, or after it and in flight now
+            # asked before the lock, and only for what the rule judges by it: what the
+            # backend channel's thread has in hand it judges under the lock, before this
+            # unit then, or after it and in flight now
             in_flight = (
                 connection is not None
                 and link.kind is ChannelKind.MAIN
-                and sender == FRONTEND
                 and unit.message is not None
                 and not unit.message.is_reply
+                and unit.message.request in FOLLOW_UPS
                 and connection.answers_in_flight()
             )
             with self.lock:
@@ -305,7 +306,7 @@ class Tap:
             for finding in judged.findings:
                 self._violation(finding)
             if judged.undecodable:
-                self._undecodable(link, sender, unit)
+                self._undecodable(link, sender, unit, decoding)
             handed = self._backend_channel(link, unit)
             if handed is not None:
                 # the channel is the first fd (what a back-end takes); any more, wrongly
@@ -347,8 +348,7 @@ class Tap:
         if unit.problem:
             counts["undecodable"] += 1
 
-    def _undecodable(self, link: Link, sender: str, unit: Unit) -> None:
-        decoding = link.framers[sender].decoding
+    def _undecodable(self, link: Link, sender: str, unit: Unit, decoding: bool) -> None:
         where = direction(link.kind, sender)
         if decoding:
             log.warning("%s: relayed as it came: %s", where, unit.problem)
