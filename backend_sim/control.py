@@ -11,7 +11,7 @@ from typing import Any
 
 from shmemctl.backend import AnswerLost, BackendEndpoint, NotReady, PeerProtocolError
 from shmemctl.channel import ChannelError, ChannelTimeout
-from shmemctl.control import Arg, Command, ControlError, ErrorClass, shmid_arg, u64
+from shmemctl.control import Arg, Command, ControlError, shmid_arg, u64
 from shmemctl.daemon import process_facts
 from shmemctl.sizes import hex_range, human_size
 from shmemctl.wire import ShmemMap, feature_names
@@ -46,22 +46,20 @@ def _sending(st: BackendState, what: str) -> Iterator[None]:
     try:
         yield
     except RequestRefused as exc:
-        raise ControlError(ErrorClass.BAD_ARGUMENT, f"{what} not sent: {exc}") from None
+        raise ControlError(f"{what} not sent: {exc}") from None
     except NotReady as exc:
-        raise ControlError(ErrorClass.REFUSED, f"cannot send {what}: {exc}") from None
+        raise ControlError(f"cannot send {what}: {exc}") from None
     except ChannelTimeout:
         raise ControlError(
-            ErrorClass.FAILED,
             f"the front-end did not answer the {what} within "
             f"{st.endpoint.reply_timeout:g}s: {UNKNOWN_OUTCOME}",
         ) from None
     except (PeerProtocolError, AnswerLost) as exc:
         raise ControlError(
-            ErrorClass.FAILED,
             f"{exc}; {UNKNOWN_OUTCOME}",
         ) from None
     except ChannelError as exc:
-        raise ControlError(ErrorClass.FAILED, f"{what} failed: {exc}") from None
+        raise ControlError(f"{what} failed: {exc}") from None
 
 
 def _send(st: BackendState, verb: str, m: ShmemMap, *, buffer: int | None = None) -> dict:
@@ -72,13 +70,13 @@ def _send(st: BackendState, verb: str, m: ShmemMap, *, buffer: int | None = None
             if buffer is not None:
                 buf = st.device.buffers.get(buffer)
                 if buf is None:
-                    raise ControlError(ErrorClass.BAD_ARGUMENT, f"no buffer {buffer}")
+                    raise ControlError(f"no buffer {buffer}")
             st.device.check_map(m, buf)
             result = st.device.map(m, buffer=buf)
         else:
             result = st.device.unmap(m)
     if result:
-        raise ControlError(ErrorClass.REFUSED, st.device.refusal(m, result, is_map=verb == "map"))
+        raise ControlError(st.device.refusal(m, result, is_map=verb == "map"))
     return {"result": describe_reply(result), **m._asdict()}
 
 
@@ -116,26 +114,25 @@ def status(st: BackendState) -> dict[str, Any]:
 def batch(st: BackendState, maps: list) -> dict[str, Any]:
     """Several maps, NEED_REPLY on the last only: one ack confirms them all."""
     if not maps:
-        raise ControlError(ErrorClass.BAD_ARGUMENT, "batch needs at least one map")
+        raise ControlError("batch needs at least one map")
     requests = []
     for n, item in enumerate(maps):
         if not isinstance(item, dict):
-            raise ControlError(ErrorClass.BAD_ARGUMENT, f"batch item {n} is not an object")
+            raise ControlError(f"batch item {n} is not an object")
         try:
             args = MAP_ARGS.check(item)
         except ControlError as exc:
-            raise ControlError(exc.error_class, f"batch item {n}: {exc.desc}") from None
+            raise ControlError(f"batch item {n}: {exc.desc}", exc.error_class) from None
         m = _map_request(**args)
         try:
             st.device.check_map(m)
         except RequestRefused as exc:
-            raise ControlError(ErrorClass.BAD_ARGUMENT, f"batch item {n}: {exc}") from None
+            raise ControlError(f"batch item {n}: {exc}") from None
         requests.append(m)
     _check_batch_overlaps(st, requests)
     cost = sum(m.fd_offset + m.len for m in requests)
     if cost > st.device.max_buffer:
         raise ControlError(
-            ErrorClass.BAD_ARGUMENT,
             f"the batch's buffers need {cost:#x} bytes in all, more than --max-buffer "
             f"({human_size(st.device.max_buffer)}) allows; send fewer or smaller maps",
         )
@@ -153,14 +150,13 @@ def batch(st: BackendState, maps: list) -> dict[str, Any]:
         # what went out before it is the front-end's now.
         before = "item 0 was" if sent == 1 else f"items 0-{sent - 1} were"
         raise ControlError(
-            exc.error_class,
             f"{exc.desc}; {before} sent before it without NEED_REPLY, and the device keeps "
             "them in its table (status says which it cannot know to be mapped)",
+            exc.error_class,
         ) from None
     if result:
         why = st.device.refusal(requests[-1], result, is_map=True)
         raise ControlError(
-            ErrorClass.REFUSED,
             f"the batch's last map was {why.removeprefix('refused ')}; earlier failures in a "
             "batch are silent",
         )
@@ -180,7 +176,6 @@ def _check_batch_overlaps(st: BackendState, requests: list[ShmemMap]) -> None:
                 and m.shm_offset < other.shm_offset + other.len
             ):
                 raise ControlError(
-                    ErrorClass.BAD_ARGUMENT,
                     f"batch item {n} overlaps item {k} "
                     f"({hex_range(other.shm_offset, other.len)} of region {m.shmid}): a "
                     "front-end refuses one of them, silently if it is not the last",
@@ -189,7 +184,6 @@ def _check_batch_overlaps(st: BackendState, requests: list[ShmemMap]) -> None:
         own = st.device.explain(m, is_map=True) if n < len(requests) - 1 else ""
         if own:
             raise ControlError(
-                ErrorClass.BAD_ARGUMENT,
                 f"batch item {n}: the device's own reading: {own}; only the last map of a "
                 "batch is answered, so its refusal would be silent",
             )
@@ -209,24 +203,21 @@ def scenario_start(
     seed: int | None = None,
 ) -> dict[str, Any]:
     if name not in SCENARIOS:
-        raise ControlError(
-            ErrorClass.BAD_ARGUMENT, f"no scenario {name!r}; there are: {', '.join(SCENARIOS)}"
-        )
+        raise ControlError(f"no scenario {name!r}; there are: {', '.join(SCENARIOS)}")
     regions = st.endpoint.device.regions
     if shmid is None:
         shmid = min((s for s, z in regions.items() if z), default=-1)
     if not regions.get(shmid):
-        raise ControlError(ErrorClass.BAD_ARGUMENT, f"this device has no region {shmid}")
+        raise ControlError(f"this device has no region {shmid}")
     with st.lock:
         if st.scenario is not None and st.scenario.running:
             raise ControlError(
-                ErrorClass.REFUSED,
                 f"scenario {st.scenario.name} is running; stop it first (scenario-stop)",
             )
         try:
             st.scenario = SCENARIOS[name](st.device, shmid, rate, seed)
         except ValueError as exc:
-            raise ControlError(ErrorClass.BAD_ARGUMENT, str(exc)) from None
+            raise ControlError(str(exc)) from None
         st.scenario.start()
         return st.scenario.describe()
 
@@ -234,7 +225,7 @@ def scenario_start(
 def scenario_stop(st: BackendState) -> dict[str, Any]:
     with st.lock:
         if st.scenario is None or not st.scenario.running:
-            raise ControlError(ErrorClass.REFUSED, "no scenario is running")
+            raise ControlError("no scenario is running")
         st.scenario.stop()
         return st.scenario.describe()
 
@@ -267,7 +258,9 @@ def commands(st: BackendState) -> list[Command]:
 
     return [
         Command(
-            "status", lambda: status(st), help="regions, negotiation, buffers, believed mappings"
+            "query-status",
+            lambda: status(st),
+            help="regions, negotiation, buffers, believed mappings",
         ),
         Command(
             "map", do_map, MAP_ARGS.args, mutating=True, help="send SHMEM_MAP, return the answer"

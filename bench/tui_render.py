@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
+from shmemctl.events import Event, qmp_timestamp
 from shmemctl.shmem.mapping import Mapping
 from tui.model import EventLog, PairModel, RegionView
 from tui.widgets import bar_cells, entry_lines
@@ -48,7 +49,7 @@ def main(count: int = 65_536) -> None:
     print(f"{ms(lambda: region.rows(sort='length', reverse=True)):8.1f} ms  "
           "the same, sorted by length")  # fmt: skip
     events = [
-        {"event": "mapped", "timestamp": 0.0,
+        {"event": Event.MAPPED.value, "timestamp": qmp_timestamp(0.0),
          "data": {"shmid": 0, "shm_offset": (count + i) * 8192, "len": 4096, "fd_offset": 0,
                   "writable": True}}
         for i in range(10_000)

@@ -6,16 +6,18 @@
 Targets: the codec (bytes and fds into MessageReader), the engine (map/unmap/reset
 sequences against real mmaps), the front-end daemon and backend_sim (each a real
 process, fed hostile message sequences over real sockets); `control-frontend` and
-`control-backend` (hostile lines on the control socket of a real pair); and
+`control-backend` (hostile QMP requests on the control socket of a real pair, in
+every framing QMP allows, negotiated or not); and
 `sim-control` (backend_sim's control commands while the harness, as its front-end,
 answers the SHMEM requests they cause badly); and `tap` (a real `shmemctl tap` with
 the harness as both of its peers, hostile either way on every channel, held to
 relaying exactly what was sent: TapTarget). After every example the invariants
 are checked: nothing but the layer's own error (never "internal error"), the daemon
-alive, every complete control line answered, its fds and buffers back to their
-baseline, and its tables in agreement with the kernel and with its peer.
+alive, every complete control request answered once, in order and by QMP's rules
+(QmpSession), its fds and buffers back to their baseline, and its tables in agreement
+with the kernel and with its peer.
 
-An input is one hostile message or one control line (for the tap, one pair of
+An input is one hostile message or one control request (for the tap, one pair of
 connections with all its steps); an example carries many (the inputs of examples
 that fail are not counted). A failure prints hypothesis's shrunk
 example and the offending input with the daemon's answer (for the daemons, what led
@@ -58,7 +60,7 @@ from hypothesis import strategies as st
 from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import SCM_MAX_FD, Channel, ChannelError, close_fds
 from shmemctl.control import ControlClient
-from shmemctl.control.protocol import MAX_LINE
+from shmemctl.control.protocol import MAX_DEPTH, MAX_REQUEST
 from shmemctl.daemon import listen_unix
 from shmemctl.session.observer import BACKEND, FRONTEND
 from shmemctl.shmem import RegionTable, ShmemRefused
@@ -396,7 +398,7 @@ class FrontendTarget:
     def check_agreement(self) -> None:
         assert self.proc.poll() is None, "the front-end died"
         with ControlClient(self.ctl) as c:
-            status = c.execute("status")
+            status = c.execute("query-status")
         assert status["disagreements"] == [], status["disagreements"]
 
     def check(self) -> None:
@@ -405,7 +407,7 @@ class FrontendTarget:
             f"front-end fds {_fd_count(self.proc.pid)} > baseline {self.baseline}"
         )
         with ControlClient(self.ctl) as c:
-            status = c.execute("status")
+            status = c.execute("query-status")
         assert status["disagreements"] == [], status["disagreements"]
         held = {r["shmid"]: r["count"] for r in status["regions"] if r["count"]}
         # A back-end may map once the backend channel is there, before the front-end's
@@ -549,11 +551,32 @@ map_args = st.fixed_dictionaries(
     optional={"fd_offset": _offsets, "ro": st.booleans(), "buffer": st.integers(-1, 40)},
 )
 unmap_args = st.fixed_dictionaries({"shmid": _shmids, "shm_offset": _offsets, "len": _lengths})
-EVENT_NAMES = ("mapped", "unmapped", "refused", "reset", "message", "connected", "nonsense", "")
+#: The events a daemon (or the tap) publishes: their names on the wire, QMP's upper case.
+EVENTS = frozenset({
+    "MAPPED", "UNMAPPED", "REFUSED", "RESET", "CONNECTED", "DISCONNECTED", "HANDSHAKE",
+    "RECONNECTING", "MESSAGE", "ATTACHED", "DETACHED", "VIOLATION", "UNDECODABLE",
+})  # fmt: skip
+#: The protocol trace: delivered only to a subscriber that names it.
+TRACE = "MESSAGE"
+#: What a subscribe names: events, and names that are none (the lower case of before
+#: QMP, nonsense, nothing), which must be refused.
+EVENT_NAMES = ("MAPPED", "UNMAPPED", "REFUSED", "RESET", "MESSAGE", "CONNECTED", "DISCONNECTED",
+               "mapped", "Reset", "nonsense", "")  # fmt: skip
 event_lists = st.one_of(
     st.none(), st.just([]), st.lists(st.sampled_from(EVENT_NAMES), max_size=3), json_values
 )
 RATES = (1, 200, 2000, 10000, 10001, 0, -1, 0.001, math.nan, math.inf, "10", True)
+#: QMP's negotiation: the one command served before it, and refused after it.
+NEGOTIATE = "qmp_capabilities"
+#: The commands every control server serves itself.
+BUILTINS: dict[str, st.SearchStrategy] = {
+    NEGOTIATE: st.fixed_dictionaries({}, optional={"enable": st.one_of(
+        st.just([]), st.lists(st.sampled_from(["oob", "OOB", ""]), min_size=1, max_size=2),
+        json_values)}),
+    "query-commands": st.just({}),
+    "query-version": st.just({}),
+    "subscribe": st.fixed_dictionaries({}, optional={"events": event_lists}),
+}  # fmt: skip
 PLAUSIBLE: dict[str, dict[str, st.SearchStrategy]] = {
     "backend": {
         "map": map_args,
@@ -561,7 +584,7 @@ PLAUSIBLE: dict[str, dict[str, st.SearchStrategy]] = {
         "batch": st.fixed_dictionaries(
             {"maps": st.lists(st.one_of(map_args, map_args, map_args, json_values), max_size=6)}
         ),
-        "status": st.just({}),
+        "query-status": st.just({}),
         "scenario-start": st.fixed_dictionaries(
             {"name": st.sampled_from(["blobs", "dax", "blobs", "nope", ""])},
             optional={
@@ -571,10 +594,10 @@ PLAUSIBLE: dict[str, dict[str, st.SearchStrategy]] = {
             },
         ),
         "scenario-stop": st.just({}),
-        "subscribe": st.fixed_dictionaries({}, optional={"events": event_lists}),
+        **BUILTINS,
     },
     "frontend": {
-        "status": st.fixed_dictionaries(
+        "query-status": st.fixed_dictionaries(
             {}, optional={"max_mappings": st.sampled_from([0, 1, 1000, 10**6, -1, 2**64, 1.5])}
         ),
         "get-shmem-config": st.just({}),
@@ -583,19 +606,22 @@ PLAUSIBLE: dict[str, dict[str, st.SearchStrategy]] = {
             {"shmid": _shmids, "offset": _offsets},
             optional={"length": st.sampled_from([1, 64, 4096, 4097, 0, -1, 2**64, 2**63])},
         ),
-        "subscribe": st.fixed_dictionaries({}, optional={"events": event_lists}),
+        **BUILTINS,
     },
 }
+#: Names no daemon of a pair serves: the commands' names before QMP among them.
 UNKNOWN_COMMANDS = (
-    "", "MAP", "map ", "status\x00", "__class__", "shutdown", "quit", "qmp_capabilities",
+    "", "MAP", "map ", "status", "query-status\x00", "__class__", "shutdown", "quit",
+    "shmem-config", "query-shmem-config", "QMP_CAPABILITIES", "qmp-capabilities",
 )  # fmt: skip
-ODD_KEYS = ("arguments", "execute", "id", "Execute", "x", "", "arguments ")
+ODD_KEYS = ("arguments", "execute", "id", "Execute", "x", "", "arguments ", "exec-oob",
+            "control")  # fmt: skip
 
 
 _KEYS = {
     "backend": {"shmid", "shm_offset", "len", "fd_offset", "ro", "buffer", "maps", "name",
-                "rate", "seed", "events"},
-    "frontend": {"max_mappings", "shmid", "offset", "length", "events"},
+                "rate", "seed", "events", "enable"},
+    "frontend": {"max_mappings", "shmid", "offset", "length", "events", "enable"},
 }  # fmt: skip
 
 
@@ -634,7 +660,7 @@ def line_specs(role: str) -> st.SearchStrategy:
                   st.sampled_from([2, 15, 16, 17, 32, 100, 999, 1000, 1001, 5000, 20000]),
                   st.booleans()),
         st.tuples(st.just("long"), st.sampled_from(["x", "id"]),
-                  st.sampled_from([MAX_LINE - 1, MAX_LINE, MAX_LINE + 1, 4096, 200_000])),
+                  st.sampled_from([MAX_REQUEST - 1, MAX_REQUEST, MAX_REQUEST + 1, 4096, 200_000])),
         st.tuples(st.just("many"), st.integers(2, 40),
                   st.sampled_from(["", " ", "\r", "\t", ";", ",", "\x00"])),
         st.tuples(st.just("number"), st.sampled_from(["bare", "id", "len", "shmid"]),
@@ -721,14 +747,20 @@ def _rand_args(rng: random.Random, role: str, name: str) -> Any:
         return rng.choice(
             [
                 {},
-                {"events": ["mapped", "refused"]},
-                {"events": ["message"]},
+                {"events": ["MAPPED", "REFUSED"]},
+                {"events": ["MESSAGE"]},
+                {"events": ["UNMAPPED", "RESET", "DISCONNECTED"]},
+                {"events": []},
+                {"events": ["mapped"]},  # the name before QMP: no event now
                 {"events": ["nonsense"]},
                 {"events": [1]},
-                {"events": "mapped"},
+                {"events": "MAPPED"},
             ]
         )
-    if name == "status" and role == "frontend" and rng.random() < 0.3:
+    if name == NEGOTIATE:
+        return rng.choice([{}, {"enable": []}, {"enable": ["oob"]}, {"enable": "oob"},
+                           {"enable": None}])  # fmt: skip
+    if name == "query-status" and role == "frontend" and rng.random() < 0.3:
         return {"max_mappings": rng.choice([0, 1, 1000, -1, 2**64])}
     return {}
 
@@ -738,6 +770,8 @@ def random_spec(rng: random.Random, role: str) -> tuple:
     names = sorted(PLAUSIBLE[role])
     if roll < 0.80:
         name = rng.choice(names) if rng.random() < 0.93 else rng.choice(UNKNOWN_COMMANDS)
+        if name in BUILTINS and name != "subscribe" and rng.random() < 0.7:
+            name = rng.choice(names)  # they answer the same every time: fewer of them
         rid = rng.choice([ABSENT, rng.randrange(1 << 20), "r" + str(rng.randrange(99)), None,
                           rng.choice(INT_EDGES), _rand_scalar(rng)])  # fmt: skip
         extra = {} if rng.random() < 0.95 else {rng.choice(ODD_KEYS): _rand_scalar(rng)}
@@ -750,7 +784,7 @@ def random_spec(rng: random.Random, role: str) -> tuple:
         return ("nest", rng.choice(["list", "dict", "args", "id"]),
                 rng.choice([16, 17, 100, 1000, 5000]), rng.random() < 0.5)  # fmt: skip
     if roll < 0.93:
-        return ("long", rng.choice(["x", "id"]), rng.choice([MAX_LINE, MAX_LINE + 1, 4096]))
+        return ("long", rng.choice(["x", "id"]), rng.choice([MAX_REQUEST, MAX_REQUEST + 1, 4096]))
     if roll < 0.95:
         return ("many", rng.randrange(2, 20), rng.choice(["", " ", ";"]))
     if roll < 0.98:
@@ -794,8 +828,9 @@ _NESTS = {
 
 
 def render(spec: tuple) -> tuple[bytes, Any]:
-    """The bytes of a line (no newline) and the id its answer must carry (ABSENT: none,
-    or not known in advance)."""
+    """The bytes of a line (no separator) and the id it carries (ABSENT: none, or not
+    known in advance). Which id its answer must echo is QmpSession's to say, from the
+    stream as QMP frames it: a line may be several requests, or part of one."""
     kind = spec[0]
     if kind == "req":
         _, execute, args, rid, extra = spec
@@ -819,25 +854,25 @@ def render(spec: tuple) -> tuple[bytes, Any]:
         opener, closer, leaf = _NESTS[style]
         inner = opener * depth + ((leaf + closer * depth) if closed else "")
         if style == "args":
-            inner = '{"execute":"status","arguments":' + inner + ("}" if closed else "")
+            inner = '{"execute":"query-status","arguments":' + inner + ("}" if closed else "")
         elif style == "id":
-            inner = '{"execute":"status","id":' + inner + ("}" if closed else "")
+            inner = '{"execute":"query-status","id":' + inner + ("}" if closed else "")
         return inner.encode(), ABSENT
     if kind == "long":
         _, style, n = spec
         if style == "x":
             return b"x" * n, ABSENT
-        head, tail = b'{"execute":"status","id":"', b'"}'
+        head, tail = b'{"execute":"query-status","id":"', b'"}'
         return head + b"i" * max(0, n - len(head) - len(tail)) + tail, ABSENT
     if kind == "many":
         _, k, sep = spec
-        return sep.join(['{"execute":"status"}'] * k).encode(), ABSENT
+        return sep.join(['{"execute":"query-status"}'] * k).encode(), ABSENT
     if kind == "number":
         _, where, text = spec
         if where == "bare":
             return text.encode(), ABSENT
         if where == "id":
-            return ('{"execute":"status","id":' + text + "}").encode(), ABSENT
+            return ('{"execute":"query-status","id":' + text + "}").encode(), ABSENT
         return (
             '{"execute":"map","arguments":{"shmid":'
             + (text if where == "shmid" else "0")
@@ -873,19 +908,277 @@ def _parse_answer(raw: bytes, context: str) -> dict[str, Any]:
     return answer
 
 
+#: QMP's error classes that shmemctl answers with (shmemctl.control.ErrorClass).
+GENERIC, NOT_FOUND = "GenericError", "CommandNotFound"
+
+
 def _check_answer(answer: dict[str, Any], line: bytes, role: str) -> None:
+    """An answer as QMP has it: `return` or `error` (class and desc), and perhaps `id`;
+    never an internal error."""
     error = answer.get("error")
+    extra = sorted(set(answer) - {"return", "error", "id"})
+    if extra or ("return" in answer) == (error is not None):
+        raise AssertionError(f"{role}: an answer that is not QMP's (one of return or error, "
+                             f"and id): {_shown(json.dumps(answer).encode(), 300)}"
+                             f"\n  request {_shown(line)}")  # fmt: skip
     if error is None:
-        if "return" not in answer:
-            raise AssertionError(f"{role}: an answer with neither return nor error: {answer}"
-                                 f"\n  line {_shown(line)}")  # fmt: skip
         return
     desc = error.get("desc") if isinstance(error, dict) else None
-    if not isinstance(desc, str) or not isinstance(error.get("class"), str):
+    if not isinstance(desc, str) or set(error) != {"class", "desc"}:
         raise AssertionError(f"{role}: an error without class and desc: {error}"
-                             f"\n  line {_shown(line)}")  # fmt: skip
+                             f"\n  request {_shown(line)}")  # fmt: skip
     if "internal error" in desc.lower():
-        raise AssertionError(f"{role}: {desc[:200]}\n  line {_shown(line, 400)}")
+        raise AssertionError(f"{role}: {desc[:200]}\n  request {_shown(line, 400)}")
+    if error["class"] not in (GENERIC, NOT_FOUND):
+        raise AssertionError(f"{role}: error class {error['class']!r}, not one of QMP's "
+                             f"{GENERIC} and {NOT_FOUND}: {desc[:200]}"
+                             f"\n  request {_shown(line)}")  # fmt: skip
+
+
+def _check_greeting(greeting: object, where: str) -> dict[str, Any]:
+    """QMP's greeting: the server's version, and no capabilities (none is offered)."""
+    qmp = greeting.get("QMP") if isinstance(greeting, dict) else None
+    version = qmp.get("version") if isinstance(qmp, dict) else None
+    qemu = version.get("qemu") if isinstance(version, dict) else None
+    if (
+        not isinstance(greeting, dict) or set(greeting) != {"QMP"}
+        or not isinstance(qmp, dict) or set(qmp) != {"version", "capabilities"}
+        or qmp["capabilities"] != []
+        or not isinstance(version, dict) or set(version) != {"qemu", "package"}
+        or not isinstance(version["package"], str)
+        or not isinstance(qemu, dict) or set(qemu) != {"major", "minor", "micro"}
+        or not all(_is_int(v) and v >= 0 for v in qemu.values())
+    ):  # fmt: skip
+        raise AssertionError(f"{where}: not QMP's greeting: {greeting!r:.300}")
+    return version
+
+
+def _check_event(event: dict[str, Any], where: str) -> str:
+    """An event as QMP sends one: a known name, its data, a timestamp in seconds and
+    microseconds. Its name."""
+    stamp = event.get("timestamp")
+    if (
+        set(event) != {"event", "data", "timestamp"}
+        or not isinstance(event["event"], str)
+        or event["event"] not in EVENTS
+        or not isinstance(event["data"], dict)
+        or not isinstance(stamp, dict) or set(stamp) != {"seconds", "microseconds"}
+        or not _is_int(stamp["seconds"]) or abs(stamp["seconds"] - time.time()) > 3600
+        or not _is_int(stamp["microseconds"]) or not 0 <= stamp["microseconds"] < 1_000_000
+    ):  # fmt: skip
+        raise AssertionError(f"{where}: not a QMP event of ours: "
+                             f"{_shown(json.dumps(event).encode(), 300)}")  # fmt: skip
+    name: str = event["event"]
+    return name
+
+
+# ------------------------------------------------------------------ QMP's framing
+#
+# QMP input is a stream of JSON values, with or without whitespace between them: one
+# ends where its brackets balance (outside strings). Top-level text that is no object
+# or array is taken up to the next newline as one bad request. This is the harness's
+# own reading of that, to know what the daemon must answer: each complete request once,
+# in order; a request longer than MAX_REQUEST (complete or not) an error, then EOF.
+
+_STRUCTURE = re.compile(rb'[\[\]{}"]')
+_IN_STRING = re.compile(rb'["\\]')
+_BLANK = b" \t\r\n"
+
+
+@dataclass
+class Framed:
+    """One request of a stream, as QMP frames it."""
+
+    start: int
+    data: bytes
+    #: top-level text that is no object or array (taken up to its newline)
+    junk: bool
+    #: its brackets balanced (a value), its newline came (junk), or it nested too deep (then
+    #: it is answered at once, and the rest of its line is dropped)
+    complete: bool
+    #: how deeply it nests arrays and objects
+    deepest: int = 0
+
+
+def frame_requests(stream: bytes) -> list[Framed]:
+    """The requests of a stream, in order; the last one may be incomplete."""
+    out: list[Framed] = []
+    at, size = 0, len(stream)
+    while at < size:
+        if stream[at] in _BLANK:
+            at += 1
+            continue
+        start = at
+        if stream[at] not in b"[{":
+            end = stream.find(b"\n", at)
+            complete = end >= 0
+            end = end if complete else size
+            out.append(Framed(start, stream[start:end], True, complete))
+            at = end + 1
+            continue
+        depth = deepest = 0
+        complete = False
+        while not complete:
+            found = _STRUCTURE.search(stream, at)
+            if found is None:
+                at = size
+                break
+            at = found.end()
+            char = found.group()
+            if char == b'"':
+                while True:
+                    quote = _IN_STRING.search(stream, at)
+                    if quote is None:
+                        at = size + 1
+                        break
+                    at = quote.end() + (1 if quote.group() == b"\\" else 0)
+                    if quote.group() == b'"':
+                        break
+                if at > size:
+                    at = size
+                    break
+            elif char in b"[{":
+                depth += 1
+                deepest = max(deepest, depth)
+                if depth > MAX_DEPTH:  # answered at once; the rest of its line is dropped
+                    complete = True
+                    break
+            else:
+                depth -= 1
+                complete = depth == 0
+        out.append(Framed(start, stream[start:at], False, complete, deepest))
+        if deepest > MAX_DEPTH:
+            newline = stream.find(b"\n", at)
+            at = size if newline < 0 else newline + 1
+    return out
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is no finite number")
+    return value
+
+
+def _request(framed: Framed) -> tuple[bool, Any]:
+    """Whether a complete request is JSON the daemon can read, and its value."""
+    if framed.junk or framed.deepest > MAX_DEPTH:
+        return False, None
+    try:
+        return True, json.loads(framed.data, parse_constant=_reject_constant,
+                                parse_float=_finite)  # fmt: skip
+    except (ValueError, RecursionError):
+        return False, None
+
+
+def _same(a: object, b: object) -> bool:
+    """The same JSON value (ABSENT only as itself)."""
+    if a is ABSENT or b is ABSENT:
+        return a is b
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+class QmpSession:
+    """QMP's rules for one connection, request by request: the id echoed (none for a
+    request that is no readable object), nothing but qmp_capabilities served before the
+    negotiation and it only once, CommandNotFound for a command the daemon has not and
+    never for one it has; and the events it may receive, by its subscriptions."""
+
+    def __init__(self, role: str, commands: set[str], version: object = None,
+                 negotiated: bool = False) -> None:  # fmt: skip
+        self.role = role
+        self.commands = commands
+        self.version = version
+        self.negotiated = negotiated
+        #: events any subscription of this connection asked for
+        self.wanted: set[str] = set()
+
+    def check(self, framed: Framed, answer: dict[str, Any]) -> None:
+        line = framed.data
+        _check_answer(answer, line, self.role)
+        readable, request = _request(framed)
+        is_object = readable and isinstance(request, dict)
+        rid = request.get("id") if is_object else None
+        got = answer.get("id", ABSENT)
+        if not _same(got, ABSENT if rid is None else rid):
+            raise AssertionError(f"{self.role}: an answer with id {got!r:.200} to a request "
+                                 f"with {'no id' if rid is None else f'id {rid!r:.200}'}"
+                                 f"\n  request {_shown(line)}")  # fmt: skip
+        error = answer.get("error") or {}
+        cls = error.get("class")
+
+        def want(expected: str | None, why: str, words: str = "") -> None:
+            found = "a return" if cls is None else f"{cls} ({error.get('desc', '')[:200]})"
+            if cls != expected or words not in error.get("desc", words):
+                raise AssertionError(f"{self.role}: {why}: "
+                                     f"{'a return' if expected is None else expected} "
+                                     f"expected, {found}\n  request {_shown(line)}")  # fmt: skip
+
+        if not is_object:
+            want(GENERIC, "a request that is no readable JSON object")
+            return
+        name = request.get("execute")
+        if "exec-oob" in request:
+            want(GENERIC, "exec-oob (out-of-band execution is not offered)", "out-of-band")
+            return
+        if not isinstance(name, str) or set(request) - {"execute", "arguments", "id"}:
+            want(GENERIC, "a request without execute, or with other members")
+            return
+        if not self.negotiated:
+            if name != NEGOTIATE:
+                want(NOT_FOUND, f"{name!r} before the negotiation", NEGOTIATE)
+                return
+            args = request.get("arguments")
+            if args is None or (isinstance(args, dict) and set(args) <= {"enable"}
+                                and args.get("enable", []) == []):  # fmt: skip
+                want(None, "a negotiation that asks for no capability")
+                if answer["return"] != {}:
+                    raise AssertionError(f"{self.role}: qmp_capabilities returned "
+                                         f"{answer['return']!r:.200}, not {{}}")  # fmt: skip
+                self.negotiated = True
+            else:
+                want(GENERIC, "a negotiation that asks for a capability, or is malformed")
+            return
+        if name == NEGOTIATE:
+            want(NOT_FOUND, "a second negotiation")
+            return
+        if name not in self.commands:
+            want(NOT_FOUND, f"no command {name!r}")
+            return
+        if cls == NOT_FOUND:
+            want(GENERIC, f"the {self.role}'s own command {name!r}")
+        if cls is not None:
+            return
+        self._returned(name, request.get("arguments"), answer["return"])
+
+    def _returned(self, name: str, args: Any, result: Any) -> None:
+        if name == "subscribe":
+            names = args.get("events") if isinstance(args, dict) else None
+            if names is None:
+                self.wanted |= EVENTS - {TRACE}
+            elif isinstance(names, list) and all(isinstance(n, str) and n in EVENTS
+                                                 for n in names):  # fmt: skip
+                self.wanted |= set(names)
+            else:
+                raise AssertionError(f"{self.role}: a subscription to {names!r:.200} accepted:"
+                                     " none of these is an event")  # fmt: skip
+        elif (
+            name == "query-version" and self.version is not None and not _same(result, self.version)
+        ):
+            raise AssertionError(f"{self.role}: query-version says {result!r:.200}, the greeting "
+                                 f"{self.version!r:.200}")  # fmt: skip
+        elif name == "query-commands":
+            served = {str(c.get("name")) for c in result if isinstance(c, dict)} if isinstance(
+                result, list) else set()  # fmt: skip
+            if not self.commands <= served:
+                raise AssertionError(f"{self.role}: query-commands lists {sorted(served)}, "
+                                     f"without {sorted(self.commands - served)}")  # fmt: skip
+
+    def check_events(self, events: list[str]) -> None:
+        unasked = sorted(set(events) - self.wanted)
+        if unasked:
+            raise AssertionError(f"{self.role}: events {unasked} on a connection that "
+                                 f"subscribed to {sorted(self.wanted) or 'none'}")  # fmt: skip
 
 
 # ------------------------------------------------------------------ control sockets
@@ -911,24 +1204,34 @@ def _connect_unix(path: str, seconds: float = 15) -> socket.socket:
 
 
 class RawControl:
-    """A control-socket client that hands back whole answers, errors included."""
+    """A control-socket client that hands back whole answers, errors included. QMP's
+    greeting is checked, and the negotiation done unless `negotiate` is False."""
 
-    def __init__(self, path: str, timeout: float = PATIENCE) -> None:
+    def __init__(self, path: str, timeout: float = PATIENCE, *, negotiate: bool = True) -> None:
         self.path = path
         self.sock = _connect_unix(path)
         self.sock.settimeout(timeout)
+        self.sent = 0
         try:
             self.file = self.sock.makefile("rb")
-            self.greeting = json.loads(self.file.readline() or b"{}")
+            first = self.file.readline()
+            self.version = _check_greeting(_parse_answer(first, "the greeting") if first else {},
+                                           f"{path}: the greeting")  # fmt: skip
+            if negotiate:
+                answer = self.ask(NEGOTIATE)
+                if answer != {"return": {}, "id": f"h{self.sent}"}:
+                    raise AssertionError(f"{path}: qmp_capabilities answered {answer}")
         except BaseException:
             self.sock.close()
             raise
-        self.sent = 0
 
     def ask(self, execute: str, arguments: Any = ABSENT) -> dict[str, Any]:
-        """Send one request; its answer (events and other ids skipped)."""
+        """Send one request; its answer (events skipped, and late answers to this client's
+        earlier requests). Any other answer is no answer to this request: QMP echoes the
+        id, and this client has no other request waiting."""
         self.sent += 1
         rid = f"h{self.sent}"
+        self._asked = {f"h{k}" for k in range(1, self.sent)}
         obj: dict[str, Any] = {"id": rid, "execute": execute}
         if arguments is not ABSENT:
             obj["arguments"] = arguments
@@ -941,8 +1244,13 @@ class RawControl:
                     raise AssertionError(f"{self.path}: the daemon closed the connection "
                                          f"instead of answering {_shown(line)}")  # fmt: skip
                 answer = _parse_answer(raw, f"answering {_shown(line)}")
-                if answer.get("id") == rid:
+                got = answer.get("id", ABSENT)
+                if got == rid:
                     return answer
+                if "event" in answer or (got in self._asked):
+                    continue
+                raise AssertionError(f"{self.path}: {_shown(raw, 300)} answers {_shown(line)},"
+                                     " whose id it does not carry")  # fmt: skip
         except TimeoutError:
             raise AssertionError(f"{self.path}: no answer to {_shown(line)} within "
                                  f"{PATIENCE:g}s") from None  # fmt: skip
@@ -959,6 +1267,31 @@ class RawControl:
             self.sock.close()
 
 
+def negotiation_check(path: str, role: str, commands: set[str]) -> None:
+    """QMP's negotiation on a daemon's control socket: before it, a command is not found
+    (the greeting's words say why) and a capability asked for is refused; it is served
+    once; after it, query-version says what the greeting said and query-commands lists
+    the daemon's commands."""
+    ctl = RawControl(path, negotiate=False)
+    try:
+        session = QmpSession(role, commands, ctl.version)
+        for execute, arguments in (
+            ("query-status", ABSENT), ("query-commands", ABSENT), ("subscribe", {}),
+            (NEGOTIATE, {"enable": ["oob"]}), (NEGOTIATE, {"enable": "oob"}),
+            (NEGOTIATE, ABSENT), (NEGOTIATE, {}), ("query-version", ABSENT),
+            ("query-commands", ABSENT), ("fuzz-unknown", ABSENT),
+        ):  # fmt: skip
+            answer = ctl.ask(execute, arguments)
+            obj: dict[str, Any] = {"execute": execute, "id": f"h{ctl.sent}"}
+            if arguments is not ABSENT:
+                obj["arguments"] = arguments
+            session.check(frame_requests(json.dumps(obj).encode())[0], answer)
+        if not session.negotiated:
+            raise AssertionError(f"{role}: qmp_capabilities never negotiated")
+    finally:
+        ctl.close()
+
+
 def _connect_control(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.connect(path)
@@ -968,14 +1301,31 @@ def _connect_control(path: str) -> socket.socket:
 Answers = list[tuple[bytes, dict[str, Any]]]
 
 
+@dataclass
+class Pumped:
+    """What a connection brought back: its answers in order, the names of the events
+    among them, the greeting's version (None if nothing came), whether it ended."""
+
+    answers: Answers
+    events: list[str]
+    version: dict[str, Any] | None
+    eof: bool
+
+
 def _pump(sock: socket.socket, data: bytes, *, until: str | None, halfclose: bool = False,
-          piece: int | None = None, read: bool = True) -> tuple[Answers, bool]:  # fmt: skip
+          piece: int | None = None, cuts: list[int] | None = None,
+          read: bool = True) -> Pumped:  # fmt: skip
     """Send `data` while reading answers, until the answer whose id is `until` (or EOF;
-    with read=False, until everything is sent). The answers come back without the
-    greeting and events, with whether the daemon closed the connection."""
+    with read=False, until everything is sent): the first 4096 bytes `piece` bytes at a
+    time, if given, and with a pause at each of `cuts`, so that the daemon reads what
+    came so far on its own. QMP's greeting, first, and every event are checked."""
     sock.setblocking(False)
     poller = select.poll()
-    sent, buf, answers, eof, done = 0, b"", [], False, False
+    sent, buf, eof, done = 0, b"", False, False
+    answers: Answers = []
+    events: list[str] = []
+    version: dict[str, Any] | None = None
+    stops = sorted({c for c in cuts or () if 0 < c < len(data)})
     deadline = time.monotonic() + PATIENCE
     if not data and halfclose:
         sock.shutdown(socket.SHUT_WR)
@@ -994,12 +1344,18 @@ def _pump(sock: socket.socket, data: bytes, *, until: str | None, halfclose: boo
         mask = ready[0][1]
         if mask & select.POLLOUT and sent < len(data):
             step = piece if piece and sent < 4096 else 1 << 16
+            while stops and stops[0] <= sent:
+                stops.pop(0)
+            if stops:
+                step = min(step, stops[0] - sent)
             try:
                 sent += sock.send(data[sent : sent + step])
             except BlockingIOError:
                 pass
             except OSError:
                 sent = len(data)  # the daemon dropped us: read what it said
+            if stops and sent == stops[0]:
+                time.sleep(0.002)
             if sent >= len(data) and halfclose:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_WR)
@@ -1016,22 +1372,17 @@ def _pump(sock: socket.socket, data: bytes, *, until: str | None, halfclose: boo
             *lines, buf = buf.split(b"\n")
             for raw in lines:
                 answer = _parse_answer(raw, "")
-                if "greeting" in answer or "event" in answer:
-                    continue
-                answers.append((raw, answer))
-                if until is not None and answer.get("id") == until:
-                    done = True
-    return answers, eof
-
-
-def _segments(rendered: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
-    """The complete lines of a stream, each with the id its answer must carry."""
-    segs = []
-    for line, rid in rendered:
-        parts = line.split(b"\n")
-        for part in parts:
-            segs.append((part, rid if len(parts) == 1 else ABSENT))
-    return segs
+                if version is None:
+                    version = _check_greeting(answer, "the first line of a connection")
+                elif "event" in answer:
+                    events.append(_check_event(answer, "an event"))
+                elif "QMP" in answer:
+                    raise AssertionError(f"a second greeting: {_shown(raw)}")
+                else:
+                    answers.append((raw, answer))
+                    if until is not None and answer.get("id") == until:
+                        done = True
+    return Pumped(answers, events, version, eof)
 
 
 def _fd_kinds(pid: int) -> tuple[int, int]:
@@ -1063,14 +1414,51 @@ def _log_tail(path: Path, lines: int = 12) -> str:
 
 ENDINGS = ("answers", "answers", "answers", "answers", "halfclose", "hangup")
 PARTIALS = (
-    b"", b'{"execute":"sta', b'{"execute":"map","arguments":{"shmid":0', b"\xff\xfe", b"[" * 100,
+    b"", b'{"execute":"query-sta', b'{"execute":"map","arguments":{"shmid":0', b"\xff\xfe",
+    b"[" * 100, b'{"execute":"query-status","id":"\\',
 )  # fmt: skip
+#: What goes between the requests of a connection: QMP needs nothing (QEMU's own client
+#: sends nothing), people end each with a newline. "mixed": each of MIXED in turn.
+SEPARATORS = ("\n", "\n", "\n", "", " ", "\r\n", "\t", "mixed")
+MIXED = ("\n", "", " ", "\r\n", "\n\n", "", "\t", "\n")
+#: How a connection's bytes are sent: all at once (None); the first 4096 bytes so many
+#: at a time; or ("cuts", n, seed): split at n points, with a pause at each.
+SENDS = st.one_of(
+    st.sampled_from([None, None, None, 1, 3, 4096]),
+    st.tuples(st.just("cuts"), st.integers(1, 6), st.integers(0, 2**32 - 1)),
+)
+
+
+def _join(lines: list[bytes], separator: str) -> bytes:
+    """Requests one after another, each followed by the separator."""
+    if separator != "mixed":
+        return b"".join(line + separator.encode() for line in lines)
+    return b"".join(line + MIXED[k % len(MIXED)].encode() for k, line in enumerate(lines))
+
+
+def _cuts(stream: bytes, sending: Any) -> tuple[int | None, list[int]]:
+    """`sending` as _pump takes it: a piece size, and where to pause. Half the cuts fall
+    within the first 64 bytes of a request (into its strings, escapes, brackets)."""
+    if not isinstance(sending, tuple):
+        return sending, []
+    _, count, cut_seed = sending
+    rng = random.Random(cut_seed)
+    framed = frame_requests(stream)
+    cuts = []
+    for _ in range(count if len(stream) > 1 else 0):
+        if framed and rng.random() < 0.5:
+            f = rng.choice(framed)
+            cuts.append(f.start + rng.randrange(min(len(f.data), 64) + 1))
+        else:
+            cuts.append(rng.randrange(1, len(stream)))
+    return None, cuts
 
 
 def control_case(role: str) -> st.SearchStrategy:
     conn = st.tuples(
-        st.lists(line_specs(role), max_size=8), st.sampled_from(ENDINGS),
-        st.sampled_from([None, None, None, 1, 3, 4096]),
+        st.lists(line_specs(role), max_size=8), st.sampled_from(ENDINGS), SENDS,
+        st.sampled_from([True, True, True, True, True, True, False]),  # it negotiates
+        st.sampled_from(SEPARATORS),
     )  # fmt: skip
     return st.tuples(
         st.lists(conn, min_size=1, max_size=3),
@@ -1081,10 +1469,15 @@ def control_case(role: str) -> st.SearchStrategy:
 
 class PairTarget:
     """A real backend_sim with a real front-end connected to it, as `shmemctl up` runs
-    them; hostile lines go to the control socket of one of them (`role`).
+    them; hostile requests go to the control socket of one of them (`role`), in QMP's
+    framing: one after another with a newline, with other whitespace, with nothing
+    between them; sent at once, in small pieces or cut anywhere; mostly after the
+    negotiation, sometimes without it.
 
-    After each example: both alive, every complete line answered exactly once (an
-    overlong one: an error, then the connection closed), no "internal error", every
+    After each example: both alive, every complete request answered exactly once, in
+    order, as QmpSession says (its id echoed, CommandNotFound before the negotiation,
+    never an error class but QMP's), an overlong one with an error and the connection
+    closed, no "internal error", every event on a connection one it subscribed to, every
     hostile connection's socket closed by the daemon, the front-end's table equal to
     /proc and believed by backend_sim, backend_sim holding no buffer that no believed
     mapping uses; then a reset, after which backend_sim holds no buffer and both
@@ -1142,8 +1535,8 @@ class PairTarget:
         )  # fmt: skip
 
     def _connected(self) -> bool:
-        fe = self.clients["frontend"].ask("status")
-        be = self.clients["backend"].ask("status")
+        fe = self.clients["frontend"].ask("query-status")
+        be = self.clients["backend"].ask("query-status")
         return (fe.get("return", {}).get("state") == "connected"
                 and bool(be.get("return", {}).get("ready")))  # fmt: skip
 
@@ -1184,6 +1577,8 @@ class PairTarget:
         conns, storm, (bg_seed, bg_count) = case
         self._ready()
         self.clean = False
+        for role, path in self.ctl.items():
+            negotiation_check(path, role, set(PLAUSIBLE[role]))
         if self.role == "frontend":  # something for read and status to show
             self.clients["backend"].result("batch", {"maps": [
                 {"shmid": 0, "shm_offset": 0, "len": 4 * PAGE},
@@ -1193,7 +1588,9 @@ class PairTarget:
         if bg_count:
             rng = random.Random(bg_seed)
             specs = [random_spec(rng, self.role) for _ in range(bg_count)]
-            plan.append((specs, rng.choice(ENDINGS), None))
+            sending = rng.choice([None, None, ("cuts", rng.randrange(1, 7), rng.randrange(2**32))])
+            plan.append((specs, rng.choice(ENDINGS), sending, rng.random() < 0.95,
+                         rng.choice(SEPARATORS)))  # fmt: skip
         path = self.ctl[self.role]
         inputs = 0
         socks: list[socket.socket] = []
@@ -1201,91 +1598,115 @@ class PairTarget:
             for k in range(storm):
                 s = _connect_control(path)
                 socks.append(s)
-                events = '{"events":["message"]}' if k % 3 == 2 else "{}"
-                s.sendall(b'{"execute":"subscribe","arguments":%s}\n' % events.encode())
+                events = b'{"events":["MESSAGE"]}' if k % 3 == 2 else b"{}"
+                # back to back, as QEMU's own client sends them
+                s.sendall(b'{"execute":"qmp_capabilities"}{"execute":"subscribe","arguments":%s}%s'
+                          % (events, b"\n" if k % 2 else b""))  # fmt: skip
                 inputs += 1
             talkers = [_connect_control(path) for _ in plan]
             socks += talkers
-            for n, (sock, (specs, ending, piece)) in enumerate(zip(talkers, plan, strict=True)):
-                inputs += self._talk(sock, specs, ending, piece, n)
+            for n, (sock, conn) in enumerate(zip(talkers, plan, strict=True)):
+                inputs += self._talk(sock, conn, n)
                 self._alive()
         finally:
             for s in socks:
                 s.close()
         try:
             self._end_check()
-        except AssertionError as exc:  # the lines that led there
-            sent = [f"    {ending}: {_shown(render(spec)[0], 200)}" for specs, ending, _ in plan
-                    for spec in specs]  # fmt: skip
+        except AssertionError as exc:  # the requests that led there
+            sent = [f"    {ending}: {_shown(render(spec)[0], 200)}"
+                    for specs, ending, *_ in plan for spec in specs]  # fmt: skip
             raise AssertionError(
-                f"{exc}\n  after {storm} subscribers and these lines, last "
+                f"{exc}\n  after {storm} subscribers and these requests, last "
                 "first:\n" + "\n".join(reversed(sent[-40:]))
             ) from None
         self.clean = True
         return inputs
 
-    def _talk(self, sock: socket.socket, specs: list, ending: str, piece: int | None,
-              n: int) -> int:  # fmt: skip
+    def _talk(self, sock: socket.socket, conn: tuple, n: int) -> int:
+        specs, ending, sending, negotiate, separator = conn
         role = self.role
-        rendered = [render(spec) for spec in specs]
-        until = f"{SENTINEL}-{n}"
+        lines = [render(spec)[0] for spec in specs]
+        if negotiate:  # with an id and without, in turn
+            lines.insert(0, json.dumps({"execute": NEGOTIATE, **({"id": f"neg-{n}"}
+                                        if n % 2 == 0 else {})}).encode())  # fmt: skip
+        stream = _join(lines, separator)
+        until: str | None = f"{SENTINEL}-{n}"
+        sentinel = json.dumps({"execute": SENTINEL, "id": until}).encode()
         if ending == "answers":
-            rendered.append((json.dumps({"execute": SENTINEL, "id": until}).encode(), until))
-        stream = b"".join(line + b"\n" for line, _ in rendered)
+            stream += b"\n" + sentinel + b"\n"  # the newline ends any junk before it
         if ending == "hangup":
             stream += PARTIALS[n % len(PARTIALS)]
-            _pump(sock, stream, until=None, piece=piece, read=False)
-            return len(rendered) + 1
-        answers, eof = _pump(sock, stream, until=until if ending == "answers" else None,
-                             halfclose=ending == "halfclose", piece=piece)  # fmt: skip
-        expected: list[tuple[bytes, Any]] = []
+        piece, cuts = _cuts(stream, sending)
+        if ending == "hangup":
+            _pump(sock, stream, until=None, piece=piece, cuts=cuts, read=False)
+            return len(specs) + 1
+        answered: list[Framed] = []
         overlong = None
-        for seg, rid in _segments(rendered):
-            if len(seg) > MAX_LINE:
-                overlong = seg
+        for framed in frame_requests(stream):
+            if len(framed.data) > MAX_REQUEST:
+                overlong = framed
                 break
-            if seg.strip():
-                expected.append((seg, rid))
+            if framed.complete:
+                answered.append(framed)
+        halfclose = ending == "halfclose"
+        how = ending
+        sentinel_at = len(stream) - len(sentinel) - 1
+        if ending == "answers" and (
+            overlong is not None or not answered or answered[-1].start != sentinel_at
+        ):
+            # the sentinel is no request of its own (one left open takes it in), or comes
+            # after the daemon hangs up: what there is to read is there by the end
+            until, halfclose = None, overlong is None
+            how = "answers, the sentinel taken in: half-closed" if halfclose else ending
+        pumped = _pump(sock, stream, until=until, halfclose=halfclose, piece=piece, cuts=cuts)
+        answers, eof = pumped.answers, pumped.eof
         context = (
-            f"{role} control socket, {len(expected)} complete lines"
-            f"{', then one of ' + str(len(overlong)) + ' bytes' if overlong else ''}"
-            f" ({ending}):\n    " + "\n    ".join(_shown(s, 100) for s, _ in expected[-6:])
+            f"{role} control socket, {len(answered)} complete requests"
+            f"{', then one of ' + str(len(overlong.data)) + ' bytes' if overlong else ''}"
+            f" ({how}, {'negotiated' if negotiate else 'not negotiated'}, separator "
+            f"{separator!r}, sent {sending!r}):\n    "
+            + "\n    ".join(_shown(f.data, 100) for f in answered[-6:])
         )
-        want = len(expected) + (1 if overlong is not None else 0)
+        want = len(answered) + (1 if overlong is not None else 0)
         if len(answers) < want:
-            missing = expected[len(answers)][0] if len(answers) < len(expected) else overlong
-            what = ("no error for the overlong line" if len(answers) >= len(expected)
-                    else f"the first unanswered line {_shown(missing or b'')}")  # fmt: skip
+            what = (
+                "no error for the overlong request"
+                if len(answers) >= len(answered)
+                else f"the first unanswered request {_shown(answered[len(answers)].data)}"
+            )
             raise AssertionError(
-                f"{role}: lines left unanswered, the connection "
-                f"{'closed' if eof else 'still open'} ({ending})\n  {len(answers)} answers to "
-                f"{want} complete lines; {what}\n  {context}"
+                f"{role}: requests left unanswered, the connection "
+                f"{'closed' if eof else 'still open'}\n  {len(answers)} answers to "
+                f"{want} complete requests; {what}\n  {context}"
             )
         if len(answers) > want:
-            raise AssertionError(f"{role}: more answers than lines\n  {len(answers)} answers to "
-                                 f"{want} complete lines: {answers[want][0][:200]!r}"
+            raise AssertionError(f"{role}: more answers than requests\n  {len(answers)} answers "
+                                 f"to {want} complete requests: {answers[want][0][:200]!r}"
                                  f"\n  {context}")  # fmt: skip
-        for (seg, rid), (_raw, answer) in zip(expected, answers, strict=False):
-            _check_answer(answer, seg, role)
-            got = answer.get("id", ABSENT)
-            bad_request = (answer.get("error") or {}).get("class") == "BadRequest"
-            if (
-                rid is not ABSENT
-                and (got is not ABSENT or not bad_request)
-                and json.dumps(got, sort_keys=True) != json.dumps(rid, sort_keys=True)
-            ):
-                raise AssertionError(f"{role}: an answer with id {got!r} to a request with"
-                                     f" id {rid!r}\n  line {_shown(seg)}")  # fmt: skip
+        session = QmpSession(role, set(PLAUSIBLE[role]), pumped.version)
+        for framed, (_raw, answer) in zip(answered, answers, strict=False):
+            try:
+                session.check(framed, answer)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n  {context}") from None
+        session.check_events(pumped.events)
         if overlong is not None:
             raw, answer = answers[-1]
-            if (answer.get("error") or {}).get("class") != "BadRequest":
-                raise AssertionError(f"{role}: an overlong line answered {raw[:200]!r}")
+            error = answer.get("error") or {}
+            words = f"longer than {MAX_REQUEST} bytes"
+            if (
+                error.get("class") != GENERIC
+                or "id" in answer
+                or words not in error.get("desc", "")
+            ):
+                raise AssertionError(f"{role}: an overlong request answered {raw[:200]!r}")
             if not eof:
-                raise AssertionError(f"{role}: a client sent an overlong line and stays "
+                raise AssertionError(f"{role}: a client sent an overlong request and stays "
                                      "connected")  # fmt: skip
-        elif ending == "halfclose" and not eof:
+        elif halfclose and not eof:
             raise AssertionError(f"{role}: did not close a half-closed connection")
-        return len(rendered)
+        return len(specs)
 
     # -------------------------------------------------------------- after it
 
@@ -1314,8 +1735,8 @@ class PairTarget:
             ),
         )
         _settle(self._connected, lambda: "the pair did not reconnect")
-        fe = fe_c.result("status", {"max_mappings": 1_000_000})
-        be = be_c.result("status")
+        fe = fe_c.result("query-status", {"max_mappings": 1_000_000})
+        be = be_c.result("query-status")
         if strict:
             assert fe["disagreements"] == [], f"front-end table vs /proc: {fe['disagreements']}"
             held = {(r["shmid"], m["shm_offset"], m["len"]) for r in fe["regions"]
@@ -1331,9 +1752,9 @@ class PairTarget:
             assert not idle, f"backend_sim keeps buffers no mapping uses: {idle}"
         answer = fe_c.ask("reset")
         assert "error" not in answer, f"the front-end's reset failed: {answer}"
-        _settle(lambda: not (st := be_c.result("status"))["mapped"] and not st["buffers"],
+        _settle(lambda: not (st := be_c.result("query-status"))["mapped"] and not st["buffers"],
                 lambda: f"after a reset backend_sim still holds buffers "
-                f"{be_c.result('status')['buffers']}")  # fmt: skip
+                f"{be_c.result('query-status')['buffers']}")  # fmt: skip
         _settle(
             lambda: all(_fd_kinds(pids[r])[0] <= self.base[r][0] for r in pids),
             lambda: (
@@ -1827,7 +2248,7 @@ sim_steps = st.lists(
         _map_step, _map_step, _map_step, _map_step, _unmap_step, _unmap_step, _unmap_step,
         st.tuples(st.just("batch"), st.lists(sim_map_args, min_size=1, max_size=6)),
         st.tuples(st.just("batch"), st.lists(sim_map_args, min_size=1, max_size=6)),
-        st.tuples(st.just("status")),
+        st.tuples(st.just("query-status")),
         st.tuples(st.just("scenario-start"), st.sampled_from(["blobs", "dax"]),
                   st.sampled_from([500, 2000, 10000]), st.integers(0, 1000)),
         st.tuples(st.just("scenario-stop")),
@@ -1868,7 +2289,7 @@ def random_sim_step(rng: random.Random) -> tuple:
     if roll < 0.80:
         return ("batch", [_rand_sim_map(rng) for _ in range(rng.randrange(1, 7))])
     if roll < 0.85:
-        return ("status",)
+        return ("query-status",)
     if roll < 0.87:
         return ("scenario-start", rng.choice(["blobs", "dax"]), rng.choice([500, 2000, 10000]),
                 rng.randrange(1000))  # fmt: skip
@@ -1895,6 +2316,36 @@ def _expected_requests(kind: str, args: dict[str, Any]) -> list[tuple[int, tuple
         return [(UNMAP, fields(args, UNMAP), True)]
     maps = args["maps"]
     return [(MAP, fields(a, MAP), i == len(maps) - 1) for i, a in enumerate(maps)]
+
+
+def _out_of_range(kind: str, args: dict[str, Any]) -> bool:
+    """Whether a map, unmap or batch names a number outside what the command takes
+    (shmid 0-255, offsets and lengths 0 to 2**64-1, a buffer from 1), or a batch no map:
+    refused before anything is sent."""
+    maps = args.get("maps") if kind == "batch" else [args]
+    if not maps:
+        return True
+    for m in maps:
+        if not (_is_int(m.get("shmid")) and 0 <= m["shmid"] <= 255):
+            return True
+        for key in ("shm_offset", "len", "fd_offset"):
+            if key in m and not (_is_int(m[key]) and 0 <= m[key] <= U64):
+                return True
+        if "buffer" in m and not (_is_int(m["buffer"]) and m["buffer"] >= 1):
+            return True
+    return False
+
+
+#: backend_sim's words for a command it refused before it sent anything (QMP's
+#: GenericError says no more): arguments the command does not take, a map its device
+#: will not send, a batch it will not start, no front-end to send to. A batch that
+#: stopped part way says what it sent before it ("sent before it").
+_NOT_SENT = re.compile(
+    r"(?:map|unmap|batch)(?:: '\w+' must be | needs the argument | takes no argument )"
+    r"|'arguments' must be|(?:map|unmap) not sent: |cannot send |no buffer \d"
+    r"|batch needs |batch item \d+(?: is not |: | overlaps | not sent: )"
+    r"|the batch's buffers need "
+)
 
 
 def _observed(req: int, m: ShmemMap, need: bool) -> tuple[int, tuple, bool]:
@@ -1989,7 +2440,7 @@ class SimControlTarget(_DaemonTarget):
 
     def _status(self) -> dict[str, Any]:
         assert self.ctl is not None
-        return self.ctl.result("status")
+        return self.ctl.result("query-status")
 
     def _alive(self) -> None:
         assert self.proc is not None
@@ -2021,6 +2472,7 @@ class SimControlTarget(_DaemonTarget):
         steps, plan, (bg_seed, bg_count) = case
         self._ready()
         self.clean = False
+        negotiation_check(self.ctl_path, "backend_sim", set(PLAUSIBLE["backend"]))
         fe = self.fe
         assert fe is not None
         with fe.lock:
@@ -2104,10 +2556,17 @@ class SimControlTarget(_DaemonTarget):
                     sent: list[tuple[int, ShmemMap, bool]], line: str) -> None:  # fmt: skip
         observed = [_observed(*s) for s in sent]
         error = answer.get("error") or {}
-        if kind not in ("map", "unmap", "batch") or error.get("class") in (
-            "InvalidArgument",
-            "BadRequest",
-            "CommandNotFound",
+        desc = error.get("desc", "")
+        sends = kind in ("map", "unmap", "batch")
+        out_of_range = sends and _out_of_range(kind, args)
+        if out_of_range and "return" in answer:
+            raise AssertionError(f"backend_sim accepted {line}, whose arguments are out of "
+                                 f"range: {answer}")  # fmt: skip
+        if (
+            not sends
+            or out_of_range
+            or error.get("class") == NOT_FOUND
+            or (_NOT_SENT.match(desc) and "sent before it" not in desc)
         ):
             assert not observed, f"backend_sim answered {answer} yet sent {observed}\n  line {line}"
             return
@@ -2191,6 +2650,8 @@ class SimControlTarget(_DaemonTarget):
 # on the first byte of whatever the tap read, which is never after they were sent.
 
 TAP_NAME = "fuzz-tap"
+#: What the tap's control socket serves.
+TAP_COMMANDS = {"query-status", "query-shmem-config", *BUILTINS}
 FD_KINDS = ("memfd", "pipe", "eventfd", "socket")
 #: 253 is SCM_MAX_FD, the most fds one sendmsg carries
 FD_COUNTS = (0, 1, 1, 2, 3, 8, 32, 253)
@@ -2940,6 +3401,10 @@ class TapTarget(_DaemonTarget):
         steps, (ending, side) = case
         self._ready()
         self.clean = False
+        try:
+            negotiation_check(self.ctl_path, "tap", TAP_COMMANDS)
+        except AssertionError as exc:
+            raise AssertionError(f"rule 1 ({TAP_RULES[1]}): {exc}") from None
         number = self.last["connection"] + 1
         play = _TapInput(_connect_unix(self.front_path), _connect_unix(self.back_path))
         try:
@@ -2973,14 +3438,33 @@ class TapTarget(_DaemonTarget):
         assert self.ctl is not None
         self._alive()
         try:
-            answer = self.ctl.ask("status")
-            _check_answer(answer, b'{"execute":"status"}', "tap")
+            answer = self.ctl.ask("query-status")
+            _check_answer(answer, b'{"execute":"query-status"}', "tap")
         except AssertionError as exc:
             raise AssertionError(f"rule 1 ({TAP_RULES[1]}): {exc}") from None
         if "error" in answer:
             raise AssertionError(f"rule 1 ({TAP_RULES[1]}): status failed: {answer['error']}")
         status: dict[str, Any] = answer["return"]
         return status
+
+    def _shmem_config(self, status: dict[str, Any]) -> None:
+        """The layout the last GET_SHMEM_CONFIG reply carried: an error until one has
+        passed the tap, then the layout, of a connection the tap has seen."""
+        assert self.ctl is not None
+        try:
+            answer = self.ctl.ask("query-shmem-config")
+            _check_answer(answer, b'{"execute":"query-shmem-config"}', "tap")
+        except AssertionError as exc:
+            raise AssertionError(f"rule 1 ({TAP_RULES[1]}): {exc}") from None
+        config = answer.get("return")
+        if config is not None and not (
+            isinstance(config, dict)
+            and set(config) == {"nregions", "sizes", "connection"}
+            and _is_int(config["connection"])
+            and 0 < config["connection"] <= status["connection"]
+        ):
+            raise AssertionError(f"rule 4 ({TAP_RULES[4]}): query-shmem-config returned "
+                                 f"{config!r:.300}")  # fmt: skip
 
     def _idle(self, number: int | None) -> dict[str, Any]:
         """The status once the tap waits for the next front-end (after connection
@@ -3021,6 +3505,7 @@ class TapTarget(_DaemonTarget):
                 f"fds beyond the baseline's: {_beyond(_fd_targets(pid), self.base_fds)}"
             ),
         )
+        self._shmem_config(status)
         problems = _count_problems(self.last, status, play)
         if problems:
             raise AssertionError(f"rule 4 ({TAP_RULES[4]}): " + "; ".join(problems))

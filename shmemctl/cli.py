@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from . import options, rundir
-from .control import ControlClient, ControlError, DaemonUnreachable
+from .control import ControlClient, ControlError, DaemonUnreachable, ErrorClass
 from .events import Event
 from .faults import FRONTEND, Fault
 from .inventory import PAIR_ROLES, SIDE, kind_of
@@ -298,13 +298,16 @@ class Target:
 
     def call(self, role: str, what: str, command: str, /, **arguments: Any) -> Any:
         with self.client(role, what) as client:
-            if not client.offers(command):
+            try:
+                return client.execute(command, **arguments)
+            except ControlError as exc:
+                if exc.error_class != ErrorClass.NOT_FOUND:
+                    raise
                 raise click.ClickException(
-                    f"the {client.role} on {client.path} has no {command!r} command: "
-                    f"{what} needs a {role} (a front-end attached to a real back-end has no "
-                    "map or unmap; a back-end attached to QEMU has no reset)"
-                )
-            return client.execute(command, **arguments)
+                    f"the daemon on {client.path} has no {command!r} command: {what} needs "
+                    f"a {role} (a front-end attached to a real back-end has no map or unmap; "
+                    "a back-end attached to QEMU has no reset)"
+                ) from None
 
     def out(self, value: Any, text: str) -> None:
         click.echo(json.dumps(value) if self.as_json else text)
@@ -431,7 +434,7 @@ def config(target: Target) -> None:
 def reset(target: Target, yes: bool) -> None:
     """Have the front-end reset the device: every mapping is dropped."""
     if not yes and sys.stdin.isatty():
-        status = target.call("frontend", "reset", "status", max_mappings=0)
+        status = target.call("frontend", "reset", "query-status", max_mappings=0)
         count = sum(r["count"] for r in status["regions"])
         click.confirm(f"Reset the device and drop its {count} mappings?", abort=True)
     r = target.call("frontend", "reset", "reset")
@@ -466,7 +469,7 @@ def status(target: Target, max_mappings: int) -> None:
     if target.tap is not None:
         # the tap's answer is whole already (it lists every mapping): --max-mappings is
         # the front-end's
-        view = target.call("tap", "status", "status")
+        view = target.call("tap", "status", "query-status")
         target.out(view, render_tap_status(view))
         if view.get("truth", {}).get("verdict") == "disagree":
             sys.exit(EXIT_REFUSED)
@@ -477,7 +480,7 @@ def status(target: Target, max_mappings: int) -> None:
             continue
         try:
             args = {"max_mappings": max_mappings} if role == "frontend" else {}
-            views[role] = target.call(role, "status", "status", **args)
+            views[role] = target.call(role, "status", "query-status", **args)
         except NoDaemon as exc:
             views[role] = {"error": exc.message}
     if all("error" in v for v in views.values()):
@@ -502,28 +505,28 @@ def _stream(target: Target, events: list[Event] | None, count: int | None) -> No
         # one daemon: its not answering is the whole answer, with the tap's hint
         client = target.client("tap", "watch")
         client.subscribe(events)
-        clients.append(client)
+        clients.append((client, "tap"))
     for role in () if target.tap is not None else PAIR_ROLES:
         if target.sockets[role] is None:
             continue
         with contextlib.suppress(NoDaemon):
             client = target.client(role, "watch")
             client.subscribe(events)
-            clients.append(client)
+            clients.append((client, role))
     if not clients:
         raise NoDaemon("no daemon of the pair answers; is it up? (shmemctl up)")
     lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
 
-    def pump(client: ControlClient) -> None:
+    def pump(client: ControlClient, role: str) -> None:
         try:
             for event in client.events():
-                event["source"] = client.role
+                event["source"] = role
                 lines.put(event)
         except DaemonUnreachable:
             lines.put(None)
 
-    for client in clients:
-        threading.Thread(target=pump, args=(client,), daemon=True).start()
+    for client, role in clients:
+        threading.Thread(target=pump, args=(client, role), daemon=True).start()
     seen = 0
     gone = 0
     while count is None or seen < count:

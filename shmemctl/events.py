@@ -16,7 +16,6 @@ layer can add a second record of the same message.
 
 # No `from __future__ import annotations` here: Python 3.11's TypedDict takes a NotRequired
 # key for a required one when its annotation is a string.
-import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,8 +24,8 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 from .shmem.mapping import MappingJSON, RangeJSON
 
-#: An event as listeners get it and as the control socket sends it:
-#: {"event": NAME, "data": {...}, "timestamp": 1.5, "seq": 7}
+#: An event as listeners get it and as the control socket sends it, in QMP's form:
+#: {"event": "MAPPED", "data": {...}, "timestamp": {"seconds": 1764400000, "microseconds": 5}}
 EventRecord = dict[str, Any]
 Listener = Callable[[EventRecord], None]
 Role = Literal["frontend", "backend", "tap"]
@@ -38,34 +37,34 @@ class Event(StrEnum):
     record its data carries, is `PAYLOADS` below; `event.payloads` reads it."""
 
     #: both: a SHMEM_MAP took effect (front-end: it mapped; device: sent and not refused)
-    MAPPED = "mapped"
+    MAPPED = "MAPPED"
     #: both: a SHMEM_UNMAP took effect (front-end: it unmapped; device: sent and not refused)
-    UNMAPPED = "unmapped"
+    UNMAPPED = "UNMAPPED"
     #: both: a SHMEM_MAP or SHMEM_UNMAP was refused (front-end: it refused; device: it was told)
-    REFUSED = "refused"
+    REFUSED = "REFUSED"
     #: both: a device reset dropped every mapping (front-end: `reset` command; back-end: asked)
-    RESET = "reset"
+    RESET = "RESET"
     #: both: a handshake finished (front-end), a front-end connected (back-end)
-    CONNECTED = "connected"
+    CONNECTED = "CONNECTED"
     #: both: the connection to the peer ended; the front-end has dropped every mapping
-    DISCONNECTED = "disconnected"
+    DISCONNECTED = "DISCONNECTED"
     #: front-end: it has a back-end's socket and begins the handshake
-    HANDSHAKE = "handshake"
+    HANDSHAKE = "HANDSHAKE"
     #: front-end: its connect failed and it tries again after `retry_in` seconds (--reconnect);
     #: tap: a side it connects to is not there, and it tries again every `retry_in` seconds
     #: (once per wait, not per attempt)
-    RECONNECTING = "reconnecting"
+    RECONNECTING = "RECONNECTING"
     #: both, to whoever names it: one message sent or received, by its channel (the trace)
-    MESSAGE = "message"
+    MESSAGE = "MESSAGE"
     #: tap: a side of the pair it relays connected to it (again, after a reconnect)
-    ATTACHED = "attached"
+    ATTACHED = "ATTACHED"
     #: tap: a side went away, or was sent away because the other side did
-    DETACHED = "detached"
+    DETACHED = "DETACHED"
     #: tap: a message showed one side breaking a rule (session.common.Rule)
-    VIOLATION = "violation"
+    VIOLATION = "VIOLATION"
     #: tap: bytes it relayed that the codec cannot take as they are (bad header, unknown
     #: id, wrong size); with `decoding` false, the framing of that direction is lost
-    UNDECODABLE = "undecodable"
+    UNDECODABLE = "UNDECODABLE"
 
     @property
     def payloads(self) -> Mapping[Role, type]:
@@ -82,6 +81,14 @@ ALL_BUT_TRACE: tuple[Event, ...] = tuple(e for e in Event if e is not TRACE)
 STATES: frozenset[Event] = frozenset(
     {Event.HANDSHAKE, Event.CONNECTED, Event.DISCONNECTED, Event.RECONNECTING}
 )
+
+
+def state_named(event: Event | str) -> str:
+    """The front-end's state (its status's `state`) that one of `STATES` announces: the
+    event's name in lower case."""
+    return lookup(event).value.lower()
+
+
 #: The events after which the front-end holds no mapping at all.
 DROPS_ALL: frozenset[Event] = frozenset({Event.RESET, Event.DISCONNECTED})
 #: The outcomes of one SHMEM request: both daemons report each, about the same range.
@@ -274,6 +281,18 @@ def lookup(name: Event | str) -> Event:
         raise UnknownEvent(name) from None
 
 
+def qmp_timestamp(when: float) -> dict[str, int]:
+    """A time as QMP's events carry it: whole seconds and microseconds since the epoch."""
+    seconds, fraction = divmod(when, 1.0)
+    return {"seconds": int(seconds), "microseconds": min(int(fraction * 1_000_000), 999_999)}
+
+
+def event_time(record: EventRecord) -> float:
+    """When an event happened, in seconds since the epoch (its QMP timestamp read back)."""
+    stamp = record["timestamp"]
+    return float(stamp["seconds"]) + stamp["microseconds"] / 1_000_000
+
+
 # ---------------------------------------------------------------- the hub
 
 
@@ -281,7 +300,6 @@ class EventHub:
     def __init__(self) -> None:
         self._listeners: tuple[tuple[Listener, frozenset[Event] | None], ...] = ()
         self._lock = threading.Lock()
-        self._seq = itertools.count(1)
         self._everything = False  # some listener takes every event but the trace
         self._named: frozenset[Event] = frozenset()
 
@@ -332,8 +350,7 @@ class EventHub:
         if not listeners:
             return
         # the name as a plain str: what a listener and the control socket see is the name
-        record = {"event": event.value, "data": data, "timestamp": time.time(),
-                  "seq": next(self._seq)}  # fmt: skip
+        record = {"event": event.value, "data": data, "timestamp": qmp_timestamp(time.time())}
         for listener, names in listeners:
             if (names is None and event is not TRACE) or (names is not None and event in names):
                 listener(record)

@@ -43,7 +43,7 @@ def brief(role: str) -> dict[str, int]:
 def status(path: Path, role: str, *, timeout: float = LS_TIMEOUT) -> dict[str, Any]:
     """A daemon's summary status; DaemonUnreachable or ControlError."""
     with ControlClient(str(path), timeout=timeout) as client:
-        answer: dict[str, Any] = client.execute("status", **brief(role))
+        answer: dict[str, Any] = client.execute("query-status", **brief(role))
         return answer
 
 

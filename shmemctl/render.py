@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .events import Event
+from .events import Event, event_time
 from .sizes import hex_range, human_size, mib
 
 
@@ -204,8 +204,9 @@ def trace_arrow(data: dict[str, Any]) -> str:
 
 
 def render_event(event: dict[str, Any]) -> str:
-    stamp = time.strftime("%H:%M:%S", time.localtime(event["timestamp"]))
-    stamp += f".{int(event['timestamp'] * 1000) % 1000:03d}"
+    when = event_time(event)
+    stamp = time.strftime("%H:%M:%S", time.localtime(when))
+    stamp += f".{int(when * 1000) % 1000:03d}"
     data = event.get("data", {})
     source = event.get("source", "")
     name = event["event"]

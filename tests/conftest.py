@@ -3,6 +3,7 @@ and the kernel's view of a process (/proc/PID/maps, /proc/PID/fd)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -140,7 +141,7 @@ class Proc:
         try:
             if self._client is None:
                 self._client = ControlClient(str(self.control), timeout=PATIENCE)
-            return self._client.execute("status", **brief(self.role))
+            return self._client.execute("query-status", **brief(self.role))
         except DaemonUnreachable:
             self._disconnect()
             return None
@@ -293,6 +294,18 @@ def recv_lines(sock: socket.socket, n: int = 1) -> list[bytes]:
             raise AssertionError(f"the daemon hung up after {data!r}")
         data += byte
     return data.splitlines()
+
+
+def qmp_negotiate(sock: socket.socket) -> dict[str, Any]:
+    """Begin a raw QMP session on a control socket: read the greeting (QMP's, with no
+    capabilities offered), leave capabilities negotiation and check it is accepted; the
+    greeting's `QMP` object. Byte-exact, as recv_lines: nothing after it is taken."""
+    greeting = json.loads(recv_lines(sock)[0])
+    assert list(greeting) == ["QMP"] and greeting["QMP"]["capabilities"] == [], greeting
+    sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+    answer = json.loads(recv_lines(sock)[0])
+    assert answer == {"return": {}}, answer
+    return greeting["QMP"]
 
 
 def fd_count(pid: int) -> int:

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from shmemctl.cli import main
+from shmemctl.events import Event
 
 from .conftest import PATIENCE, MiB, wait_until
 
@@ -127,33 +128,48 @@ def test_batch_one_ack(pair) -> None:
 def wait_subscribed(stream: subprocess.Popen[str], daemons: int = 2) -> None:
     """Wait until a `watch` or `trace` process is subscribed on both daemons.
 
-    It starts its one reader thread per daemon only once every daemon has answered its
-    `subscribe` (and a daemon subscribes a client before it answers), so its thread count
-    in /proc says when an event of either daemon will reach it. It prints nothing before
-    the first event, so there is no output to wait for instead."""
+    Each daemon's client runs its QMP connection on a thread of its own, made as it
+    connects; the process starts its one reader thread per daemon only once every
+    daemon has answered its `subscribe` (and a daemon subscribes a client before it
+    answers). So its thread count in /proc, the main thread and two per daemon, says
+    when an event of either daemon will reach it. It prints nothing before the first
+    event, so there is no output to wait for instead."""
 
     def subscribed() -> bool:
         if stream.poll() is not None:
             _, err = stream.communicate()
             raise AssertionError(f"{stream.args} exited {stream.returncode}: {err}")
-        return len(os.listdir(f"/proc/{stream.pid}/task")) >= 1 + daemons
+        return len(os.listdir(f"/proc/{stream.pid}/task")) >= 1 + 2 * daemons
 
     wait_until(subscribed, what=f"{stream.args[3:]} to subscribe on {daemons} daemons")
 
 
 def test_watch_and_trace_see_a_map_happen(pair) -> None:
     watch = pair.popen("watch", "--json", "--count", "2")
+    text = pair.popen("watch", "--count", "2")
     trace = pair.popen("trace", "--count", "4")
     wait_subscribed(watch)
+    wait_subscribed(text)
     wait_subscribed(trace)
     assert pair("map", "0", "1M", "64K").returncode == 0
+    out, err = text.communicate(timeout=PATIENCE)
+    assert text.returncode == 0, err
+    shown = sorted(re.sub(r"^\d\d:\d\d:\d\d\.\d{3} ", "", line) for line in out.splitlines())
+    assert shown == [
+        "backend  MAPPED    region 0 0x100000+0x10000 rw",
+        "frontend MAPPED    region 0 0x100000+0x10000 rw",
+    ], out
     out, err = watch.communicate(timeout=PATIENCE)
     assert watch.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]
     assert {(e["source"], e["event"]) for e in events} == {
-        ("frontend", "mapped"),
-        ("backend", "mapped"),
+        ("frontend", Event.MAPPED),
+        ("backend", Event.MAPPED),
     }
+    # each record in QMP's form, and the daemon it came from
+    for e in events:
+        assert set(e) == {"event", "data", "timestamp", "source"}, e
+        assert set(e["timestamp"]) == {"seconds", "microseconds"}, e
     out, err = trace.communicate(timeout=PATIENCE)
     assert trace.returncode == 0, err
     assert "SHMEM_MAP" in out and "need_reply" in out and "reply 0" in out

@@ -76,7 +76,7 @@ def test_status_on_a_tap_shows_both_sides_the_mappings_and_the_verdict(spawn, tm
     done = sh("status", "--name", "t")
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    own = pair.monitor("tap").execute("status")
+    own = pair.monitor("tap").execute("query-status")
     assert out.startswith(f"tap        pid {own['process']['pid']}  ")
     assert f"pid {pair.fe.pid}  " in out and f"pid {pair.be.pid}  " in out
     for m in region_mappings(own, 0) + region_mappings(own, 2):
@@ -127,7 +127,7 @@ def test_watch_on_a_tap_shows_a_violation_standing_out(spawn, tmp_path, sh) -> N
     watch = Lines(sh.popen("watch", "--name", "t"))
     try:
         wait_subscribed(watch.stream, daemons=1)
-        with pytest.raises(AssertionError, match="Refused"):
+        with pytest.raises(AssertionError, match=r"GenericError.*refused by the front-end: EINVAL"):
             pair.monitor("be").execute("map", shmid=0, shm_offset=0, len=MiB)
         line = watch.wait_for("VIOLATION")
     finally:

@@ -14,12 +14,13 @@ import tempfile
 
 import pytest
 
+from shmemctl import __version__
 from shmemctl.control import ControlClient, ControlError, ErrorClass, peer_allowed
-from shmemctl.control.protocol import MAX_LINE
+from shmemctl.control.protocol import MAX_REQUEST
 from shmemctl.events import Event
 from shmemctl.wire import ShmemMap
 
-from .conftest import PATIENCE, MiB, memfd, recv_lines
+from .conftest import PATIENCE, MiB, memfd, qmp_negotiate, recv_lines
 
 
 @pytest.fixture
@@ -33,19 +34,28 @@ def raw(path: str) -> tuple[socket.socket, object]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(PATIENCE)
     sock.connect(path)
-    f = sock.makefile("rb")
-    greeting = json.loads(f.readline())
-    assert greeting["greeting"]["role"] == "frontend"
-    return sock, f
+    qmp_negotiate(sock)
+    return sock, sock.makefile("rb")
 
 
 def test_greeting_and_status(frontend_ctl) -> None:
     path, _backend, fe = frontend_ctl
+    version = {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": f"shmemctl {__version__}"}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    try:
+        # QMP's greeting: the version as QEMU gives one, and no capabilities on offer
+        assert qmp_negotiate(sock) == {"version": version, "capabilities": []}
+    finally:
+        sock.close()
     with ControlClient(path) as client:
-        g = client.greeting
-        assert g["role"] == "frontend" and g["pid"] == fe.pid
-        assert {"status", "reset", "get-shmem-config", "read", "subscribe"} <= set(g["commands"])
-        st = client.execute("status")
+        assert client.execute("query-version") == version
+        commands = {c["name"] for c in client.execute("query-commands")}
+        assert {"query-status", "reset", "get-shmem-config", "read", "subscribe",
+                "qmp_capabilities", "query-commands", "query-version"} <= commands  # fmt: skip
+        assert "status" not in commands
+        st = client.execute("query-status")
+        assert st["role"] == "frontend"
         assert st["state"] == "connected"
         assert st["negotiated"]["shmem"] is True
         assert "SHMEM" in st["negotiated"]["protocol_features"]
@@ -63,20 +73,22 @@ def test_the_socket_and_its_directory_are_private(frontend_ctl) -> None:
 @pytest.mark.parametrize(
     ("line", "error_class", "words"),
     [
-        (b"this is not json", ErrorClass.BAD_REQUEST, "not JSON"),
-        (b"[1, 2]", ErrorClass.BAD_REQUEST, "a request is a JSON object"),
-        (b'{"id": 1}', ErrorClass.BAD_REQUEST, "needs 'execute'"),
-        (b'{"id": 1, "execute": "format-disk"}', ErrorClass.NOT_FOUND, "no command 'format-disk'"),
-        (b'{"id": 1, "execute": "read", "arguments": {"shmid": 0}}', ErrorClass.BAD_ARGUMENT,
+        (b"this is not json", ErrorClass.GENERIC, "not JSON"),
+        (b"42", ErrorClass.GENERIC, "QMP input must be a JSON object, not 42"),
+        (b"[1, 2]", ErrorClass.GENERIC, "QMP input must be a JSON object"),
+        (b'{"id": 1}', ErrorClass.GENERIC, "QMP input lacks member 'execute'"),
+        (b'{"id": 1, "execute": "format-disk"}', ErrorClass.NOT_FOUND,
+         "The command format-disk has not been found on the frontend"),
+        (b'{"id": 1, "execute": "read", "arguments": {"shmid": 0}}', ErrorClass.GENERIC,
          "needs the argument 'offset'"),
         (b'{"id": 1, "execute": "read", "arguments": {"shmid": "0", "offset": 0}}',
-         ErrorClass.BAD_ARGUMENT, "'shmid' must be int"),
+         ErrorClass.GENERIC, "'shmid' must be int"),
         (b'{"id": 1, "execute": "read", "arguments": {"shmid": true, "offset": 0}}',
-         ErrorClass.BAD_ARGUMENT, "'shmid' must be int, not true"),
-        (b'{"id": 1, "execute": "reset", "arguments": {"force": 1}}', ErrorClass.BAD_ARGUMENT,
+         ErrorClass.GENERIC, "'shmid' must be int, not true"),
+        (b'{"id": 1, "execute": "reset", "arguments": {"force": 1}}', ErrorClass.GENERIC,
          "reset takes no argument force"),
-        (b'{"id": 1, "execute": "status", "sudo": true}', ErrorClass.BAD_REQUEST,
-         "unknown request keys"),
+        (b'{"id": 1, "execute": "query-status", "sudo": true}', ErrorClass.GENERIC,
+         "QMP input member 'sudo' is unexpected"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_specific_errors_and_no_effect(
@@ -90,7 +102,7 @@ def test_bad_requests_get_specific_errors_and_no_effect(
         assert answer["error"]["class"] == error_class
         assert words in answer["error"]["desc"]
         # the connection and the daemon carry on
-        sock.sendall(b'{"id": 2, "execute": "status", "arguments": {"max_mappings": 0}}\n')
+        sock.sendall(b'{"id": 2, "execute": "query-status", "arguments": {"max_mappings": 0}}\n')
         assert json.loads(f.readline())["return"]["state"] == "connected"
     finally:
         sock.close()
@@ -101,12 +113,13 @@ def test_subscribing_to_an_unknown_event_is_refused_with_the_known_ones(frontend
     path, backend, _ = frontend_ctl
     sock, f = raw(path)
     try:
-        sock.sendall(b'{"id": 1, "execute": "subscribe", "arguments": {"events": ["mapped", '
-                     b'"mapd", "trace", "mapd"]}}\n')  # fmt: skip
+        # the names are QMP's, upper case: the lower-case one is no event either
+        sock.sendall(b'{"id": 1, "execute": "subscribe", "arguments": {"events": ["MAPPED", '
+                     b'"MAPD", "mapped", "MAPD"]}}\n')  # fmt: skip
         answer = json.loads(f.readline())
-        assert answer["id"] == 1 and answer["error"]["class"] == ErrorClass.BAD_ARGUMENT
+        assert answer["id"] == 1 and answer["error"]["class"] == ErrorClass.GENERIC
         assert answer["error"]["desc"] == (
-            "subscribe: no event 'mapd', 'trace'; the events are: " + ", ".join(Event)
+            "subscribe: no event 'MAPD', 'mapped'; the events are: " + ", ".join(Event)
         )
         # refused whole: not even the known name is subscribed to
         buf = memfd(MiB)
@@ -114,7 +127,7 @@ def test_subscribing_to_an_unknown_event_is_refused_with_the_known_ones(frontend
             assert backend.map(ShmemMap(0, 0, 4096, 0), (buf,)) == "ok"
         finally:
             os.close(buf)
-        sock.sendall(b'{"id": 2, "execute": "status", "arguments": {"max_mappings": 0}}\n')
+        sock.sendall(b'{"id": 2, "execute": "query-status", "arguments": {"max_mappings": 0}}\n')
         answer = json.loads(f.readline())  # the next line is the answer, not an event
         assert answer["id"] == 2 and answer["return"]["counters"]["maps"] == 1
     finally:
@@ -129,8 +142,8 @@ def test_an_oversized_line_is_refused_and_the_client_dropped(frontend_ctl) -> No
     try:
         # The daemon may hang up while we are still sending: that is the point.
         with contextlib.suppress(OSError):
-            sock.sendall(b"x" * (MAX_LINE * 4))
-        fe.wait_log(f"line longer than {MAX_LINE} bytes; closing")
+            sock.sendall(b"x" * (MAX_REQUEST * 4))
+        fe.wait_log(f"request longer than {MAX_REQUEST} bytes; closing")
         # dropped: reading ends (EOF, or a reset since our bytes were left unread)
         try:
             rest = f.read()
@@ -140,7 +153,7 @@ def test_an_oversized_line_is_refused_and_the_client_dropped(frontend_ctl) -> No
     finally:
         sock.close()
     with ControlClient(path) as client:
-        assert client.execute("status", max_mappings=0)["state"] == "connected"
+        assert client.execute("query-status", max_mappings=0)["state"] == "connected"
     assert fe.alive()
 
 
@@ -149,9 +162,10 @@ def test_a_subscriber_that_never_reads_is_dropped_not_the_daemon(frontend_ctl) -
     lazy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     lazy.connect(path)
-    lazy.sendall(b'{"id": 1, "execute": "subscribe", "arguments": {"events": ["message"]}}\n')
-    # the greeting, then the answer: subscribed from here on, and it never reads again
-    assert b'"return"' in recv_lines(lazy, 2)[1]
+    qmp_negotiate(lazy)
+    lazy.sendall(b'{"id": 1, "execute": "subscribe", "arguments": {"events": ["MESSAGE"]}}\n')
+    # the answer: subscribed from here on, and it never reads again
+    assert b'"return"' in recv_lines(lazy)[0]
     buf = memfd(MiB)
     hung_up = select.poll()
     hung_up.register(lazy, select.POLLHUP)
@@ -167,7 +181,7 @@ def test_a_subscriber_that_never_reads_is_dropped_not_the_daemon(frontend_ctl) -
         lazy.close()
     assert "reads too slowly; dropping it" in fe.log()  # and says why, in these words
     with ControlClient(path) as client:
-        assert client.execute("status", max_mappings=0)["counters"]["maps"] >= 1
+        assert client.execute("query-status", max_mappings=0)["counters"]["maps"] >= 1
 
 
 def test_many_clients_at_once(frontend_ctl) -> None:
@@ -175,7 +189,7 @@ def test_many_clients_at_once(frontend_ctl) -> None:
     clients = [ControlClient(path) for _ in range(12)]
     try:
         for c in clients:
-            assert c.execute("status", max_mappings=0)["state"] == "connected"
+            assert c.execute("query-status", max_mappings=0)["state"] == "connected"
     finally:
         for c in clients:
             c.close()
@@ -208,7 +222,10 @@ def test_a_client_of_another_uid_is_refused(spawn, tmp_path) -> None:
             s = socket.socket(socket.AF_UNIX)
             s.settimeout(PATIENCE)
             s.connect(path)
-            os.write(write_end, s.makefile("rb").readline())
+            f = s.makefile("rb")
+            greeting = f.readline()  # QMP greets anyone; the first request is refused
+            s.sendall(b'{"execute": "qmp_capabilities", "id": 1}\n')
+            os.write(write_end, greeting + f.read())  # the answer, then the daemon hangs up
         finally:
             os._exit(0)
     os.close(write_end)
@@ -216,8 +233,13 @@ def test_a_client_of_another_uid_is_refused(spawn, tmp_path) -> None:
     with os.fdopen(read_end, "rb") as r:
         line = r.read()
     assert os.waitstatus_to_exitcode(status) == 0
-    answer = json.loads(line)
-    assert answer["error"]["class"] == ErrorClass.DENIED
-    assert "uid 65534 may not use this frontend's control socket" in answer["error"]["desc"]
+    greeting, answer, *rest = line.splitlines()
+    assert json.loads(greeting)["QMP"]["capabilities"] == []
+    answer = json.loads(answer)
+    assert answer["id"] == 1 and answer["error"]["class"] == ErrorClass.GENERIC
+    assert answer["error"]["desc"] == (
+        f"uid 65534 may not use this frontend's control socket; run as uid {os.getuid()} or root"
+    )
+    assert rest == []  # and nothing more: the connection is over
     fe.wait_log(r"control: refused pid \d+ of uid 65534")
     shutil.rmtree(door, ignore_errors=True)

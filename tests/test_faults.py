@@ -37,7 +37,7 @@ def test_kill_9_of_the_frontend_mid_stream(spawn, tmp_path) -> None:
 
     def mapping_again() -> bool:
         with ControlClient(str(tmp_path / "fe2.ctl")) as c:
-            return c.execute("status", max_mappings=0)["counters"]["maps"] > 0
+            return c.execute("query-status", max_mappings=0)["counters"]["maps"] > 0
 
     wait_until(mapping_again, what="the scenario mapping through the new front-end")
     assert be.alive() and "Traceback" not in be.log()
@@ -75,21 +75,27 @@ def test_control_clients_killed_mid_request(driven, tmp_path) -> None:
     backend.wait_ready()
     ctl = str(tmp_path / "run" / "default" / "frontend.ctl")
     with ControlClient(ctl) as c:
-        c.execute("status")
+        c.execute("query-status")
     baseline = fd_count(fe.pid)
     code = (
         "import socket, sys, os, signal\n"
-        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.recv(4096)\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile('rb')\n"
+        "f.readline()  # the greeting; then leave capabilities negotiation\n"
+        's.sendall(b\'{"execute": "qmp_capabilities"}\')\n'
+        "assert b'\"return\"' in f.readline()\n"
         "s.sendall(sys.argv[2].encode())\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    for request in ('{"id": 1, "execute": "status", "arguments": {"max_mappings": 100000}}\n',
-                    '{"id": 1, "execute": "sta', '{"id": 1, "execute": "reset"}\n'):  # fmt: skip
+    for request in (
+        '{"id": 1, "execute": "query-status", "arguments": {"max_mappings": 100000}}\n',
+        '{"id": 1, "execute": "query-sta',
+        '{"id": 1, "execute": "reset"}\n',
+    ):
         done = subprocess.run([sys.executable, "-c", code, ctl, request], timeout=PATIENCE)
         assert done.returncode == -signal.SIGKILL
     wait_until(lambda: fd_count(fe.pid) <= baseline, what="the dead clients' fds released")
     with ControlClient(ctl) as c:
-        assert c.execute("status", max_mappings=0)["state"] == "connected"
+        assert c.execute("query-status", max_mappings=0)["state"] == "connected"
     assert fe.alive() and "Traceback" not in fe.log()
 
 
@@ -107,7 +113,7 @@ def test_eight_clients_hammer_status_while_10000_cycles_run(spawn, tmp_path) -> 
     def hammer(started: threading.Event) -> None:
         with ControlClient(str(tmp_path / "fe.ctl"), timeout=PATIENCE) as c:
             while not done.is_set():
-                st = c.execute("status", max_mappings=64)
+                st = c.execute("query-status", max_mappings=64)
                 statuses.append(1)
                 started.set()
                 if st["disagreements"]:
@@ -131,7 +137,7 @@ def test_eight_clients_hammer_status_while_10000_cycles_run(spawn, tmp_path) -> 
     assert problems == [], problems[:3]
     assert len(statuses) >= 8
     with ControlClient(str(tmp_path / "fe.ctl")) as c:
-        st = c.execute("status")
+        st = c.execute("query-status")
     assert st["counters"]["maps"] >= 10000 and st["counters"]["unmaps"] >= 10000
     assert st["disagreements"] == [] and st["regions"][0]["count"] == 0
     assert fe.alive() and be.alive()
@@ -146,9 +152,9 @@ def test_a_socket_client_that_only_connects(driven, tmp_path) -> None:
         for s in idle:
             s.connect(ctl)
         for s in idle:  # each one accepted, its threads running, and then it sends nothing
-            assert b'"greeting"' in recv_lines(s)[0]
+            assert b'"QMP"' in recv_lines(s)[0]
         with ControlClient(ctl) as c:
-            assert c.execute("status", max_mappings=0)["state"] == "connected"
+            assert c.execute("query-status", max_mappings=0)["state"] == "connected"
     finally:
         for s in idle:
             s.close()

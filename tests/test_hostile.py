@@ -86,7 +86,7 @@ def test_hostile_shmem_config(spawn, tmp_path, reply: bytes, words: str) -> None
         assert fe.alive()
         assert "region 0:" not in fe.log(), "nothing may be reserved from a bad layout"
         with ControlClient(str(tmp_path / "run" / "default" / "frontend.ctl")) as c:
-            status = c.execute("status")
+            status = c.execute("query-status")
         assert status["regions"] == [] and status["disagreements"] == []
         assert "Traceback" not in fe.log()
     finally:
@@ -179,7 +179,7 @@ def test_a_file_truncated_after_it_was_mapped(driven, tmp_path) -> None:
         with pytest.raises(ControlError) as info:
             c.execute("read", shmid=0, offset=0, length=16)
         assert "its file is shorter" in info.value.desc
-        assert c.execute("status")["disagreements"] == []
+        assert c.execute("query-status")["disagreements"] == []
     assert fe.alive()
 
 

@@ -105,7 +105,7 @@ def test_without_reconnect_it_stays_up_disconnected_until_stopped(spawn, tmp_pat
     fe.wait_log("staying up disconnected")  # said once the state has changed
     # still up after saying so: it answers on its control socket, disconnected
     with ControlClient(str(tmp_path / "run" / "default" / "frontend.ctl")) as c:
-        assert c.execute("status", max_mappings=0)["state"] == "disconnected"
+        assert c.execute("query-status", max_mappings=0)["state"] == "disconnected"
     assert fe.alive()
     assert fe.stop() == 0
 

@@ -5,8 +5,8 @@ The test command installs the packages; without them these tests fail under
 CI=true (a missing install step must show) and are skipped elsewhere.
 
 Nothing here sleeps to let something happen: each test waits for a peer to say
-so, through QEMU's QMP or a daemon's control socket (both JSON lines in QMP's
-manner, spoken by `Monitor`).
+so, through QEMU's QMP or a daemon's control socket (both QMP, spoken by
+`Monitor`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class MonitorClosed(AssertionError):
 
 
 class Monitor:
-    """A JSON-lines monitor in the manner of QEMU's QMP: QEMU's own, or the control
-    socket of a shmemctl daemon. `events` collects the events that arrive; `execute`
+    """A QMP monitor, one request at a time: QEMU's own, or the control socket of a
+    shmemctl daemon. `events` collects the events that arrive; `execute`
     returns once the process has run the command, so it doubles as a fence: `events`
     then holds every event the process published to us before it ran it."""
 
@@ -47,8 +47,8 @@ class Monitor:
         self._id = 0
         self.events: list[dict[str, Any]] = []
         self.greeting = self._read()
-        if "QMP" in self.greeting:
-            self.execute("qmp_capabilities")
+        assert "QMP" in self.greeting, self.greeting
+        self.execute("qmp_capabilities")
 
     @classmethod
     def of(cls, proc: Proc, path: str, timeout: float = 30.0) -> Monitor:
@@ -98,7 +98,7 @@ class Monitor:
 def traced(monitor: Monitor, role: str) -> list[dict[str, Any]]:
     """The trace records of every message a daemon carried so far, from a monitor that
     subscribed to the trace; each must be the whole record of one message."""
-    monitor.execute("status")  # a fence
+    monitor.execute("query-status")  # a fence
     records = [e["data"] for e in monitor.events if e["event"] == TRACE]
     halves = [r for r in records if r.get("direction") not in ("in", "out") or r["role"] != role]
     assert halves == [], "records of no message: each message is traced once, by its channel"
@@ -176,7 +176,7 @@ def test_qemu_realizes_a_vhost_user_device_against_backend_sim(
     assert realized is True
     # ... and it stays up: QEMU and backend_sim still answer, the connection still stands
     assert vm_monitor.execute("query-status")["status"] == "prelaunch"
-    assert be_monitor.execute("status")["state"] == "connected"
+    assert be_monitor.execute("query-status")["state"] == "connected"
     assert vm.alive() and be.alive()
 
     log = be.log()
@@ -231,7 +231,7 @@ def test_front_end_handshakes_with_qemu_storage_daemon(spawn, tmp_path) -> None:
     # both still up after the handshake: each answers, the export and the connection stand
     exports = Monitor.of(daemon, qmp).execute("query-block-exports")
     assert [(e["id"], e["shutting-down"]) for e in exports] == [("exp0", False)]
-    assert Monitor.of(fe, control).execute("status")["state"] == "connected"
+    assert Monitor.of(fe, control).execute("query-status")["state"] == "connected"
     assert fe.alive() and daemon.alive()
     assert fe.stop() == 0
     assert "Traceback" not in fe.log()

@@ -214,7 +214,9 @@ def test_each_topology_carries_a_working_pair(spawn, tmp_path, front_mode, back_
     pair = start_pair(spawn, tmp_path, front_mode, back_mode)
     assert pair.fe is not None
     device, front, tap = pair.monitor("be"), pair.monitor("fe"), pair.monitor("tap")
-    assert tap.greeting["greeting"]["role"] == "tap"
+    assert "QMP" in tap.greeting and tap.execute("query-status")["role"] == "tap"
+    offered = {c["name"] for c in tap.execute("query-commands")}
+    assert {"query-status", "query-shmem-config"} <= offered
     device.execute("map", shmid=0, shm_offset=MiB, len=MiB)
     device.execute("map", shmid=2, shm_offset=0, len=64 << 10, ro=True)
 
@@ -223,8 +225,8 @@ def test_each_topology_carries_a_working_pair(spawn, tmp_path, front_mode, back_
         dataclasses.replace(s, inode=0, file_offset=0, dev=0)
         for s in segments(pair.fe.pid, base, 8 * MiB)
     ]
-    seen = tap.execute("status")
-    own = front.execute("status")
+    seen = tap.execute("query-status")
+    own = front.execute("query-status")
     for shmid in (0, 2):
         assert [plain(m) for m in region_mappings(seen, shmid)] == [
             plain(m) for m in region_mappings(own, shmid)
@@ -236,7 +238,7 @@ def test_each_topology_carries_a_working_pair(spawn, tmp_path, front_mode, back_
     assert seen["negotiated"]["shmem"] and seen["negotiated"]["backend_channel"]
     assert seen["negotiated"]["device_features"] == "0x140000000"  # VERSION_1, PROTOCOL_FEATURES
     assert {r["shmid"]: r["size"] for r in seen["regions"]} == {0: 8 * MiB, 2: 64 << 10}
-    assert tap.execute("shmem-config")["sizes"] == {"0": 8 * MiB, "2": 64 << 10}
+    assert tap.execute("query-shmem-config")["sizes"] == {"0": 8 * MiB, "2": 64 << 10}
     assert seen["sides"]["front-end"]["mode"] == front_mode
     assert seen["sides"]["back-end"]["mode"] == back_mode
 
@@ -270,14 +272,14 @@ def test_every_message_crosses_exactly_once_each_way(spawn, tmp_path) -> None:
     device.execute("unmap", shmid=0, shm_offset=0, len=MiB)
     front.execute("get-shmem-config")
     for monitor in (front, device):
-        monitor.execute("status")  # a fence: every trace event published so far is in
+        monitor.execute("query-status")  # a fence: every trace event published so far is in
 
     sent_by_fe = carried(front, "frontend", direction="out")
     got_by_be = carried(device, "backend", direction="in")
     sent_by_be = carried(device, "backend", direction="out")
     got_by_fe = carried(front, "frontend", direction="in")
     assert sent_by_fe == got_by_be and sent_by_be == got_by_fe
-    counters = tap.execute("status")["counters"]
+    counters = tap.execute("query-status")["counters"]
     for kind in ("main", "backend"):
         assert counters[kind]["front-end"]["messages"] == sum(1 for m in sent_by_fe if m[0] == kind)
         assert counters[kind]["back-end"]["messages"] == sum(1 for m in sent_by_be if m[0] == kind)
@@ -289,7 +291,7 @@ def test_every_message_crosses_exactly_once_each_way(spawn, tmp_path) -> None:
     device.execute("map", shmid=2, shm_offset=0, len=64 << 10)
     front.execute("get-shmem-config")
     for monitor in (front, device, tap):
-        monitor.execute("status")
+        monitor.execute("query-status")
     fe_now = carried(front, "frontend")[before[0] :]
     via_tap = carried(tap, "tap")
     assert via_tap == fe_now  # everything the front-end saw went through the tap once
@@ -304,14 +306,14 @@ def test_a_broken_rule_is_an_event_with_its_label_and_passage_and_counted(spawn,
     tap = pair.monitor("tap")
     tap.execute("subscribe", events=[Event.VIOLATION])
     device = pair.monitor("be")
-    with pytest.raises(AssertionError, match="Refused"):
+    with pytest.raises(AssertionError, match=r"GenericError.*refused by the front-end: EINVAL"):
         device.execute("map", shmid=0, shm_offset=0, len=MiB)
     violation = tap.events[wait_event(tap, Event.VIOLATION)]["data"]
     assert fits(tap.events[0], "tap") == ""
     assert violation["by"] == "back-end" and violation["rule"] == "map-valid"
     assert violation["passage"] == "§5" and violation["request"] == "SHMEM_MAP"
     assert "shmid 0 [0x800000, 0x900000)" in violation["detail"]
-    status = tap.execute("status")
+    status = tap.execute("query-status")
     assert status["violations"] == {"map-valid": 1}
     assert region_mappings(status, 0) == []  # refused: nothing mapped
 
@@ -325,7 +327,7 @@ def test_a_front_end_that_leaves_takes_the_device_with_it_and_the_next_one_is_re
     tap.execute("subscribe", events=[Event.ATTACHED, Event.DETACHED])
     device.execute("subscribe", events=[Event.DISCONNECTED, Event.CONNECTED])
     device.execute("map", shmid=0, shm_offset=0, len=MiB)
-    baseline_mappings = tap.execute("status")["regions"][0]["count"]
+    baseline_mappings = tap.execute("query-status")["regions"][0]["count"]
     assert baseline_mappings == 1
 
     pair.fe.stop()
@@ -336,7 +338,7 @@ def test_a_front_end_that_leaves_takes_the_device_with_it_and_the_next_one_is_re
     assert {d["side"] for d in detached} == {"front-end", "back-end"}
     assert all(d["connection"] == 1 for d in detached), detached
     assert detached[0]["reason"] == "front-end closed the main channel"
-    status = tap.execute("status")
+    status = tap.execute("query-status")
     assert status["regions"] == [] or all(r["count"] == 0 for r in status["regions"])
 
     fe2 = spawn("frontend", "--connect", str(tmp_path / "front.sock"), "--control",
@@ -347,7 +349,7 @@ def test_a_front_end_that_leaves_takes_the_device_with_it_and_the_next_one_is_re
     device.execute("map", shmid=0, shm_offset=0, len=MiB)
     base = region_bases(fe2)[0]
     assert segments(fe2.pid, base, 8 * MiB)[0].access == "rw"
-    assert tap.execute("status")["connection"] == 2
+    assert tap.execute("query-status")["connection"] == 2
     assert all(fits(e, "tap") == "" for e in tap.events)
 
 
@@ -371,7 +373,7 @@ def test_the_tap_keeps_no_fd_once_a_connection_is_over(spawn, tmp_path) -> None:
         assert fd_count(proc.pid) > idle  # relaying: a socket per side of both channels
         fe.stop()
         wait_until(lambda: fd_count(proc.pid) == idle, what="the tap's fds back to idle")
-    assert tap.execute("status")["counters"]["backend"]["back-end"]["fds"] == 8  # the maps'
+    assert tap.execute("query-status")["counters"]["backend"]["back-end"]["fds"] == 8  # the maps'
 
 
 # ------------------------------------------------------------------ the test as both peers
@@ -437,7 +439,7 @@ def test_a_request_left_unanswered_past_the_deadline_is_the_owers_violation(
         reply = encode_u64_reply(FrontendReq.GET_FEATURES, 1 << 32)
         back.sendall(reply)
         assert recv_exactly(front, len(reply))[0] == reply
-        status = tap.execute("status")
+        status = tap.execute("query-status")
         assert status["violations"] == {"answered-in-time": 1}
         assert status["pending"]["main"] == []
     finally:
@@ -504,7 +506,7 @@ def test_garbage_is_forwarded_exactly_reported_and_the_pair_decides(raw_peers) -
         more = b"still carried, byte for byte"
         front.sendall(more)
         assert recv_exactly(back, len(more))[0] == more
-        status = tap.execute("status")
+        status = tap.execute("query-status")
         assert status["raw"] == ["main from front-end"] and status["unjudged"] == ["main"]
         assert status["counters"]["main"]["front-end"]["undecodable"] == 2
 
@@ -513,7 +515,7 @@ def test_garbage_is_forwarded_exactly_reported_and_the_pair_decides(raw_peers) -
         reply = encode_u64_reply(FrontendReq.GET_FEATURES, 7)
         back.sendall(reply)
         assert recv_exactly(front, len(reply))[0] == reply
-        status = tap.execute("status")
+        status = tap.execute("query-status")
         assert status["state"] == "relaying" and status["violations"] == {"reply-owed": 1}
 
         front.close()  # the front-end leaves: the device sees it leave too
@@ -575,7 +577,7 @@ def test_a_backend_channel_handed_over_with_an_fd_too_many_is_still_relayed(raw_
         assert recv_exactly(ours, len(unmap))[0] == unmap
         # judged as it passed (nothing was negotiated first either: no SET_PROTOCOL_FEATURES
         # before the channel, no SHMEM before the unmap)
-        found = tap.execute("status")["violations"]
+        found = tap.execute("query-status")["violations"]
         assert found == {"backend-channel-fd": 1, "protocol-features-first": 1,
                          "shmem-negotiated": 1}  # fmt: skip
     finally:
@@ -608,7 +610,7 @@ def test_more_fds_than_one_sendmsg_passes_are_forwarded_over_as_many_bytes(raw_p
         reply = encode_u64_reply(FrontendReq.GET_FEATURES, 1 << 32)
         back.sendall(reply)
         assert recv_exactly(front, len(reply))[0] == reply  # the pair carries on
-        assert tap.execute("status")["state"] == "relaying"
+        assert tap.execute("query-status")["state"] == "relaying"
     finally:
         close_fds(got)
         os.close(buffer)
@@ -749,7 +751,7 @@ def test_status_names_both_peers_and_holds_the_front_ends_maps_to_the_picture(
     device.execute("map", shmid=0, shm_offset=MiB, len=MiB)
     device.execute("map", shmid=0, shm_offset=3 * MiB, len=2 * MiB, fd_offset=0)
     device.execute("map", shmid=2, shm_offset=0, len=64 << 10, ro=True)
-    status = tap.execute("status")
+    status = tap.execute("query-status")
 
     fe_side = status["sides"]["front-end"]["process"]
     be_side = status["sides"]["back-end"]["process"]
@@ -780,9 +782,9 @@ def test_a_front_end_that_maps_over_a_mapping_disagrees_with_the_picture(spawn, 
     assert pair.fe is not None
     device, tap = pair.monitor("be"), pair.monitor("tap")
     device.execute("map", shmid=0, shm_offset=0, len=2 * MiB)
-    assert tap.execute("status")["truth"]["verdict"] == AGREE
+    assert tap.execute("query-status")["truth"]["verdict"] == AGREE
     device.execute("map", shmid=0, shm_offset=MiB, len=MiB)
-    status = tap.execute("status")
+    status = tap.execute("query-status")
     # the back-end asked for it, the front-end did not refuse it
     assert status["violations"] == {"map-valid": 1, "refuses-invalid": 1}
     base = region_bases(pair.fe)[0]
@@ -819,7 +821,7 @@ def test_the_picture_against_a_front_end_that_is_this_test(raw_peers) -> None:
             close_fds(recv_exactly(ours, len(data))[1])
 
         backend_says(BackendReq.SHMEM_MAP, [buffer])
-        status = tap.execute("status")
+        status = tap.execute("query-status")
         assert status["sides"]["front-end"]["process"]["pid"] == os.getpid()
         (mapping,) = region_mappings(status, 0)
         st = os.fstat(buffer)
@@ -834,11 +836,11 @@ def test_the_picture_against_a_front_end_that_is_this_test(raw_peers) -> None:
 
         view = mmap.mmap(buffer, 2 * PAGE)
         (at,) = [ln.start for ln in read_maps() if ln.inode == st.st_ino]
-        truth = tap.execute("status")["truth"]
+        truth = tap.execute("query-status")["truth"]
         assert (truth["verdict"], truth["regions"]) == (AGREE, [{"shmid": 0, "base": at}])
 
         backend_says(BackendReq.SHMEM_UNMAP, [])  # out of the picture; still mapped here
-        truth = tap.execute("status")["truth"]
+        truth = tap.execute("query-status")["truth"]
         assert truth["verdict"] == DISAGREE
         assert truth["findings"] == [
             f"the front-end maps file {mapping['dev']} inode {st.st_ino} ({mapping['file']}) at "
@@ -846,7 +848,7 @@ def test_the_picture_against_a_front_end_that_is_this_test(raw_peers) -> None:
             "that came through the backend channel and is not in the picture there"
         ]
         view.close()
-        assert tap.execute("status")["truth"]["verdict"] == AGREE
+        assert tap.execute("query-status")["truth"]["verdict"] == AGREE
         given.close()
     finally:
         if view is not None:
@@ -868,7 +870,7 @@ def test_a_map_the_codec_cannot_read_is_relayed_and_makes_no_mapping(raw_peers) 
             got, fds = recv_exactly(ours, len(data))
             assert got == data and len(fds) == 1 and same_file(fds[0], fd)
             close_fds(fds)
-        status = tap.execute("status")
+        status = tap.execute("query-status")
         assert status["state"] == "relaying"
         (mapping,) = region_mappings(status, 0)  # the second map's file, not the first's
         assert mapping["ino"] == os.fstat(other_buffer).st_ino

@@ -87,7 +87,7 @@ def test_asking_before_answering_a_map_is_caught(negotiated, tmp_path) -> None:
         assert (violation["by"], violation["rule"], violation["request"]) == (
             "front-end", "reply-before-follow-up", "ADD_MEM_REG")
         assert "owes one to SHMEM_MAP shmid 0 [0x0, 0x1000)" in violation["detail"]
-        assert tap.execute("status")["violations"] == {"reply-before-follow-up": 1}
+        assert tap.execute("query-status")["violations"] == {"reply-before-follow-up": 1}
         # and anyone judging the recording afterwards finds the same
         assert recorded_verdict(tmp_path) == FAIL
     finally:
@@ -117,7 +117,7 @@ def test_answering_first_and_asking_at_once_is_never_accused(negotiated, tmp_pat
             for fd in fds:
                 os.close(fd)
             through(back, front, encode_u64_reply(FrontendReq.ADD_MEM_REG, 0))
-        status = tap.execute("status")
+        status = tap.execute("query-status")
         assert status["violations"] == {}
         assert status["counters"]["main"]["front-end"]["messages"] == 202
         assert all(e["event"] != Event.VIOLATION for e in tap.events)

@@ -41,14 +41,14 @@ def test_a_device_that_connects_to_the_tap_is_let_go_with_the_front_end_and_the_
     assert all(d["connection"] == 1 for d in detached)
     seen = len(tap.events)
     _fe2, be2 = pair(2)
-    assert tap.execute("status")["connection"] == 2
+    assert tap.execute("query-status")["connection"] == 2
     first = wait_event(tap, Event.ATTACHED, seen)
     second = wait_event(tap, Event.ATTACHED, first + 1)
     assert [(tap.events[i]["data"]["side"], tap.events[i]["data"]["connection"])
             for i in (first, second)] == [("front-end", 2), ("back-end", 2)]  # fmt: skip
     # the second pair works through the tap as the first did
     Monitor.of(be2, str(tmp_path / "be2.ctl"), 60).execute("map", shmid=0, shm_offset=0, len=MiB)
-    status = tap.execute("status")
+    status = tap.execute("query-status")
     assert [m["shm_offset"] for m in region_mappings(status, 0)] == [0]
 
 

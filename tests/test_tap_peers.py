@@ -99,7 +99,7 @@ def violations(tap: Monitor) -> list[tuple[str, str]]:
 def no_findings(tap: Monitor) -> None:
     """A clean run: the tap reported nothing (events read up to a fence) and counts
     nothing."""
-    status = tap.execute("status")  # a fence: every event published so far is in
+    status = tap.execute("query-status")  # a fence: every event published so far is in
     reported = [e for e in tap.events if e["event"] in (Event.VIOLATION, Event.UNDECODABLE)]
     assert reported == [], reported
     assert status["violations"] == {}
@@ -186,7 +186,7 @@ def check_relayed_realize(tap: Monitor, vm: Proc, back: Proc) -> dict[str, Any]:
     wire = qemu_wire(vm)
     assert wire and wire[0] == ("write", FrontendReq.GET_FEATURES, 0x1), wire
     assert tap_wire(tap, len(wire)) == wire, names(wire)
-    status = tap.execute("status")  # a fence for the events, after the last forwarded message
+    status = tap.execute("query-status")  # a fence for the events, after the last forwarded message
     assert [e for e in tap.events if e["event"] == Event.MESSAGE and not on_main(e["data"])] == []
     assert all(fits(e, "tap") == "" for e in tap.events)
     no_findings(tap)
@@ -283,7 +283,7 @@ def test_qemu_and_backend_sim_through_the_tap_see_the_same_messages(spawn, tmp_p
     received = records(device, lambda r: r["direction"] == "in" and on_main(r), len(requests))
     assert [tuple(r[k] for k in TRACE_KEYS) for r in received] == requests
     # a fence: what backend_sim sent is traced before it is sent, so it is all in now
-    own = device.execute("status")["negotiated"]["protocol_features"]
+    own = device.execute("query-status")["negotiated"]["protocol_features"]
     assert carried(device, "backend", direction="out") == [r for r in forwarded if r[4]]
     assert own == status["negotiated"]["protocol_features"]  # what the tap saw acked
     assert vm.alive() and be.alive()
@@ -323,8 +323,8 @@ def test_our_front_end_and_qemu_storage_daemon_through_the_tap(spawn, tmp_path) 
     back_sock.symlink_to(blk)
     fe.wait_connected(shmem=False)
 
-    own = front.execute("status")
-    status = tap.execute("status")
+    own = front.execute("query-status")
+    status = tap.execute("query-status")
     assert not own["negotiated"]["shmem"] and not status["negotiated"]["shmem"]
     assert status["negotiated"]["protocol_features"] == own["negotiated"]["protocol_features"]
     assert own["negotiated"]["protocol_features"] == ["MQ", "REPLY_ACK", "BACKEND_REQ",
@@ -388,14 +388,14 @@ def same_step(tap: Monitor, front: Monitor, device: Monitor, n: int) -> bool:
     """After the device's n-th answer: the tap's picture is the front-end's table and the
     device's belief, and the tap's /proc verdict is the front-end's own. False, with
     nothing compared, when the next request passed the tap meanwhile."""
-    before = tap.execute("status")
+    before = tap.execute("query-status")
     if answered(before) != n:
         return False
     # Neither can move on while the tap sees nothing new: the front-end acts on a request
     # the tap sent on, and the device learns of an answer after the tap does.
-    own = front.execute("status")
-    believed = device.execute("status")
-    after = tap.execute("status")
+    own = front.execute("query-status")
+    believed = device.execute("query-status")
+    after = tap.execute("query-status")
     if answered(after) != n:
         return False
     assert after["regions"] == before["regions"]
@@ -601,7 +601,7 @@ def test_a_fault_that_breaks_a_rule_is_a_violation_of_that_rule(spawn, tmp_path,
     _pair, tap = faulty_pair(spawn, tmp_path, case)
     violation = wait_violation(tap, case.side, case.rules)
     assert violation["passage"].startswith("§") and violation["detail"]
-    tap.execute("status")  # a fence: every event published so far is in
+    tap.execute("query-status")  # a fence: every event published so far is in
     allowed = {(case.side, rule) for rule in case.rules} | set(case.also)
     assert set(violations(tap)) <= allowed, violations(tap)
     assert all(fits(e, "tap") == "" for e in tap.events)
@@ -641,7 +641,7 @@ def test_a_fault_of_form_is_an_undecodable_message(spawn, tmp_path, case) -> Non
     event = tap.events[wait_event(tap, Event.UNDECODABLE)]["data"]
     assert event["side"] == case.side and case.reason in event["reason"], event
     assert event["decoding"] is case.decoding
-    tap.execute("status")  # a fence
+    tap.execute("query-status")  # a fence
     assert violations(tap) == []
     assert all(fits(e, "tap") == "" for e in tap.events)
 
@@ -663,13 +663,13 @@ def test_a_front_end_that_did_not_make_a_map_the_wire_says_it_made_disagrees(
     holds nothing there, so the tap's verdict disagrees; the front-end's own table agrees
     with its own maps."""
     pair, tap = faulty_pair(spawn, tmp_path, case)
-    status = tap.execute("status")
+    status = tap.execute("query-status")
     truth = status["truth"]
     assert truth["verdict"] == DISAGREE, truth
     (finding,) = truth["findings"]
     (gone,) = [m for r in status["regions"] for m in r["mappings"] if "gone" in m]
     assert gone["gone"] in finding and f"inode {gone['ino']} nowhere" in gone["gone"]
-    assert pair.monitor("fe").execute("status")["disagreements"] == []
+    assert pair.monitor("fe").execute("query-status")["disagreements"] == []
     assert violations(tap) == [] and status["violations"] == {}
 
 
@@ -683,14 +683,14 @@ def test_an_fd_too_many_is_a_violation(spawn, tmp_path, case) -> None:
     pair, tap = faulty_pair(spawn, tmp_path, case)
     assert pair.fe is not None
     pair.fe.wait_connected()
-    tap.execute("status")  # a fence
+    tap.execute("query-status")  # a fence
     assert (case.side, case.rules[0]) in violations(tap)
 
 
 def test_a_clean_pair_breaks_no_rule(spawn, tmp_path) -> None:
     pair, tap = faulty_pair(spawn, tmp_path, Faulty(act=everything))
     no_findings(tap)
-    truth = tap.execute("status")["truth"]
+    truth = tap.execute("query-status")["truth"]
     assert truth["verdict"] == AGREE and truth["pid"] == pair.fe.pid  # type: ignore[union-attr]
 
 
@@ -709,7 +709,7 @@ def test_a_front_end_that_maps_an_unaligned_length_refuses_nothing_it_must(spawn
         fe.wait_connected()  # its handshake over: nothing more it asks an answer to
         # the answer passed the tap after the tap judged the request and the answer
         assert device.map(ShmemMap(0, 0, PAGE + 512, 0, 1), (buffer,)) == "ok"
-        tap.execute("status")  # a fence
+        tap.execute("query-status")  # a fence
         assert violations(tap) == [(BACK_END, "map-valid"), (FRONT_END, "refuses-invalid")]
         assert "must be multiples of the page size" in tap.events[0]["data"]["detail"]
     finally:
@@ -733,7 +733,7 @@ def test_a_reply_that_echoes_need_reply_is_undecodable_and_still_answers(spawn, 
         event = tap.events[wait_event(tap, Event.UNDECODABLE)]["data"]
         assert (event["side"], event["decoding"]) == (BACK_END, True)
         assert event["reason"] == "NEED_REPLY flag on a reply: reply 1 flags 0xd"
-        status = tap.execute("status")
+        status = tap.execute("query-status")
         # a reply all the same: what the back-end owed it answered, and no rule is broken
         assert status["pending"]["main"] == [] and status["violations"] == {}
         assert status["negotiated"]["device_features"] == "0x140000000"

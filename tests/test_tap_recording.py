@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from shmemctl.cli import main
 from shmemctl.conformance.recording import DECODES, check_recording
 from shmemctl.conformance.report import FAIL, NA, PASS
+from shmemctl.events import Event
 from shmemctl.session.common import Rule
 from shmemctl.session.observer import BACKEND, FRONTEND
 from shmemctl.shmem.mapping import dev_text
@@ -143,7 +144,9 @@ def test_replayed_events_read_like_the_live_trace(recording) -> None:
     recording.handshake()
     recording.map()
     events = list(replay_events(recording.path))
-    assert all(e["event"] == "message" and e["data"]["role"] == "tap" for e in events)
+    assert all(e["event"] == Event.MESSAGE and e["data"]["role"] == "tap" for e in events)
+    # as a live event comes: QMP's timestamp
+    assert all(set(e["timestamp"]) == {"seconds", "microseconds"} for e in events)
     runner = CliRunner()
     done = runner.invoke(main, ["trace", "--replay", str(recording.path)])
     assert done.exit_code == 0, done.output
@@ -155,8 +158,10 @@ def test_replayed_events_read_like_the_live_trace(recording) -> None:
     assert "fe->be backend SHMEM_MAP reply 0" in lines[7]
     done = runner.invoke(main, ["trace", "--replay", str(recording.path), "--count", "2",
                                 "--json"])  # fmt: skip
-    assert [json.loads(line)["data"]["request"] for line in done.output.splitlines()] == [
+    replayed = [json.loads(line) for line in done.output.splitlines()]
+    assert [e["data"]["request"] for e in replayed] == [
         "GET_PROTOCOL_FEATURES", "GET_PROTOCOL_FEATURES"]  # fmt: skip
+    assert all(e["event"] == Event.MESSAGE and e["source"] == "tap" for e in replayed)
 
 
 def test_a_tap_appends_and_each_start_begins_afresh(recording) -> None:

@@ -19,6 +19,7 @@ from textual.widget import Widget
 from textual.widgets import Button, DataTable, Input
 from textual.widgets.data_table import RowKey
 
+from shmemctl.events import Event
 from tui.app import ShmemConsole
 from tui.screens import ConfigScreen, Confirm, HelpScreen, MapForm
 from tui.widgets import EventLogView, MappingsTable, RegionMap
@@ -260,7 +261,7 @@ def test_trace_filter_sort_and_zoom(sh) -> None:
         async with app.run_test(size=(100, 32)) as pilot:
             await until(pilot, lambda: app.model.regions, "regions")
             await pilot.press("t")
-            await until(pilot, lambda: all("message" in link.subscribed
+            await until(pilot, lambda: all(Event.MESSAGE in link.subscribed
                                            for link in app.links.values()),
                         "the links subscribed to the trace")  # fmt: skip
             assert sh("map", "0", "0", "4K").returncode == 0
@@ -346,17 +347,17 @@ def test_a_map_is_one_line_in_the_log_when_both_sides_agree(sh) -> None:
             log = app.model.log
             assert sh("map", "0", "0x210000", "1M", "--ro").returncode == 0
             # both daemons report it; the second report turns the first line into one for both
-            await until(pilot, lambda: "mapped 0:0x210000+0x100000 ro both" in shown_text(view),
+            await until(pilot, lambda: "MAPPED 0:0x210000+0x100000 ro both" in shown_text(view),
                         "one line for the map, drawn whole at 80 columns")  # fmt: skip
             assert [(e.text, e.side) for e in log.entries if "0x210000" in e.text] == [
-                ("mapped 0:0x210000+0x100000 ro", "both")
+                ("MAPPED 0:0x210000+0x100000 ro", "both")
             ]
             assert sh("map", "0", "0x280000", "64K").returncode == 1  # overlaps: refused
-            await until(pilot, lambda: "refused map 0:0x280000+0x10000 EEXIST: overlaps "
+            await until(pilot, lambda: "REFUSED map 0:0x280000+0x10000 EEXIST: overlaps "
                         "0x210000+0x100000" in shown_text(view), "the refusal")  # fmt: skip
-            refusals = [e for e in log.entries if e.text.startswith("refused")]
+            refusals = [e for e in log.entries if e.text.startswith("REFUSED")]
             await until(pilot, lambda: refusals[0].side == "both", "the other side's refusal")
-            assert len([e for e in log.entries if e.text.startswith("refused")]) == 1
+            assert len([e for e in log.entries if e.text.startswith("REFUSED")]) == 1
 
     run(go)
 
@@ -381,10 +382,10 @@ def test_two_sides_that_differ_are_two_lines(tmp_path, launched_pair) -> None:
             await until(pilot, lambda: len([e for e in log.entries if e.differs]) == 2,
                         "both reports of the second map")  # fmt: skip
             lines = [(e.text, e.who) for e in log.entries if "0:0x0+0x10000" in e.text]
-            assert lines[0] == ("mapped 0:0x0+0x10000 rw", "both")
+            assert lines[0] == ("MAPPED 0:0x0+0x10000 rw", "both")
             assert sorted((text.split(":", 2)[0], who) for text, who in lines[1:]) == [
-                ("mapped 0", "back-end ≠"),
-                ("refused map 0", "front-end ≠"),
+                ("MAPPED 0", "back-end ≠"),
+                ("REFUSED map 0", "front-end ≠"),
             ]
             assert "EEXIST: overlaps 0x0+0x10000" in "".join(text for text, _ in lines)
 

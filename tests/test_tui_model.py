@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shmemctl.events import Event, qmp_timestamp
 from shmemctl.shmem.mapping import Mapping
 from tui.model import EventLog, RegionView
 from tui.widgets import FREE, RO, RW, bar_cells
@@ -75,17 +76,17 @@ T = 1_800_000_000.0
 
 
 def mapped(side: str, offset: int = 0, *, writable: bool = True, t: float = T) -> dict:
-    """A `mapped` event as each daemon publishes it."""
+    """A MAPPED event as each daemon publishes it."""
     data = {"shmid": 0, "shm_offset": offset, "len": 0x10000, "fd_offset": 0, "writable": writable}
     data |= {"file": "/memfd:b (deleted)"} if side == "frontend" else {"buffer": 1, "acked": True}
-    return {"event": "mapped", "data": data, "timestamp": t}
+    return {"event": Event.MAPPED.value, "data": data, "timestamp": qmp_timestamp(t)}
 
 
 def unmapped(side: str, offset: int = 0, t: float = T) -> dict:
     data = {"shmid": 0, "shm_offset": offset, "len": 0x10000}
     if side == "frontend":
         data |= {"fd_offset": 0, "writable": True}
-    return {"event": "unmapped", "data": data, "timestamp": t}
+    return {"event": Event.UNMAPPED.value, "data": data, "timestamp": qmp_timestamp(t)}
 
 
 def refused(side: str, errno: str = "EEXIST") -> dict:
@@ -96,7 +97,7 @@ def refused(side: str, errno: str = "EEXIST") -> dict:
     else:
         data |= {"request": "map", "fd_offset": 0, "writable": True,
                  "explanation": "overlaps 0x0+0x20000"}  # fmt: skip
-    return {"event": "refused", "data": data, "timestamp": T}
+    return {"event": Event.REFUSED.value, "data": data, "timestamp": qmp_timestamp(T)}
 
 
 def lines(log: EventLog) -> list[tuple[str, str]]:
@@ -109,7 +110,7 @@ def test_a_map_both_sides_report_alike_is_one_line(front_end_first) -> None:
     reports = [("frontend", mapped("frontend")), ("backend", mapped("backend"))]
     for side, event in reports if front_end_first else reports[::-1]:
         log.add(side, event)
-    assert lines(log) == [("mapped 0:0x0+0x10000 rw", "both")]
+    assert lines(log) == [("MAPPED 0:0x0+0x10000 rw", "both")]
 
 
 def test_reports_that_differ_stay_two_lines_both_marked() -> None:
@@ -119,22 +120,22 @@ def test_reports_that_differ_stay_two_lines_both_marked() -> None:
     log.add("frontend", refused("frontend"))  # the front-end refused what the back-end
     log.add("backend", mapped("backend", 0x20000))  # believes mapped
     assert lines(log) == [
-        ("mapped 0:0x0+0x10000 ro", "front-end ≠"),
-        ("mapped 0:0x0+0x10000 rw", "back-end ≠"),
-        ("refused map 0:0x20000+0x10000 EEXIST: overlaps 0x0+0x20000; unmap it first",
+        ("MAPPED 0:0x0+0x10000 ro", "front-end ≠"),
+        ("MAPPED 0:0x0+0x10000 rw", "back-end ≠"),
+        ("REFUSED map 0:0x20000+0x10000 EEXIST: overlaps 0x0+0x20000; unmap it first",
          "front-end ≠"),
-        ("mapped 0:0x20000+0x10000 rw", "back-end ≠"),
+        ("MAPPED 0:0x20000+0x10000 rw", "back-end ≠"),
     ]  # fmt: skip
 
 
 def test_a_refusal_both_report_is_one_line_in_the_front_ends_words() -> None:
     log = EventLog()
     log.add("backend", refused("backend"))
-    assert lines(log) == [("refused map 0:0x20000+0x10000 EEXIST: overlaps 0x0+0x20000",
+    assert lines(log) == [("REFUSED map 0:0x20000+0x10000 EEXIST: overlaps 0x0+0x20000",
                            "back-end")]  # fmt: skip
     log.add("frontend", refused("frontend"))
     assert lines(log) == [
-        ("refused map 0:0x20000+0x10000 EEXIST: overlaps 0x0+0x20000; unmap it first", "both")
+        ("REFUSED map 0:0x20000+0x10000 EEXIST: overlaps 0x0+0x20000; unmap it first", "both")
     ]
     log.add("frontend", refused("frontend", "EINVAL"))  # and a different errno is another story
     log.add("backend", refused("backend", "EEXIST"))
@@ -153,9 +154,9 @@ def test_the_same_range_again_pairs_in_order() -> None:
         log.add("backend", event)
     log.add("frontend", front[2])
     assert lines(log) == [
-        ("mapped 0:0x0+0x10000 rw", "both"),
-        ("unmapped 0:0x0+0x10000 rw", "both"),
-        ("mapped 0:0x0+0x10000 rw", "both"),
+        ("MAPPED 0:0x0+0x10000 rw", "both"),
+        ("UNMAPPED 0:0x0+0x10000 rw", "both"),
+        ("MAPPED 0:0x0+0x10000 rw", "both"),
     ]
 
 
@@ -163,31 +164,32 @@ def test_reports_far_apart_are_not_one_request() -> None:
     log = EventLog(window=10)
     log.add("frontend", mapped("frontend", t=T))
     log.add("backend", mapped("backend", t=T + 60))
-    assert lines(log) == [("mapped 0:0x0+0x10000 rw", "front-end"),
-                          ("mapped 0:0x0+0x10000 rw", "back-end")]  # fmt: skip
+    assert lines(log) == [("MAPPED 0:0x0+0x10000 rw", "front-end"),
+                          ("MAPPED 0:0x0+0x10000 rw", "back-end")]  # fmt: skip
 
 
 def test_other_events_are_a_line_each_and_the_log_is_bounded() -> None:
     log = EventLog(limit=50)
     log.note("frontend", "connected to its control socket")
-    log.add("frontend", {"event": "reset", "data": {"dropped": 2, "via": "RESET_DEVICE"}})
+    log.add("frontend", {"event": Event.RESET.value, "data": {"dropped": 2, "via": "RESET_DEVICE"},
+                         "timestamp": qmp_timestamp(T)})  # fmt: skip
     assert lines(log) == [("connected to its control socket", "front-end"),
-                          ("reset dropped=2 via=RESET_DEVICE", "front-end")]  # fmt: skip
+                          ("RESET dropped=2 via=RESET_DEVICE", "front-end")]  # fmt: skip
     for i in range(1000):  # reports nobody answers: the log and what waits stay bounded
         log.add("backend", mapped("backend", i * 0x10000))
     assert len(log.entries) == 50
     assert sum(len(q) for q in log._waiting.values()) <= 50
     log.add("frontend", mapped("frontend", 999 * 0x10000))  # the newest still pairs
-    assert lines(log)[-1] == ("mapped 0:0x3e70000+0x10000 rw", "both")
+    assert lines(log)[-1] == ("MAPPED 0:0x3e70000+0x10000 rw", "both")
 
 
 def test_the_fields_that_matter_come_first() -> None:
     """In a narrow panel an event loses its tail: the tail is who said it and when."""
     data = {"shmid": 0, "shm_offset": 0x210000, "len": 0x100000, "fd_offset": 0, "writable": False}
     log = EventLog()
-    log.add("frontend", {"event": "mapped", "timestamp": T, "data": data})
-    assert log.entries[0].text == "mapped 0:0x210000+0x100000 ro"
-    trace = {"event": "message", "timestamp": T, "data": {
+    log.add("frontend", {"event": Event.MAPPED.value, "timestamp": qmp_timestamp(T), "data": data})
+    assert log.entries[0].text == "MAPPED 0:0x210000+0x100000 ro"
+    trace = {"event": Event.MESSAGE.value, "timestamp": qmp_timestamp(T), "data": {
         "channel": "backend", "direction": "out", "request": "SHMEM_MAP", "need_reply": True,
         "payload": {"shmid": 0}, "fds": 1}}  # fmt: skip
     log.add("backend", trace)

@@ -11,6 +11,7 @@ import pytest
 
 import tui.model
 import tui.widgets
+from shmemctl.events import Event, qmp_timestamp
 from tui.app import ShmemConsole
 
 NOW = 1_800_000_000.0
@@ -55,24 +56,24 @@ BACKEND = {
 }  # fmt: skip
 
 
-def _reports(name: str, at: float, front: dict, back: dict) -> list[tuple[str, dict]]:
+def _reports(name: Event, at: float, front: dict, back: dict) -> list[tuple[str, dict]]:
     """One request as both daemons publish it."""
     sides = (("frontend", front, 0.0), ("backend", back, 0.0004))
-    return [(side, {"event": name, "data": data, "timestamp": at + delay})
+    return [(side, {"event": name, "data": data, "timestamp": qmp_timestamp(at + delay)})
             for side, data, delay in sides]  # fmt: skip
 
 
 #: The last map and a refusal, as a real pair published them.
 EVENTS = [
     *_reports(
-        "mapped", NOW - 1,
+        Event.MAPPED, NOW - 1,
         {"shmid": 0, "shm_offset": 40 * MiB, "len": 256 << 10, "fd_offset": 0, "writable": True,
          "file": "/memfd:shmemctl-buffer-6 (deleted)"},
         {"shmid": 0, "shm_offset": 40 * MiB, "len": 256 << 10, "fd_offset": 0, "writable": True,
          "buffer": 6, "acked": True},
     ),
     *_reports(
-        "refused", NOW - 0.5,
+        Event.REFUSED, NOW - 0.5,
         {"request": "SHMEM_MAP", "shmid": 0, "shm_offset": 0x180000, "len": 64 << 10,
          "reason": "OVERLAP", "errno": "EEXIST",
          "detail": "overlaps 0x100000+0x100000; unmap it first or pick a free range"},

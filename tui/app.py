@@ -183,7 +183,7 @@ class ShmemConsole(App[str | None]):
             if not self.model.sides[role].reachable:
                 continue
             try:
-                answer = call(self.sockets[role], "status", **brief(role))  # type: ignore[arg-type]
+                answer = call(self.sockets[role], "query-status", **brief(role))  # type: ignore[arg-type]
                 self._sink(role, "poll", answer)
             except (ControlError, DaemonUnreachable, OSError):
                 pass  # the link notices a daemon that went away, and reports it

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shmemctl.events import DROPS_ALL, OUTCOMES, STATES, Event
+from shmemctl.events import DROPS_ALL, OUTCOMES, STATES, Event, event_time, state_named
 from shmemctl.render import trace_arrow
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.shmem.mapping import Mapping
@@ -246,9 +246,7 @@ class PairModel:
         if name in (Event.MAPPED, Event.UNMAPPED) and data.get("shmid") in self.regions:
             region = self.regions[data["shmid"]]
             if name == Event.MAPPED:
-                region.mappings[data["shm_offset"]] = Mapping.from_json(
-                    data, event.get("timestamp", time.time())
-                )
+                region.mappings[data["shm_offset"]] = Mapping.from_json(data, event_time(event))
             else:
                 region.mappings.pop(data["shm_offset"], None)
             region.changed()
@@ -257,7 +255,7 @@ class PairModel:
                 region.mappings.clear()
                 region.changed()
         if status is not None and name in STATES:
-            status["state"] = name
+            status["state"] = state_named(name)
             if name == Event.RECONNECTING:
                 self.sides["frontend"].reconnect_at = time.time() + data.get("retry_in", 0)
 
@@ -294,7 +292,7 @@ def describe(name: str, data: dict[str, Any]) -> str:
         where = f"{data['shmid']}:{hex_range(data['shm_offset'], data['len'])}"
         if name == Event.REFUSED:
             why = data.get("detail") or data.get("explanation") or ""
-            text = f"refused {_request_kind(name, data)} {where} {data.get('errno', '')}"
+            text = f"{name} {_request_kind(name, data)} {where} {data.get('errno', '')}"
             return f"{text}: {why}" if why else text
         access = "" if "writable" not in data else " rw" if data["writable"] else " ro"
         return f"{name} {where}{access}"
@@ -364,7 +362,7 @@ class EventLog:
     def add(self, source: str, event: dict[str, Any]) -> None:
         name = event["event"]
         data = event.get("data", {})
-        timestamp = event.get("timestamp", time.time())
+        timestamp = event_time(event)
         key = _pairing_key(name, data)
         if key is None:
             self._append(source, describe(name, data), timestamp)

@@ -42,7 +42,7 @@ class DaemonLink(threading.Thread):
                 client = ControlClient(self.path, timeout=10)
                 self._client = client
                 args = {"max_mappings": FULL_LIST} if self.role == "frontend" else {}
-                self.sink(self.role, "status", client.execute("status", **args))
+                self.sink(self.role, "status", client.execute("query-status", **args))
                 names = (*EVENTS, TRACE) if self.trace else EVENTS
                 client.subscribe(names)
                 self.subscribed = names

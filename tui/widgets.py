@@ -19,6 +19,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import DataTable, Static
 
+from shmemctl.events import Event
 from shmemctl.render import per_rule
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.shmem.mapping import Mapping
@@ -476,7 +477,7 @@ def entry_lines(entry: LogEntry, width: int) -> list[Strip]:
     burst brings hundreds of entries per tick.)"""
     style = (
         VIOLATION if entry.text.startswith("VIOLATION")
-        else REFUSED if entry.text.startswith("refused") else None
+        else REFUSED if entry.text.startswith(Event.REFUSED) else None
     )  # fmt: skip
     who = DIFFERS if entry.differs else SIDE
     stamp = time.strftime("%H:%M:%S", time.localtime(entry.timestamp))

@@ -1,4 +1,4 @@
-"""The control protocol (JSON lines, QMP-like): the server each daemon runs, and the client."""
+"""The control protocol (QEMU's QMP): the server each daemon runs, and the client."""
 
 from .client import ControlClient, DaemonUnreachable
 from .protocol import Arg, Command, ControlError, ErrorClass, shmid_arg, u64

@@ -1,14 +1,37 @@
-"""A control-socket client: what the CLI and the TUI use to talk to a daemon."""
+"""A control-socket client: what the CLI, the console, the metrics endpoint and the
+tests use to talk to a daemon.
+
+The wire is QMP, spoken by QEMU's own client of it (`qemu.qmp.QMPClient`). That
+client is asynchronous; ours are threads (a CLI command, a console's worker, a
+test), so each ControlClient runs one on a private event loop in a thread of its
+own and waits on it. The negotiation is ours, not the library's: its own turns a
+refusal into an assertion and loses the server's words (a uid that may not use
+the socket), which the caller should read.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
-import json
-import socket
-from collections.abc import Iterable, Iterator
-from typing import Any
+import logging
+import threading
+from collections.abc import Coroutine, Iterable, Iterator
+from typing import Any, TypeVar
 
-from .protocol import MAX_ANSWER, ControlError, ErrorClass, encode_line
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp.protocol import Runstate
+
+from ..events import EventRecord
+from .protocol import MAX_ANSWER, ControlError
+
+T = TypeVar("T")
+
+#: qemu.qmp logs every lost connection as an error; the caller gets it as an exception
+#: with our words instead (DaemonUnreachable), so its log stays out of the user's way.
+_LIBRARY_LOG = logging.getLogger("shmemctl.control.qmp")
+_LIBRARY_LOG.propagate = False
+_LIBRARY_LOG.addHandler(logging.NullHandler())
 
 
 class DaemonUnreachable(Exception):
@@ -16,106 +39,135 @@ class DaemonUnreachable(Exception):
 
 
 class ControlClient:
+    """One QMP connection to a daemon's control socket, negotiated and ready.
+
+    `execute` runs a command and returns its `return` value, or raises ControlError
+    with the daemon's error class and words; DaemonUnreachable when the daemon is not
+    there, goes away or does not answer within `timeout` seconds (None: wait)."""
+
     def __init__(self, path: str, timeout: float | None = 30.0) -> None:
         self.path = path
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="control-client"
+        )
+        self._thread.start()
+        self._qmp = QMPClient(readbuflen=MAX_ANSWER)
+        self._qmp.logger = _LIBRARY_LOG
+        self._qmp.negotiate = False
+        self._listener: EventListener | None = None
         try:
-            sock.connect(path)
-        except PermissionError:
-            sock.close()
-            raise ControlError(
-                ErrorClass.DENIED,
-                f"no permission to open {path}; run as the daemon's user or root",
-            ) from None
-        except OSError as exc:
-            sock.close()
-            raise DaemonUnreachable(f"no daemon answers on {path} ({exc.strerror})") from None
-        self.sock = sock
-        self._file = sock.makefile("rb")
-        self._next_id = 1
-        self._pending_events: list[dict[str, Any]] = []
-        first = self._read()
-        if "error" in first:
+            self._run(self._qmp.connect(path), timeout)
+            self.execute("qmp_capabilities")
+        except BaseException:
             self.close()
-            raise ControlError(first["error"]["class"], first["error"]["desc"])
-        self.greeting: dict[str, Any] = first.get("greeting", {})
+            raise
 
-    @property
-    def role(self) -> str:
-        return str(self.greeting.get("role", "?"))
-
-    def offers(self, command: str) -> bool:
-        return command in self.greeting.get("commands", ())
-
-    def _read(self) -> dict[str, Any]:
+    def _run(self, work: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        """Run `work` on this client's loop and wait for it, in our words if it fails."""
+        future = asyncio.run_coroutine_threadsafe(work, self._loop)
         try:
-            line = self._file.readline(MAX_ANSWER)
-        except TimeoutError:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
             raise DaemonUnreachable(f"the daemon on {self.path} stopped answering") from None
+        except ConnectError as exc:
+            cause = exc.exc
+            if isinstance(cause, PermissionError):
+                raise ControlError(
+                    f"no permission to open {self.path}; run as the daemon's user or root"
+                ) from None
+            why = cause.strerror if isinstance(cause, OSError) else str(cause)
+            raise DaemonUnreachable(f"no daemon answers on {self.path} ({why})") from None
+        except ExecuteError as exc:
+            raise ControlError(exc.error.error.desc, exc.error_class) from None
+        except (ExecInterruptedError, EOFError, ConnectionError):
+            raise DaemonUnreachable(f"the daemon on {self.path} closed the connection") from None
         except OSError as exc:
             raise DaemonUnreachable(f"lost the daemon on {self.path} ({exc})") from None
-        if not line:
-            raise DaemonUnreachable(f"the daemon on {self.path} closed the connection")
-        try:
-            answer = json.loads(line)
-        except ValueError:
-            raise ControlError(
-                ErrorClass.BAD_REQUEST, f"the daemon on {self.path} sent a line that is not JSON"
-            ) from None
-        if not isinstance(answer, dict):
-            raise ControlError(ErrorClass.BAD_REQUEST, f"the daemon on {self.path} sent {answer!r}")
-        return answer
 
     def execute(self, name: str, /, **arguments: Any) -> Any:
         """Run a command; its `return` value, or ControlError with the daemon's reason."""
-        request_id = self._next_id
-        self._next_id += 1
-        request: dict[str, Any] = {"id": request_id, "execute": name}
-        if arguments:
-            request["arguments"] = arguments
-        try:
-            self.sock.sendall(encode_line(request))
-        except OSError as exc:
-            raise DaemonUnreachable(f"lost the daemon on {self.path} ({exc})") from None
-        while True:
-            answer = self._read()
-            if "event" in answer:
-                self._pending_events.append(answer)
-                continue
-            if answer.get("id") != request_id:
-                continue
-            if "error" in answer:
-                raise ControlError(answer["error"]["class"], answer["error"]["desc"])
-            return answer.get("return")
+        if self._qmp.runstate is not Runstate.RUNNING:
+            raise DaemonUnreachable(f"the daemon on {self.path} closed the connection")
+        return self._run(self._qmp.execute(name, arguments or None), self.timeout)
 
     def subscribe(self, events: Iterable[str] | None = None) -> None:
         """Receive these events (shmemctl.events.Event, or their names) from here on; all
         but the trace if None. A name the daemon does not know is refused (ControlError)."""
+        if self._listener is None:
+            # listening before asking: no event between the answer and the first read is lost
+            self._listener = EventListener()
+            self._qmp.register_listener(self._listener)
         if events is None:
             self.execute("subscribe")
         else:
             self.execute("subscribe", events=list(events))
-        self.sock.settimeout(None)
 
-    def events(self) -> Iterator[dict[str, Any]]:
-        """Events as they come, forever (until the daemon goes away)."""
+    def events(self) -> Iterator[EventRecord]:
+        """Events as they come (after `subscribe`), until the daemon goes away or
+        `interrupt` is called; then DaemonUnreachable."""
         while True:
-            while self._pending_events:
-                yield self._pending_events.pop(0)
-            message = self._read()
-            if "event" in message:
-                yield message
+            event = self.next_event(None)
+            assert event is not None  # no timeout: it waits for one
+            yield event
+
+    def next_event(self, timeout: float | None) -> EventRecord | None:
+        """The next event (after `subscribe`); None if none came within `timeout` seconds
+        (None: wait for one); DaemonUnreachable once the daemon has gone."""
+        if self._listener is None:
+            raise RuntimeError("subscribe first: a connection receives no events before it")
+        future = asyncio.run_coroutine_threadsafe(self._next_event(self._listener), self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            return None
+        except (EOFError, OSError):
+            raise DaemonUnreachable(f"the daemon on {self.path} closed the connection") from None
+
+    async def _next_event(self, listener: EventListener) -> EventRecord:
+        while listener.empty():
+            if self._qmp.runstate is not Runstate.RUNNING:
+                raise EOFError
+            arrived = asyncio.ensure_future(listener.get())
+            changed = asyncio.ensure_future(self._qmp.runstate_changed())
+            try:
+                await asyncio.wait({arrived, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when this wait is cancelled: a stray get() would eat an event
+                changed.cancel()
+                got = arrived.done()
+                if not got:
+                    arrived.cancel()
+            if got:
+                return dict(arrived.result())
+        return dict(await listener.get())
 
     def interrupt(self) -> None:
         """Wake a thread blocked reading events: it sees the connection end."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._start_disconnect)
+
+    def _start_disconnect(self) -> None:
+        task = self._loop.create_task(self._disconnect())
+        task.add_done_callback(lambda _: None)
+
+    async def _disconnect(self) -> None:
+        # the library re-raises what ended its reader (EOFError when the daemon left first)
+        with contextlib.suppress(Exception):
+            await self._qmp.disconnect()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._file.close()
-            self.sock.close()
+        if self._loop.is_closed():
+            return
+        if self._loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._disconnect(), self._loop).result(5.0)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        self._loop.close()
 
     def __enter__(self) -> ControlClient:
         return self

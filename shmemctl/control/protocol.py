@@ -1,11 +1,19 @@
-"""The control protocol, in the manner of QEMU's QMP: one JSON object per line.
+"""The control protocol: QEMU's QMP (docs/control.md). A client's requests are a stream
+of JSON objects (RequestStream cuts it); each answer and event is one line.
 
-server -> {"greeting": {"role", "version", "pid", "commands": [...]}}
-client -> {"id": 1, "execute": "map", "arguments": {"shmid": 0, ...}}
-server -> {"id": 1, "return": {...}}  or  {"id": 1, "error": {"class", "desc"}}
-server -> {"event": "mapped", "data": {...}, "timestamp": 1.5, "seq": 7}  (after subscribe)
+server -> {"QMP": {"version": {"qemu": {"major", "minor", "micro"}, "package"},
+                   "capabilities": []}}
+client -> {"execute": "qmp_capabilities"}          (nothing else is served before it)
+server -> {"return": {}}
+client -> {"execute": "map", "arguments": {"shmid": 0, ...}, "id": 1}
+server -> {"return": {...}, "id": 1}  or  {"error": {"class", "desc"}, "id": 1}
+client -> {"execute": "subscribe", "arguments": {"events": ["MAPPED"]}}
+server -> {"event": "MAPPED", "data": {...},
+           "timestamp": {"seconds": 1764400000, "microseconds": 5}}
 
-The events, who publishes each and what its data holds: shmemctl.events.Event; a
+Events reach only a connection that subscribed to them: a client that asks one
+question does not pay for a stream of every map, or the message trace. The
+events, who publishes each and what its data holds: shmemctl.events.Event; a
 subscribe naming anything else is refused.
 """
 
@@ -17,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-#: A request line longer than this is refused and the client dropped.
-MAX_LINE = 64 * 1024
+#: A request longer than this is refused and the client dropped.
+MAX_REQUEST = 64 * 1024
 #: Answers can be long (a status listing 65,536 mappings); clients still bound them.
 MAX_ANSWER = 256 * 1024 * 1024
 #: Events queued for one subscriber before it counts as too slow and is dropped.
@@ -32,21 +40,23 @@ U64_MAX = (1 << 64) - 1
 
 
 class ErrorClass:
-    """The `class` of an error answer; clients branch on these."""
+    """The `class` of an error answer: QMP's. As in QEMU, nearly every error is a
+    GenericError whose `desc` says what was wrong and what would be right."""
 
-    BAD_REQUEST = "BadRequest"  # not JSON, not an object, line too long
+    GENERIC = "GenericError"
+    #: no such command, or none but qmp_capabilities before the negotiation
     NOT_FOUND = "CommandNotFound"
-    BAD_ARGUMENT = "InvalidArgument"
-    REFUSED = "Refused"  # the peer refused (a map's errno), or the state forbids it
-    FAILED = "CommandFailed"  # it could not be done (no peer, timeout, I/O)
-    DENIED = "PermissionDenied"
 
 
 class ControlError(Exception):
-    def __init__(self, error_class: str, desc: str) -> None:
+    def __init__(self, desc: str, error_class: str = ErrorClass.GENERIC) -> None:
         super().__init__(desc)
         self.error_class = error_class
         self.desc = desc
+
+    def answer(self) -> dict[str, Any]:
+        """The error as QMP answers it (the server adds the request's `id`)."""
+        return {"error": {"class": self.error_class, "desc": self.desc}}
 
 
 @dataclass(frozen=True)
@@ -108,20 +118,17 @@ class Command:
         if arguments is None:
             arguments = {}
         if not isinstance(arguments, dict):
-            raise ControlError(ErrorClass.BAD_ARGUMENT, "'arguments' must be a JSON object")
+            raise ControlError("'arguments' must be a JSON object")
         unknown = sorted(set(arguments) - set(self.args))
         if unknown:
             known = ", ".join(sorted(self.args)) or "none"
             raise ControlError(
-                ErrorClass.BAD_ARGUMENT,
                 f"{self.name} takes no argument {', '.join(unknown)} (it takes: {known})",
             )
         for name, arg in self.args.items():
             if name not in arguments:
                 if arg.required:
-                    raise ControlError(
-                        ErrorClass.BAD_ARGUMENT, f"{self.name} needs the argument '{name}'"
-                    )
+                    raise ControlError(f"{self.name} needs the argument '{name}'")
                 continue
             value = arguments[name]
             kinds = arg.kind if isinstance(arg.kind, tuple) else (arg.kind,)
@@ -129,13 +136,11 @@ class Command:
             if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
                 wanted = " or ".join(k.__name__ for k in kinds)
                 raise ControlError(
-                    ErrorClass.BAD_ARGUMENT,
                     f"{self.name}: '{name}' must be {wanted}, not {_shown(value)}",
                 )
             wrong = arg.range_error(value)
             if wrong:
                 raise ControlError(
-                    ErrorClass.BAD_ARGUMENT,
                     f"{self.name}: '{name}' must be {wrong}, not {_shown(value)}",
                 )
         return arguments
@@ -147,19 +152,122 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def decode_request(line: bytes) -> object:
-    """One request line as JSON, or a ControlError that says what is wrong with it.
-    Nesting is bounded before parsing, so no line can exhaust the parser's stack."""
-    depth = _nesting(line)
-    if depth > MAX_DEPTH:
-        raise ControlError(
-            ErrorClass.BAD_REQUEST,
-            f"JSON nested {depth} levels deep; a request needs at most {MAX_DEPTH}",
-        )
+class RequestTooLong(ControlError):
+    """A request past MAX_REQUEST: answered, and the client is dropped."""
+
+
+_WHITESPACE = frozenset(b" \t\r\n")
+_OPENERS = frozenset(b"{[")
+_CLOSERS = frozenset(b"}]")
+_QUOTE, _BACKSLASH, _NEWLINE = 0x22, 0x5C, 0x0A
+
+
+class RequestStream:
+    """QMP input is a stream of JSON values, with or without whitespace between them
+    (QEMU's own client sends none, people at a terminal end each with a newline).
+    This splits the stream into one request each, without parsing it: only brackets
+    outside strings are counted. Anything at the top level that is not an object or
+    an array is taken up to the next newline and answered as one bad request, so a
+    client that typed garbage is back in step at its next line. A value that opens
+    more than MAX_DEPTH levels is answered as soon as it does, as QEMU's parser does,
+    and the rest of its line is skipped.
+
+    `feed` returns, in order, each complete request (bytes) or the ControlError that
+    answers it. A request that outgrows MAX_REQUEST ends the list as a RequestTooLong,
+    after every request framed before it: the server answers it and drops the client
+    (there is no telling where such a request ends), and the stream takes no more."""
+
+    def __init__(self) -> None:
+        self._held = bytearray()  # the start of a value (or of junk) that is not over yet
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._junk = False  # garbage at the top level: answered at its newline
+        self._skipping = False  # the rest of a line that nested too deep: dropped
+        self._over = False
+
+    def feed(self, data: bytes) -> list[bytes | ControlError]:
+        out: list[bytes | ControlError] = []
+        if self._over:
+            return out
+        begun = 0 if (self._depth or self._junk) else -1  # where the held piece goes on
+        for index, byte in enumerate(data):
+            if self._skipping:
+                self._skipping = byte != _NEWLINE
+                continue
+            if self._junk:
+                if byte == _NEWLINE:
+                    out.append(self._bad(bytes(self._held + data[begun:index])))
+                    self._junk, begun = False, -1
+                    if self._over:
+                        return out
+                continue
+            if self._depth == 0:
+                if byte in _WHITESPACE:
+                    continue
+                self._held.clear()
+                begun = index
+                if byte in _OPENERS:
+                    self._depth = 1
+                else:
+                    self._junk = True
+                continue
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif byte == _BACKSLASH:
+                    self._escaped = True
+                elif byte == _QUOTE:
+                    self._in_string = False
+            elif byte == _QUOTE:
+                self._in_string = True
+            elif byte in _OPENERS:
+                self._depth += 1
+                if self._depth > MAX_DEPTH:
+                    out.append(ControlError(
+                        f"JSON nested more than {MAX_DEPTH} levels deep; a request needs at "
+                        "most that (the rest of its line is skipped)"
+                    ))  # fmt: skip
+                    self._depth, self._skipping, begun = 0, True, -1
+            elif byte in _CLOSERS:
+                self._depth -= 1
+                if self._depth == 0:
+                    out.append(self._value(bytes(self._held + data[begun : index + 1])))
+                    begun = -1
+                    if self._over:
+                        return out
+        if begun >= 0:
+            self._held += data[begun:]
+            if len(self._held) > MAX_REQUEST:
+                out.append(self._too_long())
+        return out
+
+    def _too_long(self) -> RequestTooLong:
+        self._over = True
+        return RequestTooLong(f"request longer than {MAX_REQUEST} bytes; closing")
+
+    def _value(self, text: bytes) -> bytes | ControlError:
+        if len(text) > MAX_REQUEST:
+            return self._too_long()
+        return text
+
+    def _bad(self, text: bytes) -> ControlError:
+        if len(text) > MAX_REQUEST:
+            return self._too_long()
+        try:
+            value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        except (ValueError, RecursionError) as exc:
+            return ControlError(f"not JSON: {exc}")
+        return ControlError(f"QMP input must be a JSON object, not {_shown(value)}")
+
+
+def decode_request(text: bytes) -> object:
+    """One request (a value RequestStream framed) as JSON, or a ControlError that says
+    what is wrong with it."""
     try:
-        return json.loads(line, parse_constant=_no_constant, parse_float=_finite)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints
-        raise ControlError(ErrorClass.BAD_REQUEST, f"not JSON: {exc}") from None
+        raise ControlError(f"not JSON: {exc}") from None
 
 
 def _finite(text: str) -> float:
@@ -174,28 +282,6 @@ def _no_constant(name: str) -> None:
     """Python's parser takes NaN and Infinity, which JSON has not: an answer echoing one
     (an `id`) would not be JSON either."""
     raise ValueError(f"{name} is not a JSON value")
-
-
-def _nesting(line: bytes) -> int:
-    """The deepest bracket nesting outside strings (an upper bound on JSON's nesting)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in line:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
 
 
 def encode_line(obj: dict[str, Any]) -> bytes:

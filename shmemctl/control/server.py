@@ -1,6 +1,6 @@
-"""The control socket a daemon serves: many clients at once, each with its own
-reader and writer thread and a bounded queue, so a slow or hostile client
-costs only itself."""
+"""The control socket a daemon serves, in QMP (docs/control.md): many clients at
+once, each with its own reader and writer thread and a bounded queue, so a slow
+or hostile client costs only itself."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import queue
+import re
 import socket
 import threading
 from collections.abc import Iterable
@@ -18,12 +19,13 @@ from .. import __version__
 from ..daemon import listen_unix, peer_credentials
 from ..events import NAMES, TRACE, EventHub, known_names
 from .protocol import (
-    MAX_LINE,
     MAX_QUEUED,
     Arg,
     Command,
     ControlError,
     ErrorClass,
+    RequestStream,
+    RequestTooLong,
     decode_request,
     encode_line,
 )
@@ -48,6 +50,10 @@ class _Client:
         self.out: queue.Queue[bytes | None] = queue.Queue(MAX_QUEUED)
         self.closed = threading.Event()
         self.subscribed = False
+        #: qmp_capabilities has been sent: until then it is the only command served
+        self.negotiated = False
+        #: why this client may do nothing at all (its uid), told at its first request
+        self.denied: str | None = None
 
     def start(self) -> None:
         threading.Thread(target=self._write_loop, daemon=True, name="control-out").start()
@@ -88,26 +94,25 @@ class _Client:
             self.sock.close()
 
     def _read_loop(self) -> None:
-        buf = b""
+        requests = RequestStream()
         try:
             while not self.closed.is_set():
                 chunk = self.sock.recv(65536)
                 if not chunk:
                     break
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if len(line) > MAX_LINE:
-                        raise ControlError(ErrorClass.BAD_REQUEST, "line too long")
-                    if line.strip():
-                        self.server._handle(self, line)
-                if len(buf) > MAX_LINE:
-                    raise ControlError(
-                        ErrorClass.BAD_REQUEST, f"line longer than {MAX_LINE} bytes; closing"
-                    )
+                for request in requests.feed(chunk):
+                    if self.denied is not None:  # told why, at its first request; no more
+                        self.send({**ControlError(self.denied).answer(), **_echo_of(request)})
+                        return
+                    if isinstance(request, RequestTooLong):
+                        raise request  # answered below, and the client dropped
+                    if isinstance(request, ControlError):
+                        self.send(request.answer())
+                    else:
+                        self.server._handle(self, request)
         except ControlError as exc:
             log.warning("control client pid %d: %s", self.pid, exc.desc)
-            self.send({"error": {"class": exc.error_class, "desc": exc.desc}})
+            self.send(exc.answer())
         except OSError:
             pass
         finally:
@@ -124,24 +129,49 @@ class _Client:
             self.close()
 
 
+NEGOTIATE = "qmp_capabilities"
+
+
+def qmp_version() -> dict[str, Any]:
+    """shmemctl's version as QMP's greeting and query-version carry a version."""
+    numbers = [int(n) for n in re.findall(r"\d+", __version__)[:3]]
+    major, minor, micro = (*numbers, 0, 0, 0)[:3]
+    return {
+        "qemu": {"major": major, "minor": minor, "micro": micro},
+        "package": f"shmemctl {__version__}",
+    }
+
+
 class ControlServer:
     def __init__(self, path: str, role: str, events: EventHub, commands: Iterable[Command]) -> None:
         self.path = path
         self.role = role
         self.events = events
         self.commands: dict[str, Command] = {c.name: c for c in commands}
-        self.commands["subscribe"] = Command(
-            "subscribe",
-            None,
-            {
-                "events": Arg(
-                    list,
-                    required=False,
-                    help=f"event names ({known_names()}); all but {TRACE.value!r} if absent",
-                )
-            },
-            help="receive events on this connection",
-        )
+        # the commands the server serves itself (`run` is None): they act on the connection
+        for builtin in (
+            Command(
+                NEGOTIATE,
+                None,
+                {"enable": Arg(list, required=False, help="capabilities to enable (none offered)")},
+                help="leave capabilities negotiation: the first command of every connection",
+            ),
+            Command("query-commands", None, help="the commands this daemon serves"),
+            Command("query-version", None, help="shmemctl's version, as QMP carries one"),
+            Command(
+                "subscribe",
+                None,
+                {
+                    "events": Arg(
+                        list,
+                        required=False,
+                        help=f"event names ({known_names()}); all but {TRACE.value!r} if absent",
+                    )
+                },
+                help="receive events on this connection",
+            ),
+        ):
+            self.commands[builtin.name] = builtin
         self._clients: set[_Client] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -185,87 +215,126 @@ class ControlServer:
             except OSError:
                 return
             pid, uid, _gid = peer_credentials(sock)
+            client = _Client(self, sock, pid, uid)
             if not peer_allowed(uid):
                 log.warning("control: refused pid %d of uid %d (not uid %d or root)", pid, uid,
                             os.getuid())  # fmt: skip
-                with contextlib.suppress(OSError):
-                    sock.sendall(
-                        encode_line(
-                            {
-                                "error": {
-                                    "class": ErrorClass.DENIED,
-                                    "desc": f"uid {uid} may not use this {self.role}'s control "
-                                    f"socket; run as uid {os.getuid()} or root",
-                                }
-                            }
-                        )
-                    )
-                sock.close()
-                continue
-            client = _Client(self, sock, pid, uid)
+                # told as the answer to its first request, where a QMP client reads it
+                client.denied = (
+                    f"uid {uid} may not use this {self.role}'s control socket; "
+                    f"run as uid {os.getuid()} or root"
+                )
+                sock.settimeout(_FLUSH_TIMEOUT)  # and it may not hold the connection open
             with self._lock:
                 self._clients.add(client)
-            client.send(
-                {
-                    "greeting": {
-                        "role": self.role,
-                        "version": __version__,
-                        "pid": os.getpid(),
-                        "commands": sorted(self.commands),
-                    }
-                }
-            )
+            client.send({"QMP": {"version": qmp_version(), "capabilities": []}})
             client.start()
 
-    def _handle(self, client: _Client, line: bytes) -> None:
+    def _handle(self, client: _Client, text: bytes) -> None:
         request_id = None
         try:
-            request = decode_request(line)
+            request = decode_request(text)
             if not isinstance(request, dict):
-                raise ControlError(ErrorClass.BAD_REQUEST, "a request is a JSON object")
+                raise ControlError("QMP input must be a JSON object")
             request_id = request.get("id")
-            name = request.get("execute")
-            if not isinstance(name, str):
-                raise ControlError(ErrorClass.BAD_REQUEST, "a request needs 'execute': NAME")
-            extra = sorted(set(request) - {"id", "execute", "arguments"})
-            if extra:
-                raise ControlError(ErrorClass.BAD_REQUEST, f"unknown request keys: {extra}")
-            command = self.commands.get(name)
-            if command is None:
-                offered = ", ".join(sorted(self.commands))
-                raise ControlError(
-                    ErrorClass.NOT_FOUND,
-                    f"no command {name!r} on the {self.role}; it has: {offered}",
-                )
+            name = self._command_name(request)
+            command = self._command(client, name)
             arguments = command.check(request.get("arguments"))
             if command.run is None:
-                result = self._subscribe(client, arguments.get("events"))
+                result = self._builtin(client, name, arguments)
             else:
                 if command.mutating:
                     log.info("control: %s %s by pid %d", name, json.dumps(arguments), client.pid)
                 result = command.run(**arguments)
             answer: dict[str, Any] = {"return": {} if result is None else result}
         except ControlError as exc:
-            answer = {"error": {"class": exc.error_class, "desc": exc.desc}}
+            answer = exc.answer()
         except Exception as exc:  # a bug answers as an error; the daemon carries on
             log.exception("control command failed")
-            answer = {"error": {"class": ErrorClass.FAILED, "desc": f"internal error: {exc!r}"}}
-        if request_id is not None:
-            answer["id"] = request_id
-        client.send(answer)
+            answer = ControlError(f"internal error: {exc!r}").answer()
+        client.send({**answer, **_echo(request_id)})
+
+    @staticmethod
+    def _command_name(request: dict[str, Any]) -> str:
+        if "exec-oob" in request:
+            raise ControlError(
+                "out-of-band execution is not offered (the greeting's capabilities are empty); "
+                "send 'execute'"
+            )
+        name = request.get("execute")
+        if not isinstance(name, str):
+            raise ControlError("QMP input lacks member 'execute': send {\"execute\": NAME}")
+        extra = sorted(set(request) - {"id", "execute", "arguments"})
+        if extra:
+            raise ControlError(
+                f"QMP input member {extra[0]!r} is unexpected; a request has only "
+                "'execute', 'arguments' and 'id'"
+            )
+        return name
+
+    def _command(self, client: _Client, name: str) -> Command:
+        """The command a client may run now: QMP serves nothing but the negotiation
+        before it, and the negotiation only once."""
+        if not client.negotiated and name != NEGOTIATE:
+            raise ControlError(
+                f"Expecting capabilities negotiation with '{NEGOTIATE}' before {name!r}",
+                ErrorClass.NOT_FOUND,
+            )
+        if client.negotiated and name == NEGOTIATE:
+            raise ControlError(
+                "Capabilities negotiation is already complete, command ignored",
+                ErrorClass.NOT_FOUND,
+            )
+        command = self.commands.get(name)
+        if command is None:
+            offered = ", ".join(sorted(self.commands))
+            raise ControlError(
+                f"The command {name} has not been found on the {self.role}; it has: {offered}",
+                ErrorClass.NOT_FOUND,
+            )
+        return command
+
+    def _builtin(self, client: _Client, name: str, arguments: dict[str, Any]) -> Any:
+        if name == NEGOTIATE:
+            wanted = arguments.get("enable") or []
+            if wanted:
+                raise ControlError(
+                    f"{NEGOTIATE}: capability {json.dumps(wanted[0])} is not offered; "
+                    "this server offers none (send no 'enable')"
+                )
+            client.negotiated = True
+            return {}
+        if name == "query-commands":
+            return [{"name": n} for n in sorted(self.commands)]
+        if name == "query-version":
+            return qmp_version()
+        return self._subscribe(client, arguments.get("events"))
 
     def _subscribe(self, client: _Client, names: list[Any] | None) -> dict[str, Any]:
         if names is not None and not all(isinstance(n, str) for n in names):
-            raise ControlError(ErrorClass.BAD_ARGUMENT, "subscribe: 'events' is a list of names")
+            raise ControlError("subscribe: 'events' is a list of names")
         unknown = [] if names is None else [n for n in names if n not in NAMES]
         if unknown:
             listed = ", ".join(repr(n) for n in dict.fromkeys(unknown))
-            raise ControlError(
-                ErrorClass.BAD_ARGUMENT,
-                f"subscribe: no event {listed}; the events are: {known_names()}",
-            )
+            raise ControlError(f"subscribe: no event {listed}; the events are: {known_names()}")
         if client.subscribed:
             self.events.unsubscribe(client.send)
         self.events.subscribe(client.send, names)
         client.subscribed = True
-        return {"events": names or "all but message"}
+        return {"events": f"all but {TRACE.value}" if names is None else names}
+
+
+def _echo_of(request: bytes | ControlError) -> dict[str, Any]:
+    """The `id` echo for a request that is answered without being served."""
+    if isinstance(request, ControlError):
+        return {}
+    with contextlib.suppress(ControlError):
+        decoded = decode_request(request)
+        if isinstance(decoded, dict):
+            return _echo(decoded.get("id"))
+    return {}
+
+
+def _echo(request_id: object) -> dict[str, Any]:
+    """QMP answers with the request's `id`, whatever JSON value it was, if it had one."""
+    return {} if request_id is None else {"id": request_id}

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from ..channel import ChannelError
-from ..control import Arg, Command, ControlError, ErrorClass, shmid_arg, u64
+from ..control import Arg, Command, ControlError, shmid_arg, u64
 from ..daemon import process_facts
 from ..shmem import MappingJSON, libc
 from ..shmem.procmaps import MapsLine, disagreements, read_maps
@@ -108,9 +108,9 @@ def get_shmem_config(fe: Frontend) -> dict[str, Any]:
     try:
         config = fe.get_shmem_config()
     except HandshakeError as exc:
-        raise ControlError(ErrorClass.REFUSED, str(exc)) from None
+        raise ControlError(str(exc)) from None
     except ChannelError as exc:
-        raise ControlError(ErrorClass.FAILED, f"GET_SHMEM_CONFIG failed: {exc}") from None
+        raise ControlError(f"GET_SHMEM_CONFIG failed: {exc}") from None
     reserved = {}
     if fe.regions is not None:
         reserved = {str(s): {"base": r.base, "size": r.size} for s, r in fe.regions.regions.items()}
@@ -123,13 +123,11 @@ def get_shmem_config(fe: Frontend) -> dict[str, Any]:
 
 def reset(fe: Frontend) -> dict[str, Any]:
     if fe.state != "connected":
-        raise ControlError(
-            ErrorClass.REFUSED, f"the front-end is {fe.state}: there is no device to reset"
-        )
+        raise ControlError(f"the front-end is {fe.state}: there is no device to reset")
     try:
         dropped, via = fe.reset()
     except (ChannelError, HandshakeError) as exc:
-        raise ControlError(ErrorClass.FAILED, f"reset failed: {exc}") from None
+        raise ControlError(f"reset failed: {exc}") from None
     return {"dropped": dropped, "via": via}
 
 
@@ -138,20 +136,18 @@ def read(fe: Frontend, shmid: int, offset: int, length: int = 64) -> dict[str, A
     table = fe.regions
     if table is None or shmid not in table.regions:
         known = ", ".join(str(s) for s in table.regions) if table else "none"
-        raise ControlError(ErrorClass.BAD_ARGUMENT, f"no region {shmid} (regions: {known})")
+        raise ControlError(f"no region {shmid} (regions: {known})")
     region = table.regions[shmid]
     if not 0 < length <= MAX_READ:
-        raise ControlError(ErrorClass.BAD_ARGUMENT, f"length must be 1-{MAX_READ}")
+        raise ControlError(f"length must be 1-{MAX_READ}")
     if offset < 0 or offset + length > region.size:
         raise ControlError(
-            ErrorClass.BAD_ARGUMENT,
             f"{offset:#x}+{length:#x} is outside region {shmid} (size {region.size:#x})",
         )
     try:
         data = libc.read_memory(region.base + offset, length)
     except OSError as exc:
         raise ControlError(
-            ErrorClass.REFUSED,
             f"nothing readable at region {shmid} offset {offset:#x} "
             f"({os.strerror(exc.errno or 0)}): no mapping there, or its file is shorter",
         ) from None
@@ -162,7 +158,7 @@ def commands(fe: Frontend) -> list[Command]:
     cache = StatusCache(fe)
     return [
         Command(
-            "status",
+            "query-status",
             lambda max_mappings=DEFAULT_LIST: cache.get(max_mappings),
             {"max_mappings": Arg(int, required=False, low=0)},
             help="connection, negotiated features, regions and mappings, the kernel's view",

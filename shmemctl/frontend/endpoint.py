@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from ..channel import DEFAULT_BUSY_POLL, Channel, ChannelClosed, ChannelError, close_fds
 from ..daemon import Stopper, connect_unix, listen_unix, profiled
-from ..events import Event, EventHub
+from ..events import Event, EventHub, state_named
 from ..faults import Fault, FrontendFaults
 from ..session import FrontendSession, HandshakeError, NeedBackendChannel, Negotiated, Note
 from ..session.common import Outgoing
@@ -236,10 +236,11 @@ class Frontend:
             with contextlib.suppress(OSError):
                 os.unlink(self.options.listen or "")
 
-    def _set_state(self, state: str, **data: Any) -> None:
-        self.state = state
+    def _set_state(self, event: Event, **data: Any) -> None:
+        """Enter the state this event announces (status says it in lower case)."""
+        self.state = state_named(event)
         if self.events.active:
-            self.events.emit(Event(state), data)
+            self.events.emit(event, data)
 
     # ------------------------------------------------------------ main channel
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..control import Command, ControlError, ErrorClass
+from ..control import Command, ControlError
 from ..daemon import process_facts
 from ..session.observer import FRONTEND
 from ..shmem.mapping import FileFacts, Mapping
@@ -136,7 +136,7 @@ def _unsure(tap: Tap) -> str:
 def shmem_config(tap: Tap) -> dict[str, Any]:
     last = tap.watch.last_config
     if last is None:
-        raise ControlError(ErrorClass.REFUSED, "no GET_SHMEM_CONFIG reply has passed the tap yet")
+        raise ControlError("no GET_SHMEM_CONFIG reply has passed the tap yet")
     config, connection = last
     return {
         "nregions": config.nregions,
@@ -148,12 +148,12 @@ def shmem_config(tap: Tap) -> dict[str, Any]:
 def commands(tap: Tap) -> list[Command]:
     return [
         Command(
-            "status",
+            "query-status",
             lambda: status(tap),
             help="both sides, what they negotiated, the layout, mappings, violations, counts",
         ),
         Command(
-            "shmem-config",
+            "query-shmem-config",
             lambda: shmem_config(tap),
             help="the layout the last GET_SHMEM_CONFIG reply carried (nothing is sent)",
         ),

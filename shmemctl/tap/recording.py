@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TextIO, TypedDict
 
 from ..channel import SCM_MAX_FD
+from ..events import Event, qmp_timestamp
 from ..session.observer import BACKEND, FRONTEND
 from ..shmem.mapping import FileFacts, dev_number, dev_text
 from ..wire.constants import MAX_PAYLOAD, ChannelKind, request_name
@@ -331,5 +332,6 @@ def replay_events(path: str | Path) -> Iterator[dict[str, Any]]:
         if record.channel is None or record.sender is None:
             continue
         for unit in record.units:
-            yield {"event": "message", "data": trace_record(unit, record.channel, record.sender),
-                   "timestamp": record.time, "source": "tap"}  # fmt: skip
+            yield {"event": Event.MESSAGE.value,
+                   "data": trace_record(unit, record.channel, record.sender),
+                   "timestamp": qmp_timestamp(record.time), "source": "tap"}  # fmt: skip
