@@ -25,7 +25,6 @@ from shmemctl.channel import Channel, close_fds
 from shmemctl.control import ControlClient, DaemonUnreachable
 from shmemctl.daemon import listen_unix
 from shmemctl.inventory import brief
-from shmemctl.pair import Launched, launch
 from shmemctl.rundir import DEFAULT_NAME, PairPaths
 from shmemctl.shmem.procmaps import Segment, kernel_segments, read_maps
 from shmemctl.wire import BackendReq, ChannelKind, ShmemMap, encode_shmem_request
@@ -409,21 +408,3 @@ def driven(
     yield start
     for backend in made:
         backend.close()
-
-
-@pytest.fixture
-def launched_pair(tmp_path: Path) -> Iterator[Callable[..., tuple[PairPaths, Launched]]]:
-    """A pair started by shmemctl.pair.launch, the one way a pair is started, as the
-    test's default pair (run/default: `shmemctl` with SHMEMCTL_RUN_DIR=run finds it);
-    keyword arguments go to `launch`. Stopped at the end."""
-    made: list[Launched] = []
-
-    def start(**options: Any) -> tuple[PairPaths, Launched]:
-        paths = PairPaths(tmp_path / "run" / DEFAULT_NAME)
-        paths.dir.mkdir(parents=True, exist_ok=True)
-        made.append(launch(paths, **{"timeout": PATIENCE, **options}))
-        return paths, made[-1]
-
-    yield start
-    for pair in made:
-        pair.stop()

@@ -103,8 +103,9 @@ def shells(tmp_path: Path) -> Any:
         assert shell.proc.returncode == 0
 
 
-def test_qmp_shell_drives_both_daemons(launched_pair, shells) -> None:
-    paths, _ = launched_pair(backend_args=["--regions", "0=8M,2=64K"])
+@pytest.mark.shmem(regions="0=8M,2=64K")
+def test_qmp_shell_drives_both_daemons(shmem_pair, shells) -> None:
+    paths = shmem_pair.paths
     backend, frontend = shells(paths.control("backend")), shells(paths.control("frontend"))
     assert backend.banner == ["Welcome to the QMP low-level shell!", "Connected to QEMU 0.1.0"]
 
@@ -176,16 +177,18 @@ async def _drive_with_qmp_client(backend: Path, frontend: Path) -> None:
         await client.disconnect()
 
 
-def test_qemu_qmp_client_drives_both_daemons(launched_pair) -> None:
-    paths, _ = launched_pair(backend_args=["--regions", "0=8M"])
+@pytest.mark.shmem(regions="0=8M")
+def test_qemu_qmp_client_drives_both_daemons(shmem_pair) -> None:
+    paths = shmem_pair.paths
     asyncio.run(_drive_with_qmp_client(paths.control("backend"), paths.control("frontend")))
     # and our own client, built on the same library, sees the same table
     with ControlClient(str(paths.control("frontend"))) as client:
         assert region(client.execute("query-status"), 0)["count"] == 0
 
 
-def test_a_subscription_to_no_event_gets_none(launched_pair) -> None:
-    paths, _ = launched_pair(backend_args=["--regions", "0=8M"])
+@pytest.mark.shmem(regions="0=8M")
+def test_a_subscription_to_no_event_gets_none(shmem_pair) -> None:
+    paths = shmem_pair.paths
     with ControlClient(str(paths.control("backend"))) as quiet:
         quiet.subscribe([])
         assert quiet.execute("subscribe", events=[]) == {"events": []}

@@ -19,10 +19,9 @@ import pytest
 
 from backend_sim.control import BackendState, batch
 from backend_sim.device import SimDevice
+from shmemctl import Pair
 from shmemctl.channel import Channel, close_fds
 from shmemctl.control import ControlClient, ControlError, ErrorClass
-from shmemctl.pair import Launched
-from shmemctl.rundir import PairPaths
 from shmemctl.wire import BackendReq, FrontendReq, Message, ShmemMap
 from shmemctl.wire.messages import encode_u64_reply
 
@@ -44,7 +43,11 @@ def held_files(pid: int) -> list[str]:
             links.append(os.readlink(f"{fds}/{name}"))
         except FileNotFoundError:  # closed while we looked
             continue
-    return sorted(link for link in links if link.startswith("/memfd:") or "shmemctl-" in link)
+    return sorted(
+        link
+        for link in links
+        if link.startswith("/memfd:") or ("shmemctl-" in link and not link.endswith(".log"))
+    )
 
 
 class Sim:
@@ -478,13 +481,11 @@ def test_a_refusal_without_errno_says_so_and_gives_the_devices_own_reading(
 # ------------------------------------------------------------------ item 4
 
 
-def test_the_dax_file_is_closed_once_nothing_maps_it(
-    launched_pair: Callable[..., tuple[PairPaths, Launched]],
-) -> None:
+@pytest.mark.shmem(regions="0=16M")
+def test_the_dax_file_is_closed_once_nothing_maps_it(shmem_pair: Pair) -> None:
     """Stopping the dax scenario leaves its windows mapped (stopping is not a reset), so
     the file stays open while they live; the reset that drops them closes it."""
-    run, pair = launched_pair(backend_args=["--regions", "0=16M"])
-    be = pair.backend
+    run, be = shmem_pair.paths, shmem_pair.backend
     with ControlClient(str(run.control("backend"))) as sim_ctl, ControlClient(
         str(run.control("frontend"))
     ) as fe_ctl:

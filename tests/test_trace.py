@@ -45,8 +45,9 @@ def test_backend_sim_traces_each_message_of_a_handshake_once(spawn, tmp_path) ->
     assert config == [("in", False), ("out", True)], "the front-end asked once, we answered once"
 
 
-def test_both_daemons_trace_what_they_exchange_exactly_once(launched_pair) -> None:
-    paths, _ = launched_pair(backend_args=["--regions", "0=8M"])
+@pytest.mark.shmem(regions="0=8M")
+def test_both_daemons_trace_what_they_exchange_exactly_once(shmem_pair) -> None:
+    paths = shmem_pair.paths
     monitors = {role: Monitor(str(paths.control(role))) for role in ("frontend", "backend")}
     for monitor in monitors.values():
         monitor.execute("subscribe", events=[TRACE])

@@ -362,15 +362,12 @@ def test_a_map_is_one_line_in_the_log_when_both_sides_agree(sh) -> None:
     run(go)
 
 
-def test_two_sides_that_differ_are_two_lines(tmp_path, launched_pair) -> None:
+@pytest.mark.shmem(regions="0=8M", frontend_args=["--fault", "reply-ok-always"])
+def test_two_sides_that_differ_are_two_lines(shmem_pair) -> None:
     """A front-end that answers 0 to what it refuses: the back-end believes a map the
     front-end never made, and the log shows both reports, marked."""
-    paths, _ = launched_pair(
-        backend_args=["--regions", "0=8M"],
-        frontend_args=["--fault", "reply-ok-always"],
-        timeout=DEADLINE,
-    )
-    shell = Shell(str(tmp_path / "run"))
+    paths = shmem_pair.paths
+    shell = Shell(str(paths.dir.parent))
 
     async def go() -> None:
         app = ShmemConsole(str(paths.control("frontend")), str(paths.control("backend")))
