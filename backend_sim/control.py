@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -80,15 +81,18 @@ def _send(st: BackendState, verb: str, m: ShmemMap, *, buffer: int | None = None
     return {"result": describe_reply(result), **m._asdict()}
 
 
-def status(st: BackendState) -> dict[str, Any]:
+def status(st: BackendState, max_mappings: int | None = None) -> dict[str, Any]:
+    """What the device is and believes; `max_mappings` lists at most that many of its
+    mappings and buffers (a summary, as `shmemctl ls` and metrics ask, takes 0)."""
     ep = st.endpoint
     with st.device.lock:
         buffers = [
             {"id": b.id, "size": b.size, "file": b.path or f"memfd:shmemctl-buffer-{b.id}"}
-            for b in st.device.buffers.values()
+            for b in itertools.islice(st.device.buffers.values(), max_mappings)
         ]
         now = time.time()
-        mapped = [b.to_json(now) for b in sorted(st.device.mapped.values())]
+        believed = sorted(st.device.mapped.values())
+        mapped = [b.to_json(now) for b in believed[:max_mappings]]
     bit = ep.device.shmem_bit
     return {
         "role": "backend",
@@ -106,6 +110,8 @@ def status(st: BackendState) -> dict[str, Any]:
         "why_not_ready": ep.why_not_ready(),
         "buffers": buffers,
         "mapped": mapped,
+        "buffer_count": len(st.device.buffers),
+        "mapped_count": len(believed),
         "scenario": st.scenario.describe() if st.scenario else None,
         "process": process_facts(),
     }
@@ -259,7 +265,8 @@ def commands(st: BackendState) -> list[Command]:
     return [
         Command(
             "query-status",
-            lambda: status(st),
+            lambda max_mappings=None: status(st, max_mappings),
+            {"max_mappings": Arg(int, required=False, low=0)},
             help="regions, negotiation, buffers, believed mappings",
         ),
         Command(

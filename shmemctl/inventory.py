@@ -35,9 +35,9 @@ LS_TIMEOUT = 5.0
 
 
 def brief(role: str) -> dict[str, int]:
-    """The arguments of a summary `status`: a front-end's without its mapping lists (each
-    region still counts its mappings and bytes)."""
-    return {"max_mappings": 0} if role == "frontend" else {}
+    """The arguments of a summary `status`: without the mapping lists (a front-end's
+    regions still count their mappings and bytes; backend_sim counts `mapped_count`)."""
+    return {"max_mappings": 0} if role in PAIR_ROLES else {}
 
 
 def status(path: Path, role: str, *, timeout: float = LS_TIMEOUT) -> dict[str, Any]:

@@ -12,7 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import rundir
@@ -63,6 +68,14 @@ class _Families:
             key: c(f"shmemctl_frontend_{key}", text, labels=["pair"])
             for key, text in _FRONTEND_COUNTERS.items()
         }
+        self.refusals = c("shmemctl_frontend_refusals",
+                          "SHMEM requests the front-end refused, by the errno it answered",
+                          labels=["pair", "errno"])  # fmt: skip
+        self.ack_latency = HistogramMetricFamily(
+            "shmemctl_frontend_ack_seconds",
+            "from a SHMEM request read by the front-end to its answer sent",
+            labels=["pair"],
+        )
         self.violations = c("shmemctl_tap_violations",
                             "rules of the protocol a side of a tapped pair broke",
                             labels=["pair", "rule"])  # fmt: skip
@@ -78,6 +91,7 @@ class _Families:
     def all(self) -> Iterator[Metric]:
         yield from (self.up, self.connected, self.state, self.size, self.mappings, self.mapped)
         yield from self.counters.values()
+        yield from (self.refusals, self.ack_latency)
         yield from (self.violations, self.verdict, self.rss, self.fds)
 
     def daemon(self, name: str, role: str, status: dict[str, Any] | None) -> None:
@@ -116,6 +130,12 @@ class _Families:
         self.regions(name, "frontend", status.get("regions", []))
         for key, family in self.counters.items():
             family.add_metric([name], status.get("counters", {}).get(key, 0))
+        for errno, count in status.get("refusals", {}).items():
+            self.refusals.add_metric([name, errno], count)
+        latency = status.get("ack_latency")
+        if latency is not None:
+            buckets = [(str(bound), count) for bound, count in latency["buckets"]]
+            self.ack_latency.add_metric([name], buckets, latency["sum"])
         # the front-end's own check of its table against its maps
         verdict = "disagree" if status.get("disagreements") else "agree"
         self.verdict.add_metric([name, "frontend", verdict], 1)

@@ -91,7 +91,7 @@ def render_status(views: dict[str, dict[str, Any]]) -> str:
                 else "no scenario"
             )
             out.append(
-                f"  {len(be['buffers'])} buffers, {len(be['mapped'])} mappings believed; {running}"
+                f"  {be['buffer_count']} buffers, {be['mapped_count']} mappings believed; {running}"
             )
     return "\n".join(out)
 

@@ -96,6 +96,8 @@ def test_a_scrape_says_what_the_daemons_say(host, tmp_path) -> None:
         assert isinstance(later, dict)
         # stopped, the pair's own status and a scrape agree exactly
         assert sh("scenario", "stop").returncode == 0
+        assert sh("map", "2", "0", "4K").returncode == 0  # region 2: the scenario's is 0
+        assert sh("map", "2", "0", "4K").returncode == 1  # refused: EEXIST
         status = sh("status", "--json")
         assert status.returncode == 0, status.stderr
         now = scrape()
@@ -111,6 +113,20 @@ def test_a_scrape_says_what_the_daemons_say(host, tmp_path) -> None:
         for key in ("maps", "unmaps", "refused", "resets", "connections"):
             assert value(now, f"shmemctl_frontend_{key}_total", pair="default") == (
                 fe["counters"][key])  # fmt: skip
+        assert fe["refusals"]["EEXIST"] >= 1
+        for errno, count in fe["refusals"].items():
+            assert value(now, "shmemctl_frontend_refusals_total", pair="default",
+                         errno=errno) == count  # fmt: skip
+        # every acked map and unmap, timed from the request read to the answer sent
+        latency = fe["ack_latency"]
+        assert latency["count"] >= fe["counters"]["maps"] > 0
+        assert value(now, "shmemctl_frontend_ack_seconds_count", pair="default") == (
+            latency["count"])  # fmt: skip
+        assert value(now, "shmemctl_frontend_ack_seconds_sum", pair="default") == pytest.approx(
+            latency["sum"])  # fmt: skip
+        counts = [value(now, "shmemctl_frontend_ack_seconds_bucket", pair="default",
+                        le=le) for le in ("1e-05", "0.001", "1.0", "+Inf")]  # fmt: skip
+        assert counts == sorted(counts) and counts[-1] == latency["count"]
         # the tapped pair's two processes, as the tap found them by SO_PEERCRED
         for side in ("front-end", "back-end"):
             labels = {"pair": "t", "role": "tap", "process": side}

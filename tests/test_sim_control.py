@@ -614,3 +614,18 @@ def test_a_batch_checked_while_a_scenarios_map_awaits_its_answer_does_not_replac
     finally:
         answer.set()
         device.close()
+
+
+@pytest.mark.shmem(regions="0=8M")
+def test_a_summary_status_counts_what_it_does_not_list(shmem_pair: Pair) -> None:
+    """`max_mappings` bounds the lists (what `ls`, metrics and the console ask: a device
+    believing 65,536 mappings would answer megabytes), and the counts stay whole."""
+    for k in range(3):
+        shmem_pair.backend.map(0, k * 0x10000, 4096)
+    whole = shmem_pair.backend.execute("query-status")
+    brief = shmem_pair.backend.execute("query-status", max_mappings=1)
+    assert len(whole["mapped"]) == whole["mapped_count"] == brief["mapped_count"] == 3
+    assert len(whole["buffers"]) == whole["buffer_count"] == brief["buffer_count"] == 3
+    assert [m["buffer"] for m in brief["mapped"]] == [whole["mapped"][0]["buffer"]]
+    assert len(brief["buffers"]) == 1
+    assert shmem_pair.backend.execute("query-status", max_mappings=0)["mapped"] == []

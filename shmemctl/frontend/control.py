@@ -69,6 +69,8 @@ def status(fe: Frontend, max_mappings: int = DEFAULT_LIST) -> dict[str, Any]:
             "reply_ack": neg.reply_ack,
         },
         "counters": dict(fe.counters),
+        "refusals": dict(fe.refusals),
+        "ack_latency": fe.ack_latency.to_json(),
         "process": process_facts(),
         "regions": [],
         "disagreements": [],

@@ -9,6 +9,7 @@ come from any thread and are serialised by one lock.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -23,6 +24,7 @@ from ..channel import DEFAULT_BUSY_POLL, Channel, ChannelClosed, ChannelError, c
 from ..daemon import Stopper, connect_unix, listen_unix, profiled
 from ..events import Event, EventHub, state_named
 from ..faults import Fault, FrontendFaults
+from ..latency import LatencyHistogram
 from ..session import FrontendSession, HandshakeError, NeedBackendChannel, Negotiated, Note
 from ..session.common import Outgoing
 from ..session.frontend import Fed, Layout, Step, drive
@@ -78,6 +80,10 @@ class Frontend:
         self.state = "disconnected"
         self.regions: RegionTable | None = None
         self.counters = {"maps": 0, "unmaps": 0, "refused": 0, "resets": 0, "connections": 0}
+        #: refusals by the errno they were answered with (EEXIST, EINVAL, ...)
+        self.refusals: collections.Counter[str] = collections.Counter()
+        #: from a SHMEM request read to its answer sent, for the requests that ask one
+        self.ack_latency = LatencyHistogram()
         self._main: Channel | None = None
         self._main_lock = threading.Lock()
         self._backend: Channel | None = None
@@ -356,7 +362,8 @@ class Frontend:
         reason = "back-end closed the backend channel"
         try:
             while True:
-                self._handle_backend(channel, channel.recv())
+                msg = channel.recv()
+                self._handle_backend(channel, msg, time.perf_counter())
         except ChannelClosed:
             pass
         except (ChannelError, WireError) as exc:
@@ -371,7 +378,7 @@ class Frontend:
             if main is not None:
                 main.shutdown()  # the supervisor sees EOF and drops the connection
 
-    def _handle_backend(self, channel: Channel, msg: Message) -> None:
+    def _handle_backend(self, channel: Channel, msg: Message, read_at: float) -> None:
         faults = self.faults
         refusal: Refusal | None = None
         try:
@@ -387,6 +394,7 @@ class Frontend:
             out = self.session.answer(msg, result)
             if out is not None:
                 channel.send(out.encode())
+                self.ack_latency.observe(time.perf_counter() - read_at)
             return
         for out in faults.answers(self.session, msg, result):
             channel.send(out.encode())
@@ -419,6 +427,7 @@ class Frontend:
 
     def _refused(self, msg: Message, exc: ShmemRefused) -> None:
         self.counters["refused"] += 1
+        self.refusals[exc.errno_name] += 1
         m = msg.payload
         if not isinstance(m, ShmemMap):  # not a SHMEM request at all
             log.warning("%s; refusing it", exc.detail)
