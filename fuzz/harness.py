@@ -61,7 +61,7 @@ from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import SCM_MAX_FD, Channel, ChannelError, close_fds
 from shmemctl.control import ControlClient
 from shmemctl.control.protocol import MAX_DEPTH, MAX_REQUEST
-from shmemctl.daemon import listen_unix
+from shmemctl.daemon import listen_unix, stop_process
 from shmemctl.session.observer import BACKEND, FRONTEND
 from shmemctl.shmem import RegionTable, ShmemRefused
 from shmemctl.shmem.procmaps import disagreements, read_maps
@@ -336,14 +336,8 @@ def _backend_request_bytes(req: int, flags: int, fields: tuple | None, raw: byte
 
 def _end(proc: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM a daemon of the harness, SIGKILL past 10 s; gone either way."""
-    if proc is None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    if proc is not None:
+        stop_process(proc)
 
 
 class FrontendTarget:

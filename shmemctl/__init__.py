@@ -11,45 +11,29 @@ From a shell: the `shmemctl` command. From Python, the typed API (shmemctl/api.p
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-if TYPE_CHECKING:
-    from .api import (
-        BackendSim,
-        ControlError,
-        DaemonEvent,
-        DaemonUnreachable,
-        Frontend,
-        Mapping,
-        MapRefused,
-        Pair,
-        ShmemConfig,
-        Status,
-        Timeout,
-    )
-
-#: What `import shmemctl` offers (shmemctl.api), loaded on first use: the daemons import
-#: this package too, and need none of it.
-__all__ = [
-    "BackendSim",
-    "ControlError",
-    "DaemonEvent",
-    "DaemonUnreachable",
-    "Frontend",
-    "MapRefused",
-    "Mapping",
-    "Pair",
-    "ShmemConfig",
-    "Status",
-    "Timeout",
-]
+if TYPE_CHECKING:  # what `import shmemctl` offers: shmemctl.api's names (its __all__)
+    from .api import BackendSim as BackendSim
+    from .api import ControlError as ControlError
+    from .api import DaemonEvent as DaemonEvent
+    from .api import DaemonUnreachable as DaemonUnreachable
+    from .api import Frontend as Frontend
+    from .api import Mapping as Mapping
+    from .api import MapRefused as MapRefused
+    from .api import Pair as Pair
+    from .api import ShmemConfig as ShmemConfig
+    from .api import Status as Status
+    from .api import Timeout as Timeout
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import api
-
+    """shmemctl.api, loaded on first use: the daemons import this package too, and need
+    none of it."""
+    api = importlib.import_module(".api", __name__)
+    if name in api.__all__:
         return getattr(api, name)
     raise AttributeError(f"module 'shmemctl' has no attribute {name!r}")

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, TypeVar
 
 from . import rundir
 from .control import ControlClient, ControlError, DaemonUnreachable
+from .daemon import stop_process
 from .events import Event, EventRecord, event_time, lookup
 from .pair import Launched, PairError, launch
 from .rundir import PairPaths
@@ -213,15 +214,20 @@ class _Daemon:
 
     @classmethod
     def _spawn(
-        cls: type[D], argv: list[str], control: Path, log: Path, socket: Path,
-        own_dir: Path | None, timeout: float,
+        cls: type[D], command: list[str], listen: str | Path | None, connect: str | Path | None,
+        control: str | Path | None, timeout: float,
     ) -> D:  # fmt: skip
+        """Start `python -m COMMAND...` on its socket, with its control socket and log
+        beside `control` or in a directory of its own; once its control socket answers."""
+        where, socket = _socket_argv(listen, connect)
+        ctl, log, own_dir = _homes(control, cls.role)
+        argv = [sys.executable, "-m", *command, *where, "--control", str(ctl)]
         with log.open("a") as out:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out,
                 text=True, close_fds=True,
             )  # fmt: skip
-        handle = cls(control, process, socket=socket, log=log)
+        handle = cls(ctl, process, socket=socket, log=log)
         handle._own_dir = own_dir
         try:
             handle._connect(timeout=timeout)
@@ -320,13 +326,8 @@ class _Daemon:
             self._client.close()
             self._client = None
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_process(process, timeout)
         own, self._own_dir = self._own_dir, None
         if own is not None:
             shutil.rmtree(own, ignore_errors=True)
@@ -377,13 +378,9 @@ class Frontend(_Daemon):
         """Start a front-end that listens for a back-end on `listen` (hand that path to
         your device) or connects to one on `connect`; returns once its control socket
         answers (not once a back-end is there: `wait_for` that)."""
-        where, socket = _socket_argv(listen, connect)
-        ctl, log, own = _homes(control, cls.role)
-        argv = [sys.executable, "-m", "shmemctl", "frontend", *where, "--control", str(ctl),
-                "--shmem-bit", str(shmem_bit), *args]  # fmt: skip
-        if reconnect is not None:
-            argv += ["--reconnect", str(reconnect)]
-        return cls._spawn(argv, ctl, log, socket, own, timeout)
+        again = [] if reconnect is None else ["--reconnect", str(reconnect)]
+        return cls._spawn(["shmemctl", "frontend", "--shmem-bit", str(shmem_bit), *again, *args],
+                          listen, connect, control, timeout)  # fmt: skip
 
     def mappings(self) -> tuple[Mapping, ...]:
         """Every mapping the front-end holds now."""
@@ -423,11 +420,8 @@ class BackendSim(_Daemon):
     ) -> BackendSim:
         """Start backend_sim listening on `listen` (point your VMM at it) or connecting
         to a front-end on `connect`, with these regions (`SHMID=SIZE,...`)."""
-        where, socket = _socket_argv(listen, connect)
-        ctl, log, own = _homes(control, cls.role)
-        argv = [sys.executable, "-m", "backend_sim", *where, "--control", str(ctl),
-                "--regions", regions, "--shmem-bit", str(shmem_bit), *args]  # fmt: skip
-        return cls._spawn(argv, ctl, log, socket, own, timeout)
+        return cls._spawn(["backend_sim", "--regions", regions, "--shmem-bit", str(shmem_bit),
+                           *args], listen, connect, control, timeout)  # fmt: skip
 
     def map(
         self,

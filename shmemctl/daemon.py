@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -134,6 +135,18 @@ def profiled(target: Callable[..., None], name: str) -> Callable[..., None]:
             profile.dump_stats(os.path.join(directory, f"{name}-{os.getpid()}.prof"))
 
     return run
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM a process we started, SIGKILL past `timeout`; reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def process_facts(pid: int | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 
 from .control import ControlError, DaemonUnreachable
+from .daemon import stop_process
 from .inventory import status
 from .rundir import PairPaths
 
@@ -109,15 +110,8 @@ class Launched:
         """SIGTERM each (SIGKILL past `timeout`); the front-end first, as a VMM goes, then
         the tap, then the back-end."""
         for proc in (self.frontend, self.tap, self.backend):
-            if proc is None:
-                continue
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if proc is not None:
+                stop_process(proc, timeout)
 
 
 def launch(

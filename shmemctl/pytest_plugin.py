@@ -44,6 +44,7 @@ from .conformance import backend as backend_suite
 from .conformance import frontend as frontend_suite
 from .conformance.report import FAIL, NA, NOT_RUN, Report, Result
 from .control import ControlClient, DaemonUnreachable
+from .daemon import stop_process
 from .events import TRACE
 from .render import render_event
 
@@ -118,12 +119,17 @@ class Started:
     closers: list[Callable[[], None]] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
-    #: this process's fds before the fixture began, and those it opened (see `settle`)
+    #: this process's fds before the fixture began, and those it opened (see `keep`)
     before: set[str] = field(default_factory=lambda: _fds())
     opened: set[str] = field(default_factory=set)
 
-    def settle(self) -> None:
-        """The fixture is set up: whatever fds it opened here must be closed after."""
+    def keep(self, close: Callable[[], None], **daemons: Frontend | BackendSim) -> None:
+        """The fixture is set up: `close` stops what it started, these are its daemons
+        (their traces and logs go in a failure's report), and whatever fds it opened in
+        this process must be closed after the test."""
+        self.closers.append(close)
+        for role, daemon in daemons.items():
+            self.watch(role, daemon)
         self.opened = _fds() - self.before
 
     def watch(self, role: str, daemon: Frontend | BackendSim) -> None:
@@ -232,9 +238,7 @@ def shmem_frontend(request: pytest.FixtureRequest) -> Iterator[Frontend]:
             listen=_fresh_socket(started, "frontend"), shmem_bit=opts["shmem_bit"],
             args=opts["frontend_args"], timeout=opts["timeout"],
         )  # fmt: skip
-        started.closers.append(frontend.close)
-        started.watch("frontend", frontend)
-        started.settle()
+        started.keep(frontend.close, frontend=frontend)
         yield frontend
 
 
@@ -247,9 +251,7 @@ def shmem_backend(request: pytest.FixtureRequest) -> Iterator[BackendSim]:
             listen=_fresh_socket(started, "backend"), regions=opts["regions"],
             shmem_bit=opts["shmem_bit"], args=opts["backend_args"], timeout=opts["timeout"],
         )  # fmt: skip
-        started.closers.append(backend.close)
-        started.watch("backend", backend)
-        started.settle()
+        started.keep(backend.close, backend=backend)
         yield backend
 
 
@@ -263,10 +265,7 @@ def shmem_pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
             frontend_args=opts["frontend_args"], backend_args=opts["backend_args"],
             timeout=opts["timeout"],
         )  # fmt: skip
-        started.closers.append(pair.close)
-        started.watch("frontend", pair.frontend)
-        started.watch("backend", pair.backend)
-        started.settle()
+        started.keep(pair.close, frontend=pair.frontend, backend=pair.backend)
         yield pair
 
 
@@ -318,7 +317,7 @@ class ConformanceRun:
                     _wait_for_socket(socket, proc, self.timeout)
                     return backend_suite.check_backend(str(socket), timeout=self.timeout)
                 finally:
-                    _stop(proc)
+                    stop_process(proc)
             # the VMM connects; the suite listens and starts it once it does
             result: list[Report] = []
             suite = threading.Thread(target=lambda: result.append(frontend_suite.check_frontend(
@@ -331,7 +330,7 @@ class ConformanceRun:
             try:
                 suite.join(self.timeout * 4)
             finally:
-                _stop(proc)
+                stop_process(proc)
             suite.join()
             return result[0]
         finally:
@@ -348,16 +347,6 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None, timeout: 
         if time.monotonic() > deadline:
             raise ConformanceError(f"{path} did not appear within {timeout:g}s")
         time.sleep(0.02)  # a socket file cannot be waited on before it exists
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class ConformanceError(Exception):
