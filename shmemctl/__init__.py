@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # what `import shmemctl` offers: shmemctl.api's names (its __
     from .api import Pair as Pair
     from .api import ShmemConfig as ShmemConfig
     from .api import Status as Status
+    from .api import Tap as Tap
     from .api import Timeout as Timeout
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "Pair",
     "ShmemConfig",
     "Status",
+    "Tap",
     "Timeout",
 ]
 
@@ -119,10 +120,11 @@ class DaemonEvent:
 class Status:
     """A daemon as its control socket describes it.
 
-    `mappings`: the front-end's table (as much of it as was listed), or what
-    backend_sim believes is mapped. `agrees`: for a front-end, whether its table and
-    the kernel's /proc/PID/maps say the same (`disagreements` says how not); None for
-    a back-end, which has no mappings of its own to check. `raw` is the whole answer."""
+    `mappings`: the front-end's table (as much of it as was listed), what backend_sim
+    believes is mapped, or a tap's picture of somebody else's pair. `agrees`: whether
+    the front-end's /proc/PID/maps holds what the table (or the tap's picture) says
+    (`disagreements` says how not); None for a back-end, which has no mappings of its
+    own to check, and for a tap that cannot tell now. `raw` is the whole answer."""
 
     role: str
     state: str
@@ -145,11 +147,16 @@ class Status:
     def from_answer(cls, answer: dict[str, Any], made: float) -> Status:
         process = answer.get("process", {})
         regions_field = answer.get("regions", {})
-        if isinstance(regions_field, list):  # the front-end's: one record per region
-            regions = {r["shmid"]: r["size"] for r in regions_field}
+        if isinstance(regions_field, list):  # the front-end's or a tap's: one per region
+            regions = {r["shmid"]: r["size"] for r in regions_field if r["size"] is not None}
             listed = [m for r in regions_field for m in r.get("mappings", [])]
-            disagreements: tuple[str, ...] = tuple(answer.get("disagreements", []))
-            agrees: bool | None = not disagreements
+            truth = answer.get("truth")
+            if truth is None:  # the front-end checks its own maps
+                disagreements: tuple[str, ...] = tuple(answer.get("disagreements", []))
+                agrees: bool | None = not disagreements
+            else:  # the tap holds the picture to the front-end's maps
+                disagreements = tuple(str(f) for f in truth.get("findings", []))
+                agrees = {"agree": True, "disagree": False}.get(truth.get("verdict", ""))
         else:  # backend_sim's: shmid -> size, and what it believes is mapped
             regions = {int(k): v for k, v in regions_field.items()}
             listed = answer.get("mapped", [])
@@ -268,6 +275,8 @@ class _Daemon:
         return Status.from_answer(self.execute("query-status", **self._full_status), time.time())
 
     _full_status: ClassVar[dict[str, Any]] = {}
+    #: the events after which its status may have changed (None: all but the trace)
+    _changes: ClassVar[list[str] | None] = None
 
     @contextlib.contextmanager
     def events(self, names: Sequence[Event | str] | None = None) -> Iterator[Iterator[DaemonEvent]]:
@@ -294,7 +303,7 @@ class _Daemon:
         deadline = time.monotonic() + timeout
         watcher = ControlClient(str(self.control))
         try:
-            watcher.subscribe()  # before the first look: no change can fall between
+            watcher.subscribe(self._changes)  # before the first look: no change between
             while True:
                 status = self.status()
                 if predicate(status):
@@ -463,6 +472,21 @@ class BackendSim(_Daemon):
             return int(self.execute("batch", maps=items)["count"])
         except ControlError as exc:
             raise _refusal(exc) from None
+
+
+class Tap(_Daemon):
+    """A running `shmemctl tap` between somebody else's front-end and back-end (attach
+    to it by its name or control socket): its picture of the pair as a Status, held to
+    the front-end's /proc; `events()` brings its VIOLATION events among the rest."""
+
+    role = "tap"
+    #: its picture changes with every message it relays, and it publishes no event
+    #: of its own for a mapping: the trace is what says it may have changed
+    _changes: ClassVar[list[str] | None] = [e.value for e in Event]
+
+    def violations(self) -> dict[str, int]:
+        """The rules either side broke so far, each with how often."""
+        return dict(self.status().raw.get("violations", {}))
 
 
 class Pair:

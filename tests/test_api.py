@@ -13,8 +13,10 @@ import psutil
 import pytest
 
 import shmemctl
-from shmemctl import BackendSim, Frontend, Mapping, MapRefused, Pair, Timeout
+from shmemctl import BackendSim, Frontend, Mapping, MapRefused, Pair, Tap, Timeout
 from shmemctl.events import Event
+from shmemctl.pair import launch
+from shmemctl.rundir import PairPaths
 
 from .conftest import PATIENCE
 
@@ -140,3 +142,19 @@ def test_the_readme_example_runs(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("EEXIST the device's own reading: overlaps 0x0+0x100000")
+
+
+def test_a_tap_is_attached_and_its_picture_is_a_status(tmp_path: Path) -> None:
+    paths = PairPaths(tmp_path / "vm")
+    paths.dir.mkdir()
+    launched = launch(paths, tap=True, backend_args=["--regions", "0=8M"], timeout=PATIENCE)
+    try:
+        with Tap.attach(control=paths.control("tap")) as tap, BackendSim.attach(
+            control=paths.control("backend")
+        ) as backend:
+            mapping = backend.map(0, 0x20000, 4096)
+            status = tap.wait_for(lambda s: s.holds(mapping) and s.agrees, timeout=PATIENCE)
+            assert status.role == "tap" and status.regions == {0: 8 << 20}
+            assert status.disagreements == () and tap.violations() == {}
+    finally:
+        launched.stop()
