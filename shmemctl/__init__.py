@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-if TYPE_CHECKING:  # what `import shmemctl` offers: shmemctl.api's names (its __all__)
+if TYPE_CHECKING:
     from .api import BackendSim as BackendSim
     from .api import ControlError as ControlError
     from .api import DaemonEvent as DaemonEvent
@@ -31,10 +31,27 @@ if TYPE_CHECKING:  # what `import shmemctl` offers: shmemctl.api's names (its __
     from .api import Timeout as Timeout
 
 
+#: What `import shmemctl` offers, from shmemctl.api, which is loaded on first use of one
+#: of these names (and only then: `from . import rundir` asks this module for a name too).
+__all__ = [
+    "BackendSim",
+    "ControlError",
+    "DaemonEvent",
+    "DaemonUnreachable",
+    "Frontend",
+    "MapRefused",
+    "Mapping",
+    "Pair",
+    "ShmemConfig",
+    "Status",
+    "Tap",
+    "Timeout",
+]
+
+
 def __getattr__(name: str) -> Any:
-    """shmemctl.api, loaded on first use: the daemons import this package too, and need
-    none of it."""
-    api = importlib.import_module(".api", __name__)
-    if name in api.__all__:
-        return getattr(api, name)
-    raise AttributeError(f"module 'shmemctl' has no attribute {name!r}")
+    """shmemctl.api's names, loaded on first use: the daemons import this package too,
+    and need none of it."""
+    if name not in __all__:
+        raise AttributeError(f"module 'shmemctl' has no attribute {name!r}")
+    return getattr(importlib.import_module(".api", __name__), name)

@@ -39,20 +39,7 @@ from .rundir import PairPaths
 from .shmem.mapping import Mapping, MappingJSON
 from .wire.messages import MMAP_FLAG_WRITE, ShmemConfig
 
-__all__ = [
-    "BackendSim",
-    "ControlError",
-    "DaemonEvent",
-    "DaemonUnreachable",
-    "Frontend",
-    "MapRefused",
-    "Mapping",
-    "Pair",
-    "ShmemConfig",
-    "Status",
-    "Tap",
-    "Timeout",
-]
+# what `import shmemctl` offers of this module: shmemctl/__init__.py, __all__
 
 #: How long a handle waits for its daemon to come up, and a `wait_for` by default.
 DEFAULT_TIMEOUT = 30.0

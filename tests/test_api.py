@@ -158,3 +158,16 @@ def test_a_tap_is_attached_and_its_picture_is_a_status(tmp_path: Path) -> None:
             assert status.disagreements == () and tap.violations() == {}
     finally:
         launched.stop()
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["shmemctl.bench", "shmemctl.pair", "shmemctl.inventory", "shmemctl.cli",
+     "shmemctl.frontend", "shmemctl.tap", "shmemctl.metrics", "backend_sim"],
+)  # fmt: skip
+def test_any_module_imports_first_without_loading_the_api(module: str) -> None:
+    # the package's lazy names must not be what a sibling's `from . import x` finds
+    code = f"import sys, {module}; assert 'shmemctl.api' not in sys.modules, sorted(sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=PATIENCE)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
