@@ -13,6 +13,7 @@ from typing import Any
 from shmemctl.backend import AnswerLost, BackendEndpoint, NotReady, PeerProtocolError
 from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.control import Arg, Command, ControlError, shmid_arg, u64
+from shmemctl.control.protocol import MAX_LISTED
 from shmemctl.daemon import process_facts
 from shmemctl.sizes import hex_range, human_size
 from shmemctl.wire import ShmemMap, feature_names
@@ -163,7 +164,7 @@ def batch(st: BackendState, maps: list) -> dict[str, Any]:
     if result:
         why = st.device.refusal(requests[-1], result, is_map=True)
         raise ControlError(
-            f"the batch's last map was {why.removeprefix('refused ')}; earlier failures in a "
+            f"the batch's last map was {why}; earlier failures in a "
             "batch are silent",
         )
     return {"result": "ok", "count": len(requests)}
@@ -266,7 +267,7 @@ def commands(st: BackendState) -> list[Command]:
         Command(
             "query-status",
             lambda max_mappings=None: status(st, max_mappings),
-            {"max_mappings": Arg(int, required=False, low=0)},
+            {"max_mappings": Arg(int, required=False, low=0, high=MAX_LISTED)},
             help="regions, negotiation, buffers, believed mappings",
         ),
         Command(

@@ -31,6 +31,7 @@ import abc
 import argparse
 import array
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -838,7 +839,7 @@ def render(spec: tuple) -> tuple[bytes, Any]:
         obj.update(extra)
         obj = _safe_request(obj)
         rid = obj.get("id", ABSENT)
-        return json.dumps(obj).encode(), ABSENT if rid is None else rid
+        return json.dumps(obj).encode(), rid  # null is an id too: QMP echoes it
     if kind == "json":
         return json.dumps(spec[1]).encode(), ABSENT
     if kind == "raw":
@@ -995,7 +996,27 @@ class Framed:
 
 
 def frame_requests(stream: bytes) -> list[Framed]:
-    """The requests of a stream, in order; the last one may be incomplete."""
+    """The requests of a stream, in order; the last one may be incomplete. A 0xff byte
+    resets the daemon's framing wherever it comes (answered as an error): what was
+    unfinished before it is dropped."""
+    out: list[Framed] = []
+    at = 0
+    *before, last = stream.split(b"\xff")
+    for piece in before:
+        # what 0xff cut short is dropped, unless it was too long already (that ends it)
+        out += [_moved(f, at) for f in _frame_piece(piece)
+                if f.complete or len(f.data) > MAX_REQUEST]  # fmt: skip
+        at += len(piece)
+        out.append(Framed(at, b"\xff", True, True))
+        at += 1
+    return out + [_moved(f, at) for f in _frame_piece(last)]
+
+
+def _moved(framed: Framed, by: int) -> Framed:
+    return dataclasses.replace(framed, start=framed.start + by)
+
+
+def _frame_piece(stream: bytes) -> list[Framed]:
     out: list[Framed] = []
     at, size = 0, len(stream)
     while at < size:
@@ -1092,11 +1113,12 @@ class QmpSession:
         _check_answer(answer, line, self.role)
         readable, request = _request(framed)
         is_object = readable and isinstance(request, dict)
-        rid = request.get("id") if is_object else None
+        # QMP echoes an id whatever JSON value it is, null too
+        rid = request.get("id", ABSENT) if is_object else ABSENT
         got = answer.get("id", ABSENT)
-        if not _same(got, ABSENT if rid is None else rid):
+        if not _same(got, rid):
             raise AssertionError(f"{self.role}: an answer with id {got!r:.200} to a request "
-                                 f"with {'no id' if rid is None else f'id {rid!r:.200}'}"
+                                 f"with {'no id' if rid is ABSENT else f'id {rid!r:.200}'}"
                                  f"\n  request {_shown(line)}")  # fmt: skip
         error = answer.get("error") or {}
         cls = error.get("class")

@@ -509,10 +509,11 @@ class Pair:
         """Start backend_sim and a front-end connected to it; returns once connected.
         The pair lives in `run_dir/name` (by default a new private directory), so
         `shmemctl status --name NAME` with SHMEMCTL_RUN_DIR=run_dir finds it."""
+        name = rundir.check_name(name or rundir.DEFAULT_NAME)  # before anything is made
         own = None if run_dir is not None else Path(tempfile.mkdtemp(prefix="shmemctl-pair-"))
         root = Path(run_dir) if run_dir is not None else own
         assert root is not None
-        paths = PairPaths(root / rundir.check_name(name or rundir.DEFAULT_NAME))
+        paths = PairPaths(root / name)
         paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         bit = ["--shmem-bit", str(shmem_bit)]
         try:

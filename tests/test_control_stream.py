@@ -139,7 +139,7 @@ def test_a_request_at_the_bound_is_taken() -> None:
     [
         (b'{"id": NaN}', "NaN is not a JSON value"),
         (b'{"id": 1e999}', "1e999 is too large"),
-        (b'{"id": "\xff"}', "not JSON"),
+        (b'{"id": "\xc3("}', "not JSON"),  # UTF-8 that breaks off
         (b'{"id": 1,}', "not JSON"),
     ],
 )
@@ -178,3 +178,18 @@ def test_any_json_objects_cut_anywhere_come_back_in_order(objects, data) -> None
     ]
     out = fed(*chunks)
     assert [json.loads(r) for r in out if isinstance(r, bytes)] == objects
+
+
+def test_a_0xff_byte_brings_the_stream_back_into_step() -> None:
+    reset = (
+        "JSON parse error: byte 0xff resets the parser; anything unfinished before it was dropped"
+    )
+    assert fed(b'{"execute": "lost', b'\xff{"execute": "next"}') == [reset, b'{"execute": "next"}']
+    assert fed(b"junk\xff\n{}") == [reset, b"{}"]  # junk ends there too
+    assert fed(b"[" * 100 + b"\xff{}") == [
+        "JSON nested more than 16 levels deep; a request needs at most that (the rest of its "
+        "line is skipped)",
+        reset,
+        b"{}",
+    ]
+    assert fed(b"\xff") == [reset]

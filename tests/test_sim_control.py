@@ -250,7 +250,7 @@ def _raw_answer(path: str, line: bytes) -> dict[str, Any]:
         (b"[" * 5000, "JSON nested more than 16 levels deep"),  # refused before it closes
         (b'{"execute": "query-status", "id": ' + b"[" * 100 + b"]" * 100 + b"}", "nested"),
         (b'{"execute": "query-status", "id": ' + b"9" * 5000 + b"}", "not JSON"),
-        (b'{"execute": "query-status", "id": "\xff"}', "not JSON"),
+        (b'{"execute": "query-status", "id": "\xc3("}', "not JSON"),
         (b'{"execute": "query-status", "id": NaN}', "NaN is not a JSON value"),
         (b'{"execute": "query-status", "id": -Infinity}', "-Infinity is not a JSON value"),
         (b'{"execute": "query-status", "id": 1e999}', "1e999 is too large"),

@@ -57,6 +57,12 @@ class ControlClient:
         self._qmp.logger = _LIBRARY_LOG
         self._qmp.negotiate = False
         self._listener: EventListener | None = None
+        #: an event taken off the listener by a wait that was then cancelled (loop thread)
+        self._held: EventRecord | None = None
+        #: work handed to the loop and not done yet, failed by `close`
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._lock = threading.Lock()
+        self._closed = False
         try:
             self._run(self._qmp.connect(path), timeout)
             self.execute("qmp_capabilities")
@@ -64,9 +70,21 @@ class ControlClient:
             self.close()
             raise
 
+    def _submit(self, work: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Hand `work` to the loop, unless the client is closed (then DaemonUnreachable:
+        a closed loop would never run it)."""
+        with self._lock:
+            if self._closed:
+                work.close()
+                raise DaemonUnreachable(f"the client of {self.path} is closed")
+            future = asyncio.run_coroutine_threadsafe(work, self._loop)
+            self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        return future
+
     def _run(self, work: Coroutine[Any, Any, T], timeout: float | None) -> T:
         """Run `work` on this client's loop and wait for it, in our words if it fails."""
-        future = asyncio.run_coroutine_threadsafe(work, self._loop)
+        future = self._submit(work)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -82,7 +100,7 @@ class ControlClient:
             raise DaemonUnreachable(f"no daemon answers on {self.path} ({why})") from None
         except ExecuteError as exc:
             raise ControlError(exc.error.error.desc, exc.error_class) from None
-        except (ExecInterruptedError, EOFError, ConnectionError):
+        except (ExecInterruptedError, EOFError, ConnectionError, concurrent.futures.CancelledError):
             raise DaemonUnreachable(f"the daemon on {self.path} closed the connection") from None
         except OSError as exc:
             raise DaemonUnreachable(f"lost the daemon on {self.path} ({exc})") from None
@@ -115,39 +133,47 @@ class ControlClient:
 
     def next_event(self, timeout: float | None) -> EventRecord | None:
         """The next event (after `subscribe`); None if none came within `timeout` seconds
-        (None: wait for one); DaemonUnreachable once the daemon has gone."""
+        (None: wait for one); DaemonUnreachable once the daemon has gone. The timeout is
+        kept on the loop, so an event that arrives as it ends is returned, never lost."""
         if self._listener is None:
             raise RuntimeError("subscribe first: a connection receives no events before it")
-        future = asyncio.run_coroutine_threadsafe(self._next_event(self._listener), self._loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            return None
-        except (EOFError, OSError):
-            raise DaemonUnreachable(f"the daemon on {self.path} closed the connection") from None
+        return self._run(self._next_event(self._listener, timeout), None)
 
-    async def _next_event(self, listener: EventListener) -> EventRecord:
+    async def _next_event(
+        self, listener: EventListener, timeout: float | None
+    ) -> EventRecord | None:
+        held, self._held = self._held, None
+        if held is not None:
+            return held
+        deadline = None if timeout is None else self._loop.time() + timeout
         while listener.empty():
             if self._qmp.runstate is not Runstate.RUNNING:
                 raise EOFError
+            left = None if deadline is None else deadline - self._loop.time()
+            if left is not None and left <= 0:
+                return None
             arrived = asyncio.ensure_future(listener.get())
             changed = asyncio.ensure_future(self._qmp.runstate_changed())
             try:
-                await asyncio.wait({arrived, changed}, return_when=asyncio.FIRST_COMPLETED)
-            finally:  # also when this wait is cancelled: a stray get() would eat an event
+                await asyncio.wait(
+                    {arrived, changed}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:  # also when cancelled: a stray get() would eat an event
                 changed.cancel()
-                got = arrived.done()
-                if not got:
+                if arrived.done() and not arrived.cancelled():
+                    self._held = dict(arrived.result())
+                else:
                     arrived.cancel()
-            if got:
-                return dict(arrived.result())
+            held, self._held = self._held, None
+            if held is not None:
+                return held
         return dict(await listener.get())
 
     def interrupt(self) -> None:
         """Wake a thread blocked reading events: it sees the connection end."""
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._start_disconnect)
+        with self._lock:
+            if not self._closed:
+                self._loop.call_soon_threadsafe(self._start_disconnect)
 
     def _start_disconnect(self) -> None:
         task = self._loop.create_task(self._disconnect())
@@ -159,14 +185,24 @@ class ControlClient:
             await self._qmp.disconnect()
 
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        if self._loop.is_running():
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._disconnect(), self._loop).result(5.0)
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        """Disconnect; a thread still waiting on this client gets DaemonUnreachable."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._disconnect(), self._loop).result(5.0)
+        self._loop.call_soon_threadsafe(self._loop.stop)
         if threading.current_thread() is not self._thread:
             self._thread.join()
+        for future in list(self._pending):  # never to run now
+            future.cancel()
+        # the library's tasks and our waits end here, not as warnings at exit
+        left = asyncio.all_tasks(self._loop)
+        for task in left:
+            task.cancel()
+        if left:
+            self._loop.run_until_complete(asyncio.wait(left))
         self._loop.close()
 
     def __enter__(self) -> ControlClient:

@@ -35,6 +35,8 @@ MAX_QUEUED = 4096
 #: (a batch: request, arguments, maps, one map); Python's own parser would give up
 #: with a RecursionError somewhere near 1,000.
 MAX_DEPTH = 16
+#: The most mappings a status lists (`max_mappings`): more than a front-end may hold.
+MAX_LISTED = 1 << 31
 #: The largest value a u64 field of the wire can carry.
 U64_MAX = (1 << 64) - 1
 
@@ -159,7 +161,7 @@ class RequestTooLong(ControlError):
 _WHITESPACE = frozenset(b" \t\r\n")
 _OPENERS = frozenset(b"{[")
 _CLOSERS = frozenset(b"}]")
-_QUOTE, _BACKSLASH, _NEWLINE = 0x22, 0x5C, 0x0A
+_QUOTE, _BACKSLASH, _NEWLINE, _RESET = 0x22, 0x5C, 0x0A, 0xFF
 
 
 class RequestStream:
@@ -170,7 +172,9 @@ class RequestStream:
     an array is taken up to the next newline and answered as one bad request, so a
     client that typed garbage is back in step at its next line. A value that opens
     more than MAX_DEPTH levels is answered as soon as it does, as QEMU's parser does,
-    and the rest of its line is skipped.
+    and the rest of its line is skipped. A 0xff byte, which no JSON text holds, resets
+    the stream wherever it comes and is answered with an error: QMP's way for a client
+    to bring the parser back into a known state (anything unfinished is dropped).
 
     `feed` returns, in order, each complete request (bytes) or the ControlError that
     answers it. A request that outgrows MAX_REQUEST ends the list as a RequestTooLong,
@@ -192,6 +196,18 @@ class RequestStream:
             return out
         begun = 0 if (self._depth or self._junk) else -1  # where the held piece goes on
         for index, byte in enumerate(data):
+            if byte == _RESET:
+                out.append(ControlError(
+                    "JSON parse error: byte 0xff resets the parser; anything unfinished "
+                    "before it was dropped"
+                ))  # fmt: skip
+                self._depth, self._held, begun = 0, bytearray(), -1
+                self._in_string = self._escaped = self._junk = self._skipping = False
+                continue
+            ends_junk = self._junk and byte == _NEWLINE  # the newline is not part of it
+            if begun >= 0 and not ends_junk and len(self._held) + index - begun >= MAX_REQUEST:
+                out.append(self._too_long())  # this byte makes it longer than the bound
+                return out
             if self._skipping:
                 self._skipping = byte != _NEWLINE
                 continue
@@ -199,8 +215,6 @@ class RequestStream:
                 if byte == _NEWLINE:
                     out.append(self._bad(bytes(self._held + data[begun:index])))
                     self._junk, begun = False, -1
-                    if self._over:
-                        return out
                 continue
             if self._depth == 0:
                 if byte in _WHITESPACE:
@@ -232,28 +246,18 @@ class RequestStream:
             elif byte in _CLOSERS:
                 self._depth -= 1
                 if self._depth == 0:
-                    out.append(self._value(bytes(self._held + data[begun : index + 1])))
+                    out.append(bytes(self._held + data[begun : index + 1]))
                     begun = -1
-                    if self._over:
-                        return out
         if begun >= 0:
             self._held += data[begun:]
-            if len(self._held) > MAX_REQUEST:
-                out.append(self._too_long())
         return out
 
     def _too_long(self) -> RequestTooLong:
         self._over = True
         return RequestTooLong(f"request longer than {MAX_REQUEST} bytes; closing")
 
-    def _value(self, text: bytes) -> bytes | ControlError:
-        if len(text) > MAX_REQUEST:
-            return self._too_long()
-        return text
-
-    def _bad(self, text: bytes) -> ControlError:
-        if len(text) > MAX_REQUEST:
-            return self._too_long()
+    @staticmethod
+    def _bad(text: bytes) -> ControlError:
         try:
             value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, RecursionError) as exc:

@@ -60,12 +60,27 @@ class _Client:
         threading.Thread(target=self._read_loop, daemon=True, name="control-in").start()
 
     def send(self, obj: dict[str, Any]) -> None:
+        """An event (or the greeting): a subscriber that lets MAX_QUEUED of them pile up
+        unread is too slow, and is dropped rather than let the daemon wait on it."""
         if self.closed.is_set():
             return
         try:
             self.out.put_nowait(encode_line(obj))
         except queue.Full:
             log.warning("control client pid %d reads too slowly; dropping it", self.pid)
+            self.close()
+
+    def answer(self, obj: dict[str, Any]) -> None:
+        """An answer, from the thread that reads this client's requests: when its queue
+        is full, that thread waits for the client to read, so a client that sends many
+        requests at once is slowed by its own socket, never dropped; one that reads
+        nothing for _FLUSH_TIMEOUT is."""
+        if self.closed.is_set():
+            return
+        try:
+            self.out.put(encode_line(obj), timeout=_FLUSH_TIMEOUT)
+        except queue.Full:
+            log.warning("control client pid %d reads nothing; dropping it", self.pid)
             self.close()
 
     def close(self) -> None:
@@ -102,17 +117,17 @@ class _Client:
                     break
                 for request in requests.feed(chunk):
                     if self.denied is not None:  # told why, at its first request; no more
-                        self.send({**ControlError(self.denied).answer(), **_echo_of(request)})
+                        self.answer({**ControlError(self.denied).answer(), **_echo_of(request)})
                         return
                     if isinstance(request, RequestTooLong):
                         raise request  # answered below, and the client dropped
                     if isinstance(request, ControlError):
-                        self.send(request.answer())
+                        self.answer(request.answer())
                     else:
                         self.server._handle(self, request)
         except ControlError as exc:
             log.warning("control client pid %d: %s", self.pid, exc.desc)
-            self.send(exc.answer())
+            self.answer(exc.answer())
         except OSError:
             pass
         finally:
@@ -231,12 +246,12 @@ class ControlServer:
             client.start()
 
     def _handle(self, client: _Client, text: bytes) -> None:
-        request_id = None
+        request_id: object = _NO_ID
         try:
             request = decode_request(text)
             if not isinstance(request, dict):
                 raise ControlError("QMP input must be a JSON object")
-            request_id = request.get("id")
+            request_id = request.get("id", _NO_ID)
             name = self._command_name(request)
             command = self._command(client, name)
             arguments = command.check(request.get("arguments"))
@@ -252,7 +267,7 @@ class ControlServer:
         except Exception as exc:  # a bug answers as an error; the daemon carries on
             log.exception("control command failed")
             answer = ControlError(f"internal error: {exc!r}").answer()
-        client.send({**answer, **_echo(request_id)})
+        client.answer({**answer, **_echo(request_id)})
 
     @staticmethod
     def _command_name(request: dict[str, Any]) -> str:
@@ -331,10 +346,15 @@ def _echo_of(request: bytes | ControlError) -> dict[str, Any]:
     with contextlib.suppress(ControlError):
         decoded = decode_request(request)
         if isinstance(decoded, dict):
-            return _echo(decoded.get("id"))
+            return _echo(decoded.get("id", _NO_ID))
     return {}
 
 
+#: A request without an `id` (None would be one: `"id": null`).
+_NO_ID = object()
+
+
 def _echo(request_id: object) -> dict[str, Any]:
-    """QMP answers with the request's `id`, whatever JSON value it was, if it had one."""
-    return {} if request_id is None else {"id": request_id}
+    """QMP answers with the request's `id`, whatever JSON value it was (null too), if it
+    had one."""
+    return {} if request_id is _NO_ID else {"id": request_id}

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..channel import ChannelError
 from ..control import Arg, Command, ControlError, shmid_arg, u64
+from ..control.protocol import MAX_LISTED
 from ..daemon import process_facts
 from ..shmem import MappingJSON, libc
 from ..shmem.procmaps import MapsLine, disagreements, read_maps
@@ -162,7 +163,7 @@ def commands(fe: Frontend) -> list[Command]:
         Command(
             "query-status",
             lambda max_mappings=DEFAULT_LIST: cache.get(max_mappings),
-            {"max_mappings": Arg(int, required=False, low=0)},
+            {"max_mappings": Arg(int, required=False, low=0, high=MAX_LISTED)},
             help="connection, negotiated features, regions and mappings, the kernel's view",
         ),
         Command(
