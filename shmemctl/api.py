@@ -315,15 +315,19 @@ class _Daemon:
     def pid(self) -> int:
         return self._process.pid if self._process is not None else self.status().pid
 
-    def close(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         """Let go of the control socket; a daemon this handle started is stopped
-        (SIGTERM, then SIGKILL past `timeout`)."""
+        (SIGTERM, then SIGKILL past `timeout`). Its files stay (see `close`)."""
         if self._client is not None:
             self._client.close()
             self._client = None
         process, self._process = self._process, None
         if process is not None:
             stop_process(process, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """`stop`, then remove the directory this handle made for the daemon's files."""
+        self.stop(timeout)
         own, self._own_dir = self._own_dir, None
         if own is not None:
             shutil.rmtree(own, ignore_errors=True)
@@ -539,13 +543,17 @@ class Pair:
         return cls(paths, Frontend.attach(control=paths.control("frontend")),
                    BackendSim.attach(control=paths.control("backend")))  # fmt: skip
 
-    def close(self) -> None:
-        """Let go of both; a pair this handle started is stopped."""
+    def stop(self) -> None:
+        """Let go of both; a pair this handle started is stopped. Its files stay."""
         self.frontend.close()
         self.backend.close()
         launched, self._launched = self._launched, None
         if launched is not None:
             launched.stop()
+
+    def close(self) -> None:
+        """`stop`, then remove the run directory this handle made."""
+        self.stop()
         own, self._own_dir = self._own_dir, None
         if own is not None:
             shutil.rmtree(own, ignore_errors=True)

@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
+import hashlib
+import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -116,6 +120,8 @@ class Started:
 
     daemons: dict[str, Frontend | BackendSim] = field(default_factory=dict)
     traces: dict[str, TraceKeeper] = field(default_factory=dict)
+    #: what stops the daemons, and what then removes their files
+    stoppers: list[Callable[[], None]] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
@@ -123,11 +129,12 @@ class Started:
     before: set[str] = field(default_factory=lambda: _fds())
     opened: set[str] = field(default_factory=set)
 
-    def keep(self, close: Callable[[], None], **daemons: Frontend | BackendSim) -> None:
-        """The fixture is set up: `close` stops what it started, these are its daemons
+    def keep(self, handle: Frontend | BackendSim | Pair, **daemons: Frontend | BackendSim) -> None:
+        """The fixture is set up: `handle` is what it started, these are its daemons
         (their traces and logs go in a failure's report), and whatever fds it opened in
         this process must be closed after the test."""
-        self.closers.append(close)
+        self.stoppers.append(handle.stop)
+        self.closers.append(handle.close)
         for role, daemon in daemons.items():
             self.watch(role, daemon)
         self.opened = _fds() - self.before
@@ -152,14 +159,13 @@ class Started:
         """Stop everything; what was left behind, each in a sentence."""
         for trace in self.traces.values():
             trace.close()
+        for stop in reversed(self.stoppers):
+            stop()
+        # a stopped daemon has removed its sockets itself; only then goes the rest
+        left = [f"process {pid} still runs" for pid in self.pids if _alive(pid)]
+        left += [f"{path} is still there" for path in self.paths if path.exists()]
         for close in reversed(self.closers):
             close()
-        left = []
-        for pid in self.pids:
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                if _alive(pid):
-                    left.append(f"process {pid} still runs")
-        left += [f"{path} is still there" for path in self.paths if path.exists()]
         return left
 
 
@@ -238,7 +244,7 @@ def shmem_frontend(request: pytest.FixtureRequest) -> Iterator[Frontend]:
             listen=_fresh_socket(started, "frontend"), shmem_bit=opts["shmem_bit"],
             args=opts["frontend_args"], timeout=opts["timeout"],
         )  # fmt: skip
-        started.keep(frontend.close, frontend=frontend)
+        started.keep(frontend, frontend=frontend)
         yield frontend
 
 
@@ -251,7 +257,7 @@ def shmem_backend(request: pytest.FixtureRequest) -> Iterator[BackendSim]:
             listen=_fresh_socket(started, "backend"), regions=opts["regions"],
             shmem_bit=opts["shmem_bit"], args=opts["backend_args"], timeout=opts["timeout"],
         )  # fmt: skip
-        started.keep(backend.close, backend=backend)
+        started.keep(backend, backend=backend)
         yield backend
 
 
@@ -265,7 +271,7 @@ def shmem_pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
             frontend_args=opts["frontend_args"], backend_args=opts["backend_args"],
             timeout=opts["timeout"],
         )  # fmt: skip
-        started.keep(pair.close, frontend=pair.frontend, backend=pair.backend)
+        started.keep(pair, frontend=pair.frontend, backend=pair.backend)
         yield pair
 
 
@@ -285,13 +291,18 @@ def pytest_runtest_makereport(
 
 class ConformanceRun:
     """One run of the suite against the user's implementation, shared by its items:
-    the implementation is started once, checked once, and each item reads its verdict."""
+    the implementation is started once, checked once, and each item reads its verdict
+    (or the one reason none could be had, with the command's last output)."""
 
-    def __init__(self, command: str, role: str, timeout: float) -> None:
+    def __init__(self, command: str, role: str, timeout: float, share: Path | None) -> None:
         self.command = command
         self.role = role  # of the implementation under test: "backend" or "frontend"
         self.timeout = timeout
+        #: under pytest-xdist, where the workers of one run meet: the first to need
+        #: the report makes it, the others read it (one implementation, one socket)
+        self.share = share
         self._report: Report | None = None
+        self._failure: ConformanceError | None = None
         self.output = ""
 
     @property
@@ -299,41 +310,71 @@ class ConformanceRun:
         return (backend_suite if self.role == "backend" else frontend_suite).CHECKS
 
     def report(self) -> Report:
+        if self._failure is not None:
+            raise self._failure
         if self._report is None:
-            self._report = self._run()
+            try:
+                self._report = self._run() if self.share is None else self._shared()
+            except (ConformanceError, OSError) as exc:  # OSError: no such command
+                self._failure = ConformanceError(
+                    f"could not run the {self.role} checks: {exc}" + self._output_tail()
+                )
+                raise self._failure from None
         return self._report
+
+    def _shared(self) -> Report:
+        key = hashlib.sha256(f"{self.role}\0{self.command}".encode()).hexdigest()[:16]
+        assert self.share is not None
+        self.share.mkdir(parents=True, exist_ok=True)
+        done = self.share / f"{key}.json"
+        with open(self.share / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                try:
+                    record: dict[str, Any] = {"report": json.loads(self._run().to_json())}
+                except (ConformanceError, OSError) as exc:
+                    record = {"failure": str(exc)}
+                done.write_text(json.dumps({**record, "output": self.output}))
+        record = json.loads(done.read_text())
+        self.output = record["output"]
+        if "failure" in record:
+            raise ConformanceError(record["failure"])
+        made = Report(record["report"]["target"], record["report"]["role"], self.checks)
+        made.results = [Result(**r) for r in record["report"]["results"]]
+        return made
+
+    def _output_tail(self) -> str:
+        side = "device" if self.role == "backend" else "VMM"
+        return f"\n\nthe {side}'s output ends:\n{self.output}" if self.output else ""
+
+    def _start(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("w") as out:  # in a session of its own: its children go with it
+            return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
 
     def _run(self) -> Report:
         home = Path(tempfile.mkdtemp(prefix="shmem-conformance-"))
         socket = home / "vhost.sock"
         argv = shlex.split(self.command.replace("{socket}", str(socket)))
         log = home / "implementation.log"
+        proc: subprocess.Popen[bytes] | None = None
         try:
             if self.role == "backend":  # the device listens; the suite connects
-                with log.open("w") as out:
-                    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)  # fmt: skip
-                try:
-                    _wait_for_socket(socket, proc, self.timeout)
-                    return backend_suite.check_backend(str(socket), timeout=self.timeout)
-                finally:
-                    stop_process(proc)
+                proc = self._start(argv, log)
+                _wait_for_socket(socket, proc, self.timeout)
+                return backend_suite.check_backend(str(socket), timeout=self.timeout)
             # the VMM connects; the suite listens and starts it once it does
             result: list[Report] = []
             suite = threading.Thread(target=lambda: result.append(frontend_suite.check_frontend(
                 str(socket), listen=True, timeout=self.timeout)), daemon=True)  # fmt: skip
             suite.start()
             _wait_for_socket(socket, None, self.timeout)
-            with log.open("w") as out:
-                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)  # fmt: skip
-            try:
-                suite.join(self.timeout * 4)
-            finally:
-                stop_process(proc)
-            suite.join()
+            proc = self._start(argv, log)
+            suite.join()  # check_frontend gives up by itself within its timeouts
             return result[0]
         finally:
+            if proc is not None:
+                _stop_group(proc)
             self.output = log.read_text(errors="replace")[-4000:] if log.exists() else ""
             shutil.rmtree(home, ignore_errors=True)
 
@@ -347,6 +388,15 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None, timeout: 
         if time.monotonic() > deadline:
             raise ConformanceError(f"{path} did not appear within {timeout:g}s")
         time.sleep(0.02)  # a socket file cannot be waited on before it exists
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """The command and whatever it started: a shell's children are not left running."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    stop_process(proc)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 class ConformanceError(Exception):
@@ -408,10 +458,14 @@ def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
     timeout = config.getoption("--shmem-conformance-timeout")
+    share = None
+    worker = getattr(config, "workerinput", None)  # pytest-xdist's, in a worker
+    if worker is not None:
+        share = Path(tempfile.gettempdir()) / f"shmemctl-conformance-{worker['testrunuid']}"
     for role in ("backend", "frontend"):
         command = config.getoption(f"--shmem-conformance-{role}")
         if command:
-            run = ConformanceRun(command, role, timeout)
+            run = ConformanceRun(command, role, timeout, share)
             name = f"shmem-conformance-{role}"
             suite = ConformanceSuite.from_parent(session, name=name, nodeid=name, run=run)
             items.extend(suite.collect())

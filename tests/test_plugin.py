@@ -78,7 +78,8 @@ def test_what_a_test_leaves_running_fails_it_loudly(tmp_path: Path) -> None:
 
         def test_keeps_the_daemon(request, shmem_backend):
             started = request.node.stash[pytest_plugin._STARTED][0]
-            started.closers.clear()  # as if its handle forgot to stop it
+            started.stoppers.clear()  # as if its handle forgot to stop it
+            started.closers.clear()
             with open({str(left)!r}, "w") as f:
                 print(shmem_backend.pid, shmem_backend.control.parent,
                       shmem_backend.socket.parent, file=f)
@@ -127,3 +128,20 @@ def test_conformance_of_a_front_end(tmp_path: Path) -> None:
     done = run_pytest(tmp_path, "", f"--shmem-conformance-frontend={vmm}")
     assert done.returncode == 0, done.stdout
     assert "PASSED shmem-conformance-frontend::test_conformance[connects]" in done.stdout
+
+
+def test_a_command_that_cannot_start_is_said_once_with_its_words(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    device = f"sh -c 'echo run >> {runs}; echo boom-why-i-died >&2; exit 3' {{socket}}"
+    done = run_pytest(tmp_path, "", f"--shmem-conformance-backend={device}")
+    assert done.returncode == 1
+    assert runs.read_text() == "run\n"  # started once, for every item
+    assert done.stdout.count("could not run the backend checks: the command exited (3)") >= 19
+    assert "boom-why-i-died" in done.stdout
+
+
+def test_conformance_items_run_once_under_xdist(tmp_path: Path) -> None:
+    device = f"{sys.executable} -m backend_sim --listen {{socket}} --scenario blobs"
+    done = run_pytest(tmp_path, "", "-n", "2", f"--shmem-conformance-backend={device}")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " failed" not in done.stdout and "passed" in done.stdout
