@@ -461,7 +461,10 @@ def pytest_collection_modifyitems(
     share = None
     worker = getattr(config, "workerinput", None)  # pytest-xdist's, in a worker
     if worker is not None:
-        share = Path(tempfile.gettempdir()) / f"shmemctl-conformance-{worker['testrunuid']}"
+        # beside the workers' own temporary directories, which pytest cleans up in time
+        factory = getattr(config, "_tmp_path_factory", None)
+        root = factory.getbasetemp().parent if factory else Path(tempfile.gettempdir())
+        share = root / f"shmemctl-conformance-{worker['testrunuid']}"
     for role in ("backend", "frontend"):
         command = config.getoption(f"--shmem-conformance-{role}")
         if command:
