@@ -24,7 +24,7 @@ from shmemctl.backend import (
     PeerProtocolError,
     SendGuard,
 )
-from shmemctl.bench import CHURN, bench_span, churn_base
+from shmemctl.bench_layout import CHURN, bench_span, churn_base
 from shmemctl.channel import ChannelError, ChannelTimeout
 from shmemctl.daemon import peer_credentials
 from shmemctl.events import Event
@@ -655,7 +655,7 @@ class ScriptRunner:
 
     # ------------------------------------------------------------ bench
 
-    # The bench maps and unmaps inside a window of region 0 (shmemctl.bench.CHURN, at
+    # The bench maps and unmaps inside a window of region 0 (shmemctl.bench_layout.CHURN, at
     # `_churn_base`); the existing 4 KiB mappings alternate below and above it, so every
     # churn request lands in the middle of the front-end's index, its worst case.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from shmemctl.bench import bench_span, churn_base
+from shmemctl.bench_layout import bench_span, churn_base
 from shmemctl.pair import launch
 from shmemctl.rundir import DEFAULT_NAME, PairPaths
 

@@ -34,7 +34,7 @@ from . import rundir
 from .control import ControlClient, ControlError, DaemonUnreachable
 from .daemon import stop_process
 from .events import Event, EventRecord, event_time, lookup
-from .pair import Launched, PairError, launch
+from .pair import Launched, PairError, launch, log_tail
 from .rundir import PairPaths
 from .shmem.mapping import Mapping, MappingJSON
 from .wire.messages import MMAP_FLAG_WRITE, ShmemConfig
@@ -307,9 +307,7 @@ class _Daemon:
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of the daemon's log, where we started it."""
-        if self.log is None or not self.log.exists():
-            return "(no log)"
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return "(no log)" if self.log is None else log_tail(self.log, lines, indent="")
 
     @property
     def pid(self) -> int:

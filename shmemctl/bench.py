@@ -31,10 +31,10 @@ from typing import Any
 import click
 import psutil
 
+from .bench_layout import bench_span, churn_base
 from .channel import DEFAULT_BUSY_POLL
 from .pair import Launched, PairError, daemon_status, launch
 from .rundir import PairPaths
-from .shmem.libc import PAGE_SIZE
 from .sizes import human_size, mib
 
 MODES = ("ack", "batch16", "batch64")
@@ -69,24 +69,6 @@ def run_pair_bench(
 ) -> list[dict[str, Any]]:
     """Run every cell in one pair of daemons; return one result dict per cell."""
     return run_cells(_cells(quick, sorted(existing)), timeout=timeout)
-
-
-#: backend_sim's bench maps and unmaps inside a window of this size (room for 64 mappings of
-#: 2 MiB), with the existing 4 KiB mappings alternating below and above it
-CHURN = 128 << 20
-
-
-def churn_base(most: int) -> int:
-    """Where the churn window starts for a script whose largest EXISTING is `most`: at
-    128 MiB, or higher so that the lower half of the existing mappings fits below it."""
-    below = (most + 1) // 2 * PAGE_SIZE
-    return max(CHURN, -(-below // CHURN) * CHURN)
-
-
-def bench_span(base: int, existing: int) -> int:
-    """The bytes of region 0 a bench with its window at `base` and `existing` mappings
-    in place uses: below the window, the window, and the upper half above it."""
-    return base + CHURN + (existing + 1) // 2 * PAGE_SIZE
 
 
 def _region_for(most: int) -> int:

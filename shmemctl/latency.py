@@ -1,6 +1,6 @@
 """A latency histogram a daemon keeps as it works, for its status and for Prometheus.
 
-Fixed buckets, counted as observations come (one bisect and two additions each), so
+Fixed buckets, counted as observations come (one bisect and an addition each), so
 keeping it costs the hot path next to nothing and its size never grows; the JSON form
 is Prometheus' own shape (cumulative counts per upper bound, a sum and a count), so
 `shmemctl metrics` hands it on as a histogram without reinterpreting it.
@@ -26,18 +26,16 @@ class HistogramJSON(TypedDict):
 
 
 class LatencyHistogram:
-    """Observations of a duration. One thread observes; readers may see a count a step
+    """Observations of a duration. One thread observes; readers may see a bucket a step
     behind the sum, never a torn value (each field is one Python object)."""
 
     def __init__(self) -> None:
         self._counts = [0] * (len(BOUNDS) + 1)  # the last one: over every bound
         self._sum = 0.0
-        self._count = 0
 
     def observe(self, seconds: float) -> None:
         self._counts[bisect_left(BOUNDS, seconds)] += 1
         self._sum += seconds
-        self._count += 1
 
     def to_json(self) -> HistogramJSON:
         cumulative, buckets = 0, []
@@ -45,4 +43,4 @@ class LatencyHistogram:
         for bound, count in zip(bounds, self._counts, strict=True):
             cumulative += count
             buckets.append((bound, cumulative))
-        return {"buckets": buckets, "sum": self._sum, "count": self._count}
+        return {"buckets": buckets, "sum": self._sum, "count": cumulative}

@@ -87,12 +87,13 @@ def clean(paths: PairPaths) -> list[str]:
     return removed
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15, indent: str = "    ") -> str:
+    """The last lines of a daemon's log, for an error that says why it did not come up."""
     try:
-        text = path.read_text().splitlines()[-lines:]
+        text = path.read_text(errors="replace").splitlines()[-lines:]
     except OSError:
         return "(no log)"
-    return "\n".join("    " + line for line in text)
+    return "\n".join(indent + line for line in text)
 
 
 @dataclass
@@ -277,15 +278,15 @@ def wait_for(
             if proc.poll() is not None:
                 raise PairError(
                     f"the {role} exited ({proc.returncode}) while {what}; its log "
-                    f"({paths.logfile(role)}) ends:\n{_tail(paths.logfile(role))}"
+                    f"({paths.logfile(role)}) ends:\n{log_tail(paths.logfile(role))}"
                 )
         if got := ready():
             return got
         if time.monotonic() > deadline:
             raise PairError(
                 f"not {what} within {timeout:g}s; the front-end's log ends:\n"
-                f"{_tail(paths.logfile('frontend'))}\nand the back-end's:\n"
-                f"{_tail(paths.logfile('backend'))}"
+                f"{log_tail(paths.logfile('frontend'))}\nand the back-end's:\n"
+                f"{log_tail(paths.logfile('backend'))}"
             )
         time.sleep(0.02)  # a control socket cannot be waited on before it exists
 

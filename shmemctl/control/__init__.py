@@ -1,8 +1,15 @@
 """The control protocol (QEMU's QMP): the server each daemon runs, and the client."""
 
-from .client import ControlClient, DaemonUnreachable
-from .protocol import Arg, Command, ControlError, ErrorClass, shmid_arg, u64
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .protocol import Arg, Command, ControlError, DaemonUnreachable, ErrorClass, shmid_arg, u64
 from .server import ControlServer, peer_allowed
+
+if TYPE_CHECKING:
+    from .client import ControlClient as ControlClient
 
 __all__ = [
     "Arg",
@@ -16,3 +23,11 @@ __all__ = [
     "shmid_arg",
     "u64",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The client, loaded on first use: it brings asyncio and qemu.qmp, which a daemon
+    serving its control socket never needs (they would cost its start-up 30 ms)."""
+    if name != "ControlClient":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return importlib.import_module(".client", __name__).ControlClient

@@ -23,7 +23,7 @@ from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteE
 from qemu.qmp.protocol import Runstate
 
 from ..events import EventRecord
-from .protocol import MAX_ANSWER, ControlError
+from .protocol import MAX_ANSWER, ControlError, DaemonUnreachable
 
 T = TypeVar("T")
 
@@ -32,10 +32,6 @@ T = TypeVar("T")
 _LIBRARY_LOG = logging.getLogger("shmemctl.control.qmp")
 _LIBRARY_LOG.propagate = False
 _LIBRARY_LOG.addHandler(logging.NullHandler())
-
-
-class DaemonUnreachable(Exception):
-    """Nothing answers on the control socket (no daemon, or a dead one)."""
 
 
 class ControlClient:

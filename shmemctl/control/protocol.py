@@ -154,6 +154,10 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+class DaemonUnreachable(Exception):
+    """Nothing answers on the control socket (no daemon, or a dead one)."""
+
+
 class RequestTooLong(ControlError):
     """A request past MAX_REQUEST: answered, and the client is dropped."""
 
@@ -259,9 +263,9 @@ class RequestStream:
     @staticmethod
     def _bad(text: bytes) -> ControlError:
         try:
-            value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
-        except (ValueError, RecursionError) as exc:
-            return ControlError(f"not JSON: {exc}")
+            value = decode_request(text)
+        except ControlError as exc:
+            return exc
         return ControlError(f"QMP input must be a JSON object, not {_shown(value)}")
 
 

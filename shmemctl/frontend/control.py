@@ -69,7 +69,8 @@ def status(fe: Frontend, max_mappings: int = DEFAULT_LIST) -> dict[str, Any]:
             "shmem": neg.shmem,
             "reply_ack": neg.reply_ack,
         },
-        "counters": dict(fe.counters),
+        # in the order they always had: maps, unmaps, refused, resets, connections
+        "counters": {"maps": 0, "unmaps": 0, "refused": fe.refusals.total(), **fe.counters},
         "refusals": dict(fe.refusals),
         "ack_latency": fe.ack_latency.to_json(),
         "process": process_facts(),

@@ -79,8 +79,9 @@ class Frontend:
         self.stopper = Stopper()
         self.state = "disconnected"
         self.regions: RegionTable | None = None
-        self.counters = {"maps": 0, "unmaps": 0, "refused": 0, "resets": 0, "connections": 0}
-        #: refusals by the errno they were answered with (EEXIST, EINVAL, ...)
+        self.counters = {"maps": 0, "unmaps": 0, "resets": 0, "connections": 0}
+        #: refusals by the errno they were answered with (EEXIST, EINVAL, ...); their sum
+        #: is the `refused` counter status reports
         self.refusals: collections.Counter[str] = collections.Counter()
         #: from a SHMEM request read to its answer sent, for the requests that ask one
         self.ack_latency = LatencyHistogram()
@@ -426,7 +427,6 @@ class Frontend:
         return 0, None
 
     def _refused(self, msg: Message, exc: ShmemRefused) -> None:
-        self.counters["refused"] += 1
         self.refusals[exc.errno_name] += 1
         m = msg.payload
         if not isinstance(m, ShmemMap):  # not a SHMEM request at all
