@@ -28,16 +28,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from . import rundir
 from .control import ControlClient, ControlError, DaemonUnreachable
 from .daemon import stop_process
 from .events import Event, EventRecord, event_time, lookup
-from .pair import Launched, PairError, launch, log_tail
-from .rundir import PairPaths
+from .rundir import PairPaths, log_tail
 from .shmem.mapping import Mapping, MappingJSON
 from .wire.messages import MMAP_FLAG_WRITE, ShmemConfig
+
+if TYPE_CHECKING:
+    from .pair import Launched
 
 # what `import shmemctl` offers of this module: shmemctl/__init__.py, __all__
 
@@ -90,10 +92,13 @@ class DaemonEvent:
     data: dict[str, Any]
     time: float
     role: str
+    #: the event as it came on the wire (what shmemctl.render prints)
+    record: EventRecord = field(repr=False, compare=False)
 
     @classmethod
     def from_record(cls, record: EventRecord, role: str) -> DaemonEvent:
-        return cls(lookup(record["event"]), record.get("data", {}), event_time(record), role)
+        return cls(lookup(record["event"]), record.get("data", {}), event_time(record), role,
+                   record)  # fmt: skip
 
     @property
     def mapping(self) -> Mapping | None:
@@ -172,8 +177,39 @@ def _essence(m: Mapping) -> tuple[int, int, int, int, bool]:
     return m.shmid, m.shm_offset, m.len, m.fd_offset, m.writable
 
 
+class EventStream(Iterator[DaemonEvent]):
+    """A subscription's events, in the order the daemon published them. Iteration ends
+    when `interrupt` is called (from any thread); DaemonUnreachable when the daemon
+    goes away."""
+
+    def __init__(self, client: ControlClient, role: str) -> None:
+        self._client = client
+        self._role = role
+        self._interrupted = False
+
+    def __next__(self) -> DaemonEvent:
+        try:
+            record = self._client.next_event(None)
+        except DaemonUnreachable:
+            if self._interrupted:
+                raise StopIteration from None
+            raise
+        assert record is not None  # no timeout: it waits for one
+        return DaemonEvent.from_record(record, self._role)
+
+    def next(self, timeout: float | None) -> DaemonEvent | None:
+        """The next event, or None if none came within `timeout` seconds."""
+        record = self._client.next_event(timeout)
+        return None if record is None else DaemonEvent.from_record(record, self._role)
+
+    def interrupt(self) -> None:
+        """End the iteration: a thread waiting in it gets StopIteration."""
+        self._interrupted = True
+        self._client.interrupt()
+
+
 class _Daemon:
-    """What both daemons' handles share: a control socket, perhaps a process we started."""
+    """What every handle shares: a control socket, perhaps a process we started."""
 
     role: ClassVar[str]
 
@@ -183,51 +219,65 @@ class _Daemon:
         process: subprocess.Popen[str] | None = None,
         *,
         socket: str | Path | None = None,
+        listens: bool = False,
         log: Path | None = None,
+        output: Path | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         self.control = Path(control)
-        #: the vhost-user socket it listens on or connects to, where known
+        #: the vhost-user socket it listens on (`listens`) or connects to, where known
         self.socket = None if socket is None else Path(socket)
-        #: its log file, where we started it
+        self.listens = listens
+        #: its log (standard error) and its standard output, where we started it
         self.log = log
+        self.output = output
+        #: how long any one answer of the daemon may take (None: no limit)
+        self.timeout = timeout
         self._process = process
         self._client: ControlClient | None = None
         #: a directory this handle made for the daemon's files, removed with it
         self._own_dir: Path | None = None
 
     @classmethod
-    def attach(cls: type[D], name: str | None = None, *, control: str | Path | None = None) -> D:
+    def attach(
+        cls: type[D], name: str | None = None, *, control: str | Path | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> D:  # fmt: skip
         """A handle on a daemon already running: by its pair's name (in shmemctl's run
-        directory) or by its control socket. Closing it leaves the daemon running."""
+        directory) or by its control socket; DaemonUnreachable if nothing answers there.
+        `timeout`: how long any one answer may take. Closing it leaves the daemon
+        running."""
         if (name is None) == (control is None):
             raise ValueError("attach takes a pair's name or a control socket, one of them")
         path = control if control is not None else rundir.pair(name or "").control(cls.role)
-        handle = cls(path)
+        handle = cls(path, timeout=timeout)
         handle._connect(timeout=5.0)
         return handle
 
     @classmethod
     def _spawn(
-        cls: type[D], command: list[str], listen: str | Path | None, connect: str | Path | None,
-        control: str | Path | None, timeout: float,
+        cls: type[D], command: list[str], where: list[str], socket: Path | None, listens: bool,
+        control: str | Path | None, timeout: float, wait: bool,
     ) -> D:  # fmt: skip
-        """Start `python -m COMMAND...` on its socket, with its control socket and log
-        beside `control` or in a directory of its own; once its control socket answers."""
-        where, socket = _socket_argv(listen, connect)
-        ctl, log, own_dir = _homes(control, cls.role)
+        """Start `python -m COMMAND... WHERE`, with its control socket, log and output
+        beside `control` or in a directory of its own; once its control socket answers
+        (`wait`), or at once."""
+        ctl, own_dir = _home(control, cls.role)
+        log, output = ctl.with_suffix(".log"), ctl.with_suffix(".out")
         argv = [sys.executable, "-m", *command, *where, "--control", str(ctl)]
-        with log.open("a") as out:
+        ctl.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # for the log, before it
+        with log.open("a") as err, output.open("a") as out:
             process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out,
-                text=True, close_fds=True,
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True, close_fds=True,
             )  # fmt: skip
-        handle = cls(ctl, process, socket=socket, log=log)
+        handle = cls(ctl, process, socket=socket, listens=listens, log=log, output=output)
         handle._own_dir = own_dir
-        try:
-            handle._connect(timeout=timeout)
-        except BaseException:
-            handle.close()
-            raise
+        if wait:
+            try:
+                handle._connect(timeout=timeout)
+            except BaseException:
+                handle.close()
+                raise
         return handle
 
     def _connect(self, timeout: float) -> ControlClient:
@@ -237,7 +287,7 @@ class _Daemon:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self._client = ControlClient(str(self.control))
+                self._client = ControlClient(str(self.control), self.timeout)
                 return self._client
             except DaemonUnreachable:
                 if self._process is None:
@@ -255,7 +305,15 @@ class _Daemon:
     def execute(self, command: str, /, **arguments: Any) -> Any:
         """Run a control command as it is on the wire; its `return` value, or
         ControlError with the daemon's words."""
-        return self._connect(timeout=5.0).execute(command, **arguments)
+        client = self._connect(timeout=5.0)
+        try:
+            return client.execute(command, **arguments)
+        except DaemonUnreachable:
+            # gone or going: the next call connects afresh (to a daemon started again)
+            if self._client is client:
+                self._client = None
+            client.close()
+            raise
 
     def status(self) -> Status:
         """What the daemon says of itself now (a front-end's: every mapping listed)."""
@@ -266,18 +324,18 @@ class _Daemon:
     _changes: ClassVar[list[str] | None] = None
 
     @contextlib.contextmanager
-    def events(self, names: Sequence[Event | str] | None = None) -> Iterator[Iterator[DaemonEvent]]:
-        """The daemon's events from now on, as an iterator (all but the message trace
-        unless `names` says which), until the block ends:
+    def events(self, names: Sequence[Event | str] | None = None) -> Iterator[EventStream]:
+        """The daemon's events from now on (all but the message trace unless `names` says
+        which), until the block ends, on a connection of their own:
 
             with frontend.events([Event.MAPPED]) as events:
                 backend.map(0, 0, 4096)
                 event = next(events)
         """
-        client = ControlClient(str(self.control))
+        client = ControlClient(str(self.control), self.timeout)
         try:
             client.subscribe(None if names is None else [lookup(n).value for n in names])
-            yield (DaemonEvent.from_record(e, self.role) for e in client.events())
+            yield EventStream(client, self.role)
         finally:
             client.close()
 
@@ -288,22 +346,19 @@ class _Daemon:
         daemon publishes (no polling); Timeout, with the last status, if none does
         within `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        watcher = ControlClient(str(self.control))
-        try:
-            watcher.subscribe(self._changes)  # before the first look: no change between
+        # subscribed before the first look: no change between the two is missed
+        with self.events(self._changes) as changes:
             while True:
                 status = self.status()
                 if predicate(status):
                     return status
                 left = deadline - time.monotonic()
-                if left <= 0 or watcher.next_event(left) is None:
+                if left <= 0 or changes.next(left) is None:
                     status = self.status()
                     if predicate(status):
                         return status
                     raise Timeout(f"the {self.role} did not reach what was waited for within "
                                   f"{timeout:g}s; it is {status.state}: {status}")  # fmt: skip
-        finally:
-            watcher.close()
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of the daemon's log, where we started it."""
@@ -312,6 +367,29 @@ class _Daemon:
     @property
     def pid(self) -> int:
         return self._process.pid if self._process is not None else self.status().pid
+
+    @property
+    def argv(self) -> list[str] | None:
+        """The command line of a daemon this handle started."""
+        return None if self._process is None else list(self._process.args)  # type: ignore[arg-type]
+
+    def returncode(self) -> int | None:
+        """How a daemon this handle started ended (a negative number: the signal that
+        ended it), or None while it runs."""
+        if self._process is None:
+            raise ValueError(f"this handle attached to the {self.role}; it did not start it")
+        return self._process.poll()
+
+    def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """Until a daemon this handle started exits (a connecting backend_sim ends with
+        its front-end); its exit status, or Timeout."""
+        if self._process is None:
+            raise ValueError(f"this handle attached to the {self.role}; it did not start it")
+        try:
+            return self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise Timeout(f"the {self.role} (pid {self._process.pid}) still runs after "
+                          f"{timeout:g}s") from None  # fmt: skip
 
     def stop(self, timeout: float = 10.0) -> None:
         """Let go of the control socket; a daemon this handle started is stopped
@@ -337,22 +415,25 @@ class _Daemon:
         self.close()
 
 
-def _socket_argv(listen: str | Path | None, connect: str | Path | None) -> tuple[list[str], Path]:
+def _socket_argv(
+    listen: str | Path | None, connect: str | Path | None
+) -> tuple[list[str], Path, bool]:
+    """The options that say where a daemon meets its peer; the socket; whether it listens."""
     if (listen is None) == (connect is None):
         raise ValueError("say where the vhost-user socket is: listen=PATH or connect=PATH")
     if listen is not None:
-        return ["--listen", str(listen)], Path(listen)
-    return ["--connect", str(connect)], Path(str(connect))
+        return ["--listen", str(listen)], Path(listen), True
+    return ["--connect", str(connect)], Path(str(connect)), False
 
 
-def _homes(control: str | Path | None, role: str) -> tuple[Path, Path, Path | None]:
-    """Where a daemon we start keeps its control socket and its log: beside the control
-    socket asked for, or in a private directory made for it (returned third: it is
-    removed when the daemon is)."""
+def _home(control: str | Path | None, role: str) -> tuple[Path, Path | None]:
+    """Where a daemon we start has its control socket, beside which go its log and
+    output: the control socket asked for, or one in a private directory made for it
+    (returned second: it is removed when the daemon is)."""
     if control is not None:
-        return Path(control), Path(control).parent / f"{role}.log", None
+        return Path(control), None
     home = Path(tempfile.mkdtemp(prefix=f"shmemctl-{role}-"))
-    return home / f"{role}.ctl", home / f"{role}.log", home
+    return home / f"{role}.ctl", home
 
 
 class Frontend(_Daemon):
@@ -372,13 +453,16 @@ class Frontend(_Daemon):
         reconnect: float | None = None,
         args: Sequence[str] = (),
         timeout: float = DEFAULT_TIMEOUT,
+        wait: bool = True,
     ) -> Frontend:
         """Start a front-end that listens for a back-end on `listen` (hand that path to
         your device) or connects to one on `connect`; returns once its control socket
-        answers (not once a back-end is there: `wait_for` that)."""
+        answers (not once a back-end is there: `wait_for` that), or at once if not
+        `wait`. `args`: more of `shmemctl frontend`'s options."""
         again = [] if reconnect is None else ["--reconnect", str(reconnect)]
-        return cls._spawn(["shmemctl", "frontend", "--shmem-bit", str(shmem_bit), *again, *args],
-                          listen, connect, control, timeout)  # fmt: skip
+        where, socket, listens = _socket_argv(listen, connect)
+        command = ["shmemctl", "frontend", "--shmem-bit", str(shmem_bit), *again, *args]
+        return cls._spawn(command, where, socket, listens, control, timeout, wait)
 
     def mappings(self) -> tuple[Mapping, ...]:
         """Every mapping the front-end holds now."""
@@ -411,15 +495,21 @@ class BackendSim(_Daemon):
         listen: str | Path | None = None,
         connect: str | Path | None = None,
         control: str | Path | None = None,
-        regions: str = "0=8M",
+        regions: str | None = "0=8M",
         shmem_bit: int = 22,
         args: Sequence[str] = (),
         timeout: float = DEFAULT_TIMEOUT,
+        wait: bool = True,
     ) -> BackendSim:
         """Start backend_sim listening on `listen` (point your VMM at it) or connecting
-        to a front-end on `connect`, with these regions (`SHMID=SIZE,...`)."""
-        return cls._spawn(["backend_sim", "--regions", regions, "--shmem-bit", str(shmem_bit),
-                           *args], listen, connect, control, timeout)  # fmt: skip
+        to a front-end on `connect`, with these regions (`SHMID=SIZE,...`; None: its
+        own default); returns once its control socket answers, or at once if not
+        `wait`. `args`: more of its options (`--script FILE` prints each step's result
+        to `output`)."""
+        where, socket, listens = _socket_argv(listen, connect)
+        layout = [] if regions is None else ["--regions", regions]
+        command = ["backend_sim", *layout, "--shmem-bit", str(shmem_bit), *args]
+        return cls._spawn(command, where, socket, listens, control, timeout, wait)
 
     def map(
         self,
@@ -464,14 +554,35 @@ class BackendSim(_Daemon):
 
 
 class Tap(_Daemon):
-    """A running `shmemctl tap` between somebody else's front-end and back-end (attach
-    to it by its name or control socket): its picture of the pair as a Status, held to
-    the front-end's /proc; `events()` brings its VIOLATION events among the rest."""
+    """`shmemctl tap` between somebody else's front-end and back-end, started here or
+    attached to by its name or control socket: its picture of the pair as a Status,
+    held to the front-end's /proc; `events()` brings its VIOLATION events among the
+    rest."""
 
     role = "tap"
     #: its picture changes with every message it relays, and it publishes no event
     #: of its own for a mapping: the trace is what says it may have changed
     _changes: ClassVar[list[str] | None] = [e.value for e in Event]
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        front: str,
+        back: str,
+        control: str | Path | None = None,
+        shmem_bit: int = 22,
+        args: Sequence[str] = (),
+        timeout: float = DEFAULT_TIMEOUT,
+        wait: bool = True,
+    ) -> Tap:
+        """Start a tap that meets the front-end at `front` and the back-end at `back`
+        (each `listen:PATH` or `connect:PATH`); returns once its control socket
+        answers, or at once if not `wait`. `args`: more of `shmemctl tap`'s options."""
+        where = ["--front", front, "--back", back]
+        mode, _, path = front.partition(":")
+        command = ["shmemctl", "tap", "--shmem-bit", str(shmem_bit), *args]
+        return cls._spawn(command, where, Path(path), mode == "listen", control, timeout, wait)
 
     def violations(self) -> dict[str, int]:
         """The rules either side broke so far, each with how often."""
@@ -511,6 +622,8 @@ class Pair:
         """Start backend_sim and a front-end connected to it; returns once connected.
         The pair lives in `run_dir/name` (by default a new private directory), so
         `shmemctl status --name NAME` with SHMEMCTL_RUN_DIR=run_dir finds it."""
+        from .pair import PairError, launch  # which waits on the daemons with these handles
+
         name = rundir.check_name(name or rundir.DEFAULT_NAME)  # before anything is made
         own = None if run_dir is not None else Path(tempfile.mkdtemp(prefix="shmemctl-pair-"))
         root = Path(run_dir) if run_dir is not None else own
@@ -530,7 +643,7 @@ class Pair:
             raise DaemonUnreachable(str(exc)) from None
         frontend = Frontend(paths.control("frontend"), socket=paths.vhost,
                             log=paths.logfile("frontend"))  # fmt: skip
-        backend = BackendSim(paths.control("backend"), socket=paths.vhost,
+        backend = BackendSim(paths.control("backend"), socket=paths.vhost, listens=True,
                              log=paths.logfile("backend"))  # fmt: skip
         return cls(paths, frontend, backend, launched, own)
 
@@ -561,3 +674,9 @@ class Pair:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+#: The handle of each role a control socket can have.
+HANDLES: dict[str, type[Frontend | BackendSim | Tap]] = {
+    "frontend": Frontend, "backend": BackendSim, "tap": Tap,
+}  # fmt: skip

@@ -11,18 +11,21 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import options, rundir
-from .control import ControlClient, ControlError, DaemonUnreachable, ErrorClass
+from .control import ControlError, DaemonUnreachable, ErrorClass
 from .events import Event
 from .faults import FRONTEND, Fault
 from .inventory import PAIR_ROLES, SIDE, kind_of
 from .shmem.libc import PAGE_SIZE
 from .sizes import hex_range, human_size, parse_regions, parse_size
 from .wire.constants import LEGACY_SHMEM_BIT, SHMEM_BIT
+
+if TYPE_CHECKING:
+    from .api import BackendSim, DaemonEvent, EventStream, Frontend, Tap
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -270,7 +273,10 @@ class Target:
         }
         self.as_json = as_json
 
-    def client(self, role: str, what: str) -> ControlClient:
+    def daemon(self, role: str, what: str) -> Frontend | BackendSim | Tap:
+        """A handle on the daemon of this role, attached by its control socket."""
+        from .api import HANDLES
+
         path = self.sockets[role]
         if self.tap is not None and role != "tap":
             # not "is the pair up?": nothing on a tap's name maps, resets or reads
@@ -285,7 +291,7 @@ class Target:
                 f"was given (only the {other}'s)"
             )
         try:
-            return ControlClient(path)
+            return HANDLES[role].attach(control=path)
         except DaemonUnreachable as exc:
             if self.explicit:
                 hint = ""
@@ -297,16 +303,16 @@ class Target:
             raise NoDaemon(f"{exc}{hint}") from None
 
     def call(self, role: str, what: str, command: str, /, **arguments: Any) -> Any:
-        with self.client(role, what) as client:
+        with self.daemon(role, what) as daemon:
             try:
-                return client.execute(command, **arguments)
+                return daemon.execute(command, **arguments)
             except ControlError as exc:
                 if exc.error_class != ErrorClass.NOT_FOUND:
                     raise
                 raise click.ClickException(
-                    f"the daemon on {client.path} has no {command!r} command: {what} needs "
-                    f"a {role} (a front-end attached to a real back-end has no map or unmap; "
-                    "a back-end attached to QEMU has no reset)"
+                    f"the daemon on {daemon.control} has no {command!r} command: {what} "
+                    f"needs a {role} (a front-end attached to a real back-end has no map or "
+                    "unmap; a back-end attached to QEMU has no reset)"
                 ) from None
 
     def out(self, value: Any, text: str) -> None:
@@ -500,50 +506,53 @@ def _stream(target: Target, events: list[Event] | None, count: int | None) -> No
     """Print events from every daemon of the target as they come, one line each."""
     from .render import render_event
 
-    clients = []
-    if target.tap is not None:
-        # one daemon: its not answering is the whole answer, with the tap's hint
-        client = target.client("tap", "watch")
-        client.subscribe(events)
-        clients.append((client, "tap"))
-    for role in () if target.tap is not None else PAIR_ROLES:
-        if target.sockets[role] is None:
-            continue
-        with contextlib.suppress(NoDaemon):
-            client = target.client(role, "watch")
-            client.subscribe(events)
-            clients.append((client, role))
-    if not clients:
-        raise NoDaemon("no daemon of the pair answers; is it up? (shmemctl up)")
-    lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    roles = ("tap",) if target.tap is not None else PAIR_ROLES
+    streams = []
+    with contextlib.ExitStack() as opened:
+        for role in roles:
+            if target.sockets[role] is None:
+                continue
+            try:
+                daemon = opened.enter_context(target.daemon(role, "watch"))
+            except NoDaemon:
+                if target.tap is not None:  # one daemon: its absence is the whole answer
+                    raise
+                continue
+            streams.append(opened.enter_context(daemon.events(events)))
+        if not streams:
+            raise NoDaemon("no daemon of the pair answers; is it up? (shmemctl up)")
+        lines: queue.Queue[DaemonEvent | None] = queue.Queue()
 
-    def pump(client: ControlClient, role: str) -> None:
-        try:
-            for event in client.events():
-                event["source"] = role
-                lines.put(event)
-        except DaemonUnreachable:
+        def pump(stream: EventStream) -> None:
+            try:
+                for event in stream:
+                    lines.put(event)
+            except DaemonUnreachable:
+                pass
             lines.put(None)
 
-    for client, role in clients:
-        threading.Thread(target=pump, args=(client, role), daemon=True).start()
-    seen = 0
-    gone = 0
-    while count is None or seen < count:
-        event = lines.get()
-        if event is None:
-            gone += 1
-            if gone == len(clients):
-                raise NoDaemon("the daemons went away")
-            continue
-        if target.as_json:
-            click.echo(json.dumps(event))
-        elif event.get("event") == Event.VIOLATION:
-            # bold red on a terminal, plain text in a pipe (click drops the colour there)
-            click.secho(render_event(event), fg="red", bold=True)
-        else:
-            click.echo(render_event(event))
-        seen += 1
+        for stream in streams:
+            threading.Thread(target=pump, args=(stream,), daemon=True).start()
+        seen = 0
+        gone = 0
+        while count is None or seen < count:
+            event = lines.get()
+            if event is None:
+                gone += 1
+                if gone == len(streams):
+                    raise NoDaemon("the daemons went away")
+                continue
+            record = {**event.record, "source": event.role}
+            if target.as_json:
+                click.echo(json.dumps(record))
+            elif event.name == Event.VIOLATION:
+                # bold red on a terminal, plain text in a pipe (click drops the colour there)
+                click.secho(render_event(record), fg="red", bold=True)
+            else:
+                click.echo(render_event(record))
+            seen += 1
+        for stream in streams:
+            stream.interrupt()
 
 
 @main.command()

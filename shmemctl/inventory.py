@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import rundir
-from .control import ControlClient, ControlError, DaemonUnreachable
+from .api import HANDLES
+from .control import ControlError, DaemonUnreachable
 from .sizes import human_size
 
 T = TypeVar("T")
@@ -42,8 +43,8 @@ def brief(role: str) -> dict[str, int]:
 
 def status(path: Path, role: str, *, timeout: float = LS_TIMEOUT) -> dict[str, Any]:
     """A daemon's summary status; DaemonUnreachable or ControlError."""
-    with ControlClient(str(path), timeout=timeout) as client:
-        answer: dict[str, Any] = client.execute("query-status", **brief(role))
+    with HANDLES[role].attach(control=path, timeout=timeout) as daemon:
+        answer: dict[str, Any] = daemon.execute("query-status", **brief(role))
         return answer
 
 

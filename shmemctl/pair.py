@@ -19,7 +19,7 @@ import psutil
 from .control import ControlError, DaemonUnreachable
 from .daemon import stop_process
 from .inventory import status
-from .rundir import PairPaths
+from .rundir import PairPaths, log_tail
 
 ROLES = ("backend", "frontend")
 _MARKERS = {"backend": "backend_sim", "frontend": "frontend"}
@@ -85,15 +85,6 @@ def clean(paths: PairPaths) -> list[str]:
             path.unlink()
             removed.append(path.name)
     return removed
-
-
-def log_tail(path: Path, lines: int = 15, indent: str = "    ") -> str:
-    """The last lines of a daemon's log, for an error that says why it did not come up."""
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return "(no log)"
-    return "\n".join(indent + line for line in text)
 
 
 @dataclass

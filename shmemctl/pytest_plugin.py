@@ -10,6 +10,8 @@ with a dict of the same keys: `regions`, `shmem_bit`, `frontend_args`, `backend_
 * `shmem_backend`: backend_sim listening on a fresh socket; point the VMM under test
   at `shmem_backend.socket`.
 * `shmem_pair`: the two connected to each other.
+* `shmem_daemons`: starts any of them (and `shmemctl tap`) with the options, sockets
+  and control sockets a test chooses: `shmem_daemons.frontend(connect=path)`.
 
 When a test using them fails, its report gains the last protocol messages each
 daemon traced and the end of its log. After each test the daemons it started are
@@ -43,11 +45,11 @@ from typing import Any
 
 import pytest
 
-from .api import BackendSim, Frontend, Pair
+from .api import BackendSim, Frontend, Pair, Tap
 from .conformance import backend as backend_suite
 from .conformance import frontend as frontend_suite
 from .conformance.report import FAIL, NA, NOT_RUN, Report, Result
-from .control import ControlClient, DaemonUnreachable
+from .control import DaemonUnreachable
 from .daemon import stop_process
 from .events import TRACE
 from .render import render_event
@@ -92,78 +94,94 @@ def pytest_configure(config: pytest.Config) -> None:
 # ---------------------------------------------------------------- what a test started
 
 
+Daemon = Frontend | BackendSim | Tap
+
+
 class TraceKeeper:
     """The last messages a daemon traced, kept from its start by a subscription of
     their own, for the report of a test that fails."""
 
-    def __init__(self, control: Path) -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=TRACE_KEPT)
-        self._client = ControlClient(str(control))
-        self._client.subscribe([TRACE.value])
+        self._subscription = contextlib.ExitStack()
+        self._stream = self._subscription.enter_context(daemon.events([TRACE]))
         self._thread = threading.Thread(target=self._keep, daemon=True, name="shmem-trace")
         self._thread.start()
 
     def _keep(self) -> None:
         with contextlib.suppress(DaemonUnreachable):
-            for event in self._client.events():
-                self.lines.append(render_event(event))
+            for event in self._stream:
+                self.lines.append(render_event(event.record))
 
     def close(self) -> None:
-        self._client.interrupt()
+        self._stream.interrupt()
         self._thread.join()
-        self._client.close()
+        self._subscription.close()
 
 
 @dataclass
 class Started:
     """The daemons one test started, what each traced, and what must be gone after."""
 
-    daemons: dict[str, Frontend | BackendSim] = field(default_factory=dict)
+    daemons: dict[str, Daemon] = field(default_factory=dict)
     traces: dict[str, TraceKeeper] = field(default_factory=dict)
     #: what stops the daemons, and what then removes their files
     stoppers: list[Callable[[], None]] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
-    pids: list[int] = field(default_factory=list)
-    paths: list[Path] = field(default_factory=list)
-    #: this process's fds before the fixture began, and those it opened (see `keep`)
-    before: set[str] = field(default_factory=lambda: _fds())
+    pids: dict[str, int] = field(default_factory=dict)
+    #: the fds opened in this process while starting them (see `starting`)
     opened: set[str] = field(default_factory=set)
 
-    def keep(self, handle: Frontend | BackendSim | Pair, **daemons: Frontend | BackendSim) -> None:
-        """The fixture is set up: `handle` is what it started, these are its daemons
-        (their traces and logs go in a failure's report), and whatever fds it opened in
-        this process must be closed after the test."""
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """Around the start of a daemon: the fds it opens in this process (its control
+        connections) must be closed after the test; the test's own are its business."""
+        before = _fds()
+        try:
+            yield
+        finally:
+            self.opened |= _fds() - before
+
+    def keep(self, handle: Daemon | Pair, **daemons: Daemon) -> None:
+        """`handle` was started: these are its daemons, by name (their traces and logs
+        go in a failure's report)."""
         self.stoppers.append(handle.stop)
         self.closers.append(handle.close)
-        for role, daemon in daemons.items():
-            self.watch(role, daemon)
-        self.opened = _fds() - self.before
-
-    def watch(self, role: str, daemon: Frontend | BackendSim) -> None:
-        self.daemons[role] = daemon
-        self.pids.append(daemon.pid)
-        self.paths += [daemon.control, *([daemon.socket] if daemon.socket else [])]
-        self.traces[role] = TraceKeeper(daemon.control)
+        for name, daemon in daemons.items():
+            self.daemons[name] = daemon
+            self.pids[name] = daemon.pid
+            with contextlib.suppress(DaemonUnreachable):  # a daemon not up (yet): no trace
+                self.traces[name] = TraceKeeper(daemon)
 
     def sections(self) -> list[tuple[str, str]]:
         out = []
-        for role, daemon in self.daemons.items():
-            trace = self.traces.get(role)
+        for name, daemon in self.daemons.items():
+            trace = self.traces.get(name)
             if trace is not None:
                 lines = "\n".join(trace.lines) or "(no message)"
-                out.append((f"shmemctl {role}: last {TRACE_KEPT} messages", lines))
-            out.append((f"shmemctl {role}: log", daemon.log_tail(LOG_KEPT)))
+                out.append((f"shmemctl {name}: last {TRACE_KEPT} messages", lines))
+            out.append((f"shmemctl {name}: log", daemon.log_tail(LOG_KEPT)))
         return out
 
     def stop(self) -> list[str]:
         """Stop everything; what was left behind, each in a sentence."""
         for trace in self.traces.values():
             trace.close()
+        # a daemon that died on its own (a crash, a kill, an error the test provoked)
+        # could not clean up after itself: its test judges that death, and only the
+        # files of one that ended well or that is stopped here are judged
+        died = {name for name, daemon in self.daemons.items()
+                if daemon.argv and daemon.returncode() not in (None, 0)}  # fmt: skip
         for stop in reversed(self.stoppers):
             stop()
         # a stopped daemon has removed its sockets itself; only then goes the rest
-        left = [f"process {pid} still runs" for pid in self.pids if _alive(pid)]
-        left += [f"{path} is still there" for path in self.paths if path.exists()]
+        left = [f"the {name} (pid {pid}) still runs" for name, pid in self.pids.items()
+                if _alive(pid)]  # fmt: skip
+        for name, daemon in self.daemons.items():
+            if name in died:
+                continue
+            own = [daemon.control, *([daemon.socket] if daemon.listens and daemon.socket else [])]
+            left += [f"the {name}'s {path} is still there" for path in own if path.exists()]
         for close in reversed(self.closers):
             close()
         return left
@@ -240,11 +258,12 @@ def shmem_frontend(request: pytest.FixtureRequest) -> Iterator[Frontend]:
     """shmemctl's front-end listening on a fresh socket (`.socket`) for your device."""
     opts = _options(request)
     with _started(request) as started:
-        frontend = Frontend.start(
-            listen=_fresh_socket(started, "frontend"), shmem_bit=opts["shmem_bit"],
-            args=opts["frontend_args"], timeout=opts["timeout"],
-        )  # fmt: skip
-        started.keep(frontend, frontend=frontend)
+        with started.starting():
+            frontend = Frontend.start(
+                listen=_fresh_socket(started, "frontend"), shmem_bit=opts["shmem_bit"],
+                args=opts["frontend_args"], timeout=opts["timeout"],
+            )  # fmt: skip
+            started.keep(frontend, frontend=frontend)
         yield frontend
 
 
@@ -253,11 +272,13 @@ def shmem_backend(request: pytest.FixtureRequest) -> Iterator[BackendSim]:
     """backend_sim listening on a fresh socket (`.socket`) for your VMM."""
     opts = _options(request)
     with _started(request) as started:
-        backend = BackendSim.start(
-            listen=_fresh_socket(started, "backend"), regions=opts["regions"],
-            shmem_bit=opts["shmem_bit"], args=opts["backend_args"], timeout=opts["timeout"],
-        )  # fmt: skip
-        started.keep(backend, backend=backend)
+        with started.starting():
+            backend = BackendSim.start(
+                listen=_fresh_socket(started, "backend"), regions=opts["regions"],
+                shmem_bit=opts["shmem_bit"], args=opts["backend_args"],
+                timeout=opts["timeout"],
+            )  # fmt: skip
+            started.keep(backend, backend=backend)
         yield backend
 
 
@@ -266,13 +287,58 @@ def shmem_pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     """backend_sim and a front-end connected to each other."""
     opts = _options(request)
     with _started(request) as started:
-        pair = Pair.start(
-            regions=opts["regions"], shmem_bit=opts["shmem_bit"],
-            frontend_args=opts["frontend_args"], backend_args=opts["backend_args"],
-            timeout=opts["timeout"],
-        )  # fmt: skip
-        started.keep(pair, frontend=pair.frontend, backend=pair.backend)
+        with started.starting():
+            pair = Pair.start(
+                regions=opts["regions"], shmem_bit=opts["shmem_bit"],
+                frontend_args=opts["frontend_args"], backend_args=opts["backend_args"],
+                timeout=opts["timeout"],
+            )  # fmt: skip
+            started.keep(pair, frontend=pair.frontend, backend=pair.backend)
         yield pair
+
+
+class Daemons:
+    """What `shmem_daemons` gives a test: each of shmemctl's daemons started with
+    exactly the options the test needs, on the sockets it chooses, as many as it
+    likes; each watched as the other fixtures' are (its trace and log in a failure's
+    report, and gone after the test)."""
+
+    def __init__(self, started: Started) -> None:
+        self._started = started
+
+    def _add(self, name: str | None, role: str, start: Callable[[], Daemon]) -> Any:
+        name = name or role
+        if name in self._started.daemons:
+            raise ValueError(f"a daemon named {name!r} was started already: name each one")
+        with self._started.starting():
+            daemon = start()
+            self._started.keep(daemon, **{name: daemon})
+        return daemon
+
+    def frontend(self, *, name: str | None = None, **options: Any) -> Frontend:
+        """`Frontend.start(**options)`; `name` tells it apart in a failure's report."""
+        started: Frontend = self._add(name, "frontend", lambda: Frontend.start(**options))
+        return started
+
+    def backend(self, *, name: str | None = None, **options: Any) -> BackendSim:
+        """`BackendSim.start(**options)`."""
+        started: BackendSim = self._add(name, "backend", lambda: BackendSim.start(**options))
+        return started
+
+    def tap(self, *, name: str | None = None, **options: Any) -> Tap:
+        """`Tap.start(**options)`."""
+        started: Tap = self._add(name, "tap", lambda: Tap.start(**options))
+        return started
+
+
+@pytest.fixture
+def shmem_daemons(request: pytest.FixtureRequest) -> Iterator[Daemons]:
+    """Start shmemctl's daemons one by one, each as the test needs it:
+
+    frontend = shmem_daemons.frontend(connect=device_socket, args=["--reconnect", "1"])
+    """
+    with _started(request) as started:
+        yield Daemons(started)
 
 
 @pytest.hookimpl(wrapper=True)

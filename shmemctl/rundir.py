@@ -59,3 +59,12 @@ class PairPaths:
 
 def pair(name: str = DEFAULT_NAME) -> PairPaths:
     return PairPaths(root() / check_name(name))
+
+
+def log_tail(path: Path, lines: int = 15, indent: str = "    ") -> str:
+    """The last lines of a daemon's log, for an error that says why it did not come up."""
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return "(no log)"
+    return "\n".join(indent + line for line in text)

@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,11 +19,13 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from shmemctl.api import HANDLES, Timeout
 from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, close_fds
-from shmemctl.control import ControlClient, DaemonUnreachable
+from shmemctl.control import DaemonUnreachable
 from shmemctl.daemon import listen_unix
 from shmemctl.inventory import brief
+from shmemctl.pytest_plugin import Daemon, Daemons
 from shmemctl.rundir import DEFAULT_NAME, PairPaths
 from shmemctl.shmem.procmaps import Segment, kernel_segments, read_maps
 from shmemctl.wire import BackendReq, ChannelKind, ShmemMap, encode_shmem_request
@@ -70,47 +71,80 @@ def _option(args: list[str], flag: str) -> str | None:
     return value
 
 
-def _role(args: list[str]) -> str | None:
-    """The role of the shmemctl daemon `args` starts (its control socket is ROLE.ctl);
-    None for any other program."""
-    if args[1:3] == ["-m", "backend_sim"]:
-        return "backend"
-    if args[1:3] == ["-m", "shmemctl"] and args[3:4] in (["frontend"], ["tap"]):
-        return args[3]
-    return None
+def _without(args: list[str], *flags: str) -> list[str]:
+    """A command line without these options (each with its value)."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif not any(arg.startswith(f"{flag}=") for flag in flags):
+            out.append(arg)
+    return out
 
 
 class Proc:
-    """A daemon started as a real process; stdout and stderr go to files we can poll,
-    and what it is doing is asked of its control socket."""
+    """A process a test started: one of shmemctl's daemons (started through the
+    plugin's `shmem_daemons`, which checks it is gone after the test) or somebody
+    else's program (QEMU, virtiofsd, a CLI command). Its standard output and log are
+    files the test can poll; a daemon's state is asked of its control socket."""
 
-    def __init__(self, args: list[str], workdir: Path, name: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        out_path: Path,
+        err_path: Path,
+        *,
+        popen: subprocess.Popen[bytes] | None = None,
+        daemon: Daemon | None = None,
+    ) -> None:
         self.name = name
-        self.out_path = workdir / f"{name}.out"
-        self.err_path = workdir / f"{name}.err"
-        # Each test's daemons get a run directory of their own.
-        run_dir = workdir / "run"
-        env = {**os.environ, "SHMEMCTL_RUN_DIR": str(run_dir)}
-        #: its control socket: --control, else ROLE.ctl in the run directory of its --name
-        self.role = _role(args)
-        self.control: Path | None = None
-        if self.role is not None:
-            control = _option(args, "--control")
-            pair = PairPaths(run_dir / (_option(args, "--name") or DEFAULT_NAME))
-            self.control = workdir / control if control else pair.control(self.role)
-        self._client: ControlClient | None = None
-        self.popen = subprocess.Popen(
-            args,
-            stdout=self.out_path.open("w"),
-            stderr=self.err_path.open("w"),
-            stdin=subprocess.DEVNULL,
-            cwd=workdir,
-            env=env,
-        )
+        self.out_path = out_path
+        self.err_path = err_path
+        self._popen = popen
+        self.daemon = daemon
+        self.role = None if daemon is None else daemon.role
+        self.control = None if daemon is None else daemon.control
+        self._view: Daemon | None = None
+
+    @classmethod
+    def program(cls, args: list[str], workdir: Path, name: str) -> Proc:
+        """Somebody else's program, or a shmemctl command that is not a daemon."""
+        out_path, err_path = workdir / f"{name}.out", workdir / f"{name}.err"
+        with out_path.open("w") as out, err_path.open("w") as err:
+            popen = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                     cwd=workdir)  # fmt: skip
+        return cls(name, out_path, err_path, popen=popen)
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.daemon.pid if self.daemon is not None else self._process.pid
+
+    @property
+    def _process(self) -> subprocess.Popen[bytes]:
+        assert self._popen is not None
+        return self._popen
+
+    @property
+    def argv(self) -> list[str]:
+        if self.daemon is not None:
+            argv = self.daemon.argv
+            assert argv is not None
+            return argv
+        return list(self._process.args)  # type: ignore[arg-type]
+
+    @property
+    def returncode(self) -> int | None:
+        """How it ended, or None while it runs."""
+        return self.daemon.returncode() if self.daemon is not None else self._process.poll()
+
+    def wait_exit(self, timeout: float = PATIENCE) -> int:
+        """Until it exits; its exit status."""
+        if self.daemon is not None:
+            return self.daemon.wait_exit(timeout)
+        return self._process.wait(timeout)
 
     def log(self) -> str:
         return self.err_path.read_text()
@@ -120,8 +154,8 @@ class Proc:
 
     def wait_log(self, pattern: str, timeout: float = PATIENCE) -> re.Match[str]:
         def found() -> re.Match[str] | None:
-            if self.popen.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.popen.returncode}:\n{self.log()}")
+            if not self.alive():
+                raise AssertionError(f"{self.name} exited {self.returncode}:\n{self.log()}")
             return re.search(pattern, self.log())
 
         try:
@@ -134,23 +168,25 @@ class Proc:
         control socket does not answer: not made yet, or the daemon is going away. One
         connection is kept for the daemon's life: a client's socket that the daemon
         closes some time after each request would make its fd count drift."""
-        if self.control is None:
+        if self.daemon is None or self.role is None:
             raise AssertionError(f"{self.name} has no control socket")
-        assert self.role is not None
         try:
-            if self._client is None:
-                self._client = ControlClient(str(self.control), timeout=PATIENCE)
+            if self._view is None:
+                self._view = HANDLES[self.role].attach(control=self.daemon.control,
+                                                       timeout=PATIENCE)  # fmt: skip
             # backend_sim's in full: tests read the mappings and buffers it believes
             summary = brief(self.role) if self.role != "backend" else {}
-            return self._client.execute("query-status", **summary)
+            answer: dict[str, Any] = self._view.execute("query-status", **summary)
+            return answer
         except DaemonUnreachable:
-            self._disconnect()
+            self.let_go()
             return None
 
-    def _disconnect(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
+    def let_go(self) -> None:
+        """Close the connection `status` keeps to the daemon."""
+        view, self._view = self._view, None
+        if view is not None:
+            view.close()
 
     def wait_status(
         self,
@@ -164,9 +200,9 @@ class Proc:
 
         def reached() -> dict[str, Any] | None:
             nonlocal last
-            if self.popen.poll() is not None:
+            if not self.alive():
                 raise AssertionError(
-                    f"{self.name} exited {self.popen.returncode} while waiting for {what}"
+                    f"{self.name} exited {self.returncode} while waiting for {what}"
                 )
             last = self.status()
             return last if last is not None and predicate(last) else None
@@ -221,9 +257,9 @@ class Proc:
         def enough() -> bool:
             if len(self.stdout_lines()) >= n:
                 return True
-            if self.popen.poll() is not None and len(self.stdout_lines()) < n:
+            if not self.alive() and len(self.stdout_lines()) < n:
                 raise AssertionError(
-                    f"{self.name} exited {self.popen.returncode} after {self.stdout_lines()}:\n"
+                    f"{self.name} exited {self.returncode} after {self.stdout_lines()}:\n"
                     f"{self.log()}"
                 )
             return False
@@ -232,38 +268,70 @@ class Proc:
         return self.stdout_lines()
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        return self.returncode is None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = PATIENCE) -> int:
-        self._disconnect()
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = PATIENCE) -> int | None:
+        """Send `sig` and wait for the end (SIGKILL past `timeout`); the exit status."""
+        self.let_go()
+        if self.alive():
+            os.kill(self.pid, sig)
             try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
+                self.wait_exit(timeout)
+            except (subprocess.TimeoutExpired, Timeout):
+                os.kill(self.pid, signal.SIGKILL)
+                self.wait_exit(timeout)
+        return self.returncode
+
+
+#: The command lines of shmemctl's daemons as tests write them: which `shmem_daemons`
+#: starter takes them, the options that starter takes as arguments of its own.
+DAEMONS = {"frontend": "frontend", "backend_sim": "backend", "tap": "tap"}
+
+
+def _start_daemon(daemons: Daemons, kind: str, args: list[str], run_dir: Path,
+                  name: str) -> Proc:  # fmt: skip
+    """One of shmemctl's daemons, from the command line a test wrote for it, started
+    through the plugin (which stops it after the test and checks it left nothing)."""
+    role = DAEMONS[kind]
+    control = _option(args, "--control")
+    if control is not None:
+        control = str(run_dir.parent / control)  # relative to the test's directory
+    else:  # where it would put it by itself: the run directory of its --name
+        paths = PairPaths(run_dir / (_option(args, "--name") or DEFAULT_NAME)).ensure()
+        control = str(paths.control(role))
+    rest = _without(args, "--listen", "--connect", "--control", "--regions", "--front", "--back")
+    options: dict[str, Any] = {"control": control, "args": rest, "wait": False}
+    if role == "tap":
+        options.update(front=_option(args, "--front"), back=_option(args, "--back"))
+    else:
+        options.update(listen=_option(args, "--listen"), connect=_option(args, "--connect"))
+    if role == "backend":
+        options["regions"] = _option(args, "--regions")
+    daemon = getattr(daemons, role)(name=name, **options)
+    assert daemon.log is not None and daemon.output is not None
+    return Proc(name, daemon.output, daemon.log, daemon=daemon)
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+def spawn(tmp_path: Path, shmem_daemons: Daemons) -> Iterator[Callable[..., Proc]]:
+    """Start a process: `spawn("frontend", ARGS...)`, `spawn("backend_sim", ...)`,
+    `spawn("tap", ...)` for shmemctl's daemons, else `spawn(PROGRAM, ARGS...)`."""
     procs: list[Proc] = []
 
     def start(kind: str, *args: str, name: str | None = None) -> Proc:
-        if kind == "frontend":
-            argv = [sys.executable, "-m", "shmemctl", "frontend", *args]
-        elif kind == "backend_sim":
-            argv = [sys.executable, "-m", "backend_sim", *args]
+        if kind in DAEMONS:
+            proc = _start_daemon(shmem_daemons, kind, list(args), tmp_path / "run", name or kind)
         else:
-            argv = [kind, *args]
-        proc = Proc(argv, tmp_path, name or kind)
+            proc = Proc.program([kind, *args], tmp_path, name or Path(kind).name)
         procs.append(proc)
         return proc
 
     yield start
     for proc in reversed(procs):
-        proc.stop()
+        if proc.daemon is None:
+            proc.stop()
+        else:  # the plugin stops it, and checks it is gone
+            proc.let_go()
 
 
 def need(binary: str) -> str:

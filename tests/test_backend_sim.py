@@ -68,7 +68,7 @@ def backend_sim(spawn, tmp_path):
                 *args]  # fmt: skip
         if script:
             (tmp_path / "script.txt").write_text(script)
-            argv += ["--script", "script.txt"]
+            argv += ["--script", str(tmp_path / "script.txt")]
         be = spawn("backend_sim", *argv)
         be.wait_state("listening")
         return be, HandFrontend(sock)
@@ -200,8 +200,10 @@ def test_a_second_answer_is_read_off_and_reported(backend_sim) -> None:
 
 def test_a_bad_script_is_refused_before_anything_runs(spawn, tmp_path) -> None:
     (tmp_path / "bad.txt").write_text("map 0 0 64K\nmap 0 zero 4K\n")
-    be = spawn("backend_sim", "--listen", str(tmp_path / "s.sock"), "--script", "bad.txt")
-    assert be.popen.wait(PATIENCE) == 2
+    be = spawn(
+        "backend_sim", "--listen", str(tmp_path / "s.sock"), "--script", str(tmp_path / "bad.txt")
+    )
+    assert be.wait_exit(PATIENCE) == 2
     assert "line 2: shm_offset: 'zero' is not a size" in be.log()
 
 
@@ -216,6 +218,6 @@ def test_a_bad_script_is_refused_before_anything_runs(spawn, tmp_path) -> None:
 )
 def test_bad_regions_are_explained(spawn, tmp_path, regions: str, message: str) -> None:
     be = spawn("backend_sim", "--listen", str(tmp_path / "s.sock"), "--regions", regions)
-    assert be.popen.wait(PATIENCE) == 2
+    assert be.wait_exit(PATIENCE) == 2
     assert message in be.log()
     assert "Traceback" not in be.log()

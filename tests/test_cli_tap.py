@@ -109,6 +109,7 @@ def test_status_on_a_tap_that_is_gone_says_so_with_exit_3(spawn, tmp_path, sh) -
     if not stale.exists():  # a tap that cleaned up: leave a dead socket as a crash would
         stale_socket(stale)
     done = sh("status", "--name", "t")
+    stale.unlink(missing_ok=True)
     assert done.returncode == 3
     assert "is the tap running? (shmemctl tap --front ... --back ... --name t)" in done.stderr
 

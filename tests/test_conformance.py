@@ -200,8 +200,8 @@ def test_a_frontend_that_dies_mid_handshake_fails_the_suite(spawn, tmp_path) -> 
     wait_until(lambda: os.path.exists(sock), 10, "the suite to listen")
     frontend = spawn("frontend", "--connect", sock, "--control", str(tmp_path / "fe.ctl"),
                      "--fault", "exit-mid-handshake")  # fmt: skip
-    assert suite.popen.wait(60) == 1, suite.log()
-    assert frontend.popen.wait(10) == 1  # it really died
+    assert suite.wait_exit(60) == 1, suite.log()
+    assert frontend.wait_exit(10) == 1  # it really died
     report = json.loads(suite.out_path.read_text())
     results = {r["check"]: r for r in report["results"]}
     gone = "the front-end hung up after it sent SET_BACKEND_REQ_FD"
@@ -313,7 +313,7 @@ def test_the_layout_offered_to_a_front_end_is_chosen_with_regions(spawn, tmp_pat
     """QEMU puts all regions in one BAR of a power-of-two size: 4M + 4M fits it."""
     report = run_against_frontend(spawn, tmp_path, regions=parse_layout("0=4M,2=4M"))
     assert report.ok and not failed(report), report.to_text()
-    fe_log = (tmp_path / "frontend.err").read_text()
+    fe_log = (tmp_path / "frontend.log").read_text()  # beside its control socket
     assert "region 2: 0x400000 reserved" in fe_log, fe_log
     # Without a gap below the highest shmid, a zero-size region cannot be asked for.
     report = run_against_frontend(spawn, tmp_path, regions=parse_layout("0=1M"), name="fe2")

@@ -124,9 +124,10 @@ def test_eight_clients_hammer_status_while_10000_cycles_run(spawn, tmp_path) -> 
         t.start()
     try:
         wait_until(lambda: all(e.is_set() for e in hammering), what="every client answered")
-        (tmp_path / "cycles.txt").write_text("bench batch16 4096 0 10000\n")
+        script = tmp_path / "cycles.txt"
+        script.write_text("bench batch16 4096 0 10000\n")
         be = spawn("backend_sim", "--connect", sock, "--regions", "0=512M",
-                   "--reply-timeout", str(PATIENCE), "--script", "cycles.txt")  # fmt: skip
+                   "--reply-timeout", str(PATIENCE), "--script", str(script))  # fmt: skip
         lines = be.wait_lines(1, timeout=300)
     finally:
         done.set()

@@ -39,7 +39,15 @@ DEMO_RESULTS = [
 def start_pair(spawn, tmp_path, script: str = DEMO, *fe_args: str):
     sock = str(tmp_path / "vhost.sock")
     (tmp_path / "script.txt").write_text(script)
-    be = spawn("backend_sim", "--listen", sock, "--regions", "0=8M,2=64K", "--script", "script.txt")
+    be = spawn(
+        "backend_sim",
+        "--listen",
+        sock,
+        "--regions",
+        "0=8M,2=64K",
+        "--script",
+        str(tmp_path / "script.txt"),
+    )
     be.wait_state("listening")
     fe = spawn("frontend", "--connect", sock, *fe_args)
     return be, fe, sock
@@ -73,7 +81,7 @@ def test_disconnect_drops_everything_and_reconnect_starts_over(spawn, tmp_path) 
     fe.wait_state("reconnecting")
     baseline = fd_count(fe.pid)
     (tmp_path / "script.txt").write_text("map 0 0 1M\nmap 2 0 64K ro\n")
-    args = ("--listen", sock, "--regions", "0=8M,2=64K", "--script", "script.txt")
+    args = ("--listen", sock, "--regions", "0=8M,2=64K", "--script", str(tmp_path / "script.txt"))
     be = spawn("backend_sim", *args, name="backend1")
     assert be.wait_lines(2) == ["map 0 0 1M: ok", "map 2 0 64K ro: ok"]
     bases = region_bases(fe)
@@ -112,7 +120,7 @@ def test_without_reconnect_it_stays_up_disconnected_until_stopped(spawn, tmp_pat
 
 def test_first_connect_failure_says_what_to_do(spawn, tmp_path) -> None:
     fe = spawn("frontend", "--connect", str(tmp_path / "nobody.sock"))
-    assert fe.popen.wait(PATIENCE) == 1
+    assert fe.wait_exit(PATIENCE) == 1
     assert "is a back-end listening there?" in fe.log()
     assert "Traceback" not in fe.log()
 
@@ -122,11 +130,11 @@ def test_sigterm_stops_a_listening_front_end_cleanly(spawn, tmp_path) -> None:
     fe = spawn("frontend", "--listen", str(sock))
     fe.wait_listening()
     (tmp_path / "script.txt").write_text("map 0 0 64K\n")
-    be = spawn("backend_sim", "--connect", str(sock), "--script", "script.txt")
+    be = spawn("backend_sim", "--connect", str(sock), "--script", str(tmp_path / "script.txt"))
     assert be.wait_lines(1) == ["map 0 0 64K: ok"]
     assert fe.stop() == 0
     assert not sock.exists()
-    assert be.popen.wait(PATIENCE) == 0  # a connecting backend_sim ends with its front-end
+    assert be.wait_exit(PATIENCE) == 0  # a connecting backend_sim ends with its front-end
     assert "Traceback" not in fe.log() + be.log()
 
 
@@ -135,8 +143,8 @@ def test_reset_drops_every_mapping_and_the_backend_forgets(spawn, tmp_path) -> N
     sock = str(tmp_path / "vhost.sock")
     (tmp_path / "script.txt").write_text("map 0 0 1M\nmap 2 0 64K ro\n")
     # the acks come from this process, as busy as pytest is: a generous reply timeout
-    be = spawn("backend_sim", "--listen", sock, "--regions", "0=8M,2=64K", "--script", "script.txt",
-               "--reply-timeout", str(PATIENCE))  # fmt: skip
+    be = spawn("backend_sim", "--listen", sock, "--regions", "0=8M,2=64K", "--script",
+               str(tmp_path / "script.txt"), "--reply-timeout", str(PATIENCE))  # fmt: skip
     be.wait_state("listening")
     fe = Frontend(FrontendOptions(connect=sock))
     runner = threading.Thread(target=fe.run, daemon=True)

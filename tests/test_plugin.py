@@ -92,7 +92,7 @@ def test_what_a_test_leaves_running_fails_it_loudly(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "ERROR at teardown of test_keeps_the_daemon" in done.stdout
     report = done.stdout.split("shmemctl left things behind after the test: ", 1)[1]
-    assert f"process {pid} still runs" in report
+    assert f"the backend (pid {pid}) still runs" in report
     assert "backend.ctl is still there" in report
     assert "fds it opened in this process are still open" in report and "socket:" in report
 

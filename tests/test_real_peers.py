@@ -56,7 +56,7 @@ class Monitor:
 
         def connected() -> Monitor | None:
             if not proc.alive():
-                raise AssertionError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log()}")
+                raise AssertionError(f"{proc.name} exited {proc.returncode}:\n{proc.log()}")
             try:
                 return cls(path, timeout, proc)
             except (FileNotFoundError, ConnectionRefusedError):

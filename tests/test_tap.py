@@ -10,7 +10,6 @@ import dataclasses
 import mmap
 import os
 import socket
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +149,7 @@ def start_tap(spawn: Callable[..., Proc], tmp_path: Path, front: str, back: str,
         # a late reply on a busy machine must not be a finding of a test about something
         # else: only the test of the deadline sets one
         extra = (*extra, "--reply-deadline", "0")
-    tap = spawn(sys.executable, "-m", "shmemctl", "tap", "--front", front, "--back", back,
+    tap = spawn("tap", "--front", front, "--back", back,
                 "--name", "t", *extra, name="tap")  # fmt: skip
     # its sockets to listen on are made before it waits for, or connects to, a side
     tap.wait_status(lambda s: s["state"] != "starting", "its sockets made")

@@ -33,7 +33,7 @@ def test_a_device_that_connects_to_the_tap_is_let_go_with_the_front_end_and_the_
     fe1.stop()
     # the device sees the VMM leave: its connection through the tap ends with it (a
     # connecting backend_sim serves one connection, then exits)
-    assert be1.popen.wait(60) == 0
+    assert be1.wait_exit(60) == 0
     first = wait_event(tap, Event.DETACHED)
     wait_event(tap, Event.DETACHED, first + 1)
     detached = [e["data"] for e in tap.events if e["event"] == Event.DETACHED]

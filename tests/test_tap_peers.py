@@ -126,7 +126,7 @@ def start_virtiofsd(spawn: Callable[..., Proc], tmp_path: Path, sock: str, name:
                    "sandbox=chroot", "-d", name=name)  # fmt: skip
 
     def listening() -> bool:
-        assert daemon.alive(), f"{name} exited {daemon.popen.returncode}:\n{daemon.log()}"
+        assert daemon.alive(), f"{name} exited {daemon.returncode}:\n{daemon.log()}"
         return os.path.exists(sock)
 
     wait_until(listening, what=f"{name}'s socket")
@@ -176,7 +176,7 @@ def assert_peers(status: dict[str, Any], front: Proc, back: Proc) -> None:
     """The tap's status names each side's process (SO_PEERCRED, /proc): the ones started."""
     for side, proc in ((FRONT_END, front), (BACK_END, back)):
         process = status["sides"][side]["process"]
-        assert (process["pid"], process["cmdline"]) == (proc.pid, proc.popen.args), side
+        assert (process["pid"], process["cmdline"]) == (proc.pid, proc.argv), side
         assert status["sides"][side]["attached"]
 
 
@@ -211,14 +211,14 @@ def check_relayed_realize(tap: Monitor, vm: Proc, back: Proc) -> dict[str, Any]:
 
 def quit_qemu(vm: Proc, monitor: Monitor) -> None:
     attempt(monitor, "quit")
-    assert vm.popen.wait(PATIENCE) == 0, vm.log()
+    assert vm.wait_exit(PATIENCE) == 0, vm.log()
 
 
 def dispatched(virtiofsd: Proc) -> int:
     """How many messages virtiofsd dispatched, from its debug log once it has exited (it
     exits when its front-end goes): each is a "Got VU event" after which it came back to
     wait for the next. The end of the stream can be one more event, never dispatched."""
-    assert virtiofsd.popen.wait(PATIENCE) == 0, virtiofsd.log()
+    assert virtiofsd.wait_exit(PATIENCE) == 0, virtiofsd.log()
     log = virtiofsd.log()
     return log[: log.rfind("virtio_loop: Waiting for VU event")].count("virtio_loop: Got VU event")
 

@@ -183,7 +183,7 @@ class ShmemConsole(App[str | None]):
             if not self.model.sides[role].reachable:
                 continue
             try:
-                answer = call(self.sockets[role], "query-status", **brief(role))  # type: ignore[arg-type]
+                answer = call(self.sockets[role], role, "query-status", **brief(role))  # type: ignore[arg-type]
                 self._sink(role, "poll", answer)
             except (ControlError, DaemonUnreachable, OSError):
                 pass  # the link notices a daemon that went away, and reports it
@@ -258,9 +258,8 @@ class ShmemConsole(App[str | None]):
         spot = region.free_spot(64 << 10, m.end if m else 0) or region.free_spot(64 << 10) or 0
         backend = self.sockets["backend"]
         assert backend is not None
-        self.push_screen(
-            MapForm(self.model, region.shmid, spot, lambda req: call(backend, "map", **req))
-        )
+        self.push_screen(MapForm(self.model, region.shmid, spot,
+                                 lambda req: call(backend, "backend", "map", **req)))  # fmt: skip
 
     def action_unmap(self) -> None:
         shmid, m = self._selected()
@@ -289,7 +288,7 @@ class ShmemConsole(App[str | None]):
     @work(thread=True)
     def _run(self, role: str, command: str, done: str, **arguments: Any) -> None:
         try:
-            answer = call(self.sockets[role], command, **arguments)  # type: ignore[arg-type]
+            answer = call(self.sockets[role], role, command, **arguments)  # type: ignore[arg-type]
         except ControlError as exc:
             self.call_from_thread(self.notify, exc.desc, severity="error", timeout=8)
         except DaemonUnreachable as exc:
@@ -305,7 +304,7 @@ class ShmemConsole(App[str | None]):
     @work(thread=True, exclusive=True, group="config")
     def action_config(self) -> None:
         try:
-            answer = call(self.sockets["frontend"], "get-shmem-config")  # type: ignore[arg-type]
+            answer = call(self.sockets["frontend"], "frontend", "get-shmem-config")  # type: ignore[arg-type]
         except Exception as exc:  # refused, unreachable or worse: a notice, never a crash
             self.call_from_thread(self.notify, str(getattr(exc, "desc", exc)), severity="error")
         else:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shmemctl.control import ControlClient
+from shmemctl.api import HANDLES, EventStream
 from shmemctl.events import ALL_BUT_TRACE, TRACE, Event
 
 #: Every event a daemon publishes except the protocol trace.
@@ -33,51 +33,57 @@ class DaemonLink(threading.Thread):
         self.trace = trace
         self._stop = threading.Event()
         self._again = threading.Event()  # reconnect now, without a pause or a 'down'
-        self._client: ControlClient | None = None
+        self._stream: EventStream | None = None
         self.subscribed: tuple[Event, ...] = ()  # what the open subscription delivers
 
     def run(self) -> None:
         while not self._stop.is_set():
             try:
-                client = ControlClient(self.path, timeout=10)
-                self._client = client
-                args = {"max_mappings": FULL_LIST} if self.role == "frontend" else {}
-                self.sink(self.role, "status", client.execute("query-status", **args))
-                names = (*EVENTS, TRACE) if self.trace else EVENTS
-                client.subscribe(names)
-                self.subscribed = names
-                for event in client.events():
-                    self.sink(self.role, "event", event)
+                with HANDLES[self.role].attach(control=self.path, timeout=10) as daemon:
+                    args = {"max_mappings": FULL_LIST} if self.role == "frontend" else {}
+                    self.sink(self.role, "status", daemon.execute("query-status", **args))
+                    names = (*EVENTS, TRACE) if self.trace else EVENTS
+                    with daemon.events(names) as stream:
+                        self._stream = stream
+                        self.subscribed = names
+                        if self._stop.is_set() or self._again.is_set():
+                            stream.interrupt()  # asked before the stream could be told
+                        for event in stream:
+                            self.sink(self.role, "event", event.record)
+                    self._stream = None
+                    self.subscribed = ()
+                    if self._again.is_set():  # interrupted to listen to something else
+                        self._again.clear()
+                        continue
+                    if self._stop.is_set():
+                        break
             except Exception as exc:  # whatever it was, the link reports it and tries again
+                self._stream = None
+                self.subscribed = ()
                 if self._stop.is_set():
                     break
                 if self._again.is_set():
                     self._again.clear()
                     continue
                 self.sink(self.role, "down", (str(exc), time.time() + RETRY_SECONDS))
-            finally:
-                self.subscribed = ()
-                if self._client is not None:
-                    self._client.close()
-                    self._client = None
             self._stop.wait(RETRY_SECONDS)
 
     def resubscribe(self, trace: bool) -> None:
         """Change what the link listens to: it reconnects with a fresh status."""
         self.trace = trace
-        client = self._client
-        if client is not None:
-            self._again.set()
-            client.interrupt()  # the loop reconnects at once, with the new subscription
+        self._again.set()
+        stream = self._stream
+        if stream is not None:
+            stream.interrupt()  # the loop reconnects at once, with the new subscription
 
     def stop(self) -> None:
         self._stop.set()
-        client = self._client
-        if client is not None:
-            client.interrupt()
+        stream = self._stream
+        if stream is not None:
+            stream.interrupt()
 
 
-def call(path: str, command: str, **arguments: Any) -> Any:
+def call(path: str, role: str, command: str, **arguments: Any) -> Any:
     """One request on a connection of its own (workers use this for actions and polls)."""
-    with ControlClient(path, timeout=15) as client:
-        return client.execute(command, **arguments)
+    with HANDLES[role].attach(control=path, timeout=15) as daemon:
+        return daemon.execute(command, **arguments)
