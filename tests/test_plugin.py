@@ -51,6 +51,33 @@ def test_the_fixtures_start_real_daemons_and_take_options(tmp_path: Path) -> Non
     assert "3 passed" in done.stdout
 
 
+def test_shmem_daemons_starts_each_daemon_as_the_test_says(tmp_path: Path) -> None:
+    done = run_pytest(
+        tmp_path,
+        """
+        def test_through_a_tap(shmem_daemons, tmp_path):
+            front, back = tmp_path / "f.sock", tmp_path / "b.sock"
+            device = shmem_daemons.backend(listen=back, regions="0=4M")
+            tap = shmem_daemons.tap(front=f"listen:{front}", back=f"connect:{back}")
+            vmm = shmem_daemons.frontend(connect=front, args=["--reconnect", "1"])
+            mapping = device.map(0, 0x1000, 4096)
+            seen = tap.wait_for(lambda s: s.holds(mapping) and s.agrees is True)
+            assert vmm.status().holds(mapping) and seen.role == "tap"
+            assert tap.violations() == {}
+
+        def test_names_tell_them_apart(shmem_daemons, tmp_path):
+            shmem_daemons.backend(listen=tmp_path / "a.sock", name="first")
+            shmem_daemons.backend(listen=tmp_path / "b.sock", name="second")
+            assert 0
+    """,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 failed, 1 passed" in done.stdout, done.stdout
+    # each daemon's log has a section of its own in the failure's report
+    assert "shmemctl first: log" in done.stdout and "shmemctl second: log" in done.stdout
+    assert "left things behind" not in done.stdout
+
+
 def test_a_failing_test_shows_the_messages_and_the_logs(tmp_path: Path) -> None:
     done = run_pytest(
         tmp_path,
