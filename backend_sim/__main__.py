@@ -30,12 +30,17 @@ from .device import (
     Step,
     parse_script,
 )
+from .presets import DEFAULT, PRESETS
 from .scenarios import SCENARIOS
 
 log = logging.getLogger("backend")
 
 
-def _regions(_ctx: click.Context, _param: click.Parameter, value: str) -> dict[int, int]:
+def _regions(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> dict[int, int] | None:
+    if value is None:  # the device preset's
+        return None
     try:
         return parse_regions(value, PAGE_SIZE)
     except ValueError as exc:
@@ -60,25 +65,36 @@ def _emit(line: str) -> None:
 @click.option("--listen", "listen", metavar="PATH", help="Listen for a front-end on this socket.")
 @click.option("--connect", "connect", metavar="PATH", help="Connect to a listening front-end.")
 @click.option(
-    "--regions",
-    default="0=8M",
+    "--device",
+    "device_name",
+    type=click.Choice(list(PRESETS)),
+    default=DEFAULT,
     show_default=True,
-    callback=_regions,
-    help="Shared memory regions as SHMID=SIZE,... (sizes 4096, 0x1000, 64K, 8M, 1G).",
+    help="What to stand in for: the queues, config space, virtio features, regions and "
+    "scenario of that device type, as QEMU 7.2's vhost-user-NAME-pci expects them "
+    "(gpu, fs, media: the shapes of the SHMEM devices in the field). The options below "
+    "override its values.",
 )
 @click.option(
-    "--queues", default=1, show_default=True, help="Virtqueues reported by GET_QUEUE_NUM."
+    "--regions",
+    default=None,
+    callback=_regions,
+    help="Shared memory regions as SHMID=SIZE,... (sizes 4096, 0x1000, 64K, 8M, 1G) "
+    "[default: the device's; generic: 0=8M].",
 )
+@click.option(
+    "--queues", type=click.IntRange(1, 1024), default=None,
+    help="Virtqueues reported by GET_QUEUE_NUM [default: the device's].",
+)  # fmt: skip
 @click.option(
     "--config-size",
     type=click.IntRange(0, MAX_CONFIG_SIZE),
-    default=MAX_CONFIG_SIZE,
-    show_default=True,
+    default=None,
     help="Bytes of device config space (all zero) that GET_CONFIG reads; a read past them "
-    "gets the protocol's error reply. The default, the most GET_CONFIG carries, answers "
-    "every device type that reads its config space (QEMU's vhost-user-gpio, -blk, ...). "
-    "0: no config space and CONFIG not offered (QEMU 7.2 warns when a device without "
-    "one, such as vhost-user-rng, is offered CONFIG).",
+    "gets the protocol's error reply [default: the device's; generic: the most GET_CONFIG "
+    "carries, which answers every device type that reads its config space]. 0: no config "
+    "space and CONFIG not offered (QEMU 7.2 warns when a device without one, such as "
+    "vhost-user-rng, is offered CONFIG).",
 )
 @click.option(
     "--reply-timeout",
@@ -114,10 +130,11 @@ def _emit(line: str) -> None:
 def main(
     listen: str | None,
     connect: str | None,
-    regions: dict[int, int],
+    device_name: str,
+    regions: dict[int, int] | None,
     shmem_bit: int,
-    queues: int,
-    config_size: int,
+    queues: int | None,
+    config_size: int | None,
     reply_timeout: float,
     max_buffer: int,
     busy_poll: float,
@@ -140,7 +157,12 @@ def main(
         except ScriptError as exc:
             raise click.UsageError(f"{script}: {exc}") from None
     setup_logging("backend_sim", verbose)
-    device = DeviceModel(regions, queues, bytes(config_size), shmem_bit, faults)
+    preset = PRESETS[device_name]
+    if regions is None:
+        regions = parse_regions(preset.regions, PAGE_SIZE)
+    config = preset.config if config_size is None else bytes(config_size)
+    device = DeviceModel(regions, queues or preset.queues, config, shmem_bit, faults,
+                         features=preset.features)  # fmt: skip
     if faults:
         log.warning("deliberate faults on: %s", ", ".join(sorted(f.option for f in faults)))
     stopper = Stopper()
@@ -148,15 +170,16 @@ def main(
     endpoint = BackendEndpoint(device, reply_timeout=reply_timeout, busy_poll=busy_poll)
     sim = SimDevice(endpoint, max_buffer=max_buffer)
     endpoint.on_forget = sim.forget
-    state = BackendState(endpoint, sim, listen or connect or "", "listen" if listen else "connect")
+    state = BackendState(endpoint, sim, listen or connect or "", "listen" if listen else "connect",
+                         preset)  # fmt: skip
     server = ControlServer(
         options.resolve_control(control, name, "backend"), "backend", endpoint.events,
         commands(state),
     )  # fmt: skip
     log.info(
-        "regions %s",
+        "%s device, regions %s", preset.name,
         ", ".join(f"{s}={human_size(z)}" for s, z in regions.items()) or "none",
-    )
+    )  # fmt: skip
     if scenario:
         threading.Thread(
             target=_start_scenario, args=(state, scenario, scenario_rate, stopper), daemon=True

@@ -20,6 +20,7 @@ from shmemctl.wire import ShmemMap, feature_names
 from shmemctl.wire.messages import MMAP_FLAG_WRITE, describe_reply
 
 from .device import RequestRefused, SimDevice
+from .presets import Preset
 from .scenarios import SCENARIOS, Scenario
 
 
@@ -31,6 +32,8 @@ class BackendState:
     device: SimDevice
     socket: str
     mode: str
+    #: the device type it stands in for (`--device`)
+    preset: Preset
     state: str = "starting"
     scenario: Scenario | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -97,6 +100,7 @@ def status(st: BackendState, max_mappings: int | None = None) -> dict[str, Any]:
     bit = ep.device.shmem_bit
     return {
         "role": "backend",
+        "device": st.preset.name,
         "state": st.state,
         "socket": st.socket,
         "mode": st.mode,
@@ -204,11 +208,12 @@ def _map_request(
 
 def scenario_start(
     st: BackendState,
-    name: str,
+    name: str | None = None,
     rate: float = 10.0,
     shmid: int | None = None,
     seed: int | None = None,
 ) -> dict[str, Any]:
+    name = name or st.preset.scenario  # the one that fits the device
     if name not in SCENARIOS:
         raise ControlError(f"no scenario {name!r}; there are: {', '.join(SCENARIOS)}")
     regions = st.endpoint.device.regions
@@ -291,7 +296,7 @@ def commands(st: BackendState) -> list[Command]:
             "scenario-start",
             lambda **a: scenario_start(st, **a),
             {
-                "name": Arg(str),
+                "name": Arg(str, required=False),
                 "rate": Arg((int, float), required=False, low=0.001, high=10_000),
                 "shmid": Arg(int, required=False, low=0, high=255),
                 "seed": Arg(int, required=False, low=-(1 << 63), high=(1 << 64) - 1),

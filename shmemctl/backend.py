@@ -77,6 +77,9 @@ class DeviceModel:
     shmem_bit: int = SHMEM_BIT
     #: deliberate protocol faults (shmemctl.faults), for showing conformance catches them
     faults: frozenset[Fault] = frozenset()
+    #: the device type's virtio feature bits, offered beside VERSION_1 and
+    #: PROTOCOL_FEATURES
+    features: int = 0
 
 
 class BackendChannel:
@@ -225,7 +228,8 @@ class BackendEndpoint:
         if self.faults is not None:
             offered = self.faults.offered(offered)
         return BackendSession(d.regions, shmem_bit=d.shmem_bit, queues=d.queues,
-                              config_space=d.config_space, offered=offered)  # fmt: skip
+                              config_space=d.config_space, offered=offered,
+                              features=d.features)  # fmt: skip
 
     # ------------------------------------------------------------ negotiated state
 

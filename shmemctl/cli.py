@@ -610,16 +610,20 @@ def scenario() -> None:
 
 
 @scenario.command("start")
-@click.argument("scenario_name", metavar="NAME", type=click.Choice(["blobs", "dax"]))
+@click.argument("scenario_name", metavar="[NAME]", required=False,
+                type=click.Choice(["blobs", "dax"]))  # fmt: skip
 @click.option("--rate", type=float, default=10.0, show_default=True, help="Actions per second.")
 @click.option("--shmid", type=int, help="Region to use (default: the first).")
 @click.option("--seed", type=int, help="Random seed, for a run that can be repeated.")
 @target_options
 def scenario_start(
-    target: Target, scenario_name: str, rate: float, shmid: int | None, seed: int | None
+    target: Target, scenario_name: str | None, rate: float, shmid: int | None, seed: int | None
 ) -> None:
-    """Start a scenario."""
-    args: dict[str, Any] = {"name": scenario_name, "rate": rate}
+    """Start a scenario: NAME, or the one that fits backend_sim's --device (dax for fs,
+    blobs for the others)."""
+    args: dict[str, Any] = {"rate": rate}
+    if scenario_name is not None:
+        args["name"] = scenario_name
     if shmid is not None:
         args["shmid"] = shmid
     if seed is not None:

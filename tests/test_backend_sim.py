@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from shmemctl.channel import Channel, close_fds
+from shmemctl.control import ControlClient
 from shmemctl.wire import BackendReq, ChannelKind, FrontendReq, Message, ShmemConfig, encode
 from shmemctl.wire.constants import (
     SHMEM_SLOTS,
@@ -221,3 +222,27 @@ def test_bad_regions_are_explained(spawn, tmp_path, regions: str, message: str) 
     assert be.wait_exit(PATIENCE) == 2
     assert message in be.log()
     assert "Traceback" not in be.log()
+
+
+def test_a_device_preset_sets_the_layout_and_the_scenario_options_override(
+    spawn, tmp_path
+) -> None:
+    sock = str(tmp_path / "vhost.sock")
+    gpu = spawn("backend_sim", "--listen", sock, "--device", "gpu", name="gpu")
+    status = gpu.wait_state("listening")
+    assert status["device"] == "gpu"
+    assert status["regions"] == {"1": 192 * MiB, "2": 64 * MiB}  # one 256 MiB BAR's worth
+    gpu.stop()
+    fs = spawn("backend_sim", "--listen", sock, "--device", "fs", "--regions", "0=64M",
+               "--reply-timeout", str(PATIENCE), name="fs")  # fmt: skip
+    assert fs.wait_state("listening")["regions"] == {"0": 64 * MiB}
+    fe = spawn("frontend", "--connect", sock)
+    fe.wait_connected()
+    # no scenario named: the one that fits the device, virtiofs' DAX windows of a file
+    with ControlClient(str(fs.control)) as client:
+        started = client.execute("scenario-start", rate=1000, seed=1)
+        assert started["name"] == "dax"
+        fs.wait_status(lambda s: s["mapped_count"] > 0, "a DAX window mapped")
+        assert client.execute("scenario-stop")["name"] == "dax"
+    files = {b["file"] for b in fs.status()["buffers"]}  # type: ignore[index]
+    assert files and all(not f.startswith("memfd:") for f in files), files

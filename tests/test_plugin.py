@@ -60,6 +60,7 @@ def test_shmem_daemons_starts_each_daemon_as_the_test_says(tmp_path: Path) -> No
             device = shmem_daemons.backend(listen=back, regions="0=4M")
             tap = shmem_daemons.tap(front=f"listen:{front}", back=f"connect:{back}")
             vmm = shmem_daemons.frontend(connect=front, args=["--reconnect", "1"])
+            device.wait_for(lambda s: s.raw["ready"])  # the handshake went through the tap
             mapping = device.map(0, 0x1000, 4096)
             seen = tap.wait_for(lambda s: s.holds(mapping) and s.agrees is True)
             assert vmm.status().holds(mapping) and seen.role == "tap"

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from backend_sim.presets import PRESETS
 from shmemctl.session import (
     BackendSession,
     Forget,
@@ -190,9 +191,12 @@ def test_without_reply_ack_nothing_is_acked_and_nothing_is_awaited() -> None:
     assert "REPLY_ACK" in pair.back.why_not_ready()  # type: ignore[operator]
 
 
-def qemu_72_realize(back: BackendSession) -> list[tuple[str, Message | None]]:
+def qemu_72_realize(
+    back: BackendSession, read_config: bool = True
+) -> list[tuple[str, Message | None]]:
     """QEMU 7.2's realize (docs/protocol.md §4 steps 1-5): it does not know SHMEM, so it
-    masks the bit out, and it asks SET_BACKEND_REQ_FD to be acked."""
+    masks the bit out, and it asks SET_BACKEND_REQ_FD to be acked; a device type with a
+    config space of its own (`read_config`) reads it last."""
     answers: list[tuple[str, Message | None]] = []
 
     def send(req: FrontendReq, payload: object = None, **kw: object) -> Message | None:
@@ -212,7 +216,8 @@ def qemu_72_realize(back: BackendSession) -> list[tuple[str, Message | None]]:
     send(FrontendReq.GET_FEATURES)
     send(FrontendReq.SET_VRING_CALL, 0, fds=(FAKE_FD + 1,))
     send(FrontendReq.SET_VRING_ERR, 0, fds=(FAKE_FD + 2,))
-    send(FrontendReq.GET_CONFIG, DeviceConfig(0, 8, 0, bytes(8)))
+    if read_config:
+        send(FrontendReq.GET_CONFIG, DeviceConfig(0, 8, 0, bytes(8)))
     return answers
 
 
@@ -226,6 +231,25 @@ def test_qemu_72_realize_order() -> None:
     assert config is not None and config.payload == DeviceConfig(0, 8, 0, bytes(8))
     assert back.backend_channel and not back.shmem  # QEMU 7.2 never acks SHMEM
     assert back.why_not_ready() == "SHMEM (protocol feature bit 22) was not negotiated"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_device_preset_answers_realize_as_its_device_type_expects(name: str) -> None:
+    preset = PRESETS[name]
+    back = device(queues=preset.queues, config_space=preset.config, features=preset.features)
+    answers = dict(qemu_72_realize(back, read_config=bool(preset.config)))
+    features = answers["GET_FEATURES"]
+    assert features is not None
+    assert features.payload == VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | preset.features
+    queues = answers["GET_QUEUE_NUM"]
+    assert queues is not None and queues.payload == preset.queues
+    offered = answers["GET_PROTOCOL_FEATURES"]
+    assert offered is not None and isinstance(offered.payload, int)
+    # CONFIG only where the device type has its config space read through the back-end
+    assert bool(offered.payload & PF.CONFIG) == bool(preset.config)
+    if preset.config:
+        config = answers["GET_CONFIG"]
+        assert config is not None and config.payload == DeviceConfig(0, 8, 0, preset.config[:8])
 
 
 def test_cloud_hypervisor_order_layout_before_backend_channel() -> None:

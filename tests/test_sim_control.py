@@ -19,6 +19,7 @@ import pytest
 
 from backend_sim.control import BackendState, batch
 from backend_sim.device import SimDevice
+from backend_sim.presets import DEFAULT, PRESETS
 from shmemctl import Pair
 from shmemctl.channel import Channel, close_fds
 from shmemctl.control import ControlClient, ControlError, ErrorClass
@@ -585,7 +586,7 @@ def test_a_batch_checked_while_a_scenarios_map_awaits_its_answer_does_not_replac
     )  # fmt: skip
     device = SimDevice(endpoint)  # type: ignore[arg-type]
     sending = device._sending = _EnteredBy(device._sending, "batch")  # type: ignore[assignment]
-    st = BackendState(endpoint, device, "", "test")  # type: ignore[arg-type]
+    st = BackendState(endpoint, device, "", "test", PRESETS[DEFAULT])  # type: ignore[arg-type]
     outcome: list[object] = []
 
     def run_batch() -> None:

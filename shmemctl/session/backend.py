@@ -103,6 +103,7 @@ class BackendSession:
         queues: int = 1,
         config_space: bytes = bytes(MAX_CONFIG_SIZE),
         offered: int = OFFERED,
+        features: int = 0,
     ) -> None:
         if len(config_space) > MAX_CONFIG_SIZE:
             raise ValueError(
@@ -114,6 +115,9 @@ class BackendSession:
         self.shmem_mask = 1 << shmem_bit
         self.queues = queues
         self.config_space = config_space
+        #: the device's own virtio feature bits, offered beside VERSION_1 and
+        #: PROTOCOL_FEATURES
+        self.device_features = features
         self.offered = int(offered) | self.shmem_mask
         if config_space:
             self.offered |= ProtocolFeature.CONFIG
@@ -193,7 +197,8 @@ class BackendSession:
             return self._ack(msg)
         match req:
             case FrontendReq.GET_FEATURES:
-                return [self._reply(msg, VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES)]
+                offered = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES
+                return [self._reply(msg, offered | self.device_features)]
             case FrontendReq.SET_FEATURES:
                 self.features = _u64(msg)
                 return self._ack(msg)
