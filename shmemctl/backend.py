@@ -348,7 +348,9 @@ class BackendEndpoint:
         shmem_needed = self.faults is None or not self.faults.ignores_negotiation
         with self.ready:
             return self.ready.wait_for(
-                lambda: self.backend_channel is not None and (self.shmem or not shmem_needed),
+                lambda: self.backend_channel is not None
+                and (self.shmem or not shmem_needed)
+                and self.session.running,
                 timeout,
             )
 

@@ -20,6 +20,7 @@ from .control import ControlError, DaemonUnreachable, ErrorClass
 from .events import Event
 from .faults import FRONTEND, Fault
 from .inventory import PAIR_ROLES, SIDE, kind_of
+from .session.profiles import PROFILES
 from .shmem.libc import PAGE_SIZE
 from .sizes import hex_range, human_size, parse_regions, parse_size
 from .wire.constants import LEGACY_SHMEM_BIT, SHMEM_BIT
@@ -75,6 +76,17 @@ def run() -> None:
     show_default=True,
     help="Address space all regions together may reserve.",
 )
+@click.option(
+    "--profile",
+    "profile_name",
+    type=click.Choice(list(PROFILES)),
+    default="strict",
+    show_default=True,
+    help="Behave on the wire as this front-end does (docs/protocol.md §8): qemu replies 0 "
+    "or 1, announces each mapping as guest memory and starts the device as a guest "
+    "would; crosvm serves one shmid and keeps mappings across a reset; "
+    "cloud-hypervisor opens a fresh backend channel at each activation.",
+)
 @options.shmem_bit
 @options.busy_poll
 @options.pair_name
@@ -89,6 +101,7 @@ def frontend(
     max_mappings: int,
     max_mappings_per_region: int,
     max_reserve: int,
+    profile_name: str,
     busy_poll: float,
     name: str,
     control: str | None,
@@ -113,6 +126,7 @@ def frontend(
         max_reserve=max_reserve,
         busy_poll=busy_poll,
         faults=faults,
+        profile=PROFILES[profile_name],
     )
     try:
         serve(fe_options, options.resolve_control(control, name, "frontend"), verbose=verbose)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from typing import TypeVar
 
 import pytest
 
@@ -18,6 +19,7 @@ from shmemctl.session import (
     BackendSession,
     Forget,
     FrontendSession,
+    GuestMemory,
     HandshakeError,
     Hangup,
     NeedBackendChannel,
@@ -54,6 +56,8 @@ PF = ProtocolFeature
 MAIN, BACKEND = ChannelKind.MAIN, ChannelKind.BACKEND
 REGIONS = {0: 8 << 20, 2: 64 << 10}
 FAKE_FD = 1000  # an fd number as the codec carries it; nothing here opens or closes it
+GUEST_RAM_ADDR = 0x7F00_0000_0000  # where a driver would have mapped guest RAM
+T = TypeVar("T")
 
 
 def travel(out: Outgoing) -> Message:
@@ -94,12 +98,14 @@ class Pair:
         self.back = back or device()
         self.observer = Observer()
         self.requests: list[str] = []
+        self.sent: list[Message] = []  # the front-end's requests as the device read them
         self.effects: list = []
 
     def exchange(self, out: Outgoing) -> Message | None:
         msg = travel(out)
         self.observer.message(msg)
         self.requests.append(msg.name)
+        self.sent.append(msg)
         effects = self.back.receive(msg)
         self.effects += effects
         replies = sent(effects)
@@ -109,19 +115,26 @@ class Pair:
         return replies[0] if replies else None
 
     def handshake(self) -> None:
-        steps = self.front.handshake()
-        fed: Message | int | None = None
-        try:
-            while True:
+        self.run(self.front.handshake())
+
+    def run(self, steps: Generator[object, object, T]) -> T:
+        """Carry out a sequence of the front-end's steps as a driver would: every
+        request to the device, FAKE_FD for a channel, fake guest RAM; its result."""
+        fed: object = None
+        while True:
+            try:
                 step = steps.send(fed)
-                if isinstance(step, NeedBackendChannel):
-                    fed = FAKE_FD
-                elif isinstance(step, Outgoing):
-                    fed = self.exchange(step)
-                else:
-                    fed = None
-        except StopIteration:
-            pass
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if isinstance(step, NeedBackendChannel):
+                fed = FAKE_FD
+            elif isinstance(step, GuestMemory):
+                fed = (FAKE_FD + 50, GUEST_RAM_ADDR)
+            elif isinstance(step, Outgoing):
+                fed = self.exchange(step)
+            else:
+                self.effects.append(step)
+                fed = None
 
 
 # ---------------------------------------------------------------- what is owed

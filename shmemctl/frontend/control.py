@@ -56,6 +56,7 @@ def status(fe: Frontend, max_mappings: int = DEFAULT_LIST) -> dict[str, Any]:
     bit = fe.options.shmem_bit
     answer: dict[str, Any] = {
         "role": "frontend",
+        "profile": fe.session.profile.name,
         "state": fe.state,
         "socket": fe.options.connect or fe.options.listen,
         "mode": "connect" if fe.options.connect else "listen",

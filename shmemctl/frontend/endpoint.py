@@ -27,9 +27,15 @@ from ..faults import Fault, FrontendFaults
 from ..latency import LatencyHistogram
 from ..session import FrontendSession, HandshakeError, NeedBackendChannel, Negotiated, Note
 from ..session.common import Outgoing
-from ..session.frontend import Fed, Layout, Step, drive
+from ..session.frontend import DropMappings, Fed, GuestMemory, Layout, Step, drive
+from ..session.profiles import STRICT, Profile
 from ..shmem import Refusal, RegionTable, ShmemRefused, ShmemSetupError
-from ..shmem.region import DEFAULT_MAX_PER_REGION, DEFAULT_MAX_RESERVE, DEFAULT_MAX_TOTAL
+from ..shmem.region import (
+    DEFAULT_MAX_PER_REGION,
+    DEFAULT_MAX_RESERVE,
+    DEFAULT_MAX_TOTAL,
+    GuestRam,
+)
 from ..sizes import hex_range
 from ..wire import (
     BackendReq,
@@ -62,6 +68,8 @@ class FrontendOptions:
     max_reserve: int = DEFAULT_MAX_RESERVE
     #: deliberate protocol faults (shmemctl.faults), for showing conformance catches them
     faults: frozenset[Fault] = frozenset()
+    #: whose behaviour it has on the wire (shmemctl.session.profiles)
+    profile: Profile = STRICT
 
 
 class Frontend:
@@ -69,7 +77,10 @@ class Frontend:
         if bool(options.connect) == bool(options.listen):
             raise ValueError("give exactly one of --connect PATH or --listen PATH")
         self.options = options
-        self.session = FrontendSession(shmem_bit=check_shmem_bit(options.shmem_bit))
+        self.session = FrontendSession(shmem_bit=check_shmem_bit(options.shmem_bit),
+                                       profile=options.profile)  # fmt: skip
+        if options.profile is not STRICT:
+            log.info("behaving as %s: %s", options.profile.name, options.profile.what)
         #: the layer that applies deliberate faults, only when some are asked for
         self.faults = FrontendFaults(options.faults) if options.faults else None
         if options.faults:
@@ -92,6 +103,10 @@ class Frontend:
         #: the socket pair of a backend channel offered but not yet acked
         self._offered: tuple[socket.socket, socket.socket] | None = None
         self._listener: socket.socket | None = None
+        #: what a profile that starts the device gives it as guest RAM
+        self._guest_ram: GuestRam | None = None
+        #: mappings the last DropMappings step dropped
+        self._dropped = 0
 
     @property
     def negotiated(self) -> Negotiated:
@@ -237,6 +252,9 @@ class Frontend:
         if self.regions is not None:
             self.regions.close()
             self.regions = None
+        if self._guest_ram is not None:
+            self._guest_ram.close()
+            self._guest_ram = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -280,6 +298,12 @@ class Frontend:
                 return self._offer_backend_channel()
             case Layout(config):
                 self._setup_regions(config)
+            case GuestMemory(size):
+                if self._guest_ram is None:
+                    self._guest_ram = GuestRam(size)
+                return self._guest_ram.fd, self._guest_ram.base
+            case DropMappings():
+                self._dropped = self.regions.reset() if self.regions is not None else 0
             case Note(text, routine):
                 log.log(logging.INFO if routine else logging.WARNING, "%s", text)
         return None
@@ -315,7 +339,10 @@ class Frontend:
             log.info("region %d: %s reserved at %#x", region.shmid, hex(region.size), region.base)
 
     def _offer_backend_channel(self) -> int:
-        """A fresh socket pair; the fd of the end the back-end gets, to send it."""
+        """A fresh socket pair; the fd of the end the back-end gets, to send it. A channel
+        still in use (a profile that makes a fresh one at each activation) ends first:
+        the back-end lets go of it when it takes the new one."""
+        self._retire_backend_channel()
         self._forget_offered()
         self._offered = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         return self._offered[1].fileno()
@@ -346,16 +373,27 @@ class Frontend:
         self._backend_thread.start()
 
     def reset(self) -> tuple[int, str]:
-        """Reset the device: drop every mapping, then tell the back-end. Returns
-        (mappings dropped, the message used)."""
-        dropped = self.regions.reset() if self.regions is not None else 0
+        """Reset the device as the profile does (strict: drop every mapping, then tell
+        the back-end). Returns (mappings dropped, the first message it took)."""
+        self._dropped = 0
         self.counters["resets"] += 1
-        out = self.session.reset_request()
-        self.exchange(out)
-        log.info("reset with %s: dropped %d mappings", out.name, dropped)
+        via = self._drive(self.session.reset())
+        dropped = self._dropped
+        log.info("reset with %s: dropped %d mappings", via, dropped)
         if self.events.active:
-            self.events.emit(Event.RESET, {"dropped": dropped, "via": out.name})
-        return dropped, out.name
+            self.events.emit(Event.RESET, {"dropped": dropped, "via": via})
+        return dropped, via
+
+    def _retire_backend_channel(self) -> None:
+        """End the backend channel in use, to serve a new one in its place."""
+        old, self._backend = self._backend, None
+        thread, self._backend_thread = self._backend_thread, None
+        if old is None:
+            return
+        old.shutdown()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+        old.close()
 
     # ------------------------------------------------------------ backend channel
 
@@ -367,7 +405,7 @@ class Frontend:
                 self._handle_backend(channel, msg, time.perf_counter())
         except ChannelClosed:
             pass
-        except (ChannelError, WireError) as exc:
+        except (ChannelError, WireError, HandshakeError) as exc:
             reason = f"backend channel: {exc}"
             log.error("%s; closing the connection", reason)
         except Exception as exc:  # a bug must cost the connection, never the daemon
@@ -382,6 +420,9 @@ class Frontend:
     def _handle_backend(self, channel: Channel, msg: Message, read_at: float) -> None:
         faults = self.faults
         refusal: Refusal | None = None
+        # the fd goes before the answer (whoever reads the answer finds it closed), but
+        # where the profile announces the mapping with it (QEMU's ADD_MEM_REG)
+        announces = self.session.profile.announces_mappings
         try:
             if faults is not None and faults.does_nothing(msg):
                 result = result_from_errno(5)  # the fault: nothing is done
@@ -390,15 +431,34 @@ class Frontend:
                 if faults is not None:
                     result = faults.result(self.regions, msg, refusal, result)
         finally:
-            close_fds(msg.fds)
-        if faults is None:
-            out = self.session.answer(msg, result)
-            if out is not None:
-                channel.send(out.encode())
-                self.ack_latency.observe(time.perf_counter() - read_at)
+            if not announces:
+                close_fds(msg.fds)
+        try:
+            if faults is None:
+                out = self.session.answer(msg, result)
+                if out is not None:
+                    channel.send(out.encode())
+                    self.ack_latency.observe(time.perf_counter() - read_at)
+            else:
+                for out in faults.answers(self.session, msg, result):
+                    channel.send(out.encode())
+            if announces and result == 0:
+                self._announce(msg)
+        finally:
+            if announces:
+                close_fds(msg.fds)
+
+    def _announce(self, msg: Message) -> None:
+        """Tell the back-end of a mapping made or gone as the profile does (QEMU: a
+        memory-table change on the main channel, whose ack it waits for before it
+        reads the backend channel again)."""
+        m = msg.payload
+        table = self.regions
+        if table is None or not isinstance(m, ShmemMap) or m.shmid not in table.regions:
             return
-        for out in faults.answers(self.session, msg, result):
-            channel.send(out.encode())
+        out = self.session.announcement(msg, table.regions[m.shmid].base + m.shm_offset)
+        if out is not None:
+            self.exchange(out)
 
     def _shmem(self, msg: Message) -> tuple[int, Refusal | None]:
         """Carry out one backend-channel request: its result, and why it was refused."""
@@ -416,7 +476,7 @@ class Frontend:
                 self.counters["unmaps"] += 1
         except ShmemRefused as exc:
             self._refused(msg, exc)
-            return result_from_errno(exc.errno), exc.reason
+            return self.session.result(exc), exc.reason
         if self.events.active:
             if is_map:  # the fd is still open here: name its file for whoever watches
                 with contextlib.suppress(OSError):

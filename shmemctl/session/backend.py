@@ -32,6 +32,23 @@ from ..wire.messages import (
 )
 from .common import Hangup, Note, Outgoing, Owed, Rule, ack, owed_by
 
+#: The requests that set a ring up: a front-end that sends them manages the device.
+_RING_SETUP = frozenset(
+    {
+        FrontendReq.SET_VRING_NUM,
+        FrontendReq.SET_VRING_ADDR,
+        FrontendReq.SET_VRING_BASE,
+        FrontendReq.SET_VRING_KICK,
+        FrontendReq.SET_VRING_CALL,
+        FrontendReq.SET_VRING_ERR,
+        FrontendReq.SET_VRING_ENABLE,
+    }
+)
+#: The ring index in the u64 of SET_VRING_KICK/CALL/ERR (bit 8: no fd).
+VRING_INDEX = 0xFF
+#: The DRIVER_OK bit of the device status.
+DRIVER_OK = 0x4
+
 #: What GET_MAX_MEM_SLOTS answers: the ADD_MEM_REG slots this device accepts.
 MAX_MEM_SLOTS = 32
 #: The largest config space GET_CONFIG carries (QEMU's VHOST_USER_MAX_CONFIG_SIZE).
@@ -53,10 +70,8 @@ _NOTHING_TO_DO = frozenset(
         FrontendReq.SET_VRING_NUM,
         FrontendReq.SET_VRING_ADDR,
         FrontendReq.SET_VRING_BASE,
-        FrontendReq.SET_VRING_KICK,
         FrontendReq.SET_VRING_CALL,
         FrontendReq.SET_VRING_ERR,
-        FrontendReq.SET_VRING_ENABLE,
         FrontendReq.SET_CONFIG,
         FrontendReq.ADD_MEM_REG,
         FrontendReq.REM_MEM_REG,
@@ -126,6 +141,14 @@ class BackendSession:
         self.owner = False
         self.status = 0
         self.backend_channel = False
+        #: whether the front-end manages the device's state (its status, its rings): one
+        #: that does starts the device before it may act (`running`)
+        self.managed = False
+        #: rings enabled (SET_VRING_ENABLE 1), and rings started and not stopped by
+        #: GET_VRING_BASE (a kick fd, or enabled)
+        self.enabled_rings: set[int] = set()
+        self.live_rings: set[int] = set()
+        self.rings_used = False
 
     # ------------------------------------------------------------ negotiated state
 
@@ -137,6 +160,16 @@ class BackendSession:
     def reply_ack(self) -> bool:
         return bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
 
+    @property
+    def running(self) -> bool:
+        """Whether the device may act: started (a ring enabled, or DRIVER_OK where no ring
+        is), or never stopped by a front-end that does not manage its state."""
+        if not self.managed:
+            return True
+        if self.rings_used:
+            return bool(self.enabled_rings)
+        return bool(self.status & DRIVER_OK)
+
     def why_not_ready(self) -> str | None:
         """None when SHMEM requests may be sent; else what is missing, in words."""
         if not self.backend_channel:
@@ -145,6 +178,8 @@ class BackendSession:
             return f"SHMEM (protocol feature bit {self.shmem_bit}) was not negotiated"
         if not self.reply_ack:
             return "REPLY_ACK was not negotiated: the outcome of a map could never be known"
+        if not self.running:
+            return "the front-end has not started the device (no ring enabled, no DRIVER_OK)"
         return None
 
     def shmem_config(self) -> ShmemConfig:
@@ -193,6 +228,8 @@ class BackendSession:
 
     def _answer(self, msg: Message) -> list[Effect]:
         req = msg.request
+        if req in _RING_SETUP or req in (FrontendReq.SET_STATUS, FrontendReq.GET_VRING_BASE):
+            self.managed = True
         if req in _NOTHING_TO_DO:
             return self._ack(msg)
         match req:
@@ -240,9 +277,33 @@ class BackendSession:
             case FrontendReq.GET_CONFIG:
                 assert isinstance(msg.payload, DeviceConfig)  # the codec decoded it so
                 return self._read_config(msg, msg.payload)
+            case FrontendReq.SET_VRING_KICK:
+                self.live_rings.add(_u64(msg) & VRING_INDEX)
+                return self._ack(msg)
+            case FrontendReq.SET_VRING_ENABLE:
+                assert isinstance(msg.payload, VringState)
+                index, enable = msg.payload.index, bool(msg.payload.num)
+                self.rings_used = True
+                if enable:
+                    self.enabled_rings.add(index)
+                    self.live_rings.add(index)
+                else:
+                    self.enabled_rings.discard(index)
+                return self._ack(msg)
             case FrontendReq.GET_VRING_BASE:
                 assert isinstance(msg.payload, VringState)
-                return [self._reply(msg, VringState(msg.payload.index, 0))]
+                index = msg.payload.index
+                self.enabled_rings.discard(index)
+                stopped = index in self.live_rings
+                self.live_rings.discard(index)
+                # the last ring stopped: the device is. A guest reset under QEMU's
+                # vhost-user-base devices says nothing else, and drops every mapping
+                # (docs/protocol.md §8): believing in them past it would be believing in
+                # mappings that are gone
+                forget = [Forget("every ring stopped (GET_VRING_BASE): the device is "
+                                 "stopped, its mappings with it")] if stopped and not (
+                    self.live_rings) else []  # fmt: skip
+                return [*forget, self._reply(msg, VringState(index, 0))]
             case FrontendReq.SET_MEM_TABLE:
                 assert isinstance(msg.payload, MemoryTable)
                 n = len(msg.payload.regions)

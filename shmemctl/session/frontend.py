@@ -23,8 +23,28 @@ from ..wire.constants import (
     FrontendReq,
     ProtocolFeature,
 )
-from ..wire.messages import Message, Payload, ShmemConfig, ShmemMap
+from ..wire.messages import (
+    MemoryRegion,
+    MemoryTable,
+    Message,
+    Payload,
+    ShmemConfig,
+    ShmemMap,
+    SingleMemoryRegion,
+    VringAddr,
+    VringState,
+)
 from .common import Note, Outgoing, Owed, owed, owed_by
+from .profiles import GUEST_RAM_GPA, GUEST_RAM_SIZE, SHMEM_BAR_GPA, STRICT, Profile, Reset
+from .profiles import Step as SetUp
+
+#: SET_VRING_KICK/CALL/ERR without an fd: the ring is polled (docs/protocol.md §2)
+VRING_NOFD = 1 << 8
+#: ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK: a driver that is up
+DRIVER_OK = 0x1 | 0x2 | 0x8 | 0x4
+#: each ring's size, and how far apart the rings of a started device sit in guest RAM
+RING_SIZE = 256
+RING_STRIDE = 0x4000
 
 #: Protocol features this front-end implements (SHMEM is added at the configured bit).
 IMPLEMENTED = (
@@ -52,6 +72,16 @@ class Layout(NamedTuple):
     config: ShmemConfig
 
 
+class GuestMemory(NamedTuple):
+    """Give the device guest RAM of this size: send back (its fd, where it is mapped)."""
+
+    size: int
+
+
+class DropMappings(NamedTuple):
+    """Drop every mapping now (a reset)."""
+
+
 @dataclass
 class Negotiated:
     features: int = 0
@@ -62,11 +92,16 @@ class Negotiated:
     queues: int = 1
     config: ShmemConfig | None = None
     backend_channel: bool = False
+    #: GET_MAX_MEM_SLOTS's answer, where asked
+    mem_slots: int | None = None
+    #: the device was started (a profile that plays the guest's part)
+    started: bool = False
 
 
-Step = Outgoing | NeedBackendChannel | Layout | Note
-#: what the driver sends into the handshake: a reply, the fd of a new channel, or None
-Fed = Message | int | None
+Step = Outgoing | NeedBackendChannel | Layout | GuestMemory | DropMappings | Note
+#: what the driver sends into the handshake: a reply, the fd of a new channel, guest
+#: RAM's fd and address, or None
+Fed = Message | int | tuple[int, int] | None
 Handshake = Generator[Step, Fed, Negotiated]
 T = TypeVar("T")
 
@@ -100,12 +135,20 @@ def relay(
 class FrontendSession:
     """One back-end connection as the VMM sees it."""
 
-    def __init__(self, *, shmem_bit: int, implemented: int = IMPLEMENTED) -> None:
+    def __init__(
+        self, *, shmem_bit: int, implemented: int = IMPLEMENTED, profile: Profile = STRICT
+    ) -> None:
         self.shmem_bit = shmem_bit
         self.shmem_mask = 1 << shmem_bit
+        #: whose behaviour this front-end has (shmemctl.session.profiles)
+        self.profile = profile
         #: what this front-end acks when offered (tests and faults may narrow or widen it)
         self.ours = int(implemented) | self.shmem_mask
+        if profile.announces_mappings:  # guest memory goes slot by slot
+            self.ours |= ProtocolFeature.CONFIGURE_MEM_SLOTS
         self.negotiated = Negotiated()
+        #: guest RAM as announced to the device, where a profile starts it
+        self._guest_ram: tuple[MemoryRegion, int] | None = None
 
     # ------------------------------------------------------------ main channel
 
@@ -135,8 +178,9 @@ class FrontendSession:
         return reply
 
     def handshake(self) -> Handshake:
-        """QEMU's order (docs/protocol.md §4), with the backend channel last before
-        SET_FEATURES. Returns what was negotiated."""
+        """The features, then the profile's set-up in its order (strict: QEMU's order of
+        docs/protocol.md §4, with the backend channel last before SET_FEATURES).
+        Returns what was negotiated."""
         neg = self.negotiated = Negotiated()
         features = yield from self._u64(FrontendReq.GET_FEATURES)
         if not features & VHOST_USER_F_PROTOCOL_FEATURES:
@@ -159,15 +203,70 @@ class FrontendSession:
                 yield Note("SHMEM without REPLY_ACK: the back-end can never learn a map's outcome")
             if acked & ProtocolFeature.MQ:
                 neg.queues = yield from self._u64(FrontendReq.GET_QUEUE_NUM)
-        yield from self._send(self.request(FrontendReq.SET_OWNER, ack=True))
-        if neg.shmem:
-            neg.config = yield from self.get_shmem_config()
-            yield Layout(neg.config)
-        if neg.protocol_features & ProtocolFeature.BACKEND_REQ and not neg.backend_channel:
-            yield from self.open_backend_channel()
         neg.features = features & (VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_F_VERSION_1)
-        yield from self._send(self.request(FrontendReq.SET_FEATURES, neg.features, ack=True))
+        for step in self.profile.order:
+            yield from self._set_up(step)
         return neg
+
+    def _set_up(self, step: SetUp) -> Generator[Step, Fed, None]:
+        neg = self.negotiated
+        pf = neg.protocol_features
+        match step:
+            case SetUp.MEM_SLOTS if pf & ProtocolFeature.CONFIGURE_MEM_SLOTS:
+                neg.mem_slots = yield from self._u64(FrontendReq.GET_MAX_MEM_SLOTS)
+            case SetUp.OWNER:
+                yield from self._send(self.request(FrontendReq.SET_OWNER, ack=True))
+            case SetUp.LAYOUT if neg.shmem:
+                neg.config = yield from self.get_shmem_config()
+                yield Layout(neg.config)
+            case SetUp.BACKEND_CHANNEL if pf & ProtocolFeature.BACKEND_REQ:
+                if not neg.backend_channel:
+                    yield from self.open_backend_channel()
+            case SetUp.VRING_NOTIFIERS:
+                for index in range(neg.queues):  # no eventfd: the rings are polled
+                    for req in (FrontendReq.SET_VRING_CALL, FrontendReq.SET_VRING_ERR):
+                        yield from self._send(self.request(req, index | VRING_NOFD))
+            case SetUp.FEATURES:
+                yield from self._send(
+                    self.request(FrontendReq.SET_FEATURES, neg.features, ack=True)
+                )
+            case SetUp.START:
+                yield from self.start_device()
+
+    def start_device(self) -> Generator[Step, Fed, None]:
+        """What a booted guest makes its VMM do (QEMU's vhost_dev_start): the status,
+        guest RAM as the memory table, each ring set up and enabled."""
+        neg = self.negotiated
+        if neg.protocol_features & ProtocolFeature.STATUS:
+            yield from self._u64(FrontendReq.GET_STATUS)
+            yield from self._send(self.request(FrontendReq.SET_STATUS, DRIVER_OK, ack=True))
+        if self._guest_ram is None:
+            got = yield GuestMemory(GUEST_RAM_SIZE)
+            assert isinstance(got, tuple) and len(got) == 2
+            fd, addr = got[0], got[1]
+            self._guest_ram = (MemoryRegion(GUEST_RAM_GPA, GUEST_RAM_SIZE, addr, 0), fd)
+        region, fd = self._guest_ram
+        if neg.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS:
+            table: Outgoing = self.request(
+                FrontendReq.ADD_MEM_REG, SingleMemoryRegion(region), (fd,), ack=True
+            )
+        else:
+            table = self.request(FrontendReq.SET_MEM_TABLE, MemoryTable((region,)), (fd,),
+                                 ack=True)  # fmt: skip
+        yield from self._send(table)
+        for index in range(neg.queues):
+            ring = region.userspace_addr + index * RING_STRIDE
+            for out in (
+                self.request(FrontendReq.SET_VRING_NUM, VringState(index, RING_SIZE)),
+                self.request(FrontendReq.SET_VRING_ADDR,
+                             VringAddr(index, 0, ring, ring + 0x2000, ring + 0x1000, 0)),
+                self.request(FrontendReq.SET_VRING_BASE, VringState(index, 0)),
+                self.request(FrontendReq.SET_VRING_KICK, index | VRING_NOFD),
+                self.request(FrontendReq.SET_VRING_CALL, index | VRING_NOFD),
+                self.request(FrontendReq.SET_VRING_ENABLE, VringState(index, 1)),
+            ):  # fmt: skip
+                yield from self._send(out)
+        neg.started = True
 
     def open_backend_channel(self) -> Generator[Step, Fed, None]:
         fd = yield NeedBackendChannel()
@@ -189,6 +288,29 @@ class FrontendSession:
                 "are non-zero; the sizes win"
             )
         return config
+
+    def reset(self) -> Generator[Step, Fed, str]:
+        """Reset the device as the profile does; the name of the first message it took.
+        Every mapping is dropped first (DropMappings), unless the profile keeps them."""
+        neg = self.negotiated
+        kind = self.profile.reset
+        if kind is Reset.RINGS:
+            neg.started = False  # from now on a MAP has no device to land in
+        if kind is not Reset.KEEP_MAPPINGS:
+            yield DropMappings()
+        if kind is Reset.RINGS:  # a guest reset: the rings stop, then the guest boots again
+            for index in range(neg.queues):
+                yield from self._send(self.request(FrontendReq.SET_VRING_ENABLE,
+                                                   VringState(index, 0)))  # fmt: skip
+                yield from self._send(self.request(FrontendReq.GET_VRING_BASE,
+                                                   VringState(index, 0)))  # fmt: skip
+            yield from self.start_device()
+            return FrontendReq.SET_VRING_ENABLE.name
+        out = self.reset_request()
+        yield from self._send(out)
+        if self.profile.fresh_channel and neg.protocol_features & ProtocolFeature.BACKEND_REQ:
+            yield from self.open_backend_channel()  # activated again, on a new channel
+        return out.name
 
     def reset_request(self) -> Outgoing:
         """How to reset the device with what was negotiated (docs/protocol.md §5 lifetime)."""
@@ -216,13 +338,15 @@ class FrontendSession:
     # ------------------------------------------------------------ backend channel
 
     def admit_shmem(self, msg: Message) -> ShmemMap:
-        """Steps 1-2 of docs/protocol.md §5 for a request on the backend channel: its
-        payload if the engine may judge the rest; ShmemRefused otherwise."""
+        """Steps 1-2 of docs/protocol.md §5 for a request on the backend channel (and
+        what the profile refuses beside them): its payload if the engine may judge the
+        rest; ShmemRefused otherwise."""
+        profile, neg = self.profile, self.negotiated
         if msg.request not in (BackendReq.SHMEM_MAP, BackendReq.SHMEM_UNMAP):
             raise ShmemRefused(
                 Refusal.NOT_NEGOTIATED, f"backend channel: {msg.name} is not supported"
             )
-        if not self.negotiated.shmem:
+        if profile.requires_shmem and not neg.shmem:
             raise ShmemRefused(
                 Refusal.NOT_NEGOTIATED,
                 f"SHMEM (protocol feature bit {self.shmem_bit}) was not negotiated",
@@ -230,10 +354,51 @@ class FrontendSession:
         if msg.request == BackendReq.SHMEM_MAP:
             check_fd_count(len(msg.fds) + len(msg.surplus_fds))
         assert isinstance(msg.payload, ShmemMap)  # the codec decodes SHMEM payloads so
-        return msg.payload
+        m = msg.payload
+        if SetUp.START in profile.order and not neg.started:
+            raise ShmemRefused(Refusal.NOT_STARTED, f"{profile.name}: the guest has not "
+                               "started the device: there is no device to map into")  # fmt: skip
+        served = sorted(neg.config.regions() if neg.config else ())[: profile.shmids]
+        if profile.shmids is not None and m.shmid not in served:
+            which = ", ".join(map(str, served)) or "(none)"
+            detail = f"{profile.name} serves only shmid {which}, not {m.shmid}"
+            raise ShmemRefused(Refusal.NO_REGION, detail)
+        return m
+
+    def result(self, refused: ShmemRefused | None) -> int:
+        """The value a request's reply carries: 0 if it was done, else what the profile
+        answers a refusal with (strict: the negated errno)."""
+        if refused is None:
+            return 0
+        if self.profile.refusal_value is not None:
+            return self.profile.refusal_value
+        return -self.profile.errnos.get(refused.reason, refused.errno)
 
     def answer(self, msg: Message, result: int) -> Outgoing | None:
         """The reply to a backend-channel request, if one is owed (docs/protocol.md §6.2)."""
         if owed_by(msg, self.negotiated.reply_ack) is Owed.ACK:
             return Outgoing(ChannelKind.BACKEND, msg.request, result, reply=True)
         return None
+
+    def announcement(self, msg: Message, userspace_addr: int) -> Outgoing | None:
+        """What the profile tells the back-end of a mapping just made (or gone) on the
+        main channel, after its answer: QEMU's ADD_MEM_REG with the mapped fd (its
+        REM_MEM_REG), at the mapping's place in the shared memory BAR. None for a
+        profile that does not, or without CONFIGURE_MEM_SLOTS to say it with."""
+        neg = self.negotiated
+        if not (
+            self.profile.announces_mappings
+            and neg.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS
+            and neg.config is not None
+            and isinstance(msg.payload, ShmemMap)
+        ):
+            return None
+        m = msg.payload
+        # the regions packed into one BAR in shmid order, as QEMU lays them out
+        below = sum(size for shmid, size in neg.config.regions().items() if shmid < m.shmid)
+        region = MemoryRegion(SHMEM_BAR_GPA + below + m.shm_offset, m.len, userspace_addr,
+                              m.fd_offset)  # fmt: skip
+        if msg.request == BackendReq.SHMEM_MAP:
+            return self.request(FrontendReq.ADD_MEM_REG, SingleMemoryRegion(region),
+                                msg.fds[:1], ack=True)  # fmt: skip
+        return self.request(FrontendReq.REM_MEM_REG, SingleMemoryRegion(region), ack=True)

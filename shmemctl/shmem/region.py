@@ -83,6 +83,26 @@ class Region:
         libc.release(self.base, self.size)
 
 
+class GuestRam:
+    """Memory a front-end gives its device as guest RAM (a profile that starts the
+    device as a booted guest does): a memfd, mapped shared."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fd = os.memfd_create("shmemctl-guest-ram", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self.base = libc.reserve(size)
+            libc.map_fd(self.base, size, self.fd, 0, writable=True)
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        libc.release(self.base, self.size)
+        os.close(self.fd)
+
+
 class RegionTable:
     """Every region of one device, the validation of every request, and the mmap calls.
 

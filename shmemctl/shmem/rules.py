@@ -38,6 +38,7 @@ class Refusal(enum.Enum):
     LIMIT_REACHED = ("mapping limit reached", errno.ENOSPC, "§5 step 12")
     NOT_A_MAPPING = ("not one whole existing mapping", errno.ENOENT, "§5 UNMAP")
     MMAP_FAILED = ("the kernel refused the mapping", errno.EIO, "§5 (the mmap)")
+    NOT_STARTED = ("the device is not started", errno.EAGAIN, "§8 (QEMU: device start)")
 
     def __init__(self, summary: str, err: int, passage: str) -> None:
         self.summary = summary
