@@ -206,12 +206,15 @@ class SimDevice:
             threading.Thread(target=self._unmap_all, args=(dropped,), daemon=True).start()
 
     def _unmap_all(self, dropped: list[Mapping]) -> None:
+        # straight onto the channel: a device stopped by its rings is not ready to ask
+        # for anything, and the fault asks all the same
+        channel = self.endpoint.backend_channel
+        if channel is None:
+            return
         for b in dropped:
-            with contextlib.suppress(NotReady, ChannelError):
-                self.endpoint.shmem_request(
-                    BackendReq.SHMEM_UNMAP, ShmemMap(b.shmid, b.shm_offset, b.len),
-                    need_reply=False,
-                )  # fmt: skip
+            with contextlib.suppress(ChannelError):
+                channel.request(Outgoing(ChannelKind.BACKEND, BackendReq.SHMEM_UNMAP,
+                                         ShmemMap(b.shmid, b.shm_offset, b.len)))  # fmt: skip
 
     def close(self) -> None:
         self.forget("shutting down")
@@ -280,11 +283,21 @@ class SimDevice:
                     # it may be mapped: keep it
                     self._believe(m, buffer, sent.generation, confirmed=False)
                     raise
+                result = self._as_read(result)
                 if result in (0, None) and not crossed_reset:
                     self._believe(m, buffer, sent.generation, confirmed=True)
         finally:
             self.release_buffer(buffer)
         self._report(Event.MAPPED, m, result, buffer.id)
+        return result
+
+    def _as_read(self, result: int | None) -> int | None:
+        """A map's answer as the device takes it: 0 made it, any other value refused it,
+        an errno or not (QEMU answers 1); but for the fault that reads 1 as success."""
+        if result is not None and result > 0 and (
+            Fault.POSITIVE_REPLY_IS_SUCCESS in self.endpoint.device.faults
+        ):
+            return 0  # the fault: only a negated errno would refuse
         return result
 
     def _refuse_silent_overlap(self, m: ShmemMap) -> None:

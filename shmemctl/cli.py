@@ -588,6 +588,12 @@ def trace(target: Target, count: int | None, replay: str | None) -> None:
     tap's name: as the tap forwards them, fe->be or be->fe); or a recording's, decoded
     again from its bytes (--replay)."""
     if replay is None:
+        if target.tap is None and target.sockets["frontend"] is not None and not target.as_json:
+            with contextlib.suppress(NoDaemon, ControlError):  # the stream says what is down
+                profile = target.call("frontend", "trace", "query-status",
+                                      max_mappings=0).get("profile", "strict")  # fmt: skip
+                if profile != "strict":
+                    click.echo(f"# the front-end behaves as {profile} (frontend --profile)")
         _stream(target, [Event.MESSAGE], count)
         return
     from .render import render_event
@@ -747,11 +753,17 @@ def down(name: str) -> None:
 @click.option("--reply-deadline", default=5.0, show_default=True, type=click.FloatRange(min=0),
               help="With --recording: seconds a request owed a reply may have waited for it "
               "(answered-in-time); 0: not judged.")  # fmt: skip
+@click.option("--profile", "profile_name", type=click.Choice(list(PROFILES)), default="strict",
+              show_default=True,
+              help="With --backend: play this front-end (docs/protocol.md §8), with the checks "
+              "its behaviour calls for: qemu answers 1 and announces each mapping on the main "
+              "channel (a back-end that stops serving it while a map waits deadlocks); "
+              "cloud-hypervisor opens a fresh backend channel at each activation.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for CI.")
 def conformance(
     frontend_sock: str | None, backend_sock: str | None, mode: str | None, wait: float,
     timeout: float, regions: str | None, no_offer_bit_21: bool, require_shmem: bool,
-    recording: str | None, reply_deadline: float, as_json: bool,
+    recording: str | None, reply_deadline: float, profile_name: str, as_json: bool,
 ) -> None:  # fmt: skip
     """Check another implementation against the protocol (docs/protocol.md); exit 1 if a check fails
     or could not run (a peer that hangs up mid-suite fails it).
@@ -764,6 +776,8 @@ def conformance(
         raise click.UsageError(
             "give exactly one of --frontend SOCKET, --backend SOCKET or --recording FILE"
         )
+    if profile_name != "strict" and backend_sock is None:
+        raise click.UsageError("--profile is for --backend: the suite then plays that front-end")
     if recording is not None:
         from .conformance.recording import check_recording
         from .tap.recording import RecordingError
@@ -786,7 +800,8 @@ def conformance(
         if regions is not None:
             raise click.UsageError("--regions is for --frontend: a back-end has its own layout")
         report = check_backend(backend_sock, listen=mode == "listen", wait=wait,
-                               timeout=timeout, require_shmem=require_shmem)  # fmt: skip
+                               timeout=timeout, require_shmem=require_shmem,
+                               profile=PROFILES[profile_name])  # fmt: skip
     click.echo(report.to_json() if as_json else report.to_text())
     if not report.ok:
         sys.exit(EXIT_REFUSED)

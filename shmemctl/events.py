@@ -156,6 +156,12 @@ class DeviceReset(TypedDict):
     why: str  # the message that reset it
 
 
+class FrontendHandshake(TypedDict):
+    """`handshake` from the front-end: a connection begins."""
+
+    profile: str  # whose behaviour it has (frontend --profile)
+
+
 class FrontendDisconnect(TypedDict):
     """`disconnected` from the front-end."""
 
@@ -245,7 +251,7 @@ PAYLOADS: dict[Event, dict[Role, type]] = {
     Event.RESET: {"frontend": FrontendReset, "backend": DeviceReset},
     Event.CONNECTED: {"frontend": NoData, "backend": NoData},
     Event.DISCONNECTED: {"frontend": FrontendDisconnect, "backend": DeviceDisconnect},
-    Event.HANDSHAKE: {"frontend": NoData},
+    Event.HANDSHAKE: {"frontend": FrontendHandshake},
     Event.RECONNECTING: {"frontend": Reconnect, "tap": TapReconnect},
     Event.MESSAGE: {"frontend": TraceRecord, "backend": TraceRecord, "tap": TraceRecord},
     Event.ATTACHED: {"tap": TapSide},

@@ -188,6 +188,24 @@ class Fault(enum.Enum):
         "fail-backend-channel",
         "answers SET_BACKEND_REQ_FD with a failure ack (§4)",
     )
+    BLOCK_MAIN_WHILE_MAPPING = (
+        BACKEND,
+        "block-main-while-mapping",
+        "stops serving its main channel while a map waits for its ack (QEMU then "
+        "deadlocks, §8)",
+    )
+    POSITIVE_REPLY_IS_SUCCESS = (
+        BACKEND,
+        "positive-reply-is-success",
+        "takes a reply of 1 for success, as if only a negated errno refused (QEMU answers "
+        "1, §8)",
+    )
+    KEEP_FIRST_BACKEND_CHANNEL = (
+        BACKEND,
+        "keep-first-backend-channel",
+        "acks a later SET_BACKEND_REQ_FD but goes on with its first backend channel "
+        "(Cloud Hypervisor makes a fresh one at each activation, §8)",
+    )
 
     def __init__(self, role: str, option: str, description: str) -> None:
         self.role = role

@@ -57,9 +57,11 @@ def render_status(views: dict[str, dict[str, Any]]) -> str:
             out.append(f"front-end  not answering: {fe['error']}")
         else:
             neg = fe["negotiated"]
+            profile = fe.get("profile", "strict")
+            behaves = "" if profile == "strict" else f"  behaving as {profile}"
             out.append(
                 f"front-end  {_process(fe.get('process'))}  {fe['state']} "
-                f"({fe['mode']} {fe['socket']})  SHMEM bit {fe['shmem_bit']}"
+                f"({fe['mode']} {fe['socket']})  SHMEM bit {fe['shmem_bit']}{behaves}"
             )
             out.append(f"  features: {','.join(neg['protocol_features']) or 'none'}")
             for r in fe["regions"]:
@@ -76,9 +78,10 @@ def render_status(views: dict[str, dict[str, Any]]) -> str:
         else:
             regions = ", ".join(f"{k}={human_size(v)}" for k, v in be["regions"].items())
             ready = "ready" if be["ready"] else f"not ready: {be['why_not_ready']}"
+            device = be.get("device", "generic")
             out.append(
                 f"back-end   {_process(be.get('process'))}  {be['state']} "
-                f"({be['mode']} {be['socket']})"
+                f"({be['mode']} {be['socket']})" + ("" if device == "generic" else f"  {device}")
             )
             out.append(f"  regions {regions}; {ready}")
             scenario = be.get("scenario")

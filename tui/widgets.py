@@ -316,8 +316,11 @@ def _side_line(model: PairModel, role: str) -> Text:
     neg = st.get("negotiated", {})
     features = ",".join(neg.get("protocol_features", [])) or "none"
     pid = st.get("process", {}).get("pid", "?")
+    # a front-end that behaves as another VMM does says which (shmemctl frontend --profile)
+    profile = st.get("profile", "strict")
+    behaves = "" if profile == "strict" else f"as {profile} "
     return Text.assemble(
-        (f"{label} ", "bold"), f"pid {pid} ", (state + extra, colour),
+        (f"{label} ", "bold"), f"pid {pid} ", (behaves, "bold magenta"), (state + extra, colour),
         f"  SHMEM bit {st.get('shmem_bit', '?')}  ", (features, "dim"),
     )  # fmt: skip
 

@@ -2,6 +2,10 @@
 shmemctl plays the front-end, handshakes, asks for the layout, answers whatever
 SHMEM requests come with real mappings, resets, and comes back without SHMEM.
 
+Under a profile (`--profile qemu`, ...), it plays that front-end: it answers as it
+does, announces mappings, starts the device and resets it as it does, and adds the
+checks that front-end's behaviour calls for (docs/protocol.md §8).
+
 Every wait ends on an event. Each main-channel request is followed by a barrier, a getter
 the back-end must answer: replies come in order, so the replies before the barrier's are
 all the request drew. SHMEM requests are answered whenever the suite waits, as a
@@ -17,15 +21,27 @@ import math
 import select
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 from ..channel import Channel, ChannelError, close_fds
 from ..daemon import open_peer
+from ..session import FrontendSession, GuestMemory
+from ..session.common import Outgoing
+from ..session.frontend import Fed, Step
+from ..session.profiles import STRICT, Profile, Reset
+from ..session.profiles import Step as SetUp
 from ..shmem import RegionTable, ShmemRefused, ShmemSetupError
 from ..shmem.libc import PAGE_SIZE
+from ..shmem.region import GuestRam
+from ..sizes import hex_range
 from ..wire import BackendReq, ChannelKind, FrontendReq, Message, ShmemConfig, ShmemMap, WireError
-from ..wire.constants import VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, ProtocolFeature
-from ..wire.messages import encode, encode_u64_reply, result_from_errno, summarize
+from ..wire.constants import (
+    SHMEM_BIT,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_F_VERSION_1,
+    ProtocolFeature,
+)
+from ..wire.messages import VringState, encode, encode_u64_reply, summarize
 from .peer import Peer, PeerGone, Stopped, hung_up
 from .report import CONNECTS, STAYS_CONNECTED, Collected, Report, one_u64_reply
 
@@ -60,6 +76,32 @@ CHECKS = {
         "§6.2: no SHMEM request unless SHMEM (and REPLY_ACK) were negotiated",
     STAYS_CONNECTED: "§1: both channels stay open while the suite runs",
 }  # fmt: skip
+#: The checks a profile adds, by what in its behaviour calls for them.
+SERVES_MAIN = "serves-main-while-mapping"
+ANY_NONZERO_REFUSES = "nonzero-reply-refuses"
+FRESH_CHANNEL = "fresh-backend-channel"
+PROFILE_CHECKS = {
+    SERVES_MAIN: "§8 (QEMU): the main channel is answered while a map waits for its ack; "
+    "QEMU announces each mapping there and reads the backend channel only once answered",
+    ANY_NONZERO_REFUSES: "§8 (QEMU): any non-zero reply refuses a map (QEMU answers 1, "
+    "never an errno)",
+    FRESH_CHANNEL: "§8 (Cloud Hypervisor): after an activation, SHMEM requests come on "
+    "the fresh backend channel",
+}
+
+
+def checks_for(profile: Profile) -> dict[str, str]:
+    """The checks of a run under `profile`: every one of CHECKS, and what it adds."""
+    added = [
+        *([SERVES_MAIN] if profile.announces_mappings else []),
+        *([ANY_NONZERO_REFUSES] if profile.refusal_value is not None else []),
+        *([FRESH_CHANNEL] if profile.fresh_channel else []),
+    ]
+    plan = dict(CHECKS)
+    last = plan.pop(STAYS_CONNECTED)
+    return {**plan, **{c: PROFILE_CHECKS[c] for c in added}, STAYS_CONNECTED: last}
+
+
 LAYOUT_CHECKS = ["shmem-config-page-multiples", "shmem-config-nregions", "shmem-config-stable"]
 SERVED_CHECKS = ["shmem-requests-well-formed", "shmem-requests-valid", "no-unmap-after-reset"]
 #: Checks about SHMEM: n/a against a back-end that does not offer it.
@@ -68,11 +110,12 @@ SHMEM_CHECKS = ["shmem-at-bit-22", "offers-what-shmem-needs", "shmem-config-layo
 
 
 def check_backend(path: str, *, listen: bool = False, wait: float = 3.0, timeout: float = 30.0,
-                  require_shmem: bool = False) -> Report:  # fmt: skip
-    report = Report(path, "back-end", CHECKS)
+                  require_shmem: bool = False, profile: Profile = STRICT) -> Report:  # fmt: skip
+    role = "back-end" if profile is STRICT else f"back-end, under {profile.name}'s behaviour"
+    report = Report(path, role, checks_for(profile))
     peer = Peer()
     try:
-        s = _Session(report, path, listen, timeout, peer)
+        s = _Session(report, path, listen, timeout, peer, profile)
     except OSError as exc:
         report.add(CONNECTS, False, "a back-end on the socket", str(exc))
         return report.finish(None)
@@ -85,7 +128,7 @@ def check_backend(path: str, *, listen: bool = False, wait: float = 3.0, timeout
             s.close()
     if again:
         with _stopping(report):
-            _no_shmem_session(report, path, listen, wait, timeout, peer)
+            _no_shmem_session(report, path, listen, wait, timeout, peer, profile)
     return report.finish(peer.gone)
 
 
@@ -106,9 +149,17 @@ class _Session:
     there is a layout) whenever the suite waits for anything."""
 
     def __init__(self, report: Report, path: str, listen: bool, timeout: float,
-                 peer: Peer) -> None:  # fmt: skip
+                 peer: Peer, profile: Profile = STRICT) -> None:  # fmt: skip
         sock = open_peer(path, listen=listen, timeout=timeout)
         self.report = report
+        #: whose behaviour the suite has, and the session that says what it does
+        self.profile = profile
+        self.session = FrontendSession(shmem_bit=SHMEM_BIT, profile=profile)
+        self.guest_ram: GuestRam | None = None
+        #: main-channel exchanges under way, and the maps answered meanwhile whose
+        #: announcement waits for them to end (one request at a time on the main channel)
+        self._exchanging = 0
+        self._deferred: list[Message] = []
         self.main = Channel(sock, ChannelKind.MAIN, replies=True)
         self.main.set_recv_timeout(timeout)  # a peer that stops mid-message cannot hang the suite
         self.main.set_send_timeout(timeout)
@@ -131,12 +182,14 @@ class _Session:
     # ------------------------------------------------------------ main channel
 
     def exchange(self, req: FrontendReq, payload: object = None, fds: tuple[int, ...] = (),
-                 *, need: bool = False, barrier: bool = True,
-                 serve: bool = True) -> Collected:  # fmt: skip
+                 *, need: bool = False, barrier: bool = True, serve: bool = True,
+                 within: float | None = None) -> Collected:  # fmt: skip
         """Send `req`, then (unless `barrier` is False) a getter of another id. What `req`
         drew: the replies before the getter's, or without a barrier the first reply.
-        SHMEM requests are answered meanwhile, unless `serve` is False."""
+        SHMEM requests are answered meanwhile, unless `serve` is False. Unanswered after
+        `within` seconds (by default the timeout), the channel counts as stuck."""
         self.peer.waiting = req.name
+        self._exchanging += 1
         try:
             self._send(encode(ChannelKind.MAIN, req, payload, need_reply=need), fds)  # type: ignore[arg-type]
             stop = None
@@ -144,14 +197,18 @@ class _Session:
                 stop = FrontendReq.GET_PROTOCOL_FEATURES if req == FrontendReq.GET_FEATURES else (
                     FrontendReq.GET_FEATURES)  # fmt: skip
                 self._send(encode(ChannelKind.MAIN, stop))
-            return self._replies(req, stop, serve)
+            return self._replies(req, stop, serve, self.timeout if within is None else within)
         finally:
             self.peer.waiting = ""
+            self._exchanging -= 1
+            if not self._exchanging:
+                self._announce_deferred()
 
-    def _replies(self, req: FrontendReq, stop: FrontendReq | None, serve: bool) -> Collected:
+    def _replies(self, req: FrontendReq, stop: FrontendReq | None, serve: bool,
+                 within: float) -> Collected:  # fmt: skip
         messages: list[Message] = []
         error = None
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + within
         while self._wait_main(deadline, serve):
             try:
                 msg = self._recv_main()
@@ -168,15 +225,35 @@ class _Session:
             messages.append(msg)
         else:
             self.broken = f"the back-end stopped answering ({req.name} went unanswered)"
-            return Collected(messages, f"no reply within {self.timeout:g}s", unanswered=True)
+            return Collected(messages, f"no reply within {within:g}s", unanswered=True)
         return Collected(messages, error)
 
-    def tell(self, req: FrontendReq, payload: object = None, *, need: bool = False,
-             barrier: bool = True, serve: bool = True) -> Collected:  # fmt: skip
+    def tell(self, req: FrontendReq, payload: object = None, fds: tuple[int, ...] = (),
+             *, need: bool = False, barrier: bool = True,
+             serve: bool = True) -> Collected:  # fmt: skip
         """A request no check judges; the suite stops if it went unanswered."""
-        got = self.exchange(req, payload, need=need, barrier=barrier, serve=serve)
+        got = self.exchange(req, payload, fds, need=need, barrier=barrier, serve=serve)
         self.go_on()
         return got
+
+    def run(self, steps: Generator[Step, Fed, object]) -> None:
+        """Carry out a sequence of the profile's session (starting the device, say)."""
+        fed: Fed = None
+        while True:
+            try:
+                step = steps.send(fed)
+            except StopIteration:
+                return
+            if isinstance(step, Outgoing):
+                got = self.tell(FrontendReq(step.request), step.payload, step.fds,
+                                need=step.need_reply)  # fmt: skip
+                fed = got.messages[0] if got.messages else None
+            elif isinstance(step, GuestMemory):
+                if self.guest_ram is None:
+                    self.guest_ram = GuestRam(step.size)
+                fed = (self.guest_ram.fd, self.guest_ram.base)
+            else:
+                fed = None
 
     def go_on(self) -> None:
         """Stop the suite if the main channel cannot carry another request."""
@@ -307,23 +384,63 @@ class _Session:
         return msg
 
     def serve(self, msg: Message) -> None:
-        """Answer a request as a front-end would (its fds closed after)."""
+        """Answer a request as a front-end would (its fds closed after; a profile that
+        announces the mapping sends them with that first)."""
+        announces = self.profile.announces_mappings
+        keep = False  # its fd, for an announcement that must wait
         try:
             result = self._answer(msg)
         finally:
-            close_fds(msg.fds)
-        if msg.need_reply and self.backend is not None:
+            if not announces:
+                close_fds(msg.fds)
+        try:
+            if msg.need_reply and self.backend is not None:
+                try:
+                    self.backend.send(encode_u64_reply(msg.request, result))
+                except ChannelError as exc:
+                    if hung_up(self.backend.sock):
+                        raise self.peer.hang_up() from exc
+                    self._drop_backend()
+            if announces and result == 0:
+                if self._exchanging:  # the main channel waits for another answer
+                    self._deferred.append(msg)
+                    keep = True
+                else:
+                    self._announce(msg)
+        finally:
+            if announces and not keep:
+                close_fds(msg.fds)
+
+    def _announce_deferred(self) -> None:
+        while self._deferred:
+            msg = self._deferred.pop(0)
             try:
-                self.backend.send(encode_u64_reply(msg.request, result))
-            except ChannelError as exc:
-                if hung_up(self.backend.sock):
-                    raise self.peer.hang_up() from exc
-                self._drop_backend()
+                self._announce(msg)
+            finally:
+                close_fds(msg.fds)
+
+    def _announce(self, msg: Message) -> None:
+        """The profile's word to the back-end on a mapping made or gone (QEMU's
+        ADD_MEM_REG or REM_MEM_REG), with nothing read from the backend channel until
+        it is answered. Unanswered, it is the deadlock QEMU would be in."""
+        m, table = msg.payload, self.table
+        if table is None or not isinstance(m, ShmemMap) or m.shmid not in table.regions:
+            return
+        out = self.session.announcement(msg, table.regions[m.shmid].base + m.shm_offset)
+        if out is None:
+            return
+        got = self.exchange(FrontendReq(out.request), out.payload, out.fds,
+                            need=out.need_reply, serve=False)  # fmt: skip
+        if got.unanswered and SERVES_MAIN not in self.report.verdicts:
+            where = f"{hex_range(m.shm_offset, m.len)} of region {m.shmid}"
+            self.report.add(SERVES_MAIN, False, f"{out.name} for {where} answered", got.describe(),
+                            note=_DEADLOCK)  # fmt: skip
 
     def _answer(self, msg: Message) -> int:
         """As a front-end would: map, unmap or refuse; what the back-end asked, recorded."""
+        reply = self.profile.reply
         if msg.request not in (MAP, UNMAP):
-            return result_from_errno(errno.EOPNOTSUPP)  # not SHMEM: not this suite's to judge
+            return reply(errno.EOPNOTSUPP)  # not SHMEM: not this suite's to judge
         self.requests += 1
         fds = len(msg.fds) + len(msg.surplus_fds)
         mmap = msg.payload if isinstance(msg.payload, ShmemMap) else None
@@ -333,11 +450,11 @@ class _Session:
             self.shape.append({**summarize(msg), "fds": fds})
         refusal = self.watch(msg) if self.watch is not None else None
         if malformed or mmap is None:  # (a wrong payload is malformed: said again for mypy)
-            return result_from_errno(errno.EINVAL)
+            return reply(errno.EINVAL)
         if refusal is not None:
-            return result_from_errno(refusal)
+            return reply(refusal)
         if self.table is None:
-            return result_from_errno(errno.EOPNOTSUPP)
+            return reply(errno.EOPNOTSUPP)
         try:
             if msg.request == MAP:
                 self.table.map(mmap, msg.fds[0])
@@ -345,7 +462,7 @@ class _Session:
                 self.table.unmap(mmap)
         except ShmemRefused as exc:
             self.refused.append({**summarize(msg), "refused": f"{exc.detail} ({exc.errno_name})"})
-            return result_from_errno(exc.errno)
+            return reply(exc.errno, exc.reason)
         return 0
 
     def _drop_backend(self) -> None:
@@ -361,8 +478,12 @@ class _Session:
             self.peer.hang_up()
         self.main.close()
         self._drop_backend()
+        for msg in self._deferred:
+            close_fds(msg.fds)
         if self.table is not None:
             self.table.close()
+        if self.guest_ram is not None:
+            self.guest_ram.close()
 
 
 def _u64(got: Collected) -> int | None:
@@ -397,8 +518,10 @@ def _first_session(report: Report, s: _Session, wait: float, require_shmem: bool
             report.add("shmem-at-bit-22", False, "SHMEM offered at bit 22", f"{offered:#x}")
         report.na([c for c in SHMEM_CHECKS if c not in report.verdicts], "the back-end does not "
                   "offer SHMEM at bit 22: it does not implement the extension")  # fmt: skip
-    acked = offered & (OURS | SHMEM)
+    acked = offered & (OURS | SHMEM | _more(s.profile))
     reply_ack = bool(acked & PF.REPLY_ACK)
+    neg = s.session.negotiated  # what the profile's session goes by
+    neg.protocol_features, neg.reply_ack, neg.shmem = acked, reply_ack, shmem
     got = s.exchange(FrontendReq.SET_PROTOCOL_FEATURES, acked, need=reply_ack)
     if reply_ack:
         ok, wrong = one_u64_reply(got, FrontendReq.SET_PROTOCOL_FEATURES)
@@ -427,9 +550,30 @@ def _first_session(report: Report, s: _Session, wait: float, require_shmem: bool
         report.na([c for c in SHMEM_CHECKS if c not in report.verdicts], no_channel)
     s.tell(FrontendReq.SET_FEATURES, VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_F_VERSION_1,
            need=reply_ack)  # fmt: skip
+    if SetUp.START in s.profile.order:  # as the booted guest of that front-end would
+        s.run(s.session.start_device())
     if shmem and s.table is not None and s.backend is not None:
         _served_checks(report, s, acked, wait)
+    else:
+        report.na([c for c in PROFILE_CHECKS if c in report.plan and c not in report.verdicts],
+                  "the back-end asks for no mapping on this connection")  # fmt: skip
     return shmem and bool(acked & PF.BACKEND_REQ)
+
+
+def _more(profile: Profile) -> int:
+    """What a profile acks beyond OURS: memory slots, to announce mappings in."""
+    return int(PF.CONFIGURE_MEM_SLOTS) if profile.announces_mappings else 0
+
+
+#: Why a back-end that stops answering its main channel while a map waits fails.
+_DEADLOCK = (
+    "the back-end stopped serving its main channel while its SHMEM_MAP waited for an "
+    "answer. QEMU answers a map, then announces it with ADD_MEM_REG on the main channel "
+    "and reads nothing more from the backend channel until that is answered: a back-end "
+    "that sends its next map and waits for that ack without reading the main channel "
+    "deadlocks with it. Serve the main channel from its own thread, or keep reading it "
+    "while a reply is awaited."
+)
 
 
 def _layout_checks(report: Report, s: _Session) -> None:
@@ -449,6 +593,7 @@ def _layout_checks(report: Report, s: _Session) -> None:
     second = s.exchange(FrontendReq.GET_SHMEM_CONFIG)
     again = second.messages[0].payload if len(second.messages) == 1 else None
     s.judge("shmem-config-stable", again == config, "the same answer twice", second)
+    s.session.negotiated.config = config
     try:
         s.table = RegionTable(sizes)
     except ShmemSetupError as exc:
@@ -460,15 +605,131 @@ def _served_checks(report: Report, s: _Session, acked: int, wait: float) -> None
     place (or `wait` seconds), judged, then a reset."""
     assert s.table is not None
     table = s.table
+    if ANY_NONZERO_REFUSES in report.plan:
+        _nonzero_check(report, s, table, wait)
     s.serve_until(lambda: table.count > 0, time.monotonic() + wait)
     if not s.requests:
-        report.na(SERVED_CHECKS, f"no SHMEM request arrived in {wait:g}s (a device usually "
-                  "maps only when a guest asks it to)")  # fmt: skip
+        why = (f"no SHMEM request arrived in {wait:g}s (a device usually maps only when a "
+               "guest asks it to)")  # fmt: skip
+        report.na(SERVED_CHECKS, why)
+        report.na([c for c in PROFILE_CHECKS if c in report.plan and c not in report.verdicts],
+                  why)  # fmt: skip
         return
     report.add("shmem-requests-well-formed", not s.shape, f"{s.requests} well-formed requests",
                s.shape)  # fmt: skip
     report.add("shmem-requests-valid", not s.refused, "every request granted", s.refused)
+    if SERVES_MAIN in report.plan and SERVES_MAIN not in report.verdicts:
+        _serves_main_check(report, s, wait)
     _reset_check(report, s, table, acked, wait)
+    if FRESH_CHANNEL in report.plan:
+        _fresh_channel_check(report, s, table, acked, wait)
+
+
+def _nonzero_check(report: Report, s: _Session, table: RegionTable, wait: float) -> None:
+    """The first maps are refused with the profile's value (QEMU's 1, no errno). A
+    back-end that took that for success believes in mappings that do not exist, and
+    unmaps one of them sooner or later; for `wait` seconds, it must not."""
+    refused: set[tuple[int, int, int]] = set()
+    granted: set[tuple[int, int, int]] = set()
+    stale: list[object] = []
+
+    def watch(msg: Message) -> int | None:
+        if not isinstance(msg.payload, ShmemMap):
+            return None
+        key = (msg.payload.shmid, msg.payload.shm_offset, msg.payload.len)
+        if msg.request == MAP:
+            if len(refused) < 3 and key not in granted:
+                refused.add(key)
+                return errno.ENOSPC  # the profile answers it with its own value
+            granted.add(key)
+            refused.discard(key)
+        elif key in refused:
+            stale.append(summarize(msg))
+        return None
+
+    s.watch = watch
+    started = time.monotonic()
+    s.serve_until(lambda: len(refused) >= 3 or bool(stale), started + wait)
+    if not refused:
+        s.watch = None
+        report.na(ANY_NONZERO_REFUSES, f"no SHMEM_MAP arrived in {wait:g}s to refuse")
+        return
+    s.serve_until(lambda: bool(stale), started + wait)
+    s.watch = None
+    value = s.profile.reply(errno.ENOSPC)
+    report.add(ANY_NONZERO_REFUSES, not stale, f"no SHMEM_UNMAP of the {len(refused)} maps "
+               f"refused with {value}", stale or "none")  # fmt: skip
+
+
+def _serves_main_check(report: Report, s: _Session, wait: float) -> None:
+    """A map held unanswered; meanwhile a request on the main channel must be answered."""
+    deadline = time.monotonic() + wait
+    while (held := s.hold_next(deadline)) is not None and held.request != MAP:
+        s.serve(held)  # an UNMAP: the map is what the deadlock is about
+    if held is None:
+        report.na(SERVES_MAIN, f"no SHMEM_MAP asking for a reply came in {wait:g}s to hold")
+        return
+    try:  # a device answers in milliseconds: `wait` seconds without one is the deadlock
+        got = s.exchange(FrontendReq.GET_FEATURES, barrier=False, serve=False, within=wait)
+    except BaseException:
+        close_fds(held.fds)
+        raise
+    ok = not got.unanswered and len(got.messages) == 1
+    report.add(SERVES_MAIN, ok, "GET_FEATURES answered while a SHMEM_MAP waits for its reply",
+               got.describe(), note="" if ok else _DEADLOCK)  # fmt: skip
+    if ok:
+        s.serve(held)
+    else:
+        close_fds(held.fds)
+    s.go_on()
+
+
+def _fresh_channel_check(report: Report, s: _Session, table: RegionTable, acked: int,
+                         wait: float) -> None:  # fmt: skip
+    """After the reset, the device is activated again on a fresh backend channel, the
+    old one left open: its next SHMEM request must come on the new one."""
+    old = s.backend
+    if old is None:
+        report.na(FRESH_CHANNEL, "the backend channel is gone")
+        return
+    s.poller.unregister(old.sock)
+    s.backend = None
+    try:
+        got = s.open_backend_channel(bool(acked & PF.REPLY_ACK))
+        s.go_on()
+        if got.error:
+            report.add(FRESH_CHANNEL, False, "the fresh channel taken", got.describe())
+            return
+        before = s.requests
+        deadline = time.monotonic() + wait
+        late = None
+        watching_old = True  # until the back-end lets go of it (EOF), as it should
+        while s.requests == before and time.monotonic() < deadline:
+            fresh = s.backend
+            if fresh is None or (hung_up(fresh.sock) and not hung_up(s.main.sock)):
+                report.add(FRESH_CHANNEL, False, "requests on the fresh backend channel",
+                           "the back-end closed the fresh channel")  # fmt: skip
+                s._drop_backend()
+                return
+            if watching_old and old.wait_readable(0):
+                try:
+                    late = old.recv()
+                except ChannelError:  # closed: the back-end took the fresh one
+                    watching_old = False
+                    continue
+                close_fds(late.fds)
+                break
+            s.serve_until(lambda: s.requests > before, min(deadline, time.monotonic() + 0.05))
+        if late is not None:
+            report.add(FRESH_CHANNEL, False, "requests on the fresh backend channel",
+                       f"{late.name} on the old one")  # fmt: skip
+        elif s.requests == before:
+            report.na(FRESH_CHANNEL, f"no SHMEM request came in {wait:g}s after the activation")
+        else:
+            report.add(FRESH_CHANNEL, True, "requests on the fresh backend channel",
+                       f"{s.requests - before} there, none on the old one")  # fmt: skip
+    finally:
+        old.close()
 
 
 def _reset_check(report: Report, s: _Session, table: RegionTable, acked: int,
@@ -484,7 +745,11 @@ def _reset_check(report: Report, s: _Session, table: RegionTable, acked: int,
     if not table.count:
         report.na("no-unmap-after-reset", "nothing was mapped when the reset came")
         return
-    if acked & PF.RESET_DEVICE:
+    rings = s.profile.reset is Reset.RINGS
+    payload: object
+    if rings:  # QEMU's guest reset: the ring stops; GET_VRING_BASE's answer says it has
+        req, payload = FrontendReq.GET_VRING_BASE, VringState(0, 0)
+    elif acked & PF.RESET_DEVICE:
         req, payload = FrontendReq.RESET_DEVICE, None
     elif acked & PF.STATUS:
         req, payload = FrontendReq.SET_STATUS, 0
@@ -495,8 +760,14 @@ def _reset_check(report: Report, s: _Session, table: RegionTable, acked: int,
     started = time.monotonic()
     table.reset()
     try:
-        # Its ack says the back-end has handled the reset; without a reliable ack, a barrier.
-        s.tell(req, payload, need=bool(acked & PF.REPLY_ACK), barrier=not s.acks, serve=False)
+        if rings:
+            s.tell(FrontendReq.SET_VRING_ENABLE, VringState(0, 0), serve=False)
+            s.tell(req, payload, barrier=False, serve=False)
+        else:
+            # Its ack says the back-end has handled the reset; without a reliable ack, a
+            # barrier.
+            s.tell(req, payload, need=bool(acked & PF.REPLY_ACK), barrier=not s.acks,
+                   serve=False)  # fmt: skip
     except Stopped:
         if held is not None:
             close_fds(held.fds)
@@ -528,11 +799,11 @@ def _reset_check(report: Report, s: _Session, table: RegionTable, acked: int,
 
 
 def _no_shmem_session(report: Report, path: str, listen: bool, wait: float, timeout: float,
-                      peer: Peer) -> None:  # fmt: skip
+                      peer: Peer, profile: Profile) -> None:  # fmt: skip
     """Connect again acking everything but SHMEM: no SHMEM request may come."""
     check = "no-shmem-without-negotiation"
     try:
-        s = _Session(report, path, listen, timeout, peer)
+        s = _Session(report, path, listen, timeout, peer, profile)
     except OSError as exc:
         report.na(check, f"the back-end did not take a second connection: {exc}")
         return

@@ -185,7 +185,7 @@ class Frontend:
         self._main = main
         # the state first: a new connection's count must never sit beside the state of
         # the last one ("disconnected" would read as this one over already)
-        self._set_state(Event.HANDSHAKE)
+        self._set_state(Event.HANDSHAKE, profile=self.session.profile.name)
         self.counters["connections"] += 1
         reason = "back-end closed the connection"
         try:

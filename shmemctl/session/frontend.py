@@ -370,9 +370,7 @@ class FrontendSession:
         answers a refusal with (strict: the negated errno)."""
         if refused is None:
             return 0
-        if self.profile.refusal_value is not None:
-            return self.profile.refusal_value
-        return -self.profile.errnos.get(refused.reason, refused.errno)
+        return self.profile.reply(refused.errno, refused.reason)
 
     def answer(self, msg: Message, result: int) -> Outgoing | None:
         """The reply to a backend-channel request, if one is owed (docs/protocol.md §6.2)."""

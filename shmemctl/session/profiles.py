@@ -75,6 +75,12 @@ class Profile:
     #: a fresh backend channel at every activation (after each reset)
     fresh_channel: bool = False
 
+    def reply(self, err: int, reason: Refusal | None = None) -> int:
+        """What a refusal for `err` (a `reason`) is answered with."""
+        if self.refusal_value is not None:
+            return self.refusal_value
+        return -self.errnos.get(reason, err) if reason is not None else -err
+
 
 #: Where guest RAM sits (guest-physical) and how big it is, for profiles that start
 #: the device; the shared memory BAR is placed above it.
