@@ -9,9 +9,11 @@ import pytest
 
 from shmemctl.session import (
     PROFILES,
+    BackendSession,
     DropMappings,
     Forget,
     FrontendSession,
+    HandshakeError,
     OpenBackendChannel,
 )
 from shmemctl.session.profiles import GUEST_RAM_SIZE, SHMEM_BAR_GPA
@@ -20,11 +22,19 @@ from shmemctl.wire import BackendReq, FrontendReq, ShmemMap
 from shmemctl.wire.constants import SHMEM_BIT
 from shmemctl.wire.messages import MemoryRegion, SingleMemoryRegion, VringState
 
-from .test_sessions import BACKEND, FAKE_FD, GUEST_RAM_ADDR, MAIN, REGIONS, Pair, request
+from .test_sessions import BACKEND, FAKE_FD, GUEST_RAM_ADDR, MAIN, Pair, request
+
+#: A layout QEMU takes: page multiples adding up to a power of two (one BAR).
+LAYOUT = {0: 4 << 20, 2: 4 << 20}
+
+
+def device_with(regions: dict[int, int]) -> BackendSession:
+    return BackendSession(regions, shmem_bit=SHMEM_BIT)
 
 
 def pair(profile: str) -> Pair:
-    p = Pair(front=FrontendSession(shmem_bit=SHMEM_BIT, profile=PROFILES[profile]))
+    p = Pair(front=FrontendSession(shmem_bit=SHMEM_BIT, profile=PROFILES[profile]),
+             back=device_with(LAYOUT))  # fmt: skip
     p.handshake()
     return p
 
@@ -76,13 +86,30 @@ def test_qemu_answers_1_for_any_refusal_and_announces_each_mapping() -> None:
     out = p.front.announcement(mapped, userspace_addr=0x5000)
     assert out is not None and out.request == FrontendReq.ADD_MEM_REG
     assert out.need_reply and out.fds == (FAKE_FD + 7,)  # the mapped fd, and it waits
-    # region 2 sits after region 0 in the one BAR: BAR base + 8M + its offset
+    # region 2 sits after region 0 in the one BAR: BAR base + 4M + its offset
     assert out.payload == SingleMemoryRegion(
-        MemoryRegion(SHMEM_BAR_GPA + REGIONS[0] + 0x2000, 0x1000, 0x5000, 0)
+        MemoryRegion(SHMEM_BAR_GPA + LAYOUT[0] + 0x2000, 0x1000, 0x5000, 0)
     )
     assert p.exchange(out) is not None  # our device acks it: it serves its main channel
     gone = p.front.announcement(shmem(BackendReq.SHMEM_UNMAP, 2, 0x2000, 0x1000), 0x5000)
     assert gone is not None and gone.request == FrontendReq.REM_MEM_REG and gone.fds == ()
+
+
+def test_qemu_refuses_a_layout_that_does_not_pack_into_one_power_of_two_bar() -> None:
+    p = Pair(front=FrontendSession(shmem_bit=SHMEM_BIT, profile=PROFILES["qemu"]),
+             back=device_with({0: 8 << 20, 2: 64 << 10}))  # fmt: skip
+    with pytest.raises(HandshakeError, match="not a power of two"):
+        p.handshake()
+    fits = Pair(front=FrontendSession(shmem_bit=SHMEM_BIT, profile=PROFILES["qemu"]),
+                back=device_with({0: 4 << 20, 2: 4 << 20}))  # fmt: skip
+    fits.handshake()
+    assert fits.front.negotiated.started
+    # the strict front-end takes the first layout: nothing in the protocol forbids it
+    strict = Pair(front=FrontendSession(shmem_bit=SHMEM_BIT),
+                  back=device_with({0: 8 << 20, 2: 64 << 10}))  # fmt: skip
+    strict.handshake()
+    config = strict.front.negotiated.config
+    assert config is not None and config.regions() == {0: 8 << 20, 2: 64 << 10}
 
 
 def test_qemu_maps_only_into_a_started_device_and_does_not_ask_for_shmem() -> None:

@@ -29,7 +29,8 @@ def test_each_profile_serves_each_scenario_and_resets_as_it_does(
     spawn, tmp_path, profile: str, scenario: str
 ) -> None:
     sock = str(tmp_path / "vhost.sock")
-    be = spawn("backend_sim", "--listen", sock, "--regions", "0=64M,2=8M",
+    # one power-of-two BAR's worth, as QEMU needs
+    be = spawn("backend_sim", "--listen", sock, "--regions", "0=56M,2=8M",
                "--control", str(tmp_path / "be.ctl"), "--reply-timeout", "60")  # fmt: skip
     be.wait_state("listening")
     fe = spawn("frontend", "--connect", sock, "--control", str(tmp_path / "fe.ctl"),

@@ -14,6 +14,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar, cast
 
+from ..shmem.libc import PAGE_SIZE
 from ..shmem.rules import Refusal, ShmemRefused, check_fd_count
 from ..wire.constants import (
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -218,6 +219,8 @@ class FrontendSession:
                 yield from self._send(self.request(FrontendReq.SET_OWNER, ack=True))
             case SetUp.LAYOUT if neg.shmem:
                 neg.config = yield from self.get_shmem_config()
+                if self.profile.one_bar:
+                    self._check_one_bar(neg.config)
                 yield Layout(neg.config)
             case SetUp.BACKEND_CHANNEL if pf & ProtocolFeature.BACKEND_REQ:
                 if not neg.backend_channel:
@@ -232,6 +235,22 @@ class FrontendSession:
                 )
             case SetUp.START:
                 yield from self.start_device()
+
+    def _check_one_bar(self, config: ShmemConfig) -> None:
+        """QEMU's realize packs the regions into one BAR: each a page multiple, the
+        whole a power of two, or it aborts (docs/protocol.md §8)."""
+        sizes = config.regions()
+        total = sum(sizes.values())
+        odd = [f"{shmid}={size:#x}" for shmid, size in sizes.items() if size % PAGE_SIZE]
+        if odd:
+            raise HandshakeError(f"{self.profile.name}: regions {', '.join(odd)} are not page "
+                                 "multiples; QEMU fails realize on them")  # fmt: skip
+        if total & (total - 1):
+            raise HandshakeError(
+                f"{self.profile.name}: the regions add up to {total:#x} bytes, not a power of "
+                "two, and QEMU packs them into one BAR that must be: it aborts realize "
+                "(e.g. 0=8M,2=64K fails where 0=4M,2=4M fits)"
+            )
 
     def start_device(self) -> Generator[Step, Fed, None]:
         """What a booted guest makes its VMM do (QEMU's vhost_dev_start): the status,

@@ -74,6 +74,9 @@ class Profile:
     reset: Reset = Reset.DEVICE
     #: a fresh backend channel at every activation (after each reset)
     fresh_channel: bool = False
+    #: every region packed into one BAR, whose size must be a power of two, of page
+    #: multiples (QEMU aborts realize otherwise)
+    one_bar: bool = False
 
     def reply(self, err: int, reason: Refusal | None = None) -> int:
         """What a refusal for `err` (a `reason`) is answered with."""
@@ -115,6 +118,7 @@ PROFILES: dict[str, Profile] = {
             requires_shmem=False,
             announces_mappings=True,
             reset=Reset.RINGS,
+            one_bar=True,
         ),
         Profile(
             "crosvm",
