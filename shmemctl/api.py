@@ -198,12 +198,18 @@ class EventStream(Iterator[DaemonEvent]):
         return DaemonEvent.from_record(record, self._role)
 
     def next(self, timeout: float | None) -> DaemonEvent | None:
-        """The next event, or None if none came within `timeout` seconds."""
-        record = self._client.next_event(timeout)
+        """The next event, or None if none came within `timeout` seconds (or the stream
+        was interrupted)."""
+        try:
+            record = self._client.next_event(timeout)
+        except DaemonUnreachable:
+            if self._interrupted:
+                return None
+            raise
         return None if record is None else DaemonEvent.from_record(record, self._role)
 
     def interrupt(self) -> None:
-        """End the iteration: a thread waiting in it gets StopIteration."""
+        """End the stream: a thread iterating gets StopIteration, one in `next` None."""
         self._interrupted = True
         self._client.interrupt()
 
@@ -257,13 +263,14 @@ class _Daemon:
     @classmethod
     def _spawn(
         cls: type[D], command: list[str], where: list[str], socket: Path | None, listens: bool,
-        control: str | Path | None, timeout: float, wait: bool,
+        control: str | Path | None, timeout: float, wait: bool, log: str | Path | None = None,
     ) -> D:  # fmt: skip
-        """Start `python -m COMMAND... WHERE`, with its control socket, log and output
-        beside `control` or in a directory of its own; once its control socket answers
-        (`wait`), or at once."""
+        """Start `python -m COMMAND... WHERE`, with its control socket beside `control` or
+        in a directory of its own, and its log and output beside that (or at `log` and
+        `log`.out); once its control socket answers (`wait`), or at once."""
         ctl, own_dir = _home(control, cls.role)
-        log, output = ctl.with_suffix(".log"), ctl.with_suffix(".out")
+        log = ctl.with_suffix(".log") if log is None else Path(log)
+        output = log.with_suffix(".out")
         argv = [sys.executable, "-m", *command, *where, "--control", str(ctl)]
         ctl.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # for the log, before it
         with log.open("a") as err, output.open("a") as out:
@@ -294,8 +301,8 @@ class _Daemon:
                     raise
                 if self._process.poll() is not None:
                     raise DaemonUnreachable(
-                        f"the {self.role} exited ({self._process.returncode}) before its "
-                        f"control socket answered; its log ends:\n{self.log_tail()}"
+                        f"the {self.role} has exited ({self._process.returncode}); its log "
+                        f"ends:\n{self.log_tail()}"
                     ) from None
                 if time.monotonic() > deadline:
                     raise Timeout(f"the {self.role}'s control socket {self.control} did not "
@@ -454,15 +461,17 @@ class Frontend(_Daemon):
         args: Sequence[str] = (),
         timeout: float = DEFAULT_TIMEOUT,
         wait: bool = True,
+        log: str | Path | None = None,
     ) -> Frontend:
         """Start a front-end that listens for a back-end on `listen` (hand that path to
         your device) or connects to one on `connect`; returns once its control socket
         answers (not once a back-end is there: `wait_for` that), or at once if not
-        `wait`. `args`: more of `shmemctl frontend`'s options."""
+        `wait`. `args`: more of `shmemctl frontend`'s options; `log`: where its log goes
+        (by default beside its control socket; its standard output beside the log)."""
         again = [] if reconnect is None else ["--reconnect", str(reconnect)]
         where, socket, listens = _socket_argv(listen, connect)
         command = ["shmemctl", "frontend", "--shmem-bit", str(shmem_bit), *again, *args]
-        return cls._spawn(command, where, socket, listens, control, timeout, wait)
+        return cls._spawn(command, where, socket, listens, control, timeout, wait, log)
 
     def mappings(self) -> tuple[Mapping, ...]:
         """Every mapping the front-end holds now."""
@@ -500,6 +509,7 @@ class BackendSim(_Daemon):
         args: Sequence[str] = (),
         timeout: float = DEFAULT_TIMEOUT,
         wait: bool = True,
+        log: str | Path | None = None,
     ) -> BackendSim:
         """Start backend_sim listening on `listen` (point your VMM at it) or connecting
         to a front-end on `connect`, with these regions (`SHMID=SIZE,...`; None: its
@@ -509,7 +519,7 @@ class BackendSim(_Daemon):
         where, socket, listens = _socket_argv(listen, connect)
         layout = [] if regions is None else ["--regions", regions]
         command = ["backend_sim", *layout, "--shmem-bit", str(shmem_bit), *args]
-        return cls._spawn(command, where, socket, listens, control, timeout, wait)
+        return cls._spawn(command, where, socket, listens, control, timeout, wait, log)
 
     def map(
         self,
@@ -575,6 +585,7 @@ class Tap(_Daemon):
         args: Sequence[str] = (),
         timeout: float = DEFAULT_TIMEOUT,
         wait: bool = True,
+        log: str | Path | None = None,
     ) -> Tap:
         """Start a tap that meets the front-end at `front` and the back-end at `back`
         (each `listen:PATH` or `connect:PATH`); returns once its control socket
@@ -582,7 +593,8 @@ class Tap(_Daemon):
         where = ["--front", front, "--back", back]
         mode, _, path = front.partition(":")
         command = ["shmemctl", "tap", "--shmem-bit", str(shmem_bit), *args]
-        return cls._spawn(command, where, Path(path), mode == "listen", control, timeout, wait)
+        return cls._spawn(command, where, Path(path), mode == "listen", control, timeout, wait,
+                          log)  # fmt: skip
 
     def violations(self) -> dict[str, int]:
         """The rules either side broke so far, each with how often."""

@@ -532,6 +532,7 @@ def _stream(target: Target, events: list[Event] | None, count: int | None) -> No
                 if target.tap is not None:  # one daemon: its absence is the whole answer
                     raise
                 continue
+            daemon.stop()  # it answered: the subscription is the one connection kept
             streams.append(opened.enter_context(daemon.events(events)))
         if not streams:
             raise NoDaemon("no daemon of the pair answers; is it up? (shmemctl up)")

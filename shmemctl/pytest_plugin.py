@@ -45,7 +45,7 @@ from typing import Any
 
 import pytest
 
-from .api import BackendSim, Frontend, Pair, Tap
+from .api import BackendSim, EventStream, Frontend, Pair, Tap
 from .conformance import backend as backend_suite
 from .conformance import frontend as frontend_suite
 from .conformance.report import FAIL, NA, NOT_RUN, Report, Result
@@ -99,24 +99,42 @@ Daemon = Frontend | BackendSim | Tap
 
 class TraceKeeper:
     """The last messages a daemon traced, kept from its start by a subscription of
-    their own, for the report of a test that fails."""
+    their own, for the report of a test that fails. A daemon started without waiting
+    for it is subscribed to once its control socket answers."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=TRACE_KEPT)
-        self._subscription = contextlib.ExitStack()
-        self._stream = self._subscription.enter_context(daemon.events([TRACE]))
+        self._daemon = daemon
+        self._closing = threading.Event()
+        self._stream: EventStream | None = None
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._keep, daemon=True, name="shmem-trace")
         self._thread.start()
 
     def _keep(self) -> None:
-        with contextlib.suppress(DaemonUnreachable):
-            for event in self._stream:
-                self.lines.append(render_event(event.record))
+        with contextlib.ExitStack() as subscription:
+            while self._stream is None:
+                try:
+                    stream = subscription.enter_context(self._daemon.events([TRACE]))
+                except DaemonUnreachable:
+                    ended = self._daemon.argv is not None and self._daemon.returncode() is not None
+                    if ended or self._closing.wait(0.02):  # not up yet: a socket file
+                        return  # cannot be waited on before it exists
+                    continue
+                with self._lock:
+                    if self._closing.is_set():
+                        return
+                    self._stream = stream
+            with contextlib.suppress(DaemonUnreachable):
+                for event in self._stream:
+                    self.lines.append(render_event(event.record))
 
     def close(self) -> None:
-        self._stream.interrupt()
+        with self._lock:
+            self._closing.set()
+            if self._stream is not None:
+                self._stream.interrupt()
         self._thread.join()
-        self._subscription.close()
 
 
 @dataclass
@@ -150,8 +168,7 @@ class Started:
         for name, daemon in daemons.items():
             self.daemons[name] = daemon
             self.pids[name] = daemon.pid
-            with contextlib.suppress(DaemonUnreachable):  # a daemon not up (yet): no trace
-                self.traces[name] = TraceKeeper(daemon)
+            self.traces[name] = TraceKeeper(daemon)
 
     def sections(self) -> list[tuple[str, str]]:
         out = []

@@ -300,7 +300,9 @@ def _start_daemon(daemons: Daemons, kind: str, args: list[str], run_dir: Path,
         paths = PairPaths(run_dir / (_option(args, "--name") or DEFAULT_NAME)).ensure()
         control = str(paths.control(role))
     rest = _without(args, "--listen", "--connect", "--control", "--regions", "--front", "--back")
-    options: dict[str, Any] = {"control": control, "args": rest, "wait": False}
+    # a log and output of its own, however many daemons of its role the test starts
+    options: dict[str, Any] = {"control": control, "args": rest, "wait": False,
+                               "log": run_dir.parent / f"{name}.log"}  # fmt: skip
     if role == "tap":
         options.update(front=_option(args, "--front"), back=_option(args, "--back"))
     else:

@@ -331,7 +331,7 @@ def test_the_layout_offered_to_a_front_end_is_chosen_with_regions(spawn, tmp_pat
     """QEMU puts all regions in one BAR of a power-of-two size: 4M + 4M fits it."""
     report = run_against_frontend(spawn, tmp_path, regions=parse_layout("0=4M,2=4M"))
     assert report.ok and not failed(report), report.to_text()
-    fe_log = (tmp_path / "frontend.log").read_text()  # beside its control socket
+    fe_log = (tmp_path / "frontend.log").read_text()  # spawn keeps it as NAME.log
     assert "region 2: 0x400000 reserved" in fe_log, fe_log
     # Without a gap below the highest shmid, a zero-size region cannot be asked for.
     report = run_against_frontend(spawn, tmp_path, regions=parse_layout("0=1M"), name="fe2")

@@ -107,6 +107,9 @@ class Frontend:
         self._guest_ram: GuestRam | None = None
         #: mappings the last DropMappings step dropped
         self._dropped = 0
+        #: held while a backend-channel request is handled (judged, done, answered,
+        #: announced) and while the device is reset: neither happens inside the other
+        self._shmem_lock = threading.Lock()
 
     @property
     def negotiated(self) -> Negotiated:
@@ -340,8 +343,8 @@ class Frontend:
 
     def _offer_backend_channel(self) -> int:
         """A fresh socket pair; the fd of the end the back-end gets, to send it. A channel
-        still in use (a profile that makes a fresh one at each activation) ends first:
-        the back-end lets go of it when it takes the new one."""
+        still in use (a profile that makes a fresh one at each activation) is ended
+        first: the new one is the only one served from then on."""
         self._retire_backend_channel()
         self._forget_offered()
         self._offered = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -375,25 +378,23 @@ class Frontend:
     def reset(self) -> tuple[int, str]:
         """Reset the device as the profile does (strict: drop every mapping, then tell
         the back-end). Returns (mappings dropped, the first message it took)."""
-        self._dropped = 0
-        self.counters["resets"] += 1
-        via = self._drive(self.session.reset())
-        dropped = self._dropped
+        with self._shmem_lock:
+            self._dropped = 0
+            self.counters["resets"] += 1
+            via = self._drive(self.session.reset())
+            dropped = self._dropped
         log.info("reset with %s: dropped %d mappings", via, dropped)
         if self.events.active:
             self.events.emit(Event.RESET, {"dropped": dropped, "via": via})
         return dropped, via
 
     def _retire_backend_channel(self) -> None:
-        """End the backend channel in use, to serve a new one in its place."""
+        """End the backend channel in use, to serve a new one in its place: its thread
+        sees the end, and closes it (not waited for: it may wait for a reset under way)."""
         old, self._backend = self._backend, None
-        thread, self._backend_thread = self._backend_thread, None
-        if old is None:
-            return
-        old.shutdown()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(5)
-        old.close()
+        self._backend_thread = None
+        if old is not None:
+            old.shutdown()
 
     # ------------------------------------------------------------ backend channel
 
@@ -402,7 +403,8 @@ class Frontend:
         try:
             while True:
                 msg = channel.recv()
-                self._handle_backend(channel, msg, time.perf_counter())
+                with self._shmem_lock:
+                    self._handle_backend(channel, msg, time.perf_counter())
         except ChannelClosed:
             pass
         except (ChannelError, WireError, HandshakeError) as exc:
@@ -416,6 +418,8 @@ class Frontend:
             main = self._main
             if main is not None:
                 main.shutdown()  # the supervisor sees EOF and drops the connection
+        elif self._backend is not None:  # retired for a fresh one: nobody else closes it
+            channel.close()
 
     def _handle_backend(self, channel: Channel, msg: Message, read_at: float) -> None:
         faults = self.faults
@@ -423,6 +427,7 @@ class Frontend:
         # the fd goes before the answer (whoever reads the answer finds it closed), but
         # where the profile announces the mapping with it (QEMU's ADD_MEM_REG)
         announces = self.session.profile.announces_mappings
+        fds = msg.fds  # closed exactly once, whichever way this ends
         try:
             if faults is not None and faults.does_nothing(msg):
                 result = result_from_errno(5)  # the fault: nothing is done
@@ -430,10 +435,9 @@ class Frontend:
                 result, refusal = self._shmem(msg)
                 if faults is not None:
                     result = faults.result(self.regions, msg, refusal, result)
-        finally:
             if not announces:
-                close_fds(msg.fds)
-        try:
+                close_fds(fds)
+                fds = ()
             if faults is None:
                 out = self.session.answer(msg, result)
                 if out is not None:
@@ -445,18 +449,16 @@ class Frontend:
             if announces and result == 0:
                 self._announce(msg)
         finally:
-            if announces:
-                close_fds(msg.fds)
+            close_fds(fds)
 
     def _announce(self, msg: Message) -> None:
         """Tell the back-end of a mapping made or gone as the profile does (QEMU: a
         memory-table change on the main channel, whose ack it waits for before it
         reads the backend channel again)."""
-        m = msg.payload
-        table = self.regions
+        m, table = msg.payload, self.regions
         if table is None or not isinstance(m, ShmemMap) or m.shmid not in table.regions:
             return
-        out = self.session.announcement(msg, table.regions[m.shmid].base + m.shm_offset)
+        out = self.session.announcement(msg, table.address_of(m.shmid, m.shm_offset))
         if out is not None:
             self.exchange(out)
 

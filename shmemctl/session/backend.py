@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from ..wire.constants import (
+    STATUS_DRIVER_OK,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
+    VRING_INDEX_MASK,
     BackendReq,
     ChannelKind,
     FrontendReq,
@@ -44,10 +46,14 @@ _RING_SETUP = frozenset(
         FrontendReq.SET_VRING_ENABLE,
     }
 )
-#: The ring index in the u64 of SET_VRING_KICK/CALL/ERR (bit 8: no fd).
-VRING_INDEX = 0xFF
-#: The DRIVER_OK bit of the device status.
-DRIVER_OK = 0x4
+#: What a front-end sends that manages the device's life: one that does starts the
+#: device before it may act. A front-end that asks for memory slots will hand it guest
+#: memory slot by slot and start it (QEMU asks at realize, before the backend channel).
+_MANAGES = _RING_SETUP | {
+    FrontendReq.SET_STATUS,
+    FrontendReq.GET_VRING_BASE,
+    FrontendReq.GET_MAX_MEM_SLOTS,
+}
 
 #: What GET_MAX_MEM_SLOTS answers: the ADD_MEM_REG slots this device accepts.
 MAX_MEM_SLOTS = 32
@@ -168,7 +174,13 @@ class BackendSession:
             return True
         if self.rings_used:
             return bool(self.enabled_rings)
-        return bool(self.status & DRIVER_OK)
+        return bool(self.status & STATUS_DRIVER_OK)
+
+    def _stopped(self) -> None:
+        """A reset: the rings and the status are as before the device was started."""
+        self.status = 0
+        self.enabled_rings.clear()
+        self.live_rings.clear()
 
     def why_not_ready(self) -> str | None:
         """None when SHMEM requests may be sent; else what is missing, in words."""
@@ -228,7 +240,7 @@ class BackendSession:
 
     def _answer(self, msg: Message) -> list[Effect]:
         req = msg.request
-        if req in _RING_SETUP or req in (FrontendReq.SET_STATUS, FrontendReq.GET_VRING_BASE):
+        if req in _MANAGES:
             self.managed = True
         if req in _NOTHING_TO_DO:
             return self._ack(msg)
@@ -251,11 +263,14 @@ class BackendSession:
                 self.owner = True
                 return self._ack(msg)
             case FrontendReq.RESET_OWNER | FrontendReq.RESET_DEVICE:
+                self._stopped()
                 return [Forget(f"{msg.name} from the front-end"), *self._ack(msg)]
             case FrontendReq.SET_STATUS:
                 self.status = _u64(msg)
-                reset = [Forget("SET_STATUS 0 (device reset) from the front-end")]
-                return [*(reset if self.status == 0 else []), *self._ack(msg)]
+                if self.status:
+                    return self._ack(msg)
+                self._stopped()
+                return [Forget("SET_STATUS 0 (device reset) from the front-end"), *self._ack(msg)]
             case FrontendReq.GET_STATUS:
                 return [self._reply(msg, self.status)]
             case FrontendReq.SET_BACKEND_REQ_FD:
@@ -278,7 +293,7 @@ class BackendSession:
                 assert isinstance(msg.payload, DeviceConfig)  # the codec decoded it so
                 return self._read_config(msg, msg.payload)
             case FrontendReq.SET_VRING_KICK:
-                self.live_rings.add(_u64(msg) & VRING_INDEX)
+                self.live_rings.add(_u64(msg) & VRING_INDEX_MASK)
                 return self._ack(msg)
             case FrontendReq.SET_VRING_ENABLE:
                 assert isinstance(msg.payload, VringState)

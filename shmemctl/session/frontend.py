@@ -11,14 +11,16 @@ it from outside (`shmemctl.faults`); nothing here knows about faults.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar, cast
 
 from ..shmem.libc import PAGE_SIZE
 from ..shmem.rules import Refusal, ShmemRefused, check_fd_count
 from ..wire.constants import (
+    STATUS_UP,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
+    VRING_NOFD,
     BackendReq,
     ChannelKind,
     FrontendReq,
@@ -39,10 +41,6 @@ from .common import Note, Outgoing, Owed, owed, owed_by
 from .profiles import GUEST_RAM_GPA, GUEST_RAM_SIZE, SHMEM_BAR_GPA, STRICT, Profile, Reset
 from .profiles import Step as SetUp
 
-#: SET_VRING_KICK/CALL/ERR without an fd: the ring is polled (docs/protocol.md §2)
-VRING_NOFD = 1 << 8
-#: ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK: a driver that is up
-DRIVER_OK = 0x1 | 0x2 | 0x8 | 0x4
 #: each ring's size, and how far apart the rings of a started device sit in guest RAM
 RING_SIZE = 256
 RING_STRIDE = 0x4000
@@ -97,6 +95,9 @@ class Negotiated:
     mem_slots: int | None = None
     #: the device was started (a profile that plays the guest's part)
     started: bool = False
+    #: the memory regions told to the back-end (guest RAM, announced mappings), by
+    #: guest address, so that none is added twice and those dropped are taken back
+    announced: dict[int, MemoryRegion] = field(default_factory=dict)
 
 
 Step = Outgoing | NeedBackendChannel | Layout | GuestMemory | DropMappings | Note
@@ -253,26 +254,32 @@ class FrontendSession:
             )
 
     def start_device(self) -> Generator[Step, Fed, None]:
-        """What a booted guest makes its VMM do (QEMU's vhost_dev_start): the status,
-        guest RAM as the memory table, each ring set up and enabled."""
+        """What a booted guest makes its VMM do (QEMU's vhost_dev_start): the memory
+        table (guest RAM added once per connection; mappings a reset dropped taken
+        back), each ring set up and enabled, then the status."""
         neg = self.negotiated
-        if neg.protocol_features & ProtocolFeature.STATUS:
-            yield from self._u64(FrontendReq.GET_STATUS)
-            yield from self._send(self.request(FrontendReq.SET_STATUS, DRIVER_OK, ack=True))
         if self._guest_ram is None:
             got = yield GuestMemory(GUEST_RAM_SIZE)
             assert isinstance(got, tuple) and len(got) == 2
             fd, addr = got[0], got[1]
             self._guest_ram = (MemoryRegion(GUEST_RAM_GPA, GUEST_RAM_SIZE, addr, 0), fd)
         region, fd = self._guest_ram
-        if neg.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS:
-            table: Outgoing = self.request(
-                FrontendReq.ADD_MEM_REG, SingleMemoryRegion(region), (fd,), ack=True
-            )
+        slots = bool(neg.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        if slots:
+            # as QEMU's table against what the back-end was told: what went, then what came
+            for gone in [r for gpa, r in neg.announced.items() if gpa != region.guest_phys_addr]:
+                yield from self._send(self.request(FrontendReq.REM_MEM_REG,
+                                                   SingleMemoryRegion(gone), ack=True))  # fmt: skip
+                del neg.announced[gone.guest_phys_addr]
+            if region.guest_phys_addr not in neg.announced:
+                ram = SingleMemoryRegion(region)
+                yield from self._send(self.request(FrontendReq.ADD_MEM_REG, ram, (fd,), ack=True))
+                neg.announced[region.guest_phys_addr] = region
         else:
-            table = self.request(FrontendReq.SET_MEM_TABLE, MemoryTable((region,)), (fd,),
-                                 ack=True)  # fmt: skip
-        yield from self._send(table)
+            yield from self._send(self.request(FrontendReq.SET_MEM_TABLE, MemoryTable((region,)),
+                                               (fd,), ack=True))  # fmt: skip
+        # the device may act once a ring is enabled: a map from then on has a device
+        neg.started = True
         for index in range(neg.queues):
             ring = region.userspace_addr + index * RING_STRIDE
             for out in (
@@ -285,7 +292,9 @@ class FrontendSession:
                 self.request(FrontendReq.SET_VRING_ENABLE, VringState(index, 1)),
             ):  # fmt: skip
                 yield from self._send(out)
-        neg.started = True
+        if neg.protocol_features & ProtocolFeature.STATUS:  # last, as vhost_user_dev_start
+            yield from self._u64(FrontendReq.GET_STATUS)
+            yield from self._send(self.request(FrontendReq.SET_STATUS, STATUS_UP, ack=True))
 
     def open_backend_channel(self) -> Generator[Step, Fed, None]:
         fd = yield NeedBackendChannel()
@@ -416,6 +425,8 @@ class FrontendSession:
         region = MemoryRegion(SHMEM_BAR_GPA + below + m.shm_offset, m.len, userspace_addr,
                               m.fd_offset)  # fmt: skip
         if msg.request == BackendReq.SHMEM_MAP:
+            neg.announced[region.guest_phys_addr] = region
             return self.request(FrontendReq.ADD_MEM_REG, SingleMemoryRegion(region),
                                 msg.fds[:1], ack=True)  # fmt: skip
+        neg.announced.pop(region.guest_phys_addr, None)
         return self.request(FrontendReq.REM_MEM_REG, SingleMemoryRegion(region), ack=True)

@@ -93,8 +93,13 @@ class GuestRam:
         try:
             os.ftruncate(self.fd, size)
             self.base = libc.reserve(size)
+        except OSError:
+            os.close(self.fd)
+            raise
+        try:
             libc.map_fd(self.base, size, self.fd, 0, writable=True)
         except OSError:
+            libc.release(self.base, size)
             os.close(self.fd)
             raise
 
