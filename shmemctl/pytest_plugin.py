@@ -108,11 +108,16 @@ class TraceKeeper:
         self._closing = threading.Event()
         self._stream: EventStream | None = None
         self._lock = threading.Lock()
+        self._subscription = contextlib.ExitStack()
+        # subscribed before the test runs where the daemon answers already: nothing the
+        # test makes it do is missed
+        with contextlib.suppress(DaemonUnreachable):
+            self._stream = self._subscription.enter_context(daemon.events([TRACE]))
         self._thread = threading.Thread(target=self._keep, daemon=True, name="shmem-trace")
         self._thread.start()
 
     def _keep(self) -> None:
-        with contextlib.ExitStack() as subscription:
+        with self._subscription as subscription:
             while self._stream is None:
                 try:
                     stream = subscription.enter_context(self._daemon.events([TRACE]))

@@ -688,20 +688,28 @@ def _serves_main_check(report: Report, s: _Session, wait: float) -> None:
 def _fresh_channel_check(report: Report, s: _Session, table: RegionTable, acked: int,
                          wait: float) -> None:  # fmt: skip
     """After the reset, the device is activated again on a fresh backend channel, the
-    old one left open: its next SHMEM request must come on the new one."""
+    old one left open: its next SHMEM request must come on the new one. As for the
+    reset, the activation comes while a request of the device's waits for its answer
+    (given on the old channel once the new one is acked, as a refusal): one that sends
+    a request at a time can have sent nothing else on the old one meanwhile."""
     old = s.backend
     if old is None:
         report.na(FRESH_CHANNEL, "the backend channel is gone")
         return
+    held = s.hold_next(time.monotonic() + wait)
     s.poller.unregister(old.sock)
     s.backend = None
+    before = s.requests  # what comes from here on is on the new channel (it is served)
     try:
         got = s.open_backend_channel(bool(acked & PF.REPLY_ACK))
+        if held is not None:
+            close_fds(held.fds)
+            with contextlib.suppress(ChannelError):  # it may have let go of the old one
+                old.send(encode_u64_reply(held.request, s.profile.reply(errno.ENOSPC)))
         s.go_on()
         if got.error:
             report.add(FRESH_CHANNEL, False, "the fresh channel taken", got.describe())
             return
-        before = s.requests
         deadline = time.monotonic() + wait
         late = None
         watching_old = True  # until the back-end lets go of it (EOF), as it should

@@ -31,7 +31,7 @@ KNOWN_FLAGS = VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY
 #: virtio feature bit 30: the back-end speaks protocol features.
 VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
 VIRTIO_F_VERSION_1 = 1 << 32
-#: Device status bits (virtio §2.1): DRIVER_OK, and a driver that is up (ACKNOWLEDGE |
+#: Bits of the virtio device status: DRIVER_OK, and a driver that is up (ACKNOWLEDGE |
 #: DRIVER | FEATURES_OK | DRIVER_OK)
 STATUS_DRIVER_OK = 0x4
 STATUS_UP = 0x1 | 0x2 | 0x8 | 0x4
