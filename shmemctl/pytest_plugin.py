@@ -45,7 +45,7 @@ from typing import Any
 
 import pytest
 
-from .api import BackendSim, EventStream, Frontend, Pair, Tap
+from .api import BackendSim, Frontend, Pair, Tap
 from .conformance import backend as backend_suite
 from .conformance import frontend as frontend_suite
 from .conformance.report import FAIL, NA, NOT_RUN, Report, Result
@@ -99,47 +99,27 @@ Daemon = Frontend | BackendSim | Tap
 
 class TraceKeeper:
     """The last messages a daemon traced, kept from its start by a subscription of
-    their own, for the report of a test that fails. A daemon started without waiting
-    for it is subscribed to once its control socket answers."""
+    their own, for the report of a test that fails. Only for a daemon that answers as
+    it is kept: one started without waiting for it gets none, as a subscription made
+    later, at a moment nobody chose, would be one more connection in the middle of
+    whatever the test counts of it (its fds)."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=TRACE_KEPT)
-        self._daemon = daemon
-        self._closing = threading.Event()
-        self._stream: EventStream | None = None
-        self._lock = threading.Lock()
         self._subscription = contextlib.ExitStack()
-        # subscribed before the test runs where the daemon answers already: nothing the
-        # test makes it do is missed
-        with contextlib.suppress(DaemonUnreachable):
-            self._stream = self._subscription.enter_context(daemon.events([TRACE]))
+        self._stream = self._subscription.enter_context(daemon.events([TRACE]))
         self._thread = threading.Thread(target=self._keep, daemon=True, name="shmem-trace")
         self._thread.start()
 
     def _keep(self) -> None:
-        with self._subscription as subscription:
-            while self._stream is None:
-                try:
-                    stream = subscription.enter_context(self._daemon.events([TRACE]))
-                except DaemonUnreachable:
-                    ended = self._daemon.argv is not None and self._daemon.returncode() is not None
-                    if ended or self._closing.wait(0.02):  # not up yet: a socket file
-                        return  # cannot be waited on before it exists
-                    continue
-                with self._lock:
-                    if self._closing.is_set():
-                        return
-                    self._stream = stream
-            with contextlib.suppress(DaemonUnreachable):
-                for event in self._stream:
-                    self.lines.append(render_event(event.record))
+        with contextlib.suppress(DaemonUnreachable):
+            for event in self._stream:
+                self.lines.append(render_event(event.record))
 
     def close(self) -> None:
-        with self._lock:
-            self._closing.set()
-            if self._stream is not None:
-                self._stream.interrupt()
+        self._stream.interrupt()
         self._thread.join()
+        self._subscription.close()
 
 
 @dataclass
@@ -173,7 +153,8 @@ class Started:
         for name, daemon in daemons.items():
             self.daemons[name] = daemon
             self.pids[name] = daemon.pid
-            self.traces[name] = TraceKeeper(daemon)
+            with contextlib.suppress(DaemonUnreachable):  # not up yet: no trace
+                self.traces[name] = TraceKeeper(daemon)
 
     def sections(self) -> list[tuple[str, str]]:
         out = []
@@ -322,8 +303,8 @@ def shmem_pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
 class Daemons:
     """What `shmem_daemons` gives a test: each of shmemctl's daemons started with
     exactly the options the test needs, on the sockets it chooses, as many as it
-    likes; each watched as the other fixtures' are (its trace and log in a failure's
-    report, and gone after the test)."""
+    likes; each watched as the other fixtures' are (its log, and its trace unless it
+    was started with `wait=False`, in a failure's report; gone after the test)."""
 
     def __init__(self, started: Started) -> None:
         self._started = started

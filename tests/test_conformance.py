@@ -77,7 +77,9 @@ BACKEND_CAUGHT_BY = {
 #: (the profile, the checks that fail, more backend_sim options). Each check a profile
 #: adds, and the reset check under QEMU's ring-stopping reset, is here.
 PROFILE_CAUGHT_BY = {
-    "block-main-while-mapping": ("qemu", {"serves-main-while-mapping"}, ()),
+    # it must not give up on the held map (its own reply timeout) within the check
+    "block-main-while-mapping": ("qemu", {"serves-main-while-mapping"},
+                                 ("--reply-timeout", "60")),
     # the believed-but-refused maps are unmapped soon by a busy scenario
     "positive-reply-is-success": ("qemu", {"nonzero-reply-refuses"}, ("--scenario-rate", "200")),
     "keep-first-backend-channel": ("cloud-hypervisor", {"fresh-backend-channel"}, ()),
