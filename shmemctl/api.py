@@ -240,6 +240,8 @@ class _Daemon:
         #: how long any one answer of the daemon may take (None: no limit)
         self.timeout = timeout
         self._process = process
+        #: how it ended, once `stop` has let go of its process
+        self._ended: int | None = None
         self._client: ControlClient | None = None
         #: a directory this handle made for the daemon's files, removed with it
         self._own_dir: Path | None = None
@@ -384,6 +386,8 @@ class _Daemon:
         """How a daemon this handle started ended (a negative number: the signal that
         ended it), or None while it runs."""
         if self._process is None:
+            if self._ended is not None:  # stopped
+                return self._ended
             raise ValueError(f"this handle attached to the {self.role}; it did not start it")
         return self._process.poll()
 
@@ -407,6 +411,7 @@ class _Daemon:
         process, self._process = self._process, None
         if process is not None:
             stop_process(process, timeout)
+            self._ended = process.returncode
 
     def close(self, timeout: float = 10.0) -> None:
         """`stop`, then remove the directory this handle made for the daemon's files."""
