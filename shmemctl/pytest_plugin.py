@@ -176,7 +176,7 @@ class Started:
         # a daemon that died (a crash, a kill, an error the test provoked; perhaps as
         # the test ended) could not clean up after itself: its test judges that death,
         # and only the files of one that ended well (stopped here, or by itself) are
-        died = {name for name in started if self.daemons[name].returncode() != 0}
+        died = {name for name in started if self.daemons[name].returncode() not in (None, 0)}
         # a stopped daemon has removed its sockets itself; only then goes the rest
         left = [f"the {name} (pid {pid}) still runs" for name, pid in self.pids.items()
                 if _alive(pid)]  # fmt: skip
