@@ -239,9 +239,8 @@ class _Daemon:
         self.output = output
         #: how long any one answer of the daemon may take (None: no limit)
         self.timeout = timeout
+        #: the process this handle started (kept once stopped: how it ended is its own)
         self._process = process
-        #: how it ended, once `stop` has let go of its process
-        self._ended: int | None = None
         self._client: ControlClient | None = None
         #: a directory this handle made for the daemon's files, removed with it
         self._own_dir: Path | None = None
@@ -382,24 +381,24 @@ class _Daemon:
         """The command line of a daemon this handle started."""
         return None if self._process is None else list(self._process.args)  # type: ignore[arg-type]
 
+    @property
+    def _started(self) -> subprocess.Popen[str]:
+        if self._process is None:
+            raise ValueError(f"this handle attached to the {self.role}; it did not start it")
+        return self._process
+
     def returncode(self) -> int | None:
         """How a daemon this handle started ended (a negative number: the signal that
         ended it), or None while it runs."""
-        if self._process is None:
-            if self._ended is not None:  # stopped
-                return self._ended
-            raise ValueError(f"this handle attached to the {self.role}; it did not start it")
-        return self._process.poll()
+        return self._started.poll()
 
     def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
         """Until a daemon this handle started exits (a connecting backend_sim ends with
         its front-end); its exit status, or Timeout."""
-        if self._process is None:
-            raise ValueError(f"this handle attached to the {self.role}; it did not start it")
         try:
-            return self._process.wait(timeout)
+            return self._started.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise Timeout(f"the {self.role} (pid {self._process.pid}) still runs after "
+            raise Timeout(f"the {self.role} (pid {self._started.pid}) still runs after "
                           f"{timeout:g}s") from None  # fmt: skip
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -408,10 +407,8 @@ class _Daemon:
         if self._client is not None:
             self._client.close()
             self._client = None
-        process, self._process = self._process, None
-        if process is not None:
-            stop_process(process, timeout)
-            self._ended = process.returncode
+        if self._process is not None:
+            stop_process(self._process, timeout)  # nothing to do once it has ended
 
     def close(self, timeout: float = 10.0) -> None:
         """`stop`, then remove the directory this handle made for the daemon's files."""
@@ -595,11 +592,14 @@ class Tap(_Daemon):
         """Start a tap that meets the front-end at `front` and the back-end at `back`
         (each `listen:PATH` or `connect:PATH`); returns once its control socket
         answers, or at once if not `wait`. `args`: more of `shmemctl tap`'s options."""
+        from .tap import Endpoint  # ValueError for a side that is neither, before a start
+
+        met = Endpoint.parse(front)
+        Endpoint.parse(back)
         where = ["--front", front, "--back", back]
-        mode, _, path = front.partition(":")
         command = ["shmemctl", "tap", "--shmem-bit", str(shmem_bit), *args]
-        return cls._spawn(command, where, Path(path), mode == "listen", control, timeout, wait,
-                          log)  # fmt: skip
+        return cls._spawn(command, where, Path(met.path), met.mode == "listen", control,
+                          timeout, wait, log)  # fmt: skip
 
     def violations(self) -> dict[str, int]:
         """The rules either side broke so far, each with how often."""

@@ -9,7 +9,6 @@ for a map's ack, so the two run in different threads.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import threading
@@ -288,7 +287,6 @@ class BackendEndpoint:
                     return
                 kept: tuple[int, ...] = ()
                 try:
-                    self._faulty_wait()
                     kept = self._handle(main, msg)
                 finally:
                     close_fds(fd for fd in msg.fds if fd not in kept)
@@ -303,6 +301,7 @@ class BackendEndpoint:
         log.debug("main channel: %s %r fds=%d", msg.name, msg.payload, len(msg.fds))
         effects = self.session.receive(msg)
         if self.faults is not None:
+            self.faults.hold_main(self.backend_channel)
             effects = self.faults.answers(self.session, msg, effects)
         kept: tuple[int, ...] = ()
         for effect in effects:
@@ -322,19 +321,7 @@ class BackendEndpoint:
             self._notify()
         return kept
 
-    def _faulty_wait(self) -> None:
-        """The fault that stops serving the main channel while a map waits for its ack."""
-        channel = self.backend_channel
-        if channel is not None and Fault.BLOCK_MAIN_WHILE_MAPPING in self.device.faults:
-            with channel.lock:  # held by a request from its send to its answer
-                pass
-
     def _open_backend_channel(self, fd: int) -> None:
-        if self.backend_channel is not None and (
-            Fault.KEEP_FIRST_BACKEND_CHANNEL in self.device.faults
-        ):  # the fault: the new channel is let go, the old one kept
-            os.close(fd)
-            return
         self._drop_backend_channel()
         channel = BackendChannel(socket.socket(fileno=fd), self.reply_timeout, self.busy_poll)
         channel.channel.trace = self.events

@@ -9,7 +9,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -289,6 +289,13 @@ class Target:
 
     def daemon(self, role: str, what: str) -> Frontend | BackendSim | Tap:
         """A handle on the daemon of this role, attached by its control socket."""
+        handle = self.handle(role, what)
+        with self.reaching():
+            return type(handle).attach(control=handle.control)
+
+    def handle(self, role: str, what: str) -> Frontend | BackendSim | Tap:
+        """A handle on the daemon of this role, not connected yet; UsageError when this
+        target has no daemon of that role to do `what`."""
         from .api import HANDLES
 
         path = self.sockets[role]
@@ -304,8 +311,13 @@ class Target:
                 f"{what} is the {SIDE[role]}'s to do, and no --{role} socket "
                 f"was given (only the {other}'s)"
             )
+        return HANDLES[role](path)
+
+    @contextlib.contextmanager
+    def reaching(self) -> Iterator[None]:
+        """Nothing answering becomes NoDaemon, with what would bring it up."""
         try:
-            return HANDLES[role].attach(control=path)
+            yield
         except DaemonUnreachable as exc:
             if self.explicit:
                 hint = ""
@@ -526,14 +538,13 @@ def _stream(target: Target, events: list[Event] | None, count: int | None) -> No
         for role in roles:
             if target.sockets[role] is None:
                 continue
+            daemon = target.handle(role, "watch")
             try:
-                daemon = opened.enter_context(target.daemon(role, "watch"))
+                with target.reaching():
+                    streams.append(opened.enter_context(daemon.events(events)))
             except NoDaemon:
                 if target.tap is not None:  # one daemon: its absence is the whole answer
                     raise
-                continue
-            daemon.stop()  # it answered: the subscription is the one connection kept
-            streams.append(opened.enter_context(daemon.events(events)))
         if not streams:
             raise NoDaemon("no daemon of the pair answers; is it up? (shmemctl up)")
         lines: queue.Queue[DaemonEvent | None] = queue.Queue()

@@ -17,10 +17,10 @@ import enum
 import os
 import struct
 from collections.abc import Generator, Iterable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .session import FrontendSession, Outgoing
-from .session.backend import BackendSession, Effect
+from .session.backend import BackendSession, Effect, OpenBackendChannel
 from .session.common import Owed, ack, owed_by
 from .session.frontend import Fed, Handshake, Step, relay
 from .shmem import libc
@@ -28,6 +28,9 @@ from .shmem.region import RegionTable
 from .shmem.rules import Refusal
 from .wire.constants import BackendReq, ChannelKind, FrontendReq, ProtocolFeature
 from .wire.messages import Message, ShmemConfig, ShmemMap, encode, result_from_errno
+
+if TYPE_CHECKING:
+    from .backend import BackendChannel
 
 FRONTEND = "front-end"
 BACKEND = "back-end"
@@ -369,6 +372,15 @@ class DeviceFaults(_Layer):
     def __init__(self, faults: frozenset[Fault]) -> None:
         super().__init__(faults)
         self._configs_sent = 0
+        #: the connection (its session) that has its backend channel already
+        self._channel_of: BackendSession | None = None
+
+    def hold_main(self, channel: BackendChannel | None) -> None:
+        """Before a main-channel request is answered: the fault that stops serving the
+        main channel while a map waits for its ack."""
+        if channel is not None and Fault.BLOCK_MAIN_WHILE_MAPPING in self:
+            with channel.lock:  # held by a request from its send to its answer
+                pass
 
     def offered(self, offered: int) -> int:
         if Fault.OFFER_BIT_21 in self:
@@ -405,6 +417,11 @@ class DeviceFaults(_Layer):
 
     def answers(self, session: BackendSession, msg: Message, effects: list[Effect]) -> list[Effect]:
         """The session's answer to a main-channel request, faulted."""
+        if any(isinstance(e, OpenBackendChannel) for e in effects):
+            if Fault.KEEP_FIRST_BACKEND_CHANNEL in self and self._channel_of is session:
+                # the fault: the new channel is let go (its fd closed), the first one kept
+                effects = [e for e in effects if not isinstance(e, OpenBackendChannel)]
+            self._channel_of = session
         out: list[Effect] = []
         acked = False
         # what the session sends back for msg is an ack exactly when an ack is owed

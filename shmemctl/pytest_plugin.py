@@ -170,13 +170,13 @@ class Started:
         """Stop everything; what was left behind, each in a sentence."""
         for trace in self.traces.values():
             trace.close()
-        started = {name for name, daemon in self.daemons.items() if daemon.argv is not None}
         for stop in reversed(self.stoppers):
             stop()
         # a daemon that died (a crash, a kill, an error the test provoked; perhaps as
         # the test ended) could not clean up after itself: its test judges that death,
         # and only the files of one that ended well (stopped here, or by itself) are
-        died = {name for name in started if self.daemons[name].returncode() not in (None, 0)}
+        died = {name for name, daemon in self.daemons.items()
+                if daemon.argv is not None and daemon.returncode() not in (None, 0)}  # fmt: skip
         # a stopped daemon has removed its sockets itself; only then goes the rest
         left = [f"the {name} (pid {pid}) still runs" for name, pid in self.pids.items()
                 if _alive(pid)]  # fmt: skip

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from shmemctl.api import HANDLES, Timeout
+from shmemctl.api import Timeout
 from shmemctl.backend import BackendEndpoint, DeviceModel
 from shmemctl.channel import Channel, close_fds
 from shmemctl.control import DaemonUnreachable
@@ -107,7 +107,6 @@ class Proc:
         self.daemon = daemon
         self.role = None if daemon is None else daemon.role
         self.control = None if daemon is None else daemon.control
-        self._view: Daemon | None = None
 
     @classmethod
     def program(cls, args: list[str], workdir: Path, name: str) -> Proc:
@@ -170,23 +169,13 @@ class Proc:
         closes some time after each request would make its fd count drift."""
         if self.daemon is None or self.role is None:
             raise AssertionError(f"{self.name} has no control socket")
-        try:
-            if self._view is None:
-                self._view = HANDLES[self.role].attach(control=self.daemon.control,
-                                                       timeout=PATIENCE)  # fmt: skip
-            # backend_sim's in full: tests read the mappings and buffers it believes
-            summary = brief(self.role) if self.role != "backend" else {}
-            answer: dict[str, Any] = self._view.execute("query-status", **summary)
-            return answer
-        except DaemonUnreachable:
-            self.let_go()
+        # backend_sim's in full: tests read the mappings and buffers it believes
+        summary = brief(self.role) if self.role != "backend" else {}
+        try:  # the handle's own connection, made once its control socket answers
+            answer: dict[str, Any] = self.daemon.execute("query-status", **summary)
+        except (DaemonUnreachable, Timeout):
             return None
-
-    def let_go(self) -> None:
-        """Close the connection `status` keeps to the daemon."""
-        view, self._view = self._view, None
-        if view is not None:
-            view.close()
+        return answer
 
     def wait_status(
         self,
@@ -272,7 +261,6 @@ class Proc:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = PATIENCE) -> int | None:
         """Send `sig` and wait for the end (SIGKILL past `timeout`); the exit status."""
-        self.let_go()
         if self.alive():
             os.kill(self.pid, sig)
             try:
@@ -330,10 +318,8 @@ def spawn(tmp_path: Path, shmem_daemons: Daemons) -> Iterator[Callable[..., Proc
 
     yield start
     for proc in reversed(procs):
-        if proc.daemon is None:
+        if proc.daemon is None:  # the plugin stops its daemons, and checks they are gone
             proc.stop()
-        else:  # the plugin stops it, and checks it is gone
-            proc.let_go()
 
 
 def need(binary: str) -> str:

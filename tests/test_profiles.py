@@ -151,7 +151,7 @@ def test_crosvm_serves_one_shmid_and_keeps_mappings_across_a_reset() -> None:
     assert "serves only shmid 0" in str(refused.value)
     p.effects.clear()
     assert p.run(p.front.reset()) == "RESET_DEVICE"
-    assert DropMappings() not in p.effects  # crosvm's TODO: the mappings stay
+    assert DropMappings() not in p.effects  # crosvm does not unmap at a reset (yet): they stay
 
 
 def test_cloud_hypervisor_answers_ebusy_and_opens_a_fresh_channel_at_activation() -> None:

@@ -38,35 +38,36 @@ class DaemonLink(threading.Thread):
 
     def run(self) -> None:
         while not self._stop.is_set():
+            why = ""
             try:
-                with HANDLES[self.role].attach(control=self.path, timeout=10) as daemon:
-                    args = {"max_mappings": FULL_LIST} if self.role == "frontend" else {}
-                    self.sink(self.role, "status", daemon.execute("query-status", **args))
-                    names = (*EVENTS, TRACE) if self.trace else EVENTS
-                    with daemon.events(names) as stream:
-                        self._stream = stream
-                        self.subscribed = names
-                        if self._stop.is_set() or self._again.is_set():
-                            stream.interrupt()  # asked before the stream could be told
-                        for event in stream:
-                            self.sink(self.role, "event", event.record)
-                    self._stream = None
-                    self.subscribed = ()
-                    if self._again.is_set():  # interrupted to listen to something else
-                        self._again.clear()
-                        continue
-                    if self._stop.is_set():
-                        break
+                self._listen()
             except Exception as exc:  # whatever it was, the link reports it and tries again
+                why = str(exc)
+            finally:
                 self._stream = None
                 self.subscribed = ()
-                if self._stop.is_set():
-                    break
-                if self._again.is_set():
-                    self._again.clear()
-                    continue
-                self.sink(self.role, "down", (str(exc), time.time() + RETRY_SECONDS))
+            if self._stop.is_set():
+                break
+            if self._again.is_set():  # interrupted to listen to something else: at once
+                self._again.clear()
+                continue
+            if why:
+                self.sink(self.role, "down", (why, time.time() + RETRY_SECONDS))
             self._stop.wait(RETRY_SECONDS)
+
+    def _listen(self) -> None:
+        """A full status, then the subscription's events until it ends."""
+        with HANDLES[self.role].attach(control=self.path, timeout=10) as daemon:
+            args = {"max_mappings": FULL_LIST} if self.role == "frontend" else {}
+            self.sink(self.role, "status", daemon.execute("query-status", **args))
+            names = (*EVENTS, TRACE) if self.trace else EVENTS
+            with daemon.events(names) as stream:
+                self._stream = stream
+                self.subscribed = names
+                if self._stop.is_set() or self._again.is_set():
+                    stream.interrupt()  # asked before the stream could be told
+                for event in stream:
+                    self.sink(self.role, "event", event.record)
 
     def resubscribe(self, trace: bool) -> None:
         """Change what the link listens to: it reconnects with a fresh status."""

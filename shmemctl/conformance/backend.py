@@ -548,9 +548,13 @@ def _first_session(report: Report, s: _Session, wait: float, require_shmem: bool
     if shmem and s.table is not None and s.backend is not None:
         _served_checks(report, s, acked, wait)
     else:
-        report.na([c for c in PROFILE_CHECKS if c in report.plan and c not in report.verdicts],
-                  "the back-end asks for no mapping on this connection")  # fmt: skip
+        _profile_checks_na(report, "the back-end asks for no mapping on this connection")
     return shmem and bool(acked & PF.BACKEND_REQ)
+
+
+def _profile_checks_na(report: Report, why: str) -> None:
+    """The checks the profile added that have no verdict yet are not applicable."""
+    report.na([c for c in PROFILE_CHECKS if c in report.plan and c not in report.verdicts], why)
 
 
 def _more(profile: Profile) -> int:
@@ -605,8 +609,7 @@ def _served_checks(report: Report, s: _Session, acked: int, wait: float) -> None
         why = (f"no SHMEM request arrived in {wait:g}s (a device usually maps only when a "
                "guest asks it to)")  # fmt: skip
         report.na(SERVED_CHECKS, why)
-        report.na([c for c in PROFILE_CHECKS if c in report.plan and c not in report.verdicts],
-                  why)  # fmt: skip
+        _profile_checks_na(report, why)
         return
     report.add("shmem-requests-well-formed", not s.shape, f"{s.requests} well-formed requests",
                s.shape)  # fmt: skip
@@ -615,7 +618,7 @@ def _served_checks(report: Report, s: _Session, acked: int, wait: float) -> None
         _serves_main_check(report, s, wait)
     _reset_check(report, s, table, acked, wait)
     if FRESH_CHANNEL in report.plan:
-        _fresh_channel_check(report, s, table, acked, wait)
+        _fresh_channel_check(report, s, acked, wait)
 
 
 def _nonzero_check(report: Report, s: _Session, table: RegionTable, wait: float) -> None:
@@ -685,8 +688,7 @@ def _serves_main_check(report: Report, s: _Session, wait: float) -> None:
     s.go_on()
 
 
-def _fresh_channel_check(report: Report, s: _Session, table: RegionTable, acked: int,
-                         wait: float) -> None:  # fmt: skip
+def _fresh_channel_check(report: Report, s: _Session, acked: int, wait: float) -> None:
     """After the reset, the device is activated again on a fresh backend channel, the
     old one left open: its next SHMEM request must come on the new one. As for the
     reset, the activation comes while a request of the device's waits for its answer

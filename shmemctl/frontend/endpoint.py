@@ -81,6 +81,7 @@ class Frontend:
                                        profile=options.profile)  # fmt: skip
         if options.profile is not STRICT:
             log.info("behaving as %s: %s", options.profile.name, options.profile.what)
+        self._announces = options.profile.announces_mappings  # asked at every SHMEM request
         #: the layer that applies deliberate faults, only when some are asked for
         self.faults = FrontendFaults(options.faults) if options.faults else None
         if options.faults:
@@ -105,8 +106,6 @@ class Frontend:
         self._listener: socket.socket | None = None
         #: what a profile that starts the device gives it as guest RAM
         self._guest_ram: GuestRam | None = None
-        #: mappings the last DropMappings step dropped
-        self._dropped = 0
         #: held while a backend-channel request is handled (judged, done, answered,
         #: announced) and while the device is reset: neither happens inside the other
         self._shmem_lock = threading.Lock()
@@ -306,7 +305,8 @@ class Frontend:
                     self._guest_ram = GuestRam(size)
                 return self._guest_ram.fd, self._guest_ram.base
             case DropMappings():
-                self._dropped = self.regions.reset() if self.regions is not None else 0
+                if self.regions is not None:
+                    self.regions.reset()
             case Note(text, routine):
                 log.log(logging.INFO if routine else logging.WARNING, "%s", text)
         return None
@@ -378,11 +378,11 @@ class Frontend:
     def reset(self) -> tuple[int, str]:
         """Reset the device as the profile does (strict: drop every mapping, then tell
         the back-end). Returns (mappings dropped, the first message it took)."""
-        with self._shmem_lock:
-            self._dropped = 0
+        with self._shmem_lock:  # no map between: what is gone is what the reset dropped
+            held = self.regions.count if self.regions is not None else 0
             self.counters["resets"] += 1
             via = self._drive(self.session.reset())
-            dropped = self._dropped
+            dropped = held - (self.regions.count if self.regions is not None else 0)
         log.info("reset with %s: dropped %d mappings", via, dropped)
         if self.events.active:
             self.events.emit(Event.RESET, {"dropped": dropped, "via": via})
@@ -426,7 +426,7 @@ class Frontend:
         refusal: Refusal | None = None
         # the fd goes before the answer (whoever reads the answer finds it closed), but
         # where the profile announces the mapping with it (QEMU's ADD_MEM_REG)
-        announces = self.session.profile.announces_mappings
+        announces = self._announces
         fds = msg.fds  # closed exactly once, whichever way this ends
         try:
             if faults is not None and faults.does_nothing(msg):

@@ -309,16 +309,17 @@ class BackendSession:
                 assert isinstance(msg.payload, VringState)
                 index = msg.payload.index
                 self.enabled_rings.discard(index)
-                stopped = index in self.live_rings
+                was_live = index in self.live_rings
                 self.live_rings.discard(index)
+                reply = self._reply(msg, VringState(index, 0))
+                if not was_live or self.live_rings:
+                    return [reply]
                 # the last ring stopped: the device is. A guest reset under QEMU's
                 # vhost-user-base devices says nothing else, and drops every mapping
                 # (docs/protocol.md §8): believing in them past it would be believing in
                 # mappings that are gone
-                forget = [Forget("every ring stopped (GET_VRING_BASE): the device is "
-                                 "stopped, its mappings with it")] if stopped and not (
-                    self.live_rings) else []  # fmt: skip
-                return [*forget, self._reply(msg, VringState(index, 0))]
+                stopped = "every ring stopped (GET_VRING_BASE): the device is, its mappings with it"
+                return [Forget(stopped), reply]
             case FrontendReq.SET_MEM_TABLE:
                 assert isinstance(msg.payload, MemoryTable)
                 n = len(msg.payload.regions)
