@@ -93,25 +93,45 @@ def fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-#: How long a hot reader polls before it sleeps. A SHMEM request and its ack
-#: follow each other within tens of microseconds, while a sleep and wake-up
-#: costs about as much again on a small VM: polling this long first raised
-#: acked map+unmap pairs/s by about half in `shmemctl bench`. 0 disables it.
-DEFAULT_BUSY_POLL = 50e-6
+#: How long a hot reader polls before it sleeps. A wake-up costs 100 us and more
+#: on a small VM, so the window must outlast what the peer spends between two
+#: messages (a front-end's map and answer, a device's next request: 40-90 us
+#: here): at 50 us most answers still found their reader asleep, and acked
+#: map+unmap pairs/s in `shmemctl bench` doubled from 50 to 200 (the C floor,
+#: spinning as long, does not change). 0 disables it.
+DEFAULT_BUSY_POLL = 200e-6
+
+
+#: What a channel that reads ahead asks of each read: a header and payload in one
+#: receive, and a run of messages without fds (a batch's unmaps) in one.
+READ_AHEAD = 4096
 
 
 class Channel:
     """A vhost-user channel. `replies` says which kind of message this end receives;
-    `busy_poll` is how many seconds `recv` polls before it blocks."""
+    `busy_poll` is how many seconds `recv` polls before it blocks.
+
+    With `read_ahead`, each read takes whatever has arrived (up to READ_AHEAD bytes)
+    instead of exactly what the message in hand still needs, and keeps the rest for
+    the next `recv`: one receive a message instead of two. Only for a channel whose
+    reader calls `recv` and `wait_readable` and never polls the socket itself, since
+    the socket can then be empty while a message waits here."""
 
     def __init__(
-        self, sock: socket.socket, kind: ChannelKind, *, replies: bool, busy_poll: float = 0.0
+        self,
+        sock: socket.socket,
+        kind: ChannelKind,
+        *,
+        replies: bool,
+        busy_poll: float = 0.0,
+        read_ahead: bool = False,
     ) -> None:
         sock.setblocking(True)
         self.sock = sock
         self.kind = kind
         self.replies = replies
         self.busy_poll = busy_poll
+        self.read_ahead = read_ahead
         #: where the protocol trace goes, if anywhere: one `message` event per message
         #: this channel sends or receives, and nobody else traces them (events.TRACE)
         self.trace: EventHub | None = None
@@ -123,6 +143,11 @@ class Channel:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    @property
+    def holding(self) -> int:
+        """Bytes read off the socket and not yet handed out in a message."""
+        return self._reader.buffered
 
     def set_send_timeout(self, seconds: float) -> None:
         """A peer that stops reading makes send fail after this long instead of hanging us."""
@@ -150,12 +175,16 @@ class Channel:
     # ----------------------------------------------------------- receiving
 
     def wait_readable(self, timeout: float | None) -> bool:
+        """Whether a message (or its start) is here or arrives within `timeout`."""
+        if self._reader.buffered:
+            return True
         return bool(self._poll.poll(None if timeout is None else int(timeout * 1000)))
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next whole message. Raises ChannelClosed at EOF, ChannelError otherwise,
         WireError for bytes that break the protocol (its fds already closed). Framing
-        and decoding are the MessageReader's; this reads what it asks for."""
+        and decoding are the MessageReader's; this reads what it asks for (or more,
+        reading ahead)."""
         if timeout is not None and not self.wait_readable(timeout):
             raise ChannelTimeout(f"no message within {timeout:g}s")
         reader = self._reader
@@ -187,10 +216,12 @@ class Channel:
         reader = self._reader
         inside = reader.buffered
         try:
-            if inside:
+            if inside and not self.read_ahead:
                 data, fds, msg_flags = self.sock.recv(n), [], 0
             else:
-                got = self._poll_briefly(n) if self.busy_poll else None
+                # reading ahead, the next message's fds may come with the rest of this one
+                n = max(n, READ_AHEAD) if self.read_ahead else n
+                got = self._poll_briefly(n) if self.busy_poll and not inside else None
                 data, ancdata, msg_flags, _ = got or self.sock.recvmsg(n, _ANCBUF, _RECV_FLAGS)
                 fds = fds_from(ancdata) if ancdata else []
         except BlockingIOError:

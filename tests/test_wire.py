@@ -238,6 +238,59 @@ def test_reader_reassembles_any_split_and_attaches_fds(count: int, cuts: list[in
     assert [m.fds for m in out] == [(100 + i,) for i in range(count)]
 
 
+@settings(max_examples=100)
+@given(
+    carries=st.lists(st.booleans(), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(0, 500), max_size=8),
+)
+def test_reader_gives_fds_to_the_message_holding_the_last_byte(
+    carries: list[bool], cuts: list[int]
+) -> None:
+    """Read ahead, a chunk may hold several messages: a Unix stream socket ends a read
+    with the first piece that carried fds, so a chunk's fds are those of the message
+    its last byte is in, however many fd-less messages came before it."""
+    messages = [
+        encode_shmem_request(
+            BackendReq.SHMEM_MAP if fd else BackendReq.SHMEM_UNMAP,
+            ShmemMap(i, i << 12, 4096), need_reply=False,
+        )
+        for i, fd in enumerate(carries)
+    ]  # fmt: skip
+    stream = b"".join(messages)
+    ends = list(itertools.accumulate(len(m) for m in messages))
+    # the kernel's cuts: anywhere, but always at the end of a message that carried fds
+    points = sorted({0, *(c % len(stream) for c in cuts), *(e for e, fd in zip(ends, carries,
+                     strict=True) if fd)})  # fmt: skip
+    points = [p for p in points if p < len(stream)] + [len(stream)]
+    reader = MessageReader(ChannelKind.BACKEND, replies=False)
+    out = []
+    for a, b in itertools.pairwise(points):
+        owner = next(i for i, e in enumerate(ends) if b <= e)  # holds byte b - 1
+        start = ends[owner - 1] if owner else 0
+        # the fds come with the first piece of their message that is read
+        fds = (100 + owner,) if carries[owner] and a <= start else ()
+        reader.feed(stream[a:b], fds)
+        out.extend(reader)
+    reader.close()
+    assert [m.payload.shmid for m in out] == list(range(len(carries)))
+    assert [m.fds for m in out] == [(100 + i,) if fd else () for i, fd in enumerate(carries)]
+
+
+def test_reader_discards_fds_that_end_inside_a_refused_message() -> None:
+    """A chunk whose last byte is in a refused message's discarded payload gives its
+    fds to nobody: they wait in `discarded` for the caller to close."""
+    reader = MessageReader(ChannelKind.BACKEND, replies=False)
+    bad = struct.pack("<III", 9, 0x2, 40)  # a MAP header of version 2: refused
+    with pytest.raises(WireError):
+        reader.feed(bad)
+        list(reader)
+    reader.feed(bytes(40), (7,))  # the payload it announced, carrying an fd
+    assert reader.discarded == [7]
+    good = encode_shmem_request(BackendReq.SHMEM_UNMAP, ShmemMap(0, 0, 4096), need_reply=False)
+    reader.feed(good)
+    assert [m.fds for m in reader] == [()]
+
+
 def test_reader_close_inside_a_message_is_truncation() -> None:
     reader = MessageReader(ChannelKind.BACKEND, replies=False)
     reader.feed(

@@ -361,9 +361,8 @@ class Frontend:
         ours, theirs = self._offered
         self._offered = None
         theirs.close()
-        channel = Channel(
-            ours, ChannelKind.BACKEND, replies=False, busy_poll=self.options.busy_poll
-        )
+        channel = Channel(ours, ChannelKind.BACKEND, replies=False,
+                          busy_poll=self.options.busy_poll, read_ahead=True)  # fmt: skip
         channel.set_send_timeout(self.options.send_timeout)
         channel.trace, channel.trace_role = self.events, "frontend"
         self._backend = channel

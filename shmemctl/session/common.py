@@ -5,6 +5,7 @@ in docs/protocol.md)."""
 from __future__ import annotations
 
 import enum
+import functools
 from typing import NamedTuple
 
 from ..wire.constants import ChannelKind, request_name
@@ -29,6 +30,7 @@ class Owed(enum.Enum):
     OWN_REPLY = "its own reply"
 
 
+@functools.lru_cache(maxsize=512)  # pure, asked once a message; bounded: ids come off the wire
 def owed(channel: ChannelKind, request: int, need_reply: bool, reply_ack: bool) -> Owed:
     """The one place that decides whether a reply is owed. A request with a reply of its
     own always gets that reply and nothing more; any other gets an ack only when it asked

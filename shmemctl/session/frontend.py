@@ -381,11 +381,12 @@ class FrontendSession:
         if SetUp.START in profile.order and not neg.started:
             raise ShmemRefused(Refusal.NOT_STARTED, f"{profile.name}: the guest has not "
                                "started the device: there is no device to map into")  # fmt: skip
-        served = sorted(neg.config.regions() if neg.config else ())[: profile.shmids]
-        if profile.shmids is not None and m.shmid not in served:
-            which = ", ".join(map(str, served)) or "(none)"
-            detail = f"{profile.name} serves only shmid {which}, not {m.shmid}"
-            raise ShmemRefused(Refusal.NO_REGION, detail)
+        if profile.shmids is not None:
+            served = sorted(neg.config.regions() if neg.config else ())[: profile.shmids]
+            if m.shmid not in served:
+                which = ", ".join(map(str, served)) or "(none)"
+                detail = f"{profile.name} serves only shmid {which}, not {m.shmid}"
+                raise ShmemRefused(Refusal.NO_REGION, detail)
         return m
 
     def result(self, refused: ShmemRefused | None) -> int:

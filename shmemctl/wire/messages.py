@@ -551,11 +551,17 @@ def describe_result(value: int) -> str:
 
 class MessageReader:
     """Feed bytes and fds as they arrive; take complete messages out. The channel reads
-    through this, as the fuzzer does: `wanted` says how many bytes to read next, and a
-    reader that never reads more never lets one chunk span two messages.
+    through this, as the fuzzer does: `wanted` says how many bytes the next message
+    still needs; a reader may read more (several messages in one read), and the reader
+    keeps what follows for the next message.
 
-    fds that arrive with a chunk belong to the message whose bytes that chunk starts in,
-    as SCM_RIGHTS attaches them to the first byte of a header.
+    fds that arrive with a chunk belong to the message holding the chunk's last byte.
+    A sender puts a message and its fds in one sendmsg, and a Unix stream socket ends a
+    read with the first piece of data that carried fds, so the fds of a read are those
+    of its last piece: the last message that starts in the chunk, or the one the chunk
+    continues if none starts in it. A reader that never reads past what `wanted` asks
+    for never lets a chunk span two messages, and then this is the message the chunk
+    starts in.
 
     A message whose header is refused is discarded with its payload (when the size it
     announces is sane), so that whoever reports the fault can go on reading; the fds
@@ -578,16 +584,17 @@ class MessageReader:
         self._skip = 0  # payload bytes of a refused message still to discard
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        if fds:
+            if len(data) <= self._skip:
+                self.discarded.extend(fds)  # the chunk ends inside the refused message
+            else:  # at the stream offset of the chunk's last byte
+                last = self._consumed + len(self._buf) + max(len(data), 1) - 1
+                self._fds.append((last, tuple(fds)))
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
             self._consumed += dropped
             data = data[dropped:]
-            if fds:
-                self.discarded.extend(fds)  # the chunk starts inside the refused message
-                fds = ()
-        if fds:
-            self._fds.append((self._consumed + len(self._buf), tuple(fds)))
         self._buf += data
         self._want()
 

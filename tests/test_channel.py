@@ -1,0 +1,68 @@
+"""The channel over a real socket pair: reading ahead keeps each message's fds with it."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from shmemctl.channel import Channel, send_with_fds
+from shmemctl.wire import BackendReq, ChannelKind, ShmemMap, encode_shmem_request
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def test_reading_ahead_keeps_fds_with_their_message() -> None:
+    """Three messages queued at once, the last carrying a memfd: a channel that reads
+    ahead takes them in one read (which the memfd ends), hands the fd to that message
+    alone, says a message is there while it holds one the socket no longer has, goes
+    on with what comes after, and leaks nothing."""
+    before = _open_fds()
+    ours, theirs = socket.socketpair()
+    channel = Channel(ours, ChannelKind.BACKEND, replies=False, read_ahead=True)
+    memfd = os.memfd_create("shmemctl-test")
+
+    def send(req: BackendReq, offset: int) -> None:
+        data = encode_shmem_request(req, ShmemMap(0, offset << 12, 4096), need_reply=False)
+        send_with_fds(theirs, data, [memfd] if req == BackendReq.SHMEM_MAP else [])
+
+    try:
+        for i, req in enumerate([BackendReq.SHMEM_UNMAP, BackendReq.SHMEM_UNMAP,
+                                 BackendReq.SHMEM_MAP]):  # fmt: skip
+            send(req, i)
+        got = [channel.recv(timeout=5)]
+        assert channel.holding == 2 * 52
+        assert not channel._poll.poll(0)  # the socket is empty...
+        assert channel.wait_readable(0)  # ...and yet a message is there
+        send(BackendReq.SHMEM_UNMAP, 3)
+        got += [channel.recv(timeout=5) for _ in range(3)]
+        assert [m.payload.shm_offset >> 12 for m in got] == [0, 1, 2, 3]
+        assert [len(m.fds) for m in got] == [0, 0, 1, 0]
+        (fd,) = got[2].fds
+        assert os.fstat(fd).st_ino == os.fstat(memfd).st_ino
+        os.close(fd)
+        assert channel.holding == 0 and not channel.wait_readable(0)
+    finally:
+        channel.close()
+        theirs.close()
+        os.close(memfd)
+    assert _open_fds() == before
+
+
+def test_a_channel_closed_while_holding_a_message_closes_its_fds() -> None:
+    """A message read ahead but never taken still owns its fd: closing the channel
+    closes it."""
+    before = _open_fds()
+    ours, theirs = socket.socketpair()
+    channel = Channel(ours, ChannelKind.BACKEND, replies=False, read_ahead=True)
+    memfd = os.memfd_create("shmemctl-test")
+    unmap = encode_shmem_request(BackendReq.SHMEM_UNMAP, ShmemMap(0, 0, 4096), need_reply=False)
+    send_with_fds(theirs, unmap, [])
+    mapped = encode_shmem_request(BackendReq.SHMEM_MAP, ShmemMap(0, 0, 4096), need_reply=False)
+    send_with_fds(theirs, mapped[:30], [memfd])  # the map, cut short: still unfinished
+    os.close(memfd)
+    assert channel.recv(timeout=5).fds == ()
+    channel.close()
+    theirs.close()
+    assert _open_fds() == before
