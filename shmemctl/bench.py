@@ -67,8 +67,28 @@ def _cells(
 def run_pair_bench(
     quick: bool = False, timeout: float = 600.0, existing: Sequence[int] = EXISTING
 ) -> list[dict[str, Any]]:
-    """Run every cell in one pair of daemons; return one result dict per cell."""
-    return run_cells(_cells(quick, sorted(existing)), timeout=timeout)
+    """Run every cell in one pair of daemons; return one result dict per cell, with the
+    front-end's RSS once the cell is done (its existing mappings still in place)."""
+
+    def frontend_rss(pair: Launched, _paths: PairPaths, results: list[dict[str, Any]]) -> None:
+        if results:
+            results[-1]["fe_rss"] = psutil.Process(pair.frontend.pid).memory_info().rss
+
+    return run_cells(_cells(quick, sorted(existing)), timeout=timeout, watch=frontend_rss)
+
+
+def rss_per_mapping(results: Sequence[dict[str, Any]]) -> list[tuple[int, int, float | None]]:
+    """(existing mappings, the front-end's RSS after their last cell, bytes of RSS a
+    mapping against the cells without any) for each count of existing mappings."""
+    last: dict[int, int] = {}
+    for r in results:
+        if "fe_rss" in r:
+            last[r["existing"]] = r["fe_rss"]
+    empty = last.get(0)
+    return [
+        (n, rss, (rss - empty) / n if n and empty is not None else None)
+        for n, rss in sorted(last.items())
+    ]
 
 
 def _region_for(most: int) -> int:
@@ -132,12 +152,14 @@ def run_cells(
             pair.stop()
 
 
-def tap_sample(pair: Launched, paths: PairPaths) -> dict[str, Any]:
-    """The tap's open fds (/proc/PID/fd), how many of them are a SHMEM_MAP's memfd on its
+def daemon_sample(pair: Launched, paths: PairPaths, role: str = "tap") -> dict[str, Any]:
+    """A daemon's open fds (/proc/PID/fd), how many of them are a SHMEM_MAP's memfd on its
     way through (at most one per direction while maps pass; none once they stopped),
-    its RSS and CPU time so far, and how many maps it has forwarded (its own count)."""
-    assert pair.tap is not None
-    pid = pair.tap.pid
+    its RSS and CPU time so far, and how many maps it has handled (its own count).
+    `role`: "tap", which forwards each memfd, or "frontend", which maps it."""
+    proc = pair.tap if role == "tap" else pair.frontend
+    assert proc is not None
+    pid = proc.pid
     fd_dir = f"/proc/{pid}/fd"
     fds = in_flight = 0
     for fd in os.listdir(fd_dir):
@@ -147,13 +169,16 @@ def tap_sample(pair: Launched, paths: PairPaths) -> dict[str, Any]:
             continue
         fds += 1
         in_flight += target.startswith("/memfd:")
-    proc = psutil.Process(pid)
-    with proc.oneshot():
-        rss = proc.memory_info().rss
-        cpu = proc.cpu_times()
-    # read after /proc: the control connection is one more fd of the tap while it lasts
-    status = daemon_status(paths, "tap")
-    maps = None if status is None else status["counters"]["backend"]["back-end"]["fds"]
+    process = psutil.Process(pid)
+    with process.oneshot():
+        rss = process.memory_info().rss
+        cpu = process.cpu_times()
+    # read after /proc: the control connection is one more fd of the daemon while it lasts
+    status = daemon_status(paths, role)
+    maps = None
+    if status is not None:
+        counters = status["counters"]
+        maps = counters["backend"]["back-end"]["fds"] if role == "tap" else counters["maps"]
     return {"fds": fds, "in_flight": in_flight, "rss": rss, "maps": maps,
             "cpu_s": round(cpu.user + cpu.system, 3)}  # fmt: skip
 
@@ -185,9 +210,9 @@ def run_tap_bench(
 
     def before_and_after(pair: Launched, paths: PairPaths, results: list[dict[str, Any]]) -> None:
         if not results:
-            process.append({"before": tap_sample(pair, paths)})
+            process.append({"before": daemon_sample(pair, paths)})
         elif len(results) == len(cells):
-            process[-1]["after"] = tap_sample(pair, paths)
+            process[-1]["after"] = daemon_sample(pair, paths)
 
     for repeat in range(repeats):
         for tap in (False, True) if repeat % 2 == 0 else (True, False):
@@ -309,7 +334,7 @@ def render_pair_bench(results: list[dict[str, Any]], floors: bool, elapsed: floa
         f" {'cost':>7} {'fe cpu':>7} {'be cpu':>7}"
     )
     if floors:
-        header += f" {'x spin':>7} {'x block':>7}"
+        header += f" {'C spin':>8} {'x spin':>7} {'C block':>8} {'x block':>7}"
     lines = [header]
     for r in results:
         cost = "" if r.get("cost_vs_empty") is None else f"{r['cost_vs_empty']:+.1%}"
@@ -321,14 +346,23 @@ def render_pair_bench(results: list[dict[str, Any]], floors: bool, elapsed: floa
         )
         for kind in ("spinning", "blocking") if floors else ():
             ratio = r.get(f"floor_{kind}_ratio")
+            floor = r.get(f"floor_{kind}_pairs_per_s")
+            line += f" {floor:>8.0f}" if floor else f" {'-':>8}"
             line += f" {ratio:>6.2f}x" if ratio else f" {'-':>7}"
         lines.append(line)
+    rss = rss_per_mapping(results)
+    if rss:
+        lines.append("front-end RSS: " + ", ".join(
+            f"{mib(size)} with {n:,} mappings" + ("" if each is None else f" ({each:.0f} B each)")
+            for n, size, each in rss
+        ))  # fmt: skip
     lines.append(
         f"({elapsed:.0f}s; cost = slowdown against the same cell with no existing mappings; "
         "batched latency = batch time / batch size; fe cpu, be cpu = each daemon's CPU "
         "microseconds per map+unmap while timed"
-        + (f"; x spin, x block = our time per pair over the C floor's, spinning {SPIN_US} us "
-           "before it sleeps as our daemons do, and blocking" if floors else "")
+        + (f"; C spin, C block = the C floor's pairs/s, spinning {SPIN_US} us before it "
+           "sleeps as our daemons do, and blocking; x spin, x block = our time per pair over "
+           "the floor's" if floors else "")
         + ")"
     )  # fmt: skip
     return "\n".join(lines)
