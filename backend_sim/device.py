@@ -38,6 +38,7 @@ from shmemctl.shmem.rules import (
     check_request,
     must_refuse,
     overlap_detail,
+    overlap_in,
 )
 from shmemctl.sizes import hex_range, human_size, parse_size
 from shmemctl.wire import BackendReq, ChannelKind, ShmemMap
@@ -515,7 +516,7 @@ class SimDevice:
         Empty when it sees nothing wrong."""
         with self.lock:
             held = [(b.shm_offset, b.len) for b in self.mapped.values() if b.shmid == m.shmid]
-        return must_refuse(self.endpoint.device.regions, held, m, is_map=is_map)
+        return must_refuse(self.endpoint.device.regions, overlap_in(held), m, is_map=is_map)
 
     def own_reading(self, m: ShmemMap, *, is_map: bool) -> str:
         """`explain`, labelled as the device's reading (never the front-end's words)."""

@@ -527,6 +527,37 @@ def test_observer_keeps_the_mappings_the_answers_make() -> None:
     assert pair.observer.pending(BACKEND) == []
 
 
+def test_observer_answers_settle_requests_that_crossed_unanswered_ones() -> None:
+    """Requests that ask for an answer settle when it comes, those that do not at once:
+    a batched map over the range of one still awaiting its answer is taken for done,
+    then the answer says the first was made. The answered one is the mapping, the
+    picture stays one of ranges that do not overlap, and an unmap that a later unmap
+    already settled is not settled twice."""
+    pair = observed_pair()
+    a, b = ShmemMap(0, 0, 2 * PAGE_SIZE), ShmemMap(0, PAGE_SIZE, 2 * PAGE_SIZE)
+    observer = pair.observer
+    observer.message(request(BACKEND, BackendReq.SHMEM_MAP, a, need_reply=True, fds=(FAKE_FD,)))
+    assert shmem(pair, BackendReq.SHMEM_MAP, b, None, need_reply=False) == []
+    assert observer.mappings() == [Mapping.granted(b)]
+    observer.message(travel(Outgoing(BACKEND, BackendReq.SHMEM_MAP, 0, reply=True)))
+    assert observer.mappings() == [Mapping.granted(a)]
+    observer.message(request(BACKEND, BackendReq.SHMEM_UNMAP, a, need_reply=True))
+    shmem(pair, BackendReq.SHMEM_UNMAP, a, None, need_reply=False)
+    assert observer.mappings() == []
+    observer.message(travel(Outgoing(BACKEND, BackendReq.SHMEM_UNMAP, 0, reply=True)))
+    assert observer.mappings() == [] and observer.pending(BACKEND) == []
+
+
+def test_observer_without_a_layout_keeps_one_mapping_a_range() -> None:
+    """Without the layout nothing is judged, and a front-end may ack maps of any length
+    over one another (zero included): each answered map replaces what it covers."""
+    pair = Pair()
+    maps = [ShmemMap(0, 0, n * PAGE_SIZE) for n in range(4)] + [ShmemMap(0, PAGE_SIZE, 0)]
+    for m in maps:
+        shmem(pair, BackendReq.SHMEM_MAP, m, 0)
+        assert pair.observer.mappings() == [Mapping.granted(m)]
+
+
 def test_observer_mappings_keep_the_file_their_fd_named() -> None:
     """Whoever holds the fd says what it was; the mapping the request makes keeps it,
     whether the answer comes later or none is asked."""

@@ -19,7 +19,7 @@ from shmemctl.events import DROPS_ALL, OUTCOMES, STATES, Event, event_time, stat
 from shmemctl.render import trace_arrow
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.shmem.mapping import Mapping
-from shmemctl.shmem.rules import must_refuse
+from shmemctl.shmem.rules import must_refuse, overlap_in
 from shmemctl.sizes import hex_range
 from shmemctl.wire import ShmemMap
 
@@ -131,7 +131,7 @@ class RegionView:
             return "offset, length and fd offset cannot be negative"
         m = ShmemMap(self.shmid, offset, length, fd_offset)
         held = [(v.shm_offset, v.len) for v in self.in_range(offset, offset + length)]
-        return must_refuse({self.shmid: self.size}, held, m, is_map=True)
+        return must_refuse({self.shmid: self.size}, overlap_in(held), m, is_map=True)
 
     def free_spot(self, length: int, after: int = 0) -> int | None:
         """The first page-aligned place at or after `after` where `length` fits."""

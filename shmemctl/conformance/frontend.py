@@ -23,7 +23,7 @@ from ..backend import BackendEndpoint, DeviceModel
 from ..channel import Channel, ChannelError, close_fds
 from ..daemon import open_peer
 from ..session.backend import OFFERED
-from ..shmem.rules import Refusal, must_refuse
+from ..shmem.rules import Refusal, must_refuse, overlap_in
 from ..sizes import human_size, parse_regions
 from ..wire import BackendReq, ChannelKind, FrontendReq, Message, ShmemMap, WireError
 from ..wire.constants import ProtocolFeature
@@ -536,7 +536,7 @@ def refusal_cases(layout: Layout, buffer: int) -> list[RefusalCase | str]:
         if m is None:
             cases.append(check)
             continue
-        reading = must_refuse(layout.regions, held, m, is_map=req == MAP)
+        reading = must_refuse(layout.regions, overlap_in(held), m, is_map=req == MAP)
         cases.append(RefusalCase(check, req, m, refusal, fds, reading))
     return cases
 

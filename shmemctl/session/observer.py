@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..shmem.index import IntervalIndex
 from ..shmem.libc import PAGE_SIZE
 from ..shmem.mapping import FileFacts, Mapping
 from ..shmem.rules import ShmemRefused, check_fd_count, must_refuse
@@ -57,8 +58,9 @@ class PairState:
     #: the config's region sizes by shmid, read once (every SHMEM request is judged by them)
     sizes: dict[int, int] = field(default_factory=dict)
     backend_channel: bool = False
-    #: shmid -> {shm_offset: Mapping}, as the front-end's answers say they are
-    mappings: dict[int, dict[int, Mapping]] = field(default_factory=dict)
+    #: shmid -> its mappings by range, as the front-end's answers say they are (an index:
+    #: every SHMEM request is judged against them)
+    mappings: dict[int, IntervalIndex[Mapping]] = field(default_factory=dict)
     #: ranges a reset dropped, not mapped again since
     dropped: set[tuple[int, int, int]] = field(default_factory=set)
     resets: int = 0
@@ -105,11 +107,8 @@ class Observer:
         return any(waiting is msg for waiting in self._pending[msg.channel])
 
     def mappings(self) -> list[Mapping]:
-        return [
-            m
-            for shmid in sorted(self.state.mappings)
-            for _, m in sorted(self.state.mappings[shmid].items())
-        ]
+        held = self.state.mappings
+        return [m for shmid in sorted(held) for _, _, m in held[shmid]]
 
     # ------------------------------------------------------------ feeding
 
@@ -220,7 +219,7 @@ class Observer:
 
     def _drop_all(self) -> None:
         for shmid, held in self.state.mappings.items():
-            self.state.dropped.update((shmid, m.shm_offset, m.len) for m in held.values())
+            self.state.dropped.update((shmid, m.shm_offset, m.len) for _, _, m in held)
         self.state.mappings.clear()
 
     # ------------------------------------------------------------ backend channel
@@ -265,10 +264,13 @@ class Observer:
         config = self.state.config
         if config is None:
             return ""  # the layout was never seen: nothing to judge by
-        held = self.state.mappings.get(m.shmid, {}).values()
-        return must_refuse(
-            self.state.sizes, [(h.shm_offset, h.len) for h in held], m, is_map=is_map
-        )
+        held = self.state.mappings.get(m.shmid)
+
+        def overlap(start: int, end: int) -> tuple[int, int] | None:
+            hit = held.conflict(start, end) if held is not None else None
+            return None if hit is None else (hit[0], hit[1] - hit[0])
+
+        return must_refuse(self.state.sizes, overlap, m, is_map=is_map)
 
     # ------------------------------------------------------------ replies
 
@@ -363,16 +365,24 @@ class Observer:
             return
         if why or (value is not None and value != 0):
             return  # refused, rightly or for what only the front-end's kernel knows
-        held = self.state.mappings.setdefault(m.shmid, {})
+        held = self.state.mappings.setdefault(m.shmid, IntervalIndex())
+        end = m.shm_offset + m.len
         if is_map:
-            held[m.shm_offset] = (
+            # judged free when it was sent (or not judged: no layout seen); a map sent
+            # since without asking for an answer may have been taken for done over the
+            # same range: this one was answered, and a range holds one mapping
+            if held.get(m.shm_offset) is not None:  # the same start (zero lengths too)
+                held.pop(m.shm_offset)
+            while (hit := held.conflict(m.shm_offset, end)) is not None:
+                held.pop(hit[0])
+            held.add(m.shm_offset, end, (
                 Mapping.granted(m)
                 if file is None
                 else Mapping.granted(m, file=file.file, dev=file.dev, ino=file.ino)
-            )
+            ))  # fmt: skip
             self.state.dropped.discard((m.shmid, m.shm_offset, m.len))
-        else:
-            held.pop(m.shm_offset, None)
+        elif held.get(m.shm_offset) is not None:  # not already gone by a later unmap
+            held.pop(m.shm_offset)
 
 
 def _fd_count_problem(msg: Message) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import errno
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from ..sizes import hex_range
 from ..wire.messages import MMAP_FLAG_WRITE, ShmemMap
@@ -124,23 +124,38 @@ def overlap_detail(start: int, length: int) -> str:
     return f"overlaps {hex_range(start, length)}; unmap it first or pick a free range"
 
 
-def must_refuse(
-    sizes: Mapping[int, int], held: Iterable[tuple[int, int]], m: ShmemMap, *, is_map: bool
-) -> str:
+#: The held mapping that overlaps [start, end), as (shm_offset, len), or None. Held
+#: mappings never overlap each other, so an unmap names one whole mapping exactly when
+#: the overlap of its range is that range.
+Overlap = Callable[[int, int], "tuple[int, int] | None"]
+
+
+def overlap_in(held: Iterable[tuple[int, int]]) -> Overlap:
+    """An `Overlap` over a few (shm_offset, len) pairs, by scanning them; an index
+    (`IntervalIndex.conflict`) answers the same question for many."""
+    pairs = list(held)
+
+    def overlap(start: int, end: int) -> tuple[int, int] | None:
+        for at, length in pairs:
+            if at < end and start < at + length:
+                return at, length
+        return None
+
+    return overlap
+
+
+def must_refuse(sizes: Mapping[int, int], overlap: Overlap, m: ShmemMap, *, is_map: bool) -> str:
     """Why a front-end following the rules must refuse `m` (steps 4-11), judged from the
-    region layout and the (shm_offset, len) of the mappings held in `m`'s region; "" when
+    region layout and the mappings held in `m`'s region (`overlap` finds them); "" when
     nothing there forbids it (the file's size, limits and mmap are the kernel's to say).
     The device's reading of a refusal, the observer and the console's map form use it."""
     try:
         check_request(sizes, m, is_map=is_map)
     except ShmemRefused as exc:
         return exc.detail
-    end = m.shm_offset + m.len
+    hit = overlap(m.shm_offset, m.shm_offset + m.len)
     if is_map:
-        for start, length in held:
-            if start < end and m.shm_offset < start + length:
-                return overlap_detail(start, length)
-        return ""
-    if (m.shm_offset, m.len) in held:
+        return "" if hit is None else overlap_detail(*hit)
+    if hit == (m.shm_offset, m.len):
         return ""
     return f"{hex_range(m.shm_offset, m.len)} is not one whole mapping"
