@@ -50,6 +50,10 @@ class ChannelKind(enum.Enum):
     MAIN = "main"
     BACKEND = "backend"
 
+    # Members are singletons compared by identity, so identity is an exact hash; Enum's
+    # own hashes the name in Python, and messages are keyed by their channel.
+    __hash__ = object.__hash__
+
 
 class FrontendReq(enum.IntEnum):
     """Requests the front-end sends on the main channel."""
