@@ -68,13 +68,15 @@ def run_pair_bench(
     quick: bool = False, timeout: float = 600.0, existing: Sequence[int] = EXISTING
 ) -> list[dict[str, Any]]:
     """Run every cell in one pair of daemons; return one result dict per cell, with the
-    front-end's RSS once the cell is done (its existing mappings still in place)."""
-
-    def frontend_rss(pair: Launched, _paths: PairPaths, results: list[dict[str, Any]]) -> None:
-        if results:
-            results[-1]["fe_rss"] = psutil.Process(pair.frontend.pid).memory_info().rss
-
+    front-end's RSS once the cell is done (`frontend_rss`)."""
     return run_cells(_cells(quick, sorted(existing)), timeout=timeout, watch=frontend_rss)
+
+
+def frontend_rss(pair: Launched, _paths: PairPaths, results: list[dict[str, Any]]) -> None:
+    """A `Watch`: the front-end's RSS into the result of the cell just done, its existing
+    mappings still in place (backend_sim only grows them)."""
+    if results:
+        results[-1]["fe_rss"] = psutil.Process(pair.frontend.pid).memory_info().rss
 
 
 def rss_per_mapping(results: Sequence[dict[str, Any]]) -> list[tuple[int, int, float | None]]:
@@ -283,13 +285,21 @@ def render_tap_bench(report: dict[str, Any], elapsed: float) -> str:
 SPIN_US = round(DEFAULT_BUSY_POLL * 1e6)
 
 
-def run_floor(source: Path, quick: bool) -> dict[tuple[str, int], dict[str, float]]:
+#: the floor's MEDIAN line: pairs/s, and each side's CPU per pair (user+sys)
+_FLOOR_LINE = re.compile(
+    r"MEDIAN.*pairs/s=\s*(\d+).*be=([\d.]+)\+([\d.]+) fe=([\d.]+)\+([\d.]+)"
+)
+
+
+def run_floor(source: Path, quick: bool) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
     """Build and run the C floor for the same modes, blocking and spinning SPIN_US before
-    it sleeps (as our daemons do); {(mode, len): {"blocking": pairs/s, "spinning": ...}}."""
+    it sleeps (as our daemons do); {(mode, len): {"blocking": {"pairs_per_s",
+    "fe_cpu_us", "be_cpu_us"}, "spinning": ...}}: each side's CPU per pair, so that
+    each of our daemons can be held against the C side in its place."""
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise click.ClickException("no C compiler to build the floor (apt-get install gcc)")
-    out: dict[tuple[str, int], dict[str, float]] = {}
+    out: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         binary = os.path.join(tmp, "shmem_floor")
         subprocess.run([cc, "-O2", "-o", binary, str(source)], check=True)
@@ -302,9 +312,13 @@ def run_floor(source: Path, quick: bool) -> dict[tuple[str, int], dict[str, floa
                         [binary, "-m", arg, "-l", str(length), "-n", n, "-r", "3", *wait],
                         capture_output=True, text=True, check=True,
                     )  # fmt: skip
-                    m = re.search(r"MEDIAN.*pairs/s=\s*(\d+)", proc.stdout)
+                    m = _FLOOR_LINE.search(proc.stdout)
                     if m:
-                        out.setdefault((mode, length), {})[kind] = float(m[1])
+                        be_user, be_sys, fe_user, fe_sys = map(float, m.groups()[1:])
+                        out.setdefault((mode, length), {})[kind] = {
+                            "pairs_per_s": float(m[1]), "fe_cpu_us": fe_user + fe_sys,
+                            "be_cpu_us": be_user + be_sys,
+                        }  # fmt: skip
     return out
 
 
@@ -320,8 +334,10 @@ def pair_bench(
         r["cost_vs_empty"] = None if not empty else round(1 - r["pairs_per_s"] / empty, 3)
         for kind, f in floors.get((r["mode"], r["len"]), {}).items():
             # how many times our time per pair is the floor's
-            r[f"floor_{kind}_pairs_per_s"] = f
-            r[f"floor_{kind}_ratio"] = round(f / r["pairs_per_s"], 2)
+            r[f"floor_{kind}_pairs_per_s"] = f["pairs_per_s"]
+            r[f"floor_{kind}_ratio"] = round(f["pairs_per_s"] / r["pairs_per_s"], 2)
+            r[f"floor_{kind}_fe_cpu_us"] = f["fe_cpu_us"]
+            r[f"floor_{kind}_be_cpu_us"] = f["be_cpu_us"]
     if as_json:
         click.echo(json.dumps({"results": results, "spin_us": SPIN_US}))
         return
@@ -350,6 +366,18 @@ def render_pair_bench(results: list[dict[str, Any]], floors: bool, elapsed: floa
             line += f" {floor:>8.0f}" if floor else f" {'-':>8}"
             line += f" {ratio:>6.2f}x" if ratio else f" {'-':>7}"
         lines.append(line)
+    if floors:
+        lines.append("each side's CPU per map+unmap, ours over the C floor's in its place "
+                     f"(spinning {SPIN_US} us), with no existing mappings:")  # fmt: skip
+        for r in results:
+            c_fe, c_be = r.get("floor_spinning_fe_cpu_us"), r.get("floor_spinning_be_cpu_us")
+            if r["existing"] or not c_fe or not c_be or r.get("peer_cpu_us") is None:
+                continue
+            fe, be = r["peer_cpu_us"], r["cpu_us"]
+            lines.append(
+                f"  {r['mode']:8} {human_size(r['len']):>5}  front-end {fe:.0f} / {c_fe:.0f} us "
+                f"= {fe / c_fe:.1f}x   backend_sim {be:.0f} / {c_be:.0f} us = {be / c_be:.1f}x"
+            )
     rss = rss_per_mapping(results)
     if rss:
         lines.append("front-end RSS: " + ", ".join(

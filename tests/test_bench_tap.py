@@ -9,10 +9,13 @@ import json
 import pytest
 
 from shmemctl.bench import (
+    _FLOOR_LINE,
     MODES,
     _region_for,
+    frontend_rss,
     render_pair_bench,
     render_tap_bench,
+    rss_per_mapping,
     run_cells,
     tap_bench,
 )
@@ -66,3 +69,32 @@ def test_the_pair_bench_says_what_each_daemon_spent(capsys) -> None:
                                              (262_144, (512 + 128 + 512) << 20)])  # fmt: skip
 def test_region_zero_grows_with_the_mappings_a_bench_keeps_in_place(most, size) -> None:
     assert _region_for(most) == size
+
+
+def test_the_pair_bench_weighs_the_front_end_with_its_mappings_in_place() -> None:
+    """The front-end's RSS after each cell, and what a mapping kept in place adds to it."""
+    results = run_cells([("ack", 4096, 0, 20), ("ack", 4096, 4096, 20)], watch=frontend_rss)
+    assert all(r["fe_rss"] > 0 for r in results)
+    (none, empty, each0), (n, full, each) = rss_per_mapping(results)
+    assert (none, each0, n) == (0, None, 4096)
+    assert empty == results[0]["fe_rss"] and full == results[1]["fe_rss"]
+    assert each == (full - empty) / 4096
+    text = render_pair_bench(results, floors=False, elapsed=1.0)
+    assert "front-end RSS: " in text and "with 4,096 mappings (" in text
+
+
+def test_the_floors_figures_are_read_per_side() -> None:
+    """shmem_floor's MEDIAN line gives pairs/s and each side's CPU; the report holds each
+    of our daemons against the C side in its place."""
+    line = ("MEDIAN  mode=ack+B  len=4096  touch=0 n=5000  secs=  0.132 pairs/s=    37968 "
+            "us/pair=  26.338  cpu_us/pair: be=3.15+22.78 fe=1.58+24.46 (user+sys)")  # fmt: skip
+    m = _FLOOR_LINE.search(line)
+    assert m is not None and m[1] == "37968"
+    assert [float(g) for g in m.groups()[1:]] == [3.15, 22.78, 1.58, 24.46]
+    row = {"mode": "ack", "len": 4096, "existing": 0, "pairs": 100, "pairs_per_s": 3797.0,
+           "p50_us": 1.0, "p99_us": 2.0, "cpu_us": 259.3, "peer_cpu_us": 260.4,
+           "floor_spinning_pairs_per_s": 37968.0, "floor_spinning_ratio": 10.0,
+           "floor_spinning_fe_cpu_us": 26.04, "floor_spinning_be_cpu_us": 25.93}  # fmt: skip
+    text = render_pair_bench([row], floors=True, elapsed=1.0)
+    assert "front-end 260 / 26 us = 10.0x" in text and "backend_sim 259 / 26 us = 10.0x" in text
+    assert "37968" in text.splitlines()[1]
