@@ -7,7 +7,7 @@ to stay flat. Exit 1 if it does not.
     python bench/soak.py [--daemon tap|frontend] [--maps N] [--every N] [--mode M] [--json]
 
 The tap is watched over 100,000 maps by default, the front-end over 1,000,000. A sample
-is taken as a bench step's last unmap is answered; the next step may have begun, so one
+is taken as each bench step's last unmap is answered; the next step may have begun, so one
 map's fd may be on its way: it is counted apart ("in flight").
 """
 
@@ -41,8 +41,11 @@ def main() -> int:
     steps = math.ceil(maps / every)
     samples: list[dict[str, Any]] = []
 
-    def sample(pair: Launched, paths: PairPaths, _results: list[dict[str, Any]]) -> None:
-        samples.append(daemon_sample(pair, paths, args.daemon))
+    def sample(pair: Launched, paths: PairPaths, results: list[dict[str, Any]]) -> None:
+        # after each step: before the first, a daemon may still be closing what setting
+        # the pair up used (a control connection that asked whether it was up)
+        if results:
+            samples.append(daemon_sample(pair, paths, args.daemon))
 
     # a generous limit: the maps are many and the machine may be busy
     run_cells([(args.mode, 4096, 0, every)] * steps, tap=args.daemon == "tap", timeout=3600,
