@@ -93,8 +93,7 @@ class BackendChannel:
     def __init__(
         self, sock: socket.socket, reply_timeout: float = 5.0, busy_poll: float = DEFAULT_BUSY_POLL
     ) -> None:
-        self.channel = Channel(sock, ChannelKind.BACKEND, replies=True, busy_poll=busy_poll,
-                               read_ahead=True)  # fmt: skip
+        self.channel = Channel(sock, ChannelKind.BACKEND, replies=True, busy_poll=busy_poll)
         self.channel.set_send_timeout(reply_timeout)
         self.channel.set_recv_timeout(reply_timeout)
         self.reply_timeout = reply_timeout
@@ -165,7 +164,7 @@ class BackendChannel:
         """Whether the answer to the request sent when `replies` answers had been read has
         arrived, read or not. From any thread; waits only while an answer is being read."""
         with self.taking:
-            if self.replies > replies or self.channel.holding:
+            if self.replies > replies:
                 return True
             poller = select.poll()  # its own: one poll object may not be polled by two threads
             poller.register(self.channel.sock, select.POLLIN)

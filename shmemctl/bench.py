@@ -15,6 +15,7 @@ run through it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -76,7 +77,8 @@ def frontend_rss(pair: Launched, _paths: PairPaths, results: list[dict[str, Any]
     """A `Watch`: the front-end's RSS into the result of the cell just done, its existing
     mappings still in place (backend_sim only grows them)."""
     if results:
-        results[-1]["fe_rss"] = psutil.Process(pair.frontend.pid).memory_info().rss
+        with contextlib.suppress(psutil.NoSuchProcess):  # gone: the bench says it ended
+            results[-1]["fe_rss"] = psutil.Process(pair.frontend.pid).memory_info().rss
 
 
 def rss_per_mapping(results: Sequence[dict[str, Any]]) -> list[tuple[int, int, float | None]]:

@@ -209,10 +209,10 @@ class Channel:
             self._emit_trace("in", message)
         return message
 
-    def _read(self, n: int) -> Message | None:
+    def _read(self, n: int, take: bool = True) -> Message | None:
         """Read up to `n` bytes into the reader, and take a message if that completed
-        one: with room for fds at a message's start (where SCM_RIGHTS puts them),
-        plainly inside one."""
+        one (unless not `take`): with room for fds at a message's start (where
+        SCM_RIGHTS puts them), plainly inside one."""
         reader = self._reader
         inside = reader.buffered
         try:
@@ -238,7 +238,11 @@ class Channel:
                 where = "header" if inside and inside < HEADER_SIZE else "payload"
                 raise ChannelError(f"peer closed the connection inside a message {where}")
             raise ChannelClosed("peer closed the connection")
-        message = reader.receive(data, fds)
+        if take:
+            message = reader.receive(data, fds)
+        else:
+            reader.feed(data, fds)
+            message = None
         if reader.discarded:
             close_fds(reader.discarded)
             reader.discarded.clear()
@@ -251,7 +255,9 @@ class Channel:
         reader = self._reader
         with contextlib.suppress(ChannelError):
             while reader.discarding and self.wait_readable(0.5):
-                self._read(reader.wanted)
+                # reading ahead, what follows the refused bytes may come too: it stays
+                # with the reader (and its fds with it) for the next recv
+                self._read(reader.wanted, take=False)
 
     def _emit_trace(self, direction: str, message: Message) -> None:
         assert self.trace is not None

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
+
+import pytest
 
 from shmemctl.channel import Channel, send_with_fds
-from shmemctl.wire import BackendReq, ChannelKind, ShmemMap, encode_shmem_request
+from shmemctl.wire import BackendReq, ChannelKind, ShmemMap, WireError, encode_shmem_request
 
 
 def _open_fds() -> set[int]:
@@ -65,4 +68,28 @@ def test_a_channel_closed_while_holding_a_message_closes_its_fds() -> None:
     assert channel.recv(timeout=5).fds == ()
     channel.close()
     theirs.close()
+    assert _open_fds() == before
+
+
+def test_reading_past_a_refused_message_keeps_the_next_one() -> None:
+    """A refused header (version 2) sent with an fd, then its payload and a good
+    message with an fd of its own in one more send: reading past the refused payload
+    reads ahead into the good message, which the next recv still gets, fd and all."""
+    before = _open_fds()
+    ours, theirs = socket.socketpair()
+    channel = Channel(ours, ChannelKind.BACKEND, replies=False, read_ahead=True)
+    memfd = os.memfd_create("shmemctl-test")
+    try:
+        send_with_fds(theirs, struct.pack("<III", 9, 0x2, 40), [memfd])
+        good = encode_shmem_request(BackendReq.SHMEM_MAP, ShmemMap(0, 0, 4096), need_reply=True)
+        send_with_fds(theirs, bytes(40) + good, [memfd])
+        with pytest.raises(WireError):
+            channel.recv(timeout=5)
+        message = channel.recv(timeout=5)
+        assert message.request == BackendReq.SHMEM_MAP and len(message.fds) == 1
+        os.close(message.fds[0])
+    finally:
+        channel.close()
+        theirs.close()
+        os.close(memfd)
     assert _open_fds() == before

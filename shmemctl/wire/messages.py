@@ -588,7 +588,7 @@ class MessageReader:
             if len(data) <= self._skip:
                 self.discarded.extend(fds)  # the chunk ends inside the refused message
             else:  # at the stream offset of the chunk's last byte
-                last = self._consumed + len(self._buf) + max(len(data), 1) - 1
+                last = self._consumed + len(self._buf) + len(data) - 1
                 self._fds.append((last, tuple(fds)))
         if self._skip:
             dropped = min(self._skip, len(data))
@@ -600,6 +600,20 @@ class MessageReader:
 
     def receive(self, data: bytes, fds: Sequence[int] = ()) -> Message | None:
         """`feed`, then `next_message`: what a channel does with each chunk it reads."""
+        if not self._buf and not self._skip and not self._fds and len(data) > HEADER_SIZE:
+            # reading ahead, a chunk is most often one whole message: decoded as it came
+            try:
+                header: Header | None = decode_header(data, replies=self.replies)
+            except WireError:
+                header = None  # the long way reports it, and discards what it must
+            if header is not None and HEADER_SIZE + header.size == len(data):
+                self._consumed += len(data)
+                payload = data[HEADER_SIZE:]
+                try:
+                    return decode_body(self.channel, header, payload, fds)
+                except WireError as exc:
+                    exc.fds, exc.header, exc.payload = tuple(fds), header, payload
+                    raise
         self.feed(data, fds)
         return None if self.wanted else self.next_message()
 
