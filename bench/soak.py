@@ -50,20 +50,23 @@ def main() -> int:
     # a generous limit: the maps are many and the machine may be busy
     run_cells([(args.mode, 4096, 0, every)] * steps, tap=args.daemon == "tap", timeout=3600,
               watch=sample)  # fmt: skip
-    # what the daemon holds of its own: a map's fd passing through is not kept
-    own = [s["fds"] - s["in_flight"] for s in samples]
+    # what the daemon holds of its own: a map's fd passing through is not kept, and a
+    # control connection (the status each sample asks) is the reader's, not the maps'
+    own = [s["fds"] - s["in_flight"] - s["control"] for s in samples]
     first, last = samples[0], samples[-1]
     flat = len(set(own)) == 1 and last["in_flight"] == 0
     if args.json:
         print(json.dumps({"daemon": args.daemon, "samples": samples, "flat": flat}))
     else:
-        print(f"{'maps':>9} {'fds':>4} {'in flight':>9} {'RSS':>7}")
+        print(f"{'maps':>9} {'fds':>4} {'in flight':>9} {'control':>7} {'RSS':>7}")
         for s in samples:
-            print(f"{s['maps']:>9,} {s['fds']:>4} {s['in_flight']:>9} {mib(s['rss']):>7}")
+            print(f"{s['maps']:>9,} {s['fds']:>4} {s['in_flight']:>9} {s['control']:>7} "
+                  f"{mib(s['rss']):>7}")  # fmt: skip
         verdict = "flat" if flat else "NOT flat"
         print(
             f"{args.daemon} fds {own[0]} -> {own[-1]} over {last['maps']:,} maps (min "
-            f"{min(own)}, max {max(own)}, a map's fd in flight apart: {verdict}; "
+            f"{min(own)}, max {max(own)}, a map's fd in flight and control connections "
+            f"apart: {verdict}; "
             f"{last['in_flight']} in flight at the end); RSS {mib(first['rss'])} -> "
             f"{mib(last['rss'])} ({len(samples)} samples, one every {every:,} maps and a "
             "tenth more for each step's warm-up)"

@@ -165,7 +165,10 @@ def daemon_sample(pair: Launched, paths: PairPaths, role: str = "tap") -> dict[s
     assert proc is not None
     pid = proc.pid
     fd_dir = f"/proc/{pid}/fd"
-    fds = in_flight = 0
+    fds = in_flight = control = 0
+    # control connections are sockets bound to the control path (the listener too):
+    # one that a client closed may still be open until the daemon's thread sees it
+    at_control = _sockets_at(str(paths.control(role)))
     for fd in os.listdir(fd_dir):
         try:
             target = os.readlink(f"{fd_dir}/{fd}")
@@ -173,6 +176,7 @@ def daemon_sample(pair: Launched, paths: PairPaths, role: str = "tap") -> dict[s
             continue
         fds += 1
         in_flight += target.startswith("/memfd:")
+        control += target.startswith("socket:[") and target[8:-1] in at_control
     process = psutil.Process(pid)
     with process.oneshot():
         rss = process.memory_info().rss
@@ -183,8 +187,18 @@ def daemon_sample(pair: Launched, paths: PairPaths, role: str = "tap") -> dict[s
     if status is not None:
         counters = status["counters"]
         maps = counters["backend"]["back-end"]["fds"] if role == "tap" else counters["maps"]
-    return {"fds": fds, "in_flight": in_flight, "rss": rss, "maps": maps,
-            "cpu_s": round(cpu.user + cpu.system, 3)}  # fmt: skip
+    return {"fds": fds, "in_flight": in_flight, "control": max(0, control - 1), "rss": rss,
+            "maps": maps, "cpu_s": round(cpu.user + cpu.system, 3)}  # fmt: skip
+
+
+def _sockets_at(path: str) -> set[str]:
+    """Inodes of the Unix sockets bound to `path`: its listener and the connections it
+    accepted (/proc/net/unix names them all by the path)."""
+    with open("/proc/net/unix") as table:
+        next(table)  # the heading
+        return {
+            fields[6] for line in table if len(fields := line.split()) > 7 and fields[7] == path
+        }
 
 
 def _spread(values: list[float]) -> dict[str, Any]:

@@ -5,6 +5,10 @@ size."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +16,7 @@ from shmemctl.bench import (
     _FLOOR_LINE,
     MODES,
     _region_for,
+    daemon_sample,
     frontend_rss,
     render_pair_bench,
     render_tap_bench,
@@ -98,3 +103,50 @@ def test_the_floors_figures_are_read_per_side() -> None:
     text = render_pair_bench([row], floors=True, elapsed=1.0)
     assert "front-end 260 / 26 us = 10.0x" in text and "backend_sim 259 / 26 us = 10.0x" in text
     assert "37968" in text.splitlines()[1]
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_the_hot_path_script_says_what_each_side_costs() -> None:
+    out = subprocess.run([sys.executable, str(BENCH / "hot_path.py"), "50"], check=True,
+                         capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    assert "us CPU per map+unmap pair, both sides, 50 pairs: front-end " in out
+    assert " us, device " in out
+
+
+@pytest.mark.parametrize("daemon", ["frontend", "tap"])
+def test_the_soak_watches_either_daemons_fds(daemon: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "soak.py"), "--daemon", daemon, "--maps", "256",
+         "--every", "128", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    report = json.loads(done.stdout)
+    assert report["daemon"] == daemon and len(report["samples"]) == 2
+    assert report["flat"] is True and done.returncode == 0
+    assert all(s["fds"] > 0 and s["rss"] > 0 for s in report["samples"])
+    assert report["samples"][-1]["maps"] >= 256
+
+
+def test_a_daemons_sample_counts_control_connections_apart() -> None:
+    """A control connection open while the fds are read is the reader's, not the maps':
+    it is counted apart, so that a status asked a moment before is not taken for a leak."""
+    samples = []
+
+    def watch(pair, paths, results) -> None:
+        if results:
+            samples.append(daemon_sample(pair, paths, "frontend"))
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(paths.control("frontend")))
+                assert client.recv(4096).startswith(b'{"QMP"')  # accepted: the daemon holds it
+                samples.append(daemon_sample(pair, paths, "frontend"))
+
+    run_cells([("ack", 4096, 0, 20)], watch=watch)
+    quiet, asked = samples
+    assert asked["control"] >= 1  # ours, at least (the launch's may not be closed yet)
+
+    def own(sample: dict) -> int:
+        return sample["fds"] - sample["in_flight"] - sample["control"]
+
+    assert own(asked) == own(quiet)

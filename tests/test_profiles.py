@@ -3,6 +3,7 @@ device session, without a socket (docs/protocol.md §8)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 
 import pytest
@@ -15,6 +16,7 @@ from shmemctl.session import (
     FrontendSession,
     HandshakeError,
     OpenBackendChannel,
+    Outgoing,
 )
 from shmemctl.session.profiles import GUEST_RAM_SIZE, SHMEM_BAR_GPA
 from shmemctl.shmem.rules import Refusal, ShmemRefused
@@ -140,6 +142,36 @@ def test_a_qemu_guest_reset_stops_the_rings_drops_everything_and_starts_again() 
     # RAM, which the device holds already, is not added twice
     assert p.requests[2] == "REM_MEM_REG" and p.sent[2].payload == announced.payload
     assert "ADD_MEM_REG" not in p.requests
+    assert p.front.negotiated.started
+
+
+def test_a_qemu_device_start_and_unmaps_answered_meanwhile_tell_each_mapping_gone_once() -> None:
+    """A device start after a guest reset takes back the mappings the reset dropped, one
+    REM_MEM_REG each, waiting for each ack; a driver that serves the backend channel
+    meanwhile may announce an unmap of one of them. Whichever comes first tells the
+    device; the other has nothing left to tell (and the start does not trip over it)."""
+    p = pair("qemu")
+    where = {0x10000: 0x9000, 0x20000: 0xA000}  # shm_offset: userspace address
+    for offset, addr in where.items():
+        out = p.front.announcement(shmem(BackendReq.SHMEM_MAP, 0, offset, 0x1000), addr)
+        assert out is not None and p.exchange(out) is not None
+    p.sent.clear()
+    start = p.front.start_device()
+    step = next(start)
+    assert isinstance(step, Outgoing) and step.request == FrontendReq.REM_MEM_REG
+    # while the first REM_MEM_REG waits for its ack, both mappings' unmaps are answered
+    unmaps = [p.front.announcement(shmem(BackendReq.SHMEM_UNMAP, 0, offset, 0x1000), addr)
+              for offset, addr in where.items()]  # fmt: skip
+    fed = p.exchange(step)
+    with contextlib.suppress(StopIteration):
+        while True:
+            step = start.send(fed)
+            fed = p.exchange(step) if isinstance(step, Outgoing) else None
+    rem = FrontendReq.REM_MEM_REG
+    told = [m.payload.region.guest_phys_addr for m in p.sent if m.request == rem]
+    told += [u.payload.region.guest_phys_addr for u in unmaps if u is not None]
+    assert sorted(told) == [SHMEM_BAR_GPA + offset for offset in where]
+    assert unmaps[0] is None  # the start was telling it already
     assert p.front.negotiated.started
 
 

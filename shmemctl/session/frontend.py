@@ -263,9 +263,12 @@ class FrontendSession:
         if slots:
             # as QEMU's table against what the back-end was told: what went, then what came
             for gone in [r for gpa, r in neg.announced.items() if gpa != region.guest_phys_addr]:
+                # taken back before it is said: an unmap announced while this waits for an
+                # ack has nothing left to tell, and one announced before was told already
+                if neg.announced.pop(gone.guest_phys_addr, None) is None:
+                    continue
                 yield from self._send(self.request(FrontendReq.REM_MEM_REG,
                                                    SingleMemoryRegion(gone), ack=True))  # fmt: skip
-                del neg.announced[gone.guest_phys_addr]
             if region.guest_phys_addr not in neg.announced:
                 ram = SingleMemoryRegion(region)
                 yield from self._send(self.request(FrontendReq.ADD_MEM_REG, ram, (fd,), ack=True))
@@ -424,5 +427,6 @@ class FrontendSession:
             neg.announced[region.guest_phys_addr] = region
             return self.request(FrontendReq.ADD_MEM_REG, SingleMemoryRegion(region),
                                 msg.fds[:1], ack=True)  # fmt: skip
-        neg.announced.pop(region.guest_phys_addr, None)
+        if neg.announced.pop(region.guest_phys_addr, None) is None:
+            return None  # taken back already (a device start after a reset): nothing to tell
         return self.request(FrontendReq.REM_MEM_REG, SingleMemoryRegion(region), ack=True)
