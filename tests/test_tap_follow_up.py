@@ -125,3 +125,24 @@ def test_answering_first_and_asking_at_once_is_never_accused(negotiated, tmp_pat
         assert recorded_verdict(tmp_path) == PASS
     finally:
         os.close(buffer)
+
+
+def test_half_a_message_on_one_side_holds_nothing_up_on_the_other(negotiated) -> None:
+    """One thread relays both directions of a channel: half an answer from the front-end
+    waits for its rest while the back-end's next request still goes through, and the
+    answer goes on whole once its rest comes."""
+    (_front, _back, tap, _proc), ours, given = negotiated
+    buffer = memfd(PAGE)
+    try:
+        first = encode_shmem_request(BackendReq.SHMEM_MAP, ShmemMap(0, 0, PAGE), need_reply=True)
+        through(given, ours, first, [buffer])
+        answer = encode_u64_reply(BackendReq.SHMEM_MAP, 0)
+        ours.sendall(answer[:5])
+        then = encode_shmem_request(BackendReq.SHMEM_UNMAP, ShmemMap(0, 0, PAGE), need_reply=False)
+        through(given, ours, then)  # relayed while half the answer waits in the tap
+        ours.sendall(answer[5:])
+        assert recv_exactly(given, len(answer)) == (answer, [])
+        counters = tap.execute("query-status")["counters"]["backend"]
+        assert counters["back-end"]["messages"] == 2 and counters["front-end"]["messages"] == 1
+    finally:
+        os.close(buffer)

@@ -1,5 +1,10 @@
-"""One channel of a relayed pair: a socket to each side and a thread per direction that
-forwards each unit the `Framer` cuts, exactly, then closes its copies of the fds.
+"""One channel of a relayed pair: a socket to each side and one thread that forwards each
+unit the `Framer` cuts from either side, exactly, then closes its copies of the fds.
+
+One thread for both directions, polling both sockets and spinning briefly before it
+sleeps, as the daemons do: a request and its answer follow each other within tens of
+microseconds, and a thread per direction would hand the interpreter back and forth
+and sleep between them (each wake-up costs as much again on a small VM).
 
 What a unit means (the observer, events, the SET_BACKEND_REQ_FD rewrite) is the tap's
 business: a link calls `Relay.forward` for each unit and only moves bytes and fds.
@@ -16,10 +21,11 @@ import socket
 import struct
 import termios
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
-from ..channel import SCM_MAX_FD, Channel, fds_from
+from ..channel import DEFAULT_BUSY_POLL, SCM_MAX_FD, Channel, fds_from
 from ..events import EventHub
 from ..session.observer import BACKEND, FRONTEND
 from ..wire.constants import ChannelKind
@@ -30,15 +36,14 @@ log = logging.getLogger("tap")
 #: Room for the most fds the kernel passes in one message, so that no message a peer
 #: can send loses an fd to MSG_CTRUNC in the tap.
 _ANCBUF = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
-_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
-_NOWAIT_FLAGS = _RECV_FLAGS | int(socket.MSG_DONTWAIT)
+_NOWAIT_FLAGS = int(socket.MSG_CMSG_CLOEXEC) | int(socket.MSG_DONTWAIT)
 _CTRUNC = int(socket.MSG_CTRUNC)
 
 
-def receive(sock: socket.socket, n: int, wait: bool = True) -> tuple[bytes, list[int], bool]:
-    """Up to `n` bytes, the fds that came with them, and whether fds were cut off.
-    Without `wait`, BlockingIOError when nothing is there."""
-    data, ancdata, flags, _ = sock.recvmsg(n, _ANCBUF, _RECV_FLAGS if wait else _NOWAIT_FLAGS)
+def receive(sock: socket.socket, n: int) -> tuple[bytes, list[int], bool]:
+    """Up to `n` bytes, the fds that came with them, and whether fds were cut off;
+    BlockingIOError when nothing is there."""
+    data, ancdata, flags, _ = sock.recvmsg(n, _ANCBUF, _NOWAIT_FLAGS)
     return data, fds_from(ancdata), bool(flags & _CTRUNC)
 
 
@@ -88,15 +93,10 @@ class Link:
             # the one record of each forwarded message: the channel that sends it on
             channel.trace, channel.trace_role = trace, "tap"
         self.framers = {side: Framer(kind, replies=replies_from(kind, side)) for side in self.to}
-        self._threads = [
-            threading.Thread(target=self._pump, args=(side,), daemon=True,
-                             name=f"tap-{kind.value}-from-{side}")
-            for side in self.to
-        ]  # fmt: skip
-        self._lock = threading.Lock()
-        self._running = len(self._threads)
-        #: held by the direction's thread from a read until the unit it completes is
-        #: judged and sent: who holds none is between units (`may_carry_unseen`). Only
+        self._thread = threading.Thread(target=self._relay, daemon=True,
+                                        name=f"tap-{kind.value}")  # fmt: skip
+        #: held by the link's thread from a read of that side until the unit it completes
+        #: is judged and sent: who holds none is between units (`may_carry_unseen`). Only
         #: the front-end's answers on a backend channel need it: whether one may be on its
         #: way decides whether a request on the main channel came before it.
         self._reading: dict[str, threading.Lock] = (
@@ -104,8 +104,7 @@ class Link:
         )
 
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
+        self._thread.start()
 
     def shutdown(self) -> None:
         """Wake both directions; each sees EOF or an error and ends."""
@@ -113,9 +112,8 @@ class Link:
             channel.shutdown()
 
     def join(self) -> None:
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
     def may_carry_unseen(self, sender: str) -> bool:
         """Whether `sender` may have sent on this channel something the tap has not yet
@@ -132,44 +130,64 @@ class Link:
         finally:
             lock.release()
 
-    def _pump(self, sender: str) -> None:
-        lock = self._reading.get(sender)
+    def _relay(self) -> None:
+        """Both directions until both ended: read from whichever side has something,
+        one read at a time (a message that has begun does not hold the other side up),
+        forward what completes; then close both sockets."""
         poller = select.poll()
-        poller.register(self.to[sender].sock, select.POLLIN)
-        framer = self.framers[sender]
-        ended = ""
+        sides: dict[int, str] = {}
+        for side, channel in self.to.items():
+            poller.register(channel.sock, select.POLLIN)
+            sides[channel.sock.fileno()] = side
+        relaying = set(self.to)
         try:
-            while not ended:
-                try:
-                    # guarded, a read that would wait is not made under the guard (the poll
-                    # below waits outside it); the rest of a message that has begun is read
-                    # under it too
-                    with lock or contextlib.nullcontext():
-                        ended = self._step(sender, wait=lock is None)
-                        while not ended and framer.holding:
-                            ended = self._step(sender)
-                except BlockingIOError:
-                    poller.poll()
+            while relaying:
+                for fd, _events in _ready(poller):
+                    sender = sides[fd]
+                    if sender not in relaying:
+                        continue
+                    ended = self._turn(sender)
+                    if ended:
+                        relaying.discard(sender)
+                        poller.unregister(fd)
+                        self._end(sender, ended)
         except Exception as exc:  # a bug must cost this connection, never the tap
-            ended = f"internal error: {exc!r}"
-            log.exception("relaying the %s channel from the %s", self.kind.value, sender)
+            log.exception("relaying the %s channel", self.kind.value)
+            for sender in relaying:
+                self._end(sender, f"internal error: {exc!r}")
         finally:
-            framer.close()
-            # reported before the receiver sees the end: the receiver closing its side in
-            # answer must not be taken for the side that ended the connection
-            self.on_end(self, sender, ended)
-            # the receiver sees the end of the stream, as it would without the tap
-            with contextlib.suppress(OSError):
-                self.to[other(sender)].sock.shutdown(socket.SHUT_WR)
-            self._ended()
+            for channel in self.to.values():
+                channel.close()
 
-    def _step(self, sender: str, wait: bool = True) -> str:
+    def _turn(self, sender: str) -> str:
+        """Read from `sender` until a unit is forwarded or nothing more is there (then
+        the other side has its turn); why that direction ended, or "" to go on."""
+        framer = self.framers[sender]
+        with self._reading.get(sender) or contextlib.nullcontext():
+            while True:
+                try:
+                    ended = self._step(sender)
+                except BlockingIOError:
+                    return ""  # the rest of a message has not come yet
+                if ended or not framer.holding:
+                    return ended
+
+    def _end(self, sender: str, why: str) -> None:
+        self.framers[sender].close()
+        # reported before the receiver sees the end: the receiver closing its side in
+        # answer must not be taken for the side that ended the connection
+        self.on_end(self, sender, why)
+        # the receiver sees the end of the stream, as it would without the tap
+        with contextlib.suppress(OSError):
+            self.to[other(sender)].sock.shutdown(socket.SHUT_WR)
+
+    def _step(self, sender: str) -> str:
         """Read once and forward the unit that completes, if any; why this direction
-        ended, or "" to go on. Without `wait`, BlockingIOError when nothing is there."""
+        ended, or "" to go on. BlockingIOError when nothing is there."""
         source = self.to[sender].sock
         framer = self.framers[sender]
         try:
-            data, fds, cut = receive(source, framer.wanted, wait)
+            data, fds, cut = receive(source, framer.wanted)
         except BlockingIOError:
             raise
         except OSError as exc:
@@ -184,10 +202,16 @@ class Link:
             return f"sending to the {other(sender)} failed"
         return "" if data else f"{sender} closed the {self.kind.value} channel"
 
-    def _ended(self) -> None:
-        with self._lock:
-            self._running -= 1
-            last = self._running == 0
-        if last:
-            for channel in self.to.values():
-                channel.close()
+
+def _ready(poller: select.poll) -> list[tuple[int, int]]:
+    """What `poller` has ready: at once if anything, else polling for DEFAULT_BUSY_POLL
+    before sleeping until something is."""
+    ready = poller.poll(0)
+    if ready:
+        return ready
+    deadline = time.perf_counter() + DEFAULT_BUSY_POLL
+    while time.perf_counter() < deadline:
+        ready = poller.poll(0)
+        if ready:
+            return ready
+    return poller.poll()

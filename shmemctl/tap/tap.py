@@ -3,7 +3,7 @@ exactly and reports what an observer sees (docs/protocol.md, as judged by
 `session.observer.Observer`).
 
 Threads: the caller's runs `run()` (accept or connect each side, then wait for the
-connection to end); each channel has one thread per direction (`Link`). The observer
+connection to end); each channel has one thread for both directions (`Link`). The observer
 is fed under one lock, before the message is sent on, so a request is always seen
 before the reply it draws.
 
