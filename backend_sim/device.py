@@ -618,9 +618,22 @@ def parse_script(lines: Iterable[str]) -> list[Step]:
 
 
 def _cpu_seconds(proc: psutil.Process | None) -> float:
-    """User and system CPU time of `proc` so far; 0 when it cannot be read."""
+    """CPU time of `proc` so far, all its threads; 0 when it cannot be read. From the
+    scheduler's count in nanoseconds (/proc/PID/task/*/schedstat) where the kernel
+    keeps it: user and system times move in 10 ms ticks, and a short bench cell's
+    peer may spend less than one."""
     if proc is None:
         return 0.0
+    tasks = f"/proc/{proc.pid}/task"
+    try:
+        ns = 0
+        for task in os.listdir(tasks):
+            with contextlib.suppress(FileNotFoundError), open(f"{tasks}/{task}/schedstat") as f:
+                ns += int(f.read().split()[0])  # a thread that ended took its share along
+        if ns:
+            return ns / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         times = proc.cpu_times()
     except psutil.Error:
