@@ -32,6 +32,7 @@ from shmemctl.session import (
     Rule,
     owed,
 )
+from shmemctl.session import observer as observer_module
 from shmemctl.shmem.libc import PAGE_SIZE
 from shmemctl.shmem.mapping import FileFacts, Mapping
 from shmemctl.shmem.rules import Refusal, ShmemRefused
@@ -790,3 +791,19 @@ def test_observer_forgets_at_disconnect() -> None:
 def test_nothing_here_opened_an_fd() -> None:
     """The sessions are pure: FAKE_FD stays a number, never a descriptor of ours."""
     assert not os.path.exists(f"/proc/self/fd/{FAKE_FD}")
+
+
+def test_an_observer_keeps_the_latest_violations_not_all_of_them() -> None:
+    """A pair that breaks a rule with every message is watched for days: what each
+    message broke is returned (the tap counts it), and only the latest are kept."""
+    pair = Pair()  # no handshake: every SHMEM request is one without SHMEM negotiated
+    m = ShmemMap(0, 0, PAGE_SIZE)
+    returned = 0
+    for _ in range(observer_module.KEPT_VIOLATIONS + 10):
+        unmap = request(BACKEND, BackendReq.SHMEM_UNMAP, m, need_reply=False)
+        found = pair.observer.message(unmap)
+        assert [v.rule for v in found].count(Rule.SHMEM_NEGOTIATED) == 1
+        returned += len(found)
+    assert returned > observer_module.KEPT_VIOLATIONS
+    assert len(pair.observer.violations) <= observer_module.KEPT_VIOLATIONS
+    assert pair.observer.violations[-len(found):] == found

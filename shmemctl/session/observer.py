@@ -66,12 +66,19 @@ class PairState:
     resets: int = 0
 
 
+#: How many violations an observer keeps to be read; whoever needs them all counts
+#: them as `message` returns them (the tap counts them by rule).
+KEPT_VIOLATIONS = 10_000
+
+
 class Observer:
     """Feed `message(msg)` with each message as it travelled; read `violations`."""
 
     def __init__(self, *, shmem_bit: int = SHMEM_BIT) -> None:
         self.shmem_mask = 1 << shmem_bit
         self.state = PairState()
+        #: the latest violations (at most KEPT_VIOLATIONS, then the older half goes: a
+        #: pair that breaks a rule with every message is watched for days), oldest first
         self.violations: list[Violation] = []
         #: per channel, the requests still owed a reply, oldest first
         self._pending: dict[ChannelKind, deque[Message]] = {
@@ -122,6 +129,8 @@ class Observer:
         front-end may already have sent answers the observer has not been fed yet (the
         two channels are separate streams: only their reader can tell); then a memory
         table update before an answer is not held against it."""
+        if len(self.violations) >= KEPT_VIOLATIONS:
+            del self.violations[: KEPT_VIOLATIONS // 2]
         before = len(self.violations)
         if msg.channel in self.blind:
             return []
