@@ -807,3 +807,30 @@ def test_an_observer_keeps_the_latest_violations_not_all_of_them() -> None:
     assert returned > observer_module.KEPT_VIOLATIONS
     assert len(pair.observer.violations) <= observer_module.KEPT_VIOLATIONS
     assert pair.observer.violations[-len(found):] == found
+
+
+def test_a_watch_remembers_the_pictures_files_and_the_latest_others(monkeypatch) -> None:
+    """A device that makes a file for every blob is watched for days: the watch keeps
+    the files of the mappings it holds, and of the others the latest ones only."""
+    from shmemctl.tap import watch as watch_module
+    from shmemctl.tap.framer import Unit
+
+    monkeypatch.setattr(watch_module, "KEPT_FILES", 8)
+    watch = watch_module.Watch()
+
+    def judge(msg, facts=None) -> None:
+        watch.unit(BACKEND, "x", Unit(b"", msg.fds, msg), decoding=True, now=0.0, facts=facts)
+
+    files = [FileFacts(1, 100 + i, f"/memfd:blob-{i} (deleted)", PAGE_SIZE) for i in range(40)]
+    kept = ShmemMap(0, 0, PAGE_SIZE)
+    judge(request(BACKEND, BackendReq.SHMEM_MAP, kept, need_reply=False, fds=(FAKE_FD,)),
+          files[0])  # fmt: skip
+    for i, facts in enumerate(files[1:], 1):
+        m = ShmemMap(0, i * PAGE_SIZE, PAGE_SIZE)
+        judge(request(BACKEND, BackendReq.SHMEM_MAP, m, need_reply=False, fds=(FAKE_FD,)), facts)
+        judge(request(BACKEND, BackendReq.SHMEM_UNMAP, m, need_reply=False))
+    assert watch.observer.mappings() == [Mapping.granted(kept, file=files[0].file, dev=1, ino=100)]
+    assert (1, 100) in watch.files  # the picture's, however old
+    assert len(watch.files) <= 8 + 1
+    assert list(watch.files)[-4:] == [(1, 100 + i) for i in range(36, 40)]  # the latest
+    assert (1, 101) not in watch.files  # the oldest of the others went

@@ -55,6 +55,10 @@ def carries_map_file(unit: Unit) -> bool:
     )
 
 
+#: Files a watch remembers besides those of its picture's mappings (see `Watch.files`).
+KEPT_FILES = 65_536
+
+
 class Watch:
     """Feed `attached`, `unit` for each unit in the order the tap relayed them,
     `overdue` now and then, `detached`; read the picture from `observer` and the rest
@@ -66,10 +70,14 @@ class Watch:
         self.reply_deadline = reply_deadline
         #: violations so far, by rule label
         self.violations: Counter[str] = Counter()
-        #: every file a SHMEM_MAP carried on this connection, by (st_dev, st_ino), whatever
-        #: became of the request: a front-end that still maps one the picture does not
-        #: hold is a finding
+        #: the files SHMEM_MAPs carried on this connection, by (st_dev, st_ino), latest
+        #: last, whatever became of the request: a front-end that still maps one the
+        #: picture does not hold is a finding. Those of the picture's mappings are all
+        #: kept; of the others, the latest KEPT_FILES at least (a device that makes a
+        #: file for every blob is watched for days), and a mapping of one forgotten is
+        #: one of a file the tap never learnt (the verdict is then unknown, never agree)
         self.files: dict[tuple[int, int], FileFacts] = {}
+        self._forget_past = KEPT_FILES
         #: directions of this connection relayed raw, their framing lost
         self.raw: set[str] = set()
         #: connections seen, the current one's number
@@ -90,6 +98,7 @@ class Watch:
         """The connection ended: every mapping went with it."""
         self.observer.disconnected()
         self.files.clear()
+        self._forget_past = KEPT_FILES
         self._asked.clear()
 
     def unit(
@@ -138,12 +147,26 @@ class Watch:
                 self.violations[Rule.ANSWERED_IN_TIME.label] += 1
         return late
 
+    def _forget_old_files(self) -> None:
+        """Forget the oldest files no mapping of the picture is of, down to half of
+        KEPT_FILES; then wait for as many more before looking again (one pass over the
+        picture per KEPT_FILES // 2 maps at most, however many mappings it holds)."""
+        held = {(m.dev, m.ino) for m in self.observer.mappings()}
+        excess = len(self.files) - KEPT_FILES // 2
+        for key in [key for key in self.files if key not in held][:excess]:
+            del self.files[key]
+        self._forget_past = len(self.files) + KEPT_FILES // 2
+
     def _message(
         self, message: Message, facts: FileFacts | None, now: float, answers_in_flight: bool
     ) -> list[Finding]:
         observer = self.observer
         if facts is not None and message.channel not in observer.blind:
-            self.files[(facts.dev, facts.ino)] = facts
+            key = (facts.dev, facts.ino)
+            self.files.pop(key, None)  # the latest last
+            self.files[key] = facts
+            if len(self.files) > self._forget_past:
+                self._forget_old_files()
         violations = observer.message(message, facts, answers_in_flight=answers_in_flight)
         if self.reply_deadline is not None and observer.owes(message):
             self._asked[id(message)] = (message, now)
