@@ -175,8 +175,10 @@ class Channel:
     # ----------------------------------------------------------- receiving
 
     def wait_readable(self, timeout: float | None) -> bool:
-        """Whether a message (or its start) is here or arrives within `timeout`."""
-        if self._reader.buffered:
+        """Whether a message read ahead is here (or a header, which `recv` judges
+        before it waits for the rest), or something arrives within `timeout`. A few
+        bytes of a header read ahead are not enough: the poll waits for the rest."""
+        if not self._reader.wanted:
             return True
         return bool(self._poll.poll(None if timeout is None else int(timeout * 1000)))
 

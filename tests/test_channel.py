@@ -93,3 +93,22 @@ def test_reading_past_a_refused_message_keeps_the_next_one() -> None:
         theirs.close()
         os.close(memfd)
     assert _open_fds() == before
+
+
+def test_the_start_of_a_header_read_ahead_waits_for_its_rest() -> None:
+    """A message and the first bytes of the next one's header arrive in one read: the
+    first is there at once, the second only once the rest of its header comes."""
+    ours, theirs = socket.socketpair()
+    channel = Channel(ours, ChannelKind.BACKEND, replies=False, read_ahead=True)
+    try:
+        unmap = encode_shmem_request(BackendReq.SHMEM_UNMAP, ShmemMap(0, 0, 4096), need_reply=False)
+        theirs.sendall(unmap + unmap[:8])
+        assert channel.recv(timeout=5).request == BackendReq.SHMEM_UNMAP
+        assert channel.holding == 8
+        assert not channel.wait_readable(0)  # part of a header: nothing to take yet
+        theirs.sendall(unmap[8:])
+        assert channel.wait_readable(5)
+        assert channel.recv(timeout=5).request == BackendReq.SHMEM_UNMAP
+    finally:
+        channel.close()
+        theirs.close()
