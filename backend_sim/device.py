@@ -13,8 +13,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import psutil
-
 from shmemctl.backend import (
     AnswerLost,
     BackendChannel,
@@ -26,7 +24,7 @@ from shmemctl.backend import (
 )
 from shmemctl.bench_layout import CHURN, bench_span, churn_base
 from shmemctl.channel import ChannelError, ChannelTimeout
-from shmemctl.daemon import peer_credentials
+from shmemctl.daemon import cpu_seconds, peer_credentials
 from shmemctl.events import Event
 from shmemctl.faults import Fault
 from shmemctl.session import Outgoing
@@ -617,24 +615,6 @@ def parse_script(lines: Iterable[str]) -> list[Step]:
     return steps
 
 
-def _cpu_seconds(proc: psutil.Process | None) -> float:
-    """CPU time of `proc` so far, all its threads, those that ended too; 0 when it
-    cannot be read. From the process's CPU-time clock, in nanoseconds: user and
-    system times move in 10 ms ticks, and a short bench cell's peer may spend less
-    than one."""
-    if proc is None:
-        return 0.0
-    # the clock id clock_getcpuclockid(3) gives for another process on Linux: the
-    # scheduler's count of the whole process (CPUCLOCK_SCHED, not one thread)
-    with contextlib.suppress(OSError, OverflowError):
-        return time.clock_gettime(((~proc.pid) << 3) | 2)
-    try:
-        times = proc.cpu_times()
-    except psutil.Error:
-        return 0.0
-    return times.user + times.system
-
-
 class ScriptRunner:
     """Runs a checked script against the front-end; one result line per step."""
 
@@ -730,13 +710,13 @@ class ScriptRunner:
             if not warmup:
                 samples.clear()
                 start = clock()
-                cpu, peer_cpu = time.process_time(), _cpu_seconds(peer)
+                cpu, peer_cpu = time.process_time(), cpu_seconds(peer) if peer else 0.0
             self._bench_groups(
                 maps, buf.fd, batch, max(1, groups // 10) if warmup else groups, samples
             )
         elapsed = (clock() - start) / 1e9
         cpu = time.process_time() - cpu
-        peer_cpu = _cpu_seconds(peer) - peer_cpu
+        peer_cpu = (cpu_seconds(peer) if peer else 0.0) - peer_cpu
         buf.close()
         self.device.buffers.pop(buf.id, None)
         samples.sort()
@@ -756,17 +736,17 @@ class ScriptRunner:
         log.debug("bench %s at %s: %s", mode, hex_range(base, length), result)
         return json.dumps(result)
 
-    def _bench_peer(self) -> psutil.Process | None:
-        """The process on the other end of the backend channel (SO_PEERCRED), if it can be
+    def _bench_peer(self) -> int | None:
+        """The pid on the other end of the backend channel (SO_PEERCRED), if it can be
         read."""
         channel = self.device.endpoint.backend_channel
         if channel is None:
             return None
         try:
             pid, _, _ = peer_credentials(channel.channel.sock)
-            return psutil.Process(pid) if pid > 0 else None
-        except (OSError, psutil.Error):
+        except OSError:
             return None
+        return pid if pid > 0 else None
 
     def _bench_groups(
         self, maps: list[ShmemMap], fd: int, batch: int, groups: int, samples: list[float]

@@ -12,7 +12,6 @@ import logging
 import select
 import socket
 import threading
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from .channel import (
     ChannelError,
     ChannelTimeout,
     close_fds,
+    spin,
 )
 from .daemon import Stopper
 from .events import Event, EventHub
@@ -153,12 +153,10 @@ class BackendChannel:
         """Until the answer's first bytes are there, without taking them (spinning
         briefly first, as the channel does), so that taking it happens under `taking`."""
         channel = self.channel
-        deadline = time.perf_counter() + channel.busy_poll
-        while not channel.wait_readable(0):
-            if time.perf_counter() > deadline:
-                if not channel.wait_readable(self.reply_timeout):
-                    raise ChannelTimeout(f"no message within {self.reply_timeout:g}s")
-                break
+        if not spin(lambda: channel.wait_readable(0), channel.busy_poll) and (
+            not channel.wait_readable(self.reply_timeout)
+        ):
+            raise ChannelTimeout(f"no message within {self.reply_timeout:g}s")
 
     def answered_since(self, replies: int) -> bool:
         """Whether the answer to the request sent when `replies` answers had been read has

@@ -34,6 +34,7 @@ import psutil
 
 from .bench_layout import bench_span, churn_base
 from .channel import DEFAULT_BUSY_POLL
+from .daemon import cpu_seconds
 from .pair import Launched, PairError, daemon_status, launch
 from .rundir import PairPaths
 from .sizes import human_size, mib
@@ -177,10 +178,7 @@ def daemon_sample(pair: Launched, paths: PairPaths, role: str = "tap") -> dict[s
         fds += 1
         in_flight += target.startswith("/memfd:")
         control += target.startswith("socket:[") and target[8:-1] in at_control
-    process = psutil.Process(pid)
-    with process.oneshot():
-        rss = process.memory_info().rss
-        cpu = process.cpu_times()
+    rss = psutil.Process(pid).memory_info().rss
     # read after /proc: the control connection is one more fd of the daemon while it lasts
     status = daemon_status(paths, role)
     maps = None
@@ -188,7 +186,7 @@ def daemon_sample(pair: Launched, paths: PairPaths, role: str = "tap") -> dict[s
         counters = status["counters"]
         maps = counters["backend"]["back-end"]["fds"] if role == "tap" else counters["maps"]
     return {"fds": fds, "in_flight": in_flight, "control": max(0, control - 1), "rss": rss,
-            "maps": maps, "cpu_s": round(cpu.user + cpu.system, 3)}  # fmt: skip
+            "maps": maps, "cpu_s": round(cpu_seconds(pid), 6)}  # fmt: skip
 
 
 def _sockets_at(path: str) -> set[str]:

@@ -15,7 +15,8 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from .events import TRACE, EventHub
 from .wire import ChannelKind, Message, MessageReader, WireError, decode_body, decode_header
@@ -27,6 +28,8 @@ from .wire.constants import (
     request_name,
 )
 from .wire.messages import Header, summarize
+
+T = TypeVar("T")
 
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 # socket's constants are IntFlag/IntEnum members; arithmetic on those costs
@@ -100,6 +103,16 @@ def fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 #: map+unmap pairs/s in `shmemctl bench` doubled from 50 to 200 (the C floor,
 #: spinning as long, does not change). 0 disables it.
 DEFAULT_BUSY_POLL = 200e-6
+
+
+def spin(ready: Callable[[], T], seconds: float) -> T | None:
+    """`ready()` again and again until it gives something true, for up to `seconds`
+    (DEFAULT_BUSY_POLL's reason); None if it never did."""
+    deadline = time.perf_counter() + seconds
+    while True:
+        got = ready()
+        if got or time.perf_counter() > deadline:
+            return got or None
 
 
 #: What a channel that reads ahead asks of each read: a header and payload in one

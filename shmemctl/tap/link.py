@@ -21,11 +21,10 @@ import socket
 import struct
 import termios
 import threading
-import time
 from collections.abc import Callable
 from typing import Protocol
 
-from ..channel import DEFAULT_BUSY_POLL, SCM_MAX_FD, Channel, fds_from
+from ..channel import DEFAULT_BUSY_POLL, SCM_MAX_FD, Channel, fds_from, spin
 from ..events import EventHub
 from ..session.observer import BACKEND, FRONTEND
 from ..wire.constants import ChannelKind
@@ -206,12 +205,4 @@ class Link:
 def _ready(poller: select.poll) -> list[tuple[int, int]]:
     """What `poller` has ready: at once if anything, else polling for DEFAULT_BUSY_POLL
     before sleeping until something is."""
-    ready = poller.poll(0)
-    if ready:
-        return ready
-    deadline = time.perf_counter() + DEFAULT_BUSY_POLL
-    while time.perf_counter() < deadline:
-        ready = poller.poll(0)
-        if ready:
-            return ready
-    return poller.poll()
+    return spin(lambda: poller.poll(0), DEFAULT_BUSY_POLL) or poller.poll()
