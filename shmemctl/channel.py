@@ -107,12 +107,19 @@ DEFAULT_BUSY_POLL = 200e-6
 
 def spin(ready: Callable[[], T], seconds: float) -> T | None:
     """`ready()` again and again until it gives something true, for up to `seconds`
-    (DEFAULT_BUSY_POLL's reason); None if it never did."""
+    (DEFAULT_BUSY_POLL's reason); None if it never did.
+
+    Between tries it yields the core to any thread waiting for one: where more threads
+    spin than there are cores (a pair and a tap relaying it, three processes in one
+    chain on two cores), the one with the next message to handle would otherwise wait
+    out a spinner's time slice, milliseconds, for every hop. With nothing else runnable
+    on the core, a yield is one cheap system call."""
     deadline = time.perf_counter() + seconds
     while True:
         got = ready()
         if got or time.perf_counter() > deadline:
             return got or None
+        os.sched_yield()
 
 
 #: What a channel that reads ahead asks of each read: a header and payload in one
@@ -319,13 +326,14 @@ class Channel:
 
     def _poll_briefly(self, n: int) -> tuple[bytes, list, int, object] | None:
         recvmsg = self.sock.recvmsg
-        deadline = time.perf_counter() + self.busy_poll
-        while True:
+
+        def attempt() -> tuple[bytes, list, int, object] | None:
             try:
                 return recvmsg(n, _ANCBUF, _RECV_FLAGS | _DONTWAIT)
             except BlockingIOError:
-                if time.perf_counter() > deadline:
-                    return None
+                return None
+
+        return spin(attempt, self.busy_poll)
 
     # ------------------------------------------------------------- closing
 

@@ -115,6 +115,14 @@ def test_the_hot_path_script_says_what_each_side_costs() -> None:
     assert " us, device " in out
 
 
+def test_the_tap_hot_path_script_relays_clean_traffic_and_says_what_a_hop_costs() -> None:
+    out = subprocess.run([sys.executable, str(BENCH / "tap_hot_path.py"), "50"], check=True,
+                         capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    assert "us CPU per map+unmap pair, 50 pairs: tap " in out
+    # the tap judged what it relayed, and found a well-behaved pair well-behaved
+    assert out.rstrip().endswith("violations seen: 0"), out
+
+
 @pytest.mark.parametrize("daemon", ["frontend", "tap"])
 def test_the_soak_watches_either_daemons_fds(daemon: str) -> None:
     done = subprocess.run(
