@@ -111,7 +111,9 @@ class Observer:
 
     def owes(self, msg: Message) -> bool:
         """Whether `msg` (this very message) is still owed a reply."""
-        return any(waiting is msg for waiting in self._pending[msg.channel])
+        queue = self._pending[msg.channel]
+        # asked right after feeding it, for every message: then it is the newest, if owed
+        return bool(queue) and (queue[-1] is msg or any(waiting is msg for waiting in queue))
 
     def mappings(self) -> list[Mapping]:
         held = self.state.mappings
