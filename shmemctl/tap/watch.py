@@ -170,7 +170,7 @@ class Watch:
         violations = observer.message(message, facts, answers_in_flight=answers_in_flight)
         if self.reply_deadline is not None and observer.owes(message):
             self._asked[id(message)] = (message, now)
-        if violations:  # Counter.update costs as much as judging the message
+        if violations:  # most messages break nothing; Counter.update costs microseconds
             self.violations.update(v.rule.label for v in violations)
         config = observer.state.config
         if config is not None and (self.last_config is None or self.last_config[0] is not config):
