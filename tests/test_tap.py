@@ -59,6 +59,29 @@ def test_the_framer_cuts_messages_exactly_and_keeps_fds_with_theirs() -> None:
     assert all(u.framed and not u.problem for u in units)
 
 
+def test_after_a_sound_header_the_relay_may_read_its_payload_at_once() -> None:
+    m = ShmemMap(0, 0, MiB, 0, 1)
+    whole = encode_shmem_request(BackendReq.SHMEM_MAP, m, need_reply=True)
+    header = whole[:12]
+    framer = Framer(ChannelKind.BACKEND, replies=False)
+    assert framer.payload_after(header) == len(whole) - 12
+    # read in two and fed as one chunk, it is the unit the framer cuts from two
+    unit = framer.feed(whole, [101])
+    assert unit is not None and (unit.data, unit.fds) == (whole, (101,))
+    assert unit.message is not None and unit.message.name == "SHMEM_MAP" and not unit.problem
+    assert framer.payload_after(whole) == 0  # not a header alone
+    assert framer.feed(header, [102]) is None
+    assert framer.payload_after(header) == 0  # the framer holds a message: it says what next
+    assert framer.wanted == len(whole) - 12
+    # a header the codec refuses is fed as it came, and the framer judges it
+    reply_on_request_stream = encode_u64_reply(FrontendReq.GET_FEATURES, 1)[:12]
+    lost = Framer(ChannelKind.MAIN, replies=False)
+    assert lost.payload_after(b"\xde\xad\xbe\xef" * 3) == 0
+    assert lost.payload_after(reply_on_request_stream) == 0
+    assert lost.feed(b"\xde\xad\xbe\xef" * 3) is not None and not lost.decoding
+    assert lost.payload_after(header) == 0  # raw from now on: no boundary to read up to
+
+
 def test_a_payload_the_codec_refuses_is_still_one_unit_and_decoding_goes_on() -> None:
     short = encode(ChannelKind.MAIN, FrontendReq.GET_FEATURES, None, reply=True)[: -0 or None]
     wrong = short[:8] + (4).to_bytes(4, "little") + b"\x01\x02\x03\x04"  # 4 bytes, not 8

@@ -28,6 +28,7 @@ from ..wire.messages import (
     WireError,
     WireFault,
     decode_body,
+    decode_header,
 )
 
 #: How much a relay reads at once once the framing is lost (no boundary to respect).
@@ -108,6 +109,19 @@ class Framer:
     def held_fds(self) -> tuple[int, ...]:
         """fds of a message not complete yet (still this framer's)."""
         return tuple(self._fds)
+
+    def payload_after(self, data: bytes) -> int:
+        """What a relay may read at once after `data`, the chunk it just read: when that
+        is exactly a sound header at a message's start, the payload it announces (the
+        two reads are of one message, so the fds of both belong to it, and fed as one
+        chunk the message is decoded as it came); otherwise 0, and `wanted` says what
+        comes next."""
+        if len(data) != HEADER_SIZE or self.holding or not self.decoding:
+            return 0
+        try:
+            return decode_header(data, replies=self.replies).size
+        except WireError:
+            return 0  # fed as it is: the framer judges it and says what follows
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> Unit | None:
         """One chunk as read; the unit it completed, if any."""

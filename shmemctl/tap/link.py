@@ -181,8 +181,9 @@ class Link:
             self.to[other(sender)].sock.shutdown(socket.SHUT_WR)
 
     def _step(self, sender: str) -> str:
-        """Read once and forward the unit that completes, if any; why this direction
-        ended, or "" to go on. BlockingIOError when nothing is there."""
+        """Read once (twice for a header whose payload has come with it) and forward the
+        unit that completes, if any; why this direction ended, or "" to go on.
+        BlockingIOError when nothing is there."""
         source = self.to[sender].sock
         framer = self.framers[sender]
         try:
@@ -190,7 +191,18 @@ class Link:
         except BlockingIOError:
             raise
         except OSError as exc:
-            return f"reading from the {sender} failed: {exc.strerror or exc}"
+            return _failed(sender, exc)
+        failed = ""
+        rest = framer.payload_after(data)
+        if rest:
+            # most often there already: the framer then takes the message in one piece
+            try:
+                payload, more, more_cut = receive(source, rest)
+                data, fds, cut = data + payload, fds + more, cut or more_cut
+            except BlockingIOError:
+                pass  # not yet: the framer holds the header and asks for the rest
+            except OSError as exc:
+                failed = _failed(sender, exc)  # the header still goes to the framer
         if cut:
             log.warning("%s sent more fds than the kernel passes; some are lost", sender)
         unit = framer.end() if not data else framer.feed(data, fds)
@@ -199,7 +211,13 @@ class Link:
             with contextlib.suppress(OSError):
                 source.shutdown(socket.SHUT_RD)
             return f"sending to the {other(sender)} failed"
+        if failed:
+            return failed
         return "" if data else f"{sender} closed the {self.kind.value} channel"
+
+
+def _failed(sender: str, exc: OSError) -> str:
+    return f"reading from the {sender} failed: {exc.strerror or exc}"
 
 
 def _ready(poller: select.poll) -> list[tuple[int, int]]:
