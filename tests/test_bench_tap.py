@@ -18,6 +18,7 @@ from shmemctl.bench import (
     _region_for,
     daemon_sample,
     frontend_rss,
+    percent,
     render_pair_bench,
     render_tap_bench,
     rss_per_mapping,
@@ -54,8 +55,18 @@ def test_the_tap_bench_prints_both_figures_their_ratio_and_the_taps_fds(capsys) 
     for r in report["results"]:
         assert f"{r['direct']['median']:.0f}" in text
         assert f"{r['tap']['median']:.0f}" in text
-        assert f"{r['ratio']:.0%}" in text
+        assert percent(r["ratio"]) in text
     assert f"fds {before['fds']} -> {after['fds']} over {after['maps']:,} maps" in text
+
+
+def test_a_ratio_just_under_the_target_never_reads_as_the_target() -> None:
+    side = {"median": 1000.0, "min": 1000.0, "max": 1000.0}
+    row = {"mode": "batch16", "len": 4096, "direct": side, "tap": side,
+           "ratio": 0.598, "ratio_min": 0.5949, "ratio_max": 0.6}  # fmt: skip
+    report = {"results": [row], "tap_process": [], "repeats": 1}
+    line = render_tap_bench(report, elapsed=1.0).splitlines()[1]
+    assert line.endswith(" 59% (59%-60%)  below 60%"), line
+    assert percent(0.6) == "60%" and percent(0.29) == "29%" and percent(1.0) == "100%"
 
 
 def test_the_pair_bench_says_what_each_daemon_spent(capsys) -> None:
