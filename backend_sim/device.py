@@ -710,13 +710,13 @@ class ScriptRunner:
             if not warmup:
                 samples.clear()
                 start = clock()
-                cpu, peer_cpu = time.process_time(), cpu_seconds(peer) if peer else 0.0
+                cpu, peer_cpu = time.process_time(), cpu_seconds(peer)
             self._bench_groups(
                 maps, buf.fd, batch, max(1, groups // 10) if warmup else groups, samples
             )
         elapsed = (clock() - start) / 1e9
         cpu = time.process_time() - cpu
-        peer_cpu = (cpu_seconds(peer) if peer else 0.0) - peer_cpu
+        peer_cpu = cpu_seconds(peer) - peer_cpu
         buf.close()
         self.device.buffers.pop(buf.id, None)
         samples.sort()

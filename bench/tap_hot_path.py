@@ -7,43 +7,36 @@ share of each hop (read, frame, judge, send on) undiluted by waiting.
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
 
+from hot_path import MAPPING, REGIONS, mapped_file, served_frontend
+
 from shmemctl.backend import BackendChannel
-from shmemctl.channel import Channel
-from shmemctl.frontend.endpoint import Frontend, FrontendOptions
 from shmemctl.session.observer import BACKEND, FRONTEND
-from shmemctl.shmem import RegionTable
 from shmemctl.tap.link import Link
 from shmemctl.tap.tap import Endpoint, Tap, TapOptions
-from shmemctl.wire import BackendReq, ChannelKind, ProtocolFeature, ShmemConfig, ShmemMap
+from shmemctl.wire import BackendReq, ChannelKind, ProtocolFeature, ShmemConfig
 from shmemctl.wire.constants import SHMEM_BIT
 from shmemctl.wire.messages import encode_shmem_request
 
 
 def main(pairs: int = 20000) -> None:
-    regions = {0: 64 << 20}
     # the device's socket to the tap, and the tap's to the front-end
     device_sock, tap_back = socket.socketpair()
     tap_front, fe_sock = socket.socketpair()
     tap = Tap(TapOptions(Endpoint.parse("listen:unused"), Endpoint.parse("connect:unused")))
     state = tap.watch.observer.state  # as if the pair had negotiated SHMEM and its layout
     state.offered = state.acked = (1 << SHMEM_BIT) | int(ProtocolFeature.REPLY_ACK)
-    state.config = ShmemConfig.from_regions(regions)
-    state.sizes = dict(regions)
+    state.config = ShmemConfig.from_regions(REGIONS)
+    state.sizes = dict(REGIONS)
     state.backend_channel = True
     link = Link(tap, ChannelKind.BACKEND, tap_front, tap_back, lambda *_: None, tap.events)
-    fe = Frontend(FrontendOptions(connect="unused"))
-    fe.negotiated.shmem = fe.negotiated.reply_ack = True
-    fe.regions = RegionTable(regions)
-    fe_channel = Channel(fe_sock, ChannelKind.BACKEND, replies=False, read_ahead=True)
+    fe, fe_channel = served_frontend(fe_sock)
     device = BackendChannel(device_sock)
-    fd = os.memfd_create("tap-hot-path")
-    os.ftruncate(fd, 4096)
-    m = ShmemMap(0, 0x10000, 4096, 0)
+    fd = mapped_file("tap-hot-path")
+    m = MAPPING
     requests = [
         (encode_shmem_request(BackendReq.SHMEM_MAP, m, need_reply=True), (fd,)),
         (encode_shmem_request(BackendReq.SHMEM_UNMAP, m, need_reply=True), ()),

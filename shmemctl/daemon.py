@@ -149,11 +149,13 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
         proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int | None) -> float:
     """CPU time of process `pid` so far, all its threads, those that ended too; 0 when
-    it cannot be read. From the process's CPU-time clock, in nanoseconds: user and
-    system times move in 10 ms ticks, and a short bench cell's peer may spend less
-    than one."""
+    it cannot be read, or there is no pid. From the process's CPU-time clock, in
+    nanoseconds: user and system times move in 10 ms ticks, and a short bench cell's
+    peer may spend less than one."""
+    if pid is None:
+        return 0.0
     # the clock id clock_getcpuclockid(3) gives for another process on Linux: the
     # scheduler's count of the whole process (CPUCLOCK_SCHED, not one thread)
     with contextlib.suppress(OSError, OverflowError):
