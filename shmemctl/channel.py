@@ -63,10 +63,25 @@ def close_fds(fds: Iterable[int]) -> None:
 SCM_MAX_FD = 253
 
 
-def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+def send_with_fds(
+    sock: socket.socket, data: bytes, fds: Sequence[int], *, wait: bool = True
+) -> int:
     """Send `data` whole, `fds` riding on its first byte; more fds than one sendmsg
     passes ride on as many first bytes as they need (a relay forwarding what arrived in
-    several reads does so), each call at most SCM_MAX_FD. OSError as sendmsg raises it."""
+    several reads does so), each call at most SCM_MAX_FD. OSError as sendmsg raises it.
+
+    With `wait=False`, only what `sock` takes at once, in one sendmsg carrying every fd:
+    the bytes it took. 0 means nothing went, no fd either (also when the fds need more
+    than one sendmsg); the caller sends the rest when it may wait, without the fds once
+    a byte went. Returns how many bytes were sent."""
+    if not wait:
+        if len(fds) > SCM_MAX_FD:
+            return 0
+        passed = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        try:
+            return sock.sendmsg([data], passed, _DONTWAIT)
+        except BlockingIOError:
+            return 0
     at = 0
     for first in range(0, len(fds), SCM_MAX_FD):
         rights = array.array("i", fds[first : first + SCM_MAX_FD]).tobytes()
@@ -79,6 +94,7 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
             at = end
     if at < len(data):
         sock.sendall(memoryview(data)[at:])
+    return len(data)
 
 
 def _timeval(seconds: float) -> bytes:
@@ -181,12 +197,13 @@ class Channel:
 
     # ------------------------------------------------------------- sending
 
-    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        """Send one whole message; fds ride on its first byte."""
+    def send(self, data: bytes, fds: Sequence[int] = (), *, wait: bool = True) -> int:
+        """Send one whole message, fds riding on its first byte; with `wait=False`, what
+        the socket takes at once (`send_with_fds`). Returns how many bytes were sent."""
         if self.trace is not None and self.trace.wants(TRACE):
             self._trace_sent(data, fds)
         try:
-            send_with_fds(self.sock, data, fds)
+            return send_with_fds(self.sock, data, fds, wait=wait)
         except (BlockingIOError, TimeoutError) as exc:
             raise ChannelError("peer stopped reading: send timed out") from exc
         except OSError as exc:

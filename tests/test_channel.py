@@ -108,3 +108,37 @@ def test_the_start_of_a_header_read_ahead_waits_for_its_rest() -> None:
         theirs.sendall(unmap[8:])
         assert channel.wait_readable(5)
         assert channel.recv(timeout=5).request == BackendReq.SHMEM_UNMAP
+
+
+def test_a_send_that_may_not_wait_sends_what_goes_at_once_and_no_fd_without_a_byte() -> None:
+    """What a relay sends while others wait on it: into a socket with no room, nothing
+    goes, not even the fd; once there is room, bytes and fd go together."""
+    before = _open_fds()
+    ours, theirs = socket.socketpair()
+    memfd = os.memfd_create("shmemctl-test")
+    try:
+        filler = _shmem(BackendReq.SHMEM_UNMAP)
+        queued = 0
+        while send_with_fds(ours, filler, [], wait=False):  # until the peer's side is full
+            queued += 1
+        message = _shmem(BackendReq.SHMEM_MAP)
+        assert send_with_fds(ours, message, [memfd], wait=False) == 0
+        theirs.settimeout(5)
+        drained = b""
+        while len(drained) < queued * len(filler):
+            chunk, ancdata, _, _ = theirs.recvmsg(65536, socket.CMSG_SPACE(4))
+            assert chunk and not ancdata  # the fd of the map that did not go never came
+            drained += chunk
+        assert drained == filler * queued
+        assert send_with_fds(ours, message, [memfd], wait=False) == len(message)
+        data, ancdata, _, _ = theirs.recvmsg(len(message), socket.CMSG_SPACE(4))
+        assert data == message
+        ((_, _, rights),) = ancdata
+        (fd,) = struct.unpack("i", rights)
+        assert os.fstat(fd).st_ino == os.fstat(memfd).st_ino
+        os.close(fd)
+    finally:
+        ours.close()
+        theirs.close()
+        os.close(memfd)
+    assert _open_fds() == before

@@ -639,6 +639,45 @@ def test_more_fds_than_one_sendmsg_passes_are_forwarded_over_as_many_bytes(raw_p
     assert proc.alive()
 
 
+def test_a_side_that_stops_reading_holds_up_neither_the_other_channel_nor_the_control_socket(
+    raw_peers,
+) -> None:
+    """The back-end stops reading the main channel while the front-end keeps sending: the
+    tap waits to send on, as a direct connection would, but without its lock: status
+    still answers and the backend channel is still relayed. Then everything arrives, in
+    order."""
+    front, back, tap, proc = raw_peers
+    ours, given = hand_over_backend_channel(front, back)
+    try:
+        sent = encode(ChannelKind.MAIN, FrontendReq.SET_FEATURES, 1 << 32)
+        count = 4000  # far more 20-byte messages than the kernel queues for one reader
+        front.sendall(sent * count)
+
+        def relayed() -> int:
+            status = tap.execute("query-status")  # answers, or the test fails on its timeout
+            return int(status["counters"]["main"]["front-end"]["messages"])
+
+        # the tap fills the back-end's socket and then waits: its count stops moving
+        counts: list[int] = []
+
+        def stopped() -> bool:
+            counts.append(relayed())
+            return len(counts) > 1 and counts[-1] == counts[-2]
+
+        wait_until(stopped, what="the tap to stop relaying")
+        assert counts[-1] < count
+        unmap = encode_shmem_request(BackendReq.SHMEM_UNMAP, ShmemMap(0, 0, MiB, 0, 0),
+                                     need_reply=False)  # fmt: skip
+        given.sendall(unmap)
+        assert recv_exactly(ours, len(unmap))[0] == unmap
+        assert recv_exactly(back, len(sent) * count) == (sent * count, [])
+        assert relayed() == count + 1  # and the SET_BACKEND_REQ_FD
+    finally:
+        ours.close()
+        given.close()
+    assert proc.alive()
+
+
 # ------------------------------------------------------------------ the truth from /proc, in memory
 
 B0, B2 = 0x7F0000000000, 0x7F1000000000

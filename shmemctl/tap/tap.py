@@ -4,8 +4,8 @@ exactly and reports what an observer sees (docs/protocol.md, as judged by
 
 Threads: the caller's runs `run()` (accept or connect each side, then wait for the
 connection to end); each channel has one thread for both directions (`Link`). The observer
-is fed under one lock, before the message is sent on, so a request is always seen
-before the reply it draws.
+is fed under one lock, in the same hold as the message is sent on, so a request is
+always seen before the reply it draws.
 
 The observer stays pure; what only the tap can learn from the kernel it learns itself:
 each peer's pid (SO_PEERCRED) and, for each SHMEM_MAP, what its fd is (`FileFacts`),
@@ -275,13 +275,18 @@ class Tap:
     # ------------------------------------------------------------ relaying
 
     def forward(self, link: Link, sender: str, unit: Unit) -> bool:
-        """Judge `unit`, then send it on exactly; close the tap's copies of its fds."""
+        """Send `unit` on exactly, then judge it; close the tap's copies of its fds.
+
+        Sent first, so that the receiver is at work on it while the watch judges it:
+        the judgement is not on the pair's path. Both happen in one hold of the lock, so
+        whatever the receiver does in answer, on any channel, reaches the watch after
+        it. A receiver that does not take the whole unit at once is not waited for under
+        the lock: the unit is judged first, and the rest sent after."""
         receiver = other(sender)
         send_fds = unit.fds
         keep: tuple[int, ...] = ()
         theirs: socket.socket | None = None
         try:
-            facts = fd_facts(unit.fds[0]) if carries_map_file(unit) else None
             connection = self._connection
             # asked before the lock, and only for what the rule judges by it: what the
             # backend channel's thread has in hand it judges under the lock, before this
@@ -294,38 +299,56 @@ class Tap:
                 and unit.message.request in FOLLOW_UPS
                 and connection.answers_in_flight()
             )
-            with self.lock:
-                decoding = link.framers[sender].decoding
-                judged = self.watch.unit(link.kind, sender, unit, decoding=decoding,
-                                         now=time.monotonic(), facts=facts,
-                                         answers_in_flight=in_flight)  # fmt: skip
-                self._count(link.kind, sender, unit)
-                if self.recorder is not None and connection is not None:
-                    self.recorder.unit(connection.number, connection.number_of(link), link.kind,
-                                       sender, unit, answers_in_flight=in_flight)  # fmt: skip
-            for finding in judged.findings:
-                self._violation(finding)
-            if judged.undecodable:
-                self._undecodable(link, sender, unit, decoding)
             handed = self._backend_channel(link, unit)
             if handed is not None:
                 # the channel is the first fd (what a back-end takes); any more, wrongly
                 # sent, go on as they came
                 theirs, keep = handed, unit.fds[:1]
                 send_fds = (theirs.fileno(), *unit.fds[1:])
-            try:
-                if unit.framed:
-                    link.to[receiver].send(unit.data, send_fds)
-                else:
-                    send_with_fds(link.to[receiver].sock, unit.data, send_fds)
-            except (ChannelError, OSError) as exc:
-                log.info("%s: %s", direction(link.kind, sender), exc)
+            to = link.to[receiver]
+            failed: Exception | None = None
+            with self.lock:
+                try:
+                    if unit.framed:
+                        sent = to.send(unit.data, send_fds, wait=False)
+                    else:
+                        sent = send_with_fds(to.sock, unit.data, send_fds, wait=False)
+                except (ChannelError, OSError) as exc:
+                    failed, sent = exc, len(unit.data)
+                self._judge(link, sender, unit, in_flight)
+            if failed is None and sent < len(unit.data):
+                try:
+                    send_with_fds(to.sock, unit.data[sent:], send_fds if sent == 0 else ())
+                except OSError as exc:
+                    failed = exc
+            if failed is not None:
+                log.info("%s: %s", direction(link.kind, sender), failed)
                 return False
             return True
         finally:
             close_fds(fd for fd in unit.fds if fd not in keep)
             if theirs is not None:
                 theirs.close()  # the back-end has its own copy now
+
+    def _judge(self, link: Link, sender: str, unit: Unit, in_flight: bool) -> None:
+        """Feed `unit` to the watch, count and record it, report what it showed. Under
+        the lock, while the tap still holds the unit's fds (what a map's file is)."""
+        connection = self._connection
+        facts = fd_facts(unit.fds[0]) if carries_map_file(unit) else None
+        decoding = link.framers[sender].decoding
+        judged = self.watch.unit(link.kind, sender, unit, decoding=decoding,
+                                 now=time.monotonic(), facts=facts,
+                                 answers_in_flight=in_flight)  # fmt: skip
+        self._count(link.kind, sender, unit)
+        if self.recorder is not None and connection is not None:
+            self.recorder.unit(connection.number, connection.number_of(link), link.kind,
+                               sender, unit, answers_in_flight=in_flight)  # fmt: skip
+        # reported before the lock is let go: before anything that answers the unit is
+        # relayed, on any channel
+        for finding in judged.findings:
+            self._violation(finding)
+        if judged.undecodable:
+            self._undecodable(link, sender, unit, decoding)
 
     def _violation(self, finding: Finding) -> None:
         violation, rule = finding.violation, finding.violation.rule
