@@ -73,7 +73,9 @@ def test_a_broken_rule_stands_out_in_the_consoles_log(spawn, tmp_path, run_dir) 
     async def go() -> None:
         app = console_for("t", read_only=False, refresh=0.1)
         async with app.run_test(size=(110, 34)) as pilot:
-            await until(pilot, lambda: app.model.sides["tap"].reachable, "the tap")
+            # subscribed, not only reachable: the link reads a status before it subscribes,
+            # and a violation published in between would never reach the log
+            await until(pilot, lambda: app.links["tap"].subscribed, "the tap's events")
             refused = r"GenericError.*refused by the front-end: EINVAL"
             with pytest.raises(AssertionError, match=refused):
                 pair.monitor("be").execute("map", shmid=0, shm_offset=0, len=MiB)
