@@ -10,6 +10,7 @@ import dataclasses
 import mmap
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -675,6 +676,33 @@ def test_a_side_that_stops_reading_holds_up_neither_the_other_channel_nor_the_co
     finally:
         ours.close()
         given.close()
+    assert proc.alive()
+
+
+def test_raw_bytes_to_a_side_that_stops_reading_arrive_whole_and_in_order(raw_peers) -> None:
+    """Past a lost framing the tap relays chunks of up to 64K: to a back-end that is not
+    reading, a chunk goes in part while the lock is held and the rest after; status
+    answers meanwhile, and every byte arrives once, in order, the fd with the first."""
+    front, back, tap, proc = raw_peers
+    buffer = memfd(PAGE)
+    got: list[int] = []
+    try:
+        garbage = b"\xde\xad\xbe\xef" * 3  # a header no codec takes: the framing is lost
+        stream = garbage + bytes(range(256)) * 4096  # then a megabyte of raw bytes
+        send_with(front, stream[:4096], [buffer])
+        sender = threading.Thread(target=front.sendall, args=(stream[4096:],), daemon=True)
+        sender.start()
+        wait_until(lambda: tap.execute("query-status")["raw"] == ["main from front-end"],
+                   what="the framing to be lost")  # fmt: skip
+        assert tap.execute("query-status")["state"] == "relaying"
+        data, got = recv_exactly(back, len(stream))
+        assert data == stream
+        assert len(got) == 1 and same_file(got[0], buffer)
+        sender.join(PATIENCE)
+        assert not sender.is_alive()
+    finally:
+        close_fds(got)
+        os.close(buffer)
     assert proc.alive()
 
 
