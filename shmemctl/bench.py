@@ -10,7 +10,9 @@ With --tap the same cells run through `shmemctl tap` (the front-end connects to 
 tap, the tap to backend_sim) and without it, in alternating order, several times: the
 machine is noisy, so each figure is a median with its range, and the tap's cost is the
 ratio of the two. The tap's open fds and RSS are read from /proc before and after each
-run through it.
+run through it. With --floor bench/relay_floor.c, a third run of each cell goes through
+that C relay in the tap's place: it frames and forwards as the tap does and checks
+nothing, so what it keeps of the direct figure is what any relay keeps on the machine.
 """
 
 from __future__ import annotations
@@ -108,10 +110,15 @@ Watch = Callable[[Launched, PairPaths, list[dict[str, Any]]], None]
 
 
 def run_cells(
-    cells: Sequence[Cell], *, tap: bool = False, timeout: float = 600.0, watch: Watch | None = None
+    cells: Sequence[Cell],
+    *,
+    tap: bool = False,
+    timeout: float = 600.0,
+    watch: Watch | None = None,
+    relay: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Run `cells` as backend_sim's script in one pair, through a tap if `tap`; one
-    result dict per cell."""
+    """Run `cells` as backend_sim's script in one pair, through a tap if `tap` (through
+    the relay floor built at `relay` instead, if given); one result dict per cell."""
     with tempfile.TemporaryDirectory(prefix="shmemctl-bench-") as tmp:
         paths = PairPaths(Path(tmp))
         script = Path(tmp, "bench.txt")
@@ -125,7 +132,7 @@ def run_cells(
         try:
             pair = launch(paths, backend_args=["--regions", regions, "--script", str(script)],
                           frontend_args=limits, backend_stdout=subprocess.PIPE, timeout=60,
-                          tap=tap)  # fmt: skip
+                          tap=tap or relay is not None, relay=_relay_command(relay))  # fmt: skip
         except PairError as exc:
             raise click.ClickException(str(exc)) from None
         try:
@@ -156,6 +163,11 @@ def run_cells(
             return results
         finally:
             pair.stop()
+
+
+def _relay_command(relay: Path | None) -> list[str] | None:
+    """How a built relay floor is started, waiting as our daemons do (its sockets follow)."""
+    return None if relay is None else [str(relay), "-B", str(SPIN_US)]
 
 
 def daemon_sample(pair: Launched, paths: PairPaths, role: str = "tap") -> dict[str, Any]:
@@ -209,12 +221,16 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 
 def run_tap_bench(
-    quick: bool = False, repeats: int | None = None, timeout: float = 600.0
+    quick: bool = False,
+    repeats: int | None = None,
+    timeout: float = 600.0,
+    floor: Path | None = None,
 ) -> dict[str, Any]:
-    """Each cell directly and through the tap, `repeats` times in alternating order (a
-    slow spell of the machine does not fall on one side only); per cell both figures'
-    median and range and the ratio tap / direct, and the tap's fds and RSS before and
-    after each run through it."""
+    """Each cell directly and through the tap, `repeats` times in turn (a slow spell of
+    the machine does not fall on one side only); per cell both figures' median and range
+    and the ratio tap / direct, and the tap's fds and RSS before and after each run
+    through it. With `floor` (relay_floor.c), each cell through that relay too, in the
+    tap's place: what a relay that checks nothing keeps of the direct figure."""
     if repeats is None:
         repeats = 3 if quick else 5
     cells = _cells(quick, existing_counts=(0,), lens=(4096,) if quick else LENS)
@@ -222,7 +238,8 @@ def run_tap_bench(
         # half a full cell: twice `repeats` runs of every cell fit in about ten minutes of a
         # busy machine
         cells = [(mode, length, existing, pairs // 2) for mode, length, existing, pairs in cells]
-    runs: dict[bool, list[list[dict[str, Any]]]] = {False: [], True: []}
+    sides = ("direct", "tap", "floor") if floor is not None else ("direct", "tap")
+    runs: dict[str, list[list[dict[str, Any]]]] = {side: [] for side in sides}
     process: list[dict[str, Any]] = []
 
     def before_and_after(pair: Launched, paths: PairPaths, results: list[dict[str, Any]]) -> None:
@@ -231,30 +248,40 @@ def run_tap_bench(
         elif len(results) == len(cells):
             process[-1]["after"] = daemon_sample(pair, paths)
 
-    for repeat in range(repeats):
-        for tap in (False, True) if repeat % 2 == 0 else (True, False):
-            watch = before_and_after if tap else None
-            runs[tap].append(run_cells(cells, tap=tap, timeout=timeout, watch=watch))
+    with tempfile.TemporaryDirectory() as tmp:
+        relay = None if floor is None else _built(floor, Path(tmp))
+        for repeat in range(repeats):
+            for side in sides[repeat % len(sides) :] + sides[: repeat % len(sides)]:
+                watch = before_and_after if side == "tap" else None
+                through = relay if side == "floor" else None
+                runs[side].append(
+                    run_cells(cells, tap=side == "tap", timeout=timeout, watch=watch, relay=through)
+                )
     results = []
     for i, (mode, length, _existing, _pairs) in enumerate(cells):
-        direct = [run[i]["pairs_per_s"] for run in runs[False]]
-        tapped = [run[i]["pairs_per_s"] for run in runs[True]]
-        # each tap run against the direct run of the same repeat, beside it in time
-        paired = [t / d for t, d in zip(tapped, direct, strict=True)]
-        direct_s, tapped_s = _spread(direct), _spread(tapped)
-        results.append({
-            "mode": mode, "len": length, "pairs": runs[False][0][i]["pairs"],
-            "direct": direct_s, "tap": tapped_s,
-            "ratio": round(tapped_s["median"] / direct_s["median"], 3),
-            "ratio_min": round(min(paired), 3), "ratio_max": round(max(paired), 3),
-        })  # fmt: skip
+        figures = {side: [run[i]["pairs_per_s"] for run in runs[side]] for side in sides}
+        direct = figures["direct"]
+        row: dict[str, Any] = {"mode": mode, "len": length, "pairs": runs["direct"][0][i]["pairs"],
+                               "direct": _spread(direct)}  # fmt: skip
+        for side, prefix in (("tap", "ratio"), ("floor", "floor_ratio")):
+            if side not in figures:
+                continue
+            # each run against the direct run of the same repeat, beside it in time
+            paired = [t / d for t, d in zip(figures[side], direct, strict=True)]
+            row[side] = _spread(figures[side])
+            row[prefix] = round(row[side]["median"] / row["direct"]["median"], 3)
+            row[f"{prefix}_min"] = round(min(paired), 3)
+            row[f"{prefix}_max"] = round(max(paired), 3)
+        results.append(row)
     return {"results": results, "repeats": repeats, "target_ratio": TAP_TARGET,
             "tap_process": process}  # fmt: skip
 
 
-def tap_bench(*, as_json: bool, quick: bool, repeats: int | None = None) -> None:
+def tap_bench(
+    *, as_json: bool, quick: bool, repeats: int | None = None, floor: Path | None = None
+) -> None:
     started = time.monotonic()
-    report = run_tap_bench(quick, repeats)
+    report = run_tap_bench(quick, repeats, floor=floor)
     if as_json:
         click.echo(json.dumps(report))
     else:
@@ -274,17 +301,25 @@ def render_tap_bench(report: dict[str, Any], elapsed: float) -> str:
         span = f"({side['min']:.0f}-{side['max']:.0f})"
         return f"{side['median']:>8.0f} {span:<15}"
 
-    lines = [
+    def ratio(r: dict[str, Any], prefix: str) -> str:
+        low, high = percent(r[f"{prefix}_min"]), percent(r[f"{prefix}_max"])
+        return f"{percent(r[prefix]):>10} ({low}-{high})"
+
+    floor = any("floor" in r for r in report["results"])
+    heading = (
         f"{'mode':8} {'len':>5} {'direct':>8} {'(min-max)':<15} {'tap':>8} {'(min-max)':<15}"
         " tap/direct (min-max)"
-    ]
+    )
+    if floor:
+        heading += f"  {'floor':>8} {'(min-max)':<15} floor/direct (min-max)"
+    lines = [heading]
     for r in report["results"]:
         below = "" if r["ratio"] >= TAP_TARGET else f"  below {TAP_TARGET:.0%}"
-        lines.append(
-            f"{r['mode']:8} {human_size(r['len']):>5} {figure(r['direct'])} {figure(r['tap'])}"
-            f" {percent(r['ratio']):>10} ({percent(r['ratio_min'])}-{percent(r['ratio_max'])})"
-            f"{below}"
-        )
+        line = f"{r['mode']:8} {human_size(r['len']):>5} {figure(r['direct'])} {figure(r['tap'])}"
+        line += ratio(r, "ratio")
+        if floor:
+            line += f"  {figure(r['floor'])}{ratio(r, 'floor_ratio')}"
+        lines.append(line + below)
     for n, run in enumerate(report["tap_process"], 1):
         before, after = run["before"], run["after"]
         maps = after["maps"] - before["maps"]
@@ -299,6 +334,11 @@ def render_tap_bench(report: dict[str, Any], elapsed: float) -> str:
         "through the tap in alternating order; tap/direct: of the medians, and (min-max) of "
         f"each tap run over the direct run beside it; target: tap >= {TAP_TARGET:.0%} of direct)"
     )
+    if floor:
+        lines.append(
+            "(floor: relay_floor in the tap's place, a relay that frames and forwards as the "
+            "tap does and checks nothing: what any relay keeps of the direct figure here)"
+        )
     return "\n".join(lines)
 
 
@@ -313,18 +353,24 @@ _FLOOR_LINE = re.compile(
 )
 
 
+def _built(source: Path, directory: Path) -> Path:
+    """`source` (a C floor) compiled into `directory`."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise click.ClickException("no C compiler to build the floor (apt-get install gcc)")
+    binary = directory / source.stem
+    subprocess.run([cc, "-O2", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
 def run_floor(source: Path, quick: bool) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
     """Build and run the C floor for the same modes, blocking and spinning SPIN_US before
     it sleeps (as our daemons do); {(mode, len): {"blocking": {"pairs_per_s",
     "fe_cpu_us", "be_cpu_us"}, "spinning": ...}}: each side's CPU per pair, so that
     each of our daemons can be held against the C side in its place."""
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise click.ClickException("no C compiler to build the floor (apt-get install gcc)")
     out: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        binary = os.path.join(tmp, "shmem_floor")
-        subprocess.run([cc, "-O2", "-o", binary, str(source)], check=True)
+        binary = _built(source, Path(tmp))
         for mode in MODES:
             arg = "ack" if mode == "ack" else f"batch:{mode.removeprefix('batch')}"
             for length in LENS:

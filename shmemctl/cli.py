@@ -221,7 +221,8 @@ def _counts(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
 @click.option(
     "--floor",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Build and run this C floor (shmem_floor.c) too and print our ratio to it.",
+    help="Build and run this C floor too and print our ratio to it: shmem_floor.c in "
+    "place of the pair; with --tap, bench/relay_floor.c in place of the tap.",
 )
 @click.option("--tap", is_flag=True,
               help="Each cell directly and through `shmemctl tap`, several times: both "
@@ -242,12 +243,12 @@ def bench(
         raise click.UsageError("--repeats is for --tap")
     if existing is not None and (tap or codec):
         raise click.UsageError("--existing is for the pair bench (not with --tap or --codec)")
-    if tap and (codec or floor is not None):
-        raise click.UsageError("--tap is a run of its own: not with --codec or --floor")
+    if tap and codec:
+        raise click.UsageError("--tap is a run of its own: not with --codec")
     if codec:
         bench_mod.codec_bench(as_json)
     elif tap:
-        bench_mod.tap_bench(as_json=as_json, quick=quick, repeats=repeats)
+        bench_mod.tap_bench(as_json=as_json, quick=quick, repeats=repeats, floor=floor)
     else:
         bench_mod.pair_bench(as_json=as_json, quick=quick, floor=floor,
                              existing=existing or bench_mod.EXISTING)  # fmt: skip

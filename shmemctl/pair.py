@@ -116,6 +116,7 @@ def launch(
     timeout: float = 20.0,
     tap: bool = False,
     tap_args: Sequence[str] = (),
+    relay: Sequence[str] | None = None,
 ) -> Launched:
     """The one way a pair is started: backend_sim listening on the pair's vhost socket,
     then the front-end connecting to it, each with its control socket in the pair's
@@ -130,9 +131,14 @@ def launch(
     the front-end and connects to backend_sim on the vhost socket, with its control
     socket (`paths.control("tap")`) and log in the pair's directory; it is waited for
     through that control socket before the front-end starts. Not with `detached`:
-    `running`, `stop` and `clean` know a pair's two daemons only."""
+    `running`, `stop` and `clean` know a pair's two daemons only. `relay` runs another
+    program in the tap's place (`bench/relay_floor.c`): the command, to which the two
+    sockets are appended; it has no control socket, so it is waited for until it
+    listens."""
     if tap and detached:
         raise ValueError("a pair with a tap is launched only for this process's own use")
+    if relay is not None and not tap:
+        raise ValueError("a relay runs in the tap's place: launch it with tap")
     front_sock = tap_socket(paths) if tap else paths.vhost
     argv = {
         "backend": [
@@ -175,9 +181,12 @@ def launch(
     # whoever listens is up before whoever connects to it: each role, and whose
     # listening it waits for
     order: list[tuple[str, Callable[[PairPaths], bool] | None]] = [("backend", None)]
+    if relay is not None:
+        argv["tap"] = [*relay, str(front_sock), str(paths.vhost)]
     if tap:
         order.append(("tap", _listening))
-    order.append(("frontend", _tap_listening if tap else _listening))
+    up_in_the_middle = _relay_listening if relay is not None else _tap_listening
+    order.append(("frontend", up_in_the_middle if tap else _listening))
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
         for role, listening in order:
@@ -290,6 +299,10 @@ def _listening(paths: PairPaths) -> bool:
 def _tap_listening(paths: PairPaths) -> bool:
     status = daemon_status(paths, "tap")
     return status is not None and status["state"] not in ("starting", "stopped")
+
+
+def _relay_listening(paths: PairPaths) -> bool:
+    return tap_socket(paths).exists()
 
 
 def _wait_connected(

@@ -26,21 +26,27 @@ from shmemctl.bench import (
     tap_bench,
 )
 
+RELAY_FLOOR = Path(__file__).parent.parent / "bench" / "relay_floor.c"
+
 
 def test_the_tap_bench_prints_both_figures_their_ratio_and_the_taps_fds(capsys) -> None:
-    tap_bench(as_json=True, quick=True, repeats=1)
+    """Also through the relay floor, built from bench/: every cell completes through it
+    (so it relays the backend channel it is handed, as the tap does), with its figures."""
+    tap_bench(as_json=True, quick=True, repeats=1, floor=RELAY_FLOOR)
     report = json.loads(capsys.readouterr().out)
 
     assert report["repeats"] == 1
     assert [r["mode"] for r in report["results"]] == list(MODES)
     for r in report["results"]:
-        direct, tap = r["direct"], r["tap"]
-        for side in (direct, tap):
+        direct, tap, floor = r["direct"], r["tap"], r["floor"]
+        for side in (direct, tap, floor):
             assert len(side["runs"]) == 1
             assert side["median"] == side["min"] == side["max"] > 0
             assert side["spread"] == 0
         assert r["ratio"] == pytest.approx(tap["median"] / direct["median"], abs=1e-3)
         assert r["ratio_min"] == r["ratio_max"] == r["ratio"]
+        assert r["floor_ratio"] == pytest.approx(floor["median"] / direct["median"], abs=1e-3)
+        assert r["floor_ratio_min"] == r["floor_ratio_max"] == r["floor_ratio"]
 
     [run] = report["tap_process"]
     before, after = run["before"], run["after"]
@@ -52,10 +58,12 @@ def test_the_tap_bench_prints_both_figures_their_ratio_and_the_taps_fds(capsys) 
     assert after["maps"] >= sum(r["pairs"] for r in report["results"])
 
     text = render_tap_bench(report, elapsed=1.0)
-    for r in report["results"]:
-        assert f"{r['direct']['median']:.0f}" in text
-        assert f"{r['tap']['median']:.0f}" in text
-        assert percent(r["ratio"]) in text
+    assert "floor/direct" in text.splitlines()[0]
+    for r, line in zip(report["results"], text.splitlines()[1:], strict=False):
+        assert line.startswith(r["mode"])
+        for figure in (r["direct"], r["tap"], r["floor"]):
+            assert f" {figure['median']:.0f} " in line
+        assert percent(r["ratio"]) in line and percent(r["floor_ratio"]) in line
     assert f"fds {before['fds']} -> {after['fds']} over {after['maps']:,} maps" in text
 
 
