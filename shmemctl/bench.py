@@ -25,6 +25,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import timeit
@@ -115,10 +116,11 @@ def run_cells(
     tap: bool = False,
     timeout: float = 600.0,
     watch: Watch | None = None,
-    relay: Path | None = None,
+    relay: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run `cells` as backend_sim's script in one pair, through a tap if `tap` (through
-    the relay floor built at `relay` instead, if given); one result dict per cell."""
+    the relay floor that the command `relay` runs instead, if given); one result dict
+    per cell."""
     with tempfile.TemporaryDirectory(prefix="shmemctl-bench-") as tmp:
         paths = PairPaths(Path(tmp))
         script = Path(tmp, "bench.txt")
@@ -165,9 +167,9 @@ def run_cells(
             pair.stop()
 
 
-def _relay_command(relay: Path | None) -> list[str] | None:
-    """How a built relay floor is started, waiting as our daemons do (its sockets follow)."""
-    return None if relay is None else [str(relay), "-B", str(SPIN_US)]
+def _relay_command(relay: list[str] | None) -> list[str] | None:
+    """How a relay floor is started, waiting as our daemons do (its sockets follow)."""
+    return None if relay is None else [*relay, "-B", str(SPIN_US)]
 
 
 def daemon_sample(pair: Launched, paths: PairPaths, role: str = "tap") -> dict[str, Any]:
@@ -229,8 +231,9 @@ def run_tap_bench(
     """Each cell directly and through the tap, `repeats` times in turn (a slow spell of
     the machine does not fall on one side only); per cell both figures' median and range
     and the ratio tap / direct, and the tap's fds and RSS before and after each run
-    through it. With `floor` (relay_floor.c), each cell through that relay too, in the
-    tap's place: what a relay that checks nothing keeps of the direct figure."""
+    through it. With `floor` (relay_floor.c, or relay_floor.py: the same in Python),
+    each cell through that relay too, in the tap's place: what a relay that checks
+    nothing keeps of the direct figure."""
     if repeats is None:
         repeats = 3 if quick else 5
     cells = _cells(quick, existing_counts=(0,), lens=(4096,) if quick else LENS)
@@ -353,14 +356,17 @@ _FLOOR_LINE = re.compile(
 )
 
 
-def _built(source: Path, directory: Path) -> Path:
-    """`source` (a C floor) compiled into `directory`."""
+def _built(source: Path, directory: Path) -> list[str]:
+    """The command that runs the floor at `source`: C compiled into `directory`, or
+    Python as it is."""
+    if source.suffix == ".py":
+        return [sys.executable, str(source)]
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise click.ClickException("no C compiler to build the floor (apt-get install gcc)")
     binary = directory / source.stem
     subprocess.run([cc, "-O2", "-o", str(binary), str(source)], check=True)
-    return binary
+    return [str(binary)]
 
 
 def run_floor(source: Path, quick: bool) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
@@ -370,14 +376,14 @@ def run_floor(source: Path, quick: bool) -> dict[tuple[str, int], dict[str, dict
     each of our daemons can be held against the C side in its place."""
     out: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        binary = _built(source, Path(tmp))
+        floor = _built(source, Path(tmp))
         for mode in MODES:
             arg = "ack" if mode == "ack" else f"batch:{mode.removeprefix('batch')}"
             for length in LENS:
                 n = "5000" if quick else "40000"
                 for kind, wait in (("blocking", []), ("spinning", ["-B", str(SPIN_US)])):
                     proc = subprocess.run(
-                        [binary, "-m", arg, "-l", str(length), "-n", n, "-r", "3", *wait],
+                        [*floor, "-m", arg, "-l", str(length), "-n", n, "-r", "3", *wait],
                         capture_output=True, text=True, check=True,
                     )  # fmt: skip
                     m = _FLOOR_LINE.search(proc.stdout)

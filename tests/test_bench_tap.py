@@ -26,13 +26,15 @@ from shmemctl.bench import (
     tap_bench,
 )
 
-RELAY_FLOOR = Path(__file__).parent.parent / "bench" / "relay_floor.c"
+BENCH = Path(__file__).parent.parent / "bench"
 
 
-def test_the_tap_bench_prints_both_figures_their_ratio_and_the_taps_fds(capsys) -> None:
-    """Also through the relay floor, built from bench/: every cell completes through it
-    (so it relays the backend channel it is handed, as the tap does), with its figures."""
-    tap_bench(as_json=True, quick=True, repeats=1, floor=RELAY_FLOOR)
+@pytest.mark.parametrize("floor", ["relay_floor.c", "relay_floor.py"])
+def test_the_tap_bench_prints_both_figures_their_ratio_and_the_taps_fds(capsys, floor) -> None:
+    """Also through a relay floor from bench/, built or run as it is: every cell
+    completes through it (so it relays the backend channel it is handed, as the tap
+    does), with its figures."""
+    tap_bench(as_json=True, quick=True, repeats=1, floor=BENCH / floor)
     report = json.loads(capsys.readouterr().out)
 
     assert report["repeats"] == 1
