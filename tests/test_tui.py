@@ -291,8 +291,12 @@ def test_a_daemon_that_goes_away_is_a_notice_not_a_crash(sh) -> None:
             await until(pilot, lambda: app.model.regions, "regions")
             assert sh("down").returncode == 0
             await until(pilot, lambda: not app.model.sides["frontend"].reachable, "the loss")
-            notes = [n.message for n in app._notifications]
-            assert any("stopped answering" in m and "shmemctl up" in m for m in notes)
+            # notify() posts a message: the notice is there once the app has handled it
+            def told() -> bool:
+                return any("stopped answering" in n.message and "shmemctl up" in n.message
+                           for n in app._notifications)  # fmt: skip
+
+            await until(pilot, told, "the notice of the loss")
             header = str(app.query_one("#header").render())
             assert "not answering" in header and "retrying in" in header
             await pilot.press("r")  # an action against a dead daemon: told, not crashed
