@@ -10,9 +10,10 @@ With --tap the same cells run through `shmemctl tap` (the front-end connects to 
 tap, the tap to backend_sim) and without it, in alternating order, several times: the
 machine is noisy, so each figure is a median with its range, and the tap's cost is the
 ratio of the two. The tap's open fds and RSS are read from /proc before and after each
-run through it. With --floor bench/relay_floor.c, a third run of each cell goes through
-that C relay in the tap's place: it frames and forwards as the tap does and checks
-nothing, so what it keeps of the direct figure is what any relay keeps on the machine.
+run through it. With --floor bench/relay_floor.c (or its Python twin, .py), a third run
+of each cell goes through that relay in the tap's place: it frames and forwards as the
+tap does and checks nothing, so what it keeps of the direct figure is what any relay
+(written in that language) keeps on the machine.
 """
 
 from __future__ import annotations
@@ -334,7 +335,7 @@ def render_tap_bench(report: dict[str, Any], elapsed: float) -> str:
         )
     lines.append(
         f"({elapsed:.0f}s; pairs/s: median (min-max) of {report['repeats']} runs each, direct and "
-        "through the tap in alternating order; tap/direct: of the medians, and (min-max) of "
+        "through the tap in turn; tap/direct: of the medians, and (min-max) of "
         f"each tap run over the direct run beside it; target: tap >= {TAP_TARGET:.0%} of direct)"
     )
     if floor:
