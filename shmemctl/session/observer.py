@@ -376,7 +376,9 @@ class Observer:
             return
         if why or (value is not None and value != 0):
             return  # refused, rightly or for what only the front-end's kernel knows
-        held = self.state.mappings.setdefault(m.shmid, IntervalIndex())
+        held = self.state.mappings.get(m.shmid)
+        if held is None:  # not setdefault: that would build an index for every answer
+            held = self.state.mappings[m.shmid] = IntervalIndex()
         end = m.shm_offset + m.len
         if is_map:
             # judged free when it was sent (or not judged: no layout seen); a map sent
