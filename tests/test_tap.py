@@ -6,6 +6,7 @@ tap keeps no fd and never decides a pair's fate. The kernel's view (/proc/PID/ma
 from __future__ import annotations
 
 import array
+import contextlib
 import dataclasses
 import mmap
 import os
@@ -20,10 +21,13 @@ import pytest
 
 from shmemctl.channel import close_fds
 from shmemctl.events import Event
+from shmemctl.session.observer import BACKEND
 from shmemctl.shmem.mapping import Mapping
 from shmemctl.shmem.procmaps import MapsLine, Segment, read_maps
 from shmemctl.tap import Endpoint, Framer
 from shmemctl.tap.framer import RAW_CHUNK
+from shmemctl.tap.link import Link
+from shmemctl.tap.tap import Tap, TapOptions
 from shmemctl.tap.truth import AGREE, DISAGREE, UNKNOWN, Peer, Placement, check, compare
 from shmemctl.wire import BackendReq, ChannelKind, FrontendReq, ShmemMap, encode
 from shmemctl.wire.messages import encode_shmem_request, encode_u64_reply
@@ -677,6 +681,49 @@ def test_a_side_that_stops_reading_holds_up_neither_the_other_channel_nor_the_co
         ours.close()
         given.close()
     assert proc.alive()
+
+
+def test_a_unit_with_no_room_at_the_receiver_is_judged_then_sent_fd_and_all_outside_the_lock(
+) -> None:
+    """In memory, beside a real socket pair: the front-end's side is full, so not a byte
+    of a SHMEM_MAP goes at once. The tap judges it and lets its lock go, then waits for
+    room; the map arrives after what was queued, with its fd on its first byte, and the
+    tap keeps no copy of the fd."""
+    tap = Tap(TapOptions(Endpoint.parse("listen:unused"), Endpoint.parse("connect:unused")))
+    before = {int(fd) for fd in os.listdir("/proc/self/fd")}  # the tap's own stop pipe too
+    tap_front, fe = socket.socketpair()
+    tap_back, device = socket.socketpair()
+    link = Link(tap, ChannelKind.BACKEND, tap_front, tap_back, lambda *_: None, tap.events)
+    buffer = memfd(PAGE)
+    try:
+        queued = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:  # the front-end reads nothing: its side fills up
+                queued += tap_front.send(bytes(4096), socket.MSG_DONTWAIT)
+        whole = encode_shmem_request(BackendReq.SHMEM_MAP, ShmemMap(0, 0, MiB, 0, 1),
+                                     need_reply=True)  # fmt: skip
+        unit = Framer(ChannelKind.BACKEND, replies=False).feed(whole, [os.dup(buffer)])
+        assert unit is not None
+        forwarded: list[bool] = []
+        sender = threading.Thread(target=lambda: forwarded.append(tap.forward(link, BACKEND, unit)))
+        sender.start()
+        wait_until(lambda: tap.counters["backend"][BACKEND]["messages"] == 1, what="the judgement")
+        assert tap.lock.acquire(timeout=PATIENCE)  # let go while the send waits
+        tap.lock.release()
+        assert sender.is_alive() and not forwarded  # still waiting for room
+        # judged: nothing was negotiated on this watch, so the map broke that rule
+        assert tap.watch.violations == {"shmem-negotiated": 1}
+        assert recv_exactly(fe, queued) == (bytes(queued), [])
+        data, fds = recv_exactly(fe, len(whole))
+        sender.join(PATIENCE)
+        assert forwarded == [True]
+        assert data == whole and len(fds) == 1 and same_file(fds[0], buffer)
+        close_fds(fds)
+    finally:
+        os.close(buffer)
+        for sock in (tap_front, fe, tap_back, device):
+            sock.close()
+    assert {int(fd) for fd in os.listdir("/proc/self/fd")} == before
 
 
 def test_raw_bytes_to_a_side_that_stops_reading_arrive_whole_and_in_order(raw_peers) -> None:
