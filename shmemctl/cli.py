@@ -883,10 +883,9 @@ def metrics(address: tuple[str, int], once: bool) -> None:
     regions (size, mappings, bytes mapped), the front-end's counters, the tap's broken
     rules, the /proc verdict, each process's RSS and fds. Each scrape asks the control
     sockets afresh."""
-    import signal
-
     from prometheus_client import generate_latest, start_http_server
 
+    from .daemon import Stopper
     from .metrics import registry
 
     if once:
@@ -899,10 +898,9 @@ def metrics(address: tuple[str, int], once: bool) -> None:
         why = exc.strerror or exc
         raise click.ClickException(f"cannot listen on {host}:{port}: {why}") from None
     click.echo(f"serving http://{host}:{port}/metrics for {rundir.root()}", err=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    stopper = Stopper()
+    stopper.install_signals()
+    stopper.wait()
     server.shutdown()
 
 

@@ -35,9 +35,18 @@ class Stopper:
         self.event = threading.Event()
         self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
-    def install_signals(self) -> None:
+    def install_signals(self, on_signal: Callable[[], None] | None = None) -> None:
+        """SIGTERM and SIGINT call `on_signal` (by default: stop). From the main thread.
+
+        The kernel may hand a signal to any thread, and Python runs its handler only in
+        the main thread, once that is back from its system call: a main thread asleep in
+        poll would never see it. So this stopper's pipe is also the signal wakeup fd, and
+        every wait here polls that pipe: whichever thread the signal went to, the byte
+        it writes wakes the main thread, which then runs the handler."""
+        handler = on_signal or self.stop
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
+            signal.signal(sig, lambda *_: handler())
+        signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
 
     def stop(self) -> None:
         self.event.set()
@@ -48,14 +57,17 @@ class Stopper:
     def stopped(self) -> bool:
         return self.event.is_set()
 
-    def wait(self, seconds: float) -> bool:
-        """Sleep up to `seconds`; True if a stop came."""
-        return self.event.wait(seconds)
+    def wait(self, seconds: float | None = None) -> bool:
+        """Sleep up to `seconds` (None: until a stop comes); True if a stop came."""
+        self.wait_readable(None, seconds)
+        return self.stopped
 
-    def wait_readable(self, sock: socket.socket | int, timeout: float | None) -> bool:
-        """Wait until `sock` is readable (True) or a stop/timeout comes (False)."""
+    def wait_readable(self, sock: socket.socket | int | None, timeout: float | None) -> bool:
+        """Wait until `sock` is readable (True) or a stop/timeout comes (False); with no
+        `sock`, for a stop or the timeout alone."""
         poller = select.poll()
-        poller.register(sock, select.POLLIN)
+        if sock is not None:
+            poller.register(sock, select.POLLIN)
         poller.register(self._r, select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.stopped:

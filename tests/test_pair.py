@@ -3,8 +3,12 @@ front-end the test drives by hand."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import threading
+
+import pytest
 
 from shmemctl.control import ControlClient
 from shmemctl.frontend import Frontend, FrontendOptions
@@ -136,6 +140,43 @@ def test_sigterm_stops_a_listening_front_end_cleanly(spawn, tmp_path) -> None:
     assert not sock.exists()
     assert be.wait_exit(PATIENCE) == 0  # a connecting backend_sim ends with its front-end
     assert "Traceback" not in fe.log() + be.log()
+
+
+#: tgkill(2)'s number: a signal to one chosen thread of a process, as the kernel may
+#: choose one itself for a signal sent to the process
+_TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
+
+
+def signal_another_thread(pid: int, sig: int) -> None:
+    """Send `sig` to a thread of `pid` that is not its main thread."""
+    others = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+    assert others, f"pid {pid} has no thread but its main one"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_TGKILL, pid, others[0], sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill {pid} {others[0]}")
+
+
+@pytest.mark.skipif(_TGKILL is None, reason="tgkill's number on this machine is not known here")
+def test_a_sigterm_that_another_thread_receives_still_stops_each_daemon(spawn, tmp_path) -> None:
+    """The kernel may hand a process's SIGTERM to any of its threads, and Python runs the
+    handler only in the main thread, once that is back from its system call. A daemon
+    whose main thread sleeps (polling its sockets, or waiting for its connection to end)
+    must still wake for it and stop cleanly, as it does when the main thread gets it."""
+    dev, front = tmp_path / "dev.sock", tmp_path / "front.sock"
+    be = spawn("backend_sim", "--listen", str(dev), "--control", str(tmp_path / "be.ctl"),
+               "--regions", "0=1M")  # fmt: skip
+    be.wait_state("listening")
+    tap = spawn("tap", "--front", f"listen:{front}", "--back", f"connect:{dev}",
+                "--control", str(tmp_path / "tap.ctl"), "--reply-deadline", "0")  # fmt: skip
+    tap.wait_status(lambda s: s["state"] != "starting", "its sockets made")
+    fe = spawn("frontend", "--connect", str(front), "--control", str(tmp_path / "fe.ctl"))
+    fe.wait_connected()
+    tap.wait_status(lambda s: s["state"] == "relaying", "relaying")
+    for daemon in (fe, tap, be):  # each with its main thread asleep, waiting
+        signal_another_thread(daemon.pid, signal.SIGTERM)
+        assert daemon.wait_exit(PATIENCE) == 0, daemon.log()
+    assert not dev.exists() and not front.exists()
+    assert "Traceback" not in fe.log() + tap.log() + be.log()
 
 
 def test_reset_drops_every_mapping_and_the_backend_forgets(spawn, tmp_path) -> None:

@@ -137,14 +137,14 @@ class Frontend:
                         log.info(
                             "disconnected; not reconnecting (no --reconnect); waiting for stop"
                         )
-                        self.stopper.event.wait()
+                        self.stopper.wait()
                     continue
                 self._session(sock)
                 if self.stopper.stopped:
                     break
                 if self.options.connect and self.options.reconnect is None:
                     log.info("back-end gone; staying up disconnected (no --reconnect)")
-                    self.stopper.event.wait()
+                    self.stopper.wait()
         finally:
             self._teardown()
 

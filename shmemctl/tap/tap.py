@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import stat
 import threading
@@ -160,8 +159,7 @@ class Tap:
     # ------------------------------------------------------------ lifecycle
 
     def install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
+        self.stopper.install_signals(self.stop)
 
     def stop(self) -> None:
         self.stopper.stop()
@@ -246,7 +244,8 @@ class Tap:
         if self.stopper.stopped:
             connection.end("the tap is stopping")
         deadline = self.options.reply_deadline
-        tick = None if deadline is None else min(0.1, deadline / 4)
+        # never unbounded: a signal's handler runs in this thread, once it is back here
+        tick = 0.1 if deadline is None else min(0.1, deadline / 4)
         while not connection.over.wait(tick):
             with self.lock:
                 late = self.watch.overdue(time.monotonic())
