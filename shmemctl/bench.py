@@ -119,9 +119,9 @@ def run_cells(
     watch: Watch | None = None,
     relay: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run `cells` as backend_sim's script in one pair, through a tap if `tap` (through
-    the relay floor that the command `relay` runs instead, if given); one result dict
-    per cell."""
+    """Run `cells` as backend_sim's script in one pair, through a tap if `tap` (the relay
+    floor that the command `relay` runs, in its place, if given); one result dict per
+    cell."""
     with tempfile.TemporaryDirectory(prefix="shmemctl-bench-") as tmp:
         paths = PairPaths(Path(tmp))
         script = Path(tmp, "bench.txt")
@@ -135,7 +135,7 @@ def run_cells(
         try:
             pair = launch(paths, backend_args=["--regions", regions, "--script", str(script)],
                           frontend_args=limits, backend_stdout=subprocess.PIPE, timeout=60,
-                          tap=tap or relay is not None, relay=_relay_command(relay))  # fmt: skip
+                          tap=tap, relay=_relay_command(relay))  # fmt: skip
         except PairError as exc:
             raise click.ClickException(str(exc)) from None
         try:
@@ -258,9 +258,9 @@ def run_tap_bench(
             for side in sides[repeat % len(sides) :] + sides[: repeat % len(sides)]:
                 watch = before_and_after if side == "tap" else None
                 through = relay if side == "floor" else None
-                runs[side].append(
-                    run_cells(cells, tap=side == "tap", timeout=timeout, watch=watch, relay=through)
-                )
+                result = run_cells(cells, tap=side != "direct", timeout=timeout, watch=watch,
+                                   relay=through)  # fmt: skip
+                runs[side].append(result)
     results = []
     for i, (mode, length, _existing, _pairs) in enumerate(cells):
         figures = {side: [run[i]["pairs_per_s"] for run in runs[side]] for side in sides}
